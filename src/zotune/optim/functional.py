@@ -1,0 +1,122 @@
+"""The in-place tensor work of MeZO, shared by the optimizer and by replay.
+
+Every change MeZO makes to a parameter is one *sweep*::
+
+    theta <- scale * theta + sum_k c_k * z(s_k)
+
+over each parameter, in bounded chunks, with z generated on the fly from the keyed generator (no z
+is ever stored, and no temporary is larger than one chunk). A step is a fixed sequence of sweeps:
+
+    +eps z_t                  (perturb; skipped when the previous step already fused it in)
+    -2 eps z_t                (to theta - eps z_t)
+    update: scale = 1 - lr*wd, coefficient of z_t = scale*eps - lr*g  (+ eps z_{t+1} when fused)
+
+Because both the optimizer and :func:`zotune.replay` call these same functions with the same
+float32-rounded scalars, replaying a trajectory reproduces the trained weights bit for bit on the
+same backend. Float32 parameters are updated in place directly; bf16/fp16 parameters go through a
+float32 chunk buffer and are rounded back to nearest, or stochastically in the update sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from zotune import kernels, rng
+
+__all__ = ["f32", "perturb_", "stochastic_round_", "sweep_", "update_coefficients"]
+
+_FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def f32(x: float) -> float:
+    """``x`` rounded to float32 (as a Python float): every scalar a trajectory records is stored so."""
+    return float(np.float32(x))
+
+
+def update_coefficients(lr: float, weight_decay: float, eps: float, projected_grad: float) -> tuple[float, float]:
+    """(scale, coefficient of z_t) of the restore-and-update sweep, from the state theta - eps z_t.
+
+    theta_new = (1 - lr*wd) * (theta_minus + eps z) - lr*g*z = scale*theta_minus + (scale*eps - lr*g) z.
+    """
+    scale = 1.0 - lr * weight_decay
+    return scale, scale * eps - lr * projected_grad
+
+
+def _flat(p: torch.Tensor) -> torch.Tensor:
+    if not p.is_contiguous():
+        raise ValueError(
+            f"MeZO perturbs parameters in place and needs contiguous tensors; got one of shape "
+            f"{tuple(p.shape)} with strides {p.stride()} (call .contiguous() on it before building the optimizer)"
+        )
+    return p.detach().view(-1)
+
+
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int) -> None:
+    """dst <- src (float32) rounded to dst's dtype, up or down with probability by distance.
+
+    E[dst] = src exactly, so updates far below half an ulp survive on average. The uniform for
+    element i is the keyed rounding stream (:func:`zotune.rng.rounding_words`).
+    """
+    nearest = src.to(dst.dtype)
+    diff = src - nearest.float()
+    toward = torch.where(diff > 0, torch.inf, -torch.inf).to(dst.dtype)
+    neighbour = torch.nextafter(nearest, toward)
+    gap = neighbour.float() - nearest.float()
+    prob = torch.where(gap != 0, diff / gap, torch.zeros_like(diff))
+    words = rng.rounding_words(seed, key, start, src.numel())
+    u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).to(src.device)
+    dst.copy_(torch.where(u < prob, neighbour, nearest))
+
+
+def sweep_(
+    params: Sequence[torch.Tensor],
+    keys: Sequence[int],
+    terms: Sequence[tuple[int, float]],
+    *,
+    scale: float = 1.0,
+    distribution: str = "gaussian",
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """In place, for every parameter: theta <- scale*theta + sum(c * z(seed) for seed, c in terms).
+
+    Args:
+        params: the tensors (contiguous, floating point); modified in place, storage unchanged.
+        keys: one 64-bit key per tensor (``zotune.rng.param_key`` of its name).
+        terms: one or two ``(seed, coefficient)`` pairs.
+        scale: multiplies theta first (weight decay); 1.0 skips it.
+        distribution: ``"gaussian"`` or ``"rademacher"``.
+        rounding_seed: when set, bf16/fp16 results are rounded stochastically with this seed's
+            rounding stream; float32 parameters ignore it.
+        backend: a name from ``zotune.kernels.available()``; ``None`` picks the fastest per device.
+    """
+    if distribution not in rng.DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
+    terms = [(int(s), float(c)) for s, c in terms]
+    for p, key in zip(params, keys, strict=True):
+        if p.dtype not in _FLOAT_TYPES:
+            raise TypeError(f"MeZO supports float32, bfloat16 and float16 parameters, got {p.dtype}")
+        be = kernels.select(p.device, backend)
+        flat = _flat(p)
+        n, chunk = flat.numel(), be.chunk
+        buf = None if p.dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
+        for start in range(0, n, chunk):
+            part = flat[start : start + chunk]
+            if buf is None:  # float32: the backend works on the parameter's own storage
+                be.axpy(part, distribution, key, start, scale, terms)
+                continue
+            work = buf[: part.numel()]
+            work.copy_(part)
+            be.axpy(work, distribution, key, start, scale, terms)
+            if rounding_seed is None:
+                part.copy_(work)
+            else:
+                stochastic_round_(part, work, rounding_seed, key, start)
+
+
+def perturb_(params, keys, seed: int, coefficient: float, *, distribution="gaussian", backend=None) -> None:
+    """theta <- theta + coefficient * z(seed): one perturbation sweep."""
+    sweep_(params, keys, [(seed, coefficient)], distribution=distribution, backend=backend)

@@ -1,0 +1,278 @@
+"""The MeZO optimizer: contract, in-place behaviour, equivalence with the explicit-z reference."""
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import mse_closure
+
+from zotune import MeZO, NonFiniteLossError
+from zotune.optim.reference import ReferenceMeZO
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+        (dict(lr=float("nan")), "Invalid learning rate"),
+        (dict(lr=1e-3, eps=0.0), "Invalid eps: 0.0"),
+        (dict(lr=1e-3, weight_decay=-0.1), "Invalid weight_decay: -0.1"),
+        (dict(lr=1e-3, seed=-1), "Invalid seed: -1"),
+        (dict(lr=1e-3, seed=2**64), "Invalid seed"),
+        (dict(lr=1e-3, distribution="cauchy"), "Invalid distribution: 'cauchy'"),
+        (dict(lr=1e-3, on_nonfinite="ignore"), "Invalid on_nonfinite: 'ignore'"),
+        (dict(lr=1e-3, backend="cuda-magic"), "unknown backend 'cuda-magic'"),
+    ],
+)
+def test_bad_arguments_raise_naming_the_value(toy_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MeZO(toy_model().parameters(), **kwargs)
+
+
+def test_empty_or_frozen_parameters_are_rejected(toy_model):
+    with pytest.raises(ValueError, match="empty parameter list"):
+        MeZO([], lr=1e-3)
+    model = toy_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        MeZO(model.parameters(), lr=1e-3)
+
+
+def test_frozen_parameters_are_left_alone(toy_model, regression_data):
+    model = toy_model()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = MeZO(model.named_parameters(), lr=1e-2)
+    opt.step(mse_closure(model, *regression_data))
+    assert torch.equal(model[0].weight, frozen)
+    assert not torch.equal(model[3].weight, toy_model()[3].weight)
+
+
+def test_step_needs_a_closure(toy_model):
+    opt = MeZO(toy_model().parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step(None)
+
+
+def test_closure_is_called_twice_without_autograd(toy_model, regression_data):
+    model = toy_model()
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        return mse_closure(model, *regression_data)()
+
+    opt = MeZO(model.parameters(), lr=1e-3)
+    loss = opt.step(closure)
+    assert calls == [False, False]
+    assert torch.is_tensor(loss) and opt.last_losses[0] == pytest.approx(float(loss))
+    g = (opt.last_losses[0] - opt.last_losses[1]) / (2 * 1e-3)
+    assert opt.projected_grad == pytest.approx(g, rel=1e-4)
+
+
+def test_losses_are_taken_at_plus_and_minus_eps(toy_model, regression_data):
+    """L+ and L- are the losses at theta + eps z and theta - eps z, with z from the reference generator."""
+    model = toy_model()
+    ref_model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=0.0, eps=1e-2, seed=4)
+    ref = ReferenceMeZO([(n, p, 0.0) for n, p in ref_model.named_parameters()], lr=0.0, eps=1e-2, seed=4)
+    opt.step(mse_closure(model, *regression_data))
+    ref.step(mse_closure(ref_model, *regression_data))
+    assert opt.projected_grad == pytest.approx(ref.projected_grad, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("fuse_next", [False, True])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_matches_explicit_z_reference_step_by_step(toy_model, regression_data, fuse_next, distribution):
+    model, ref_model = toy_model(), toy_model()
+    x, y = regression_data
+    lr, wd = 5e-3, 0.1
+    opt = MeZO(model.named_parameters(), lr=lr, weight_decay=wd, seed=3, distribution=distribution,
+               fuse_next=fuse_next)
+    ref = ReferenceMeZO([(n, p, wd if p.ndim >= 2 else 0.0) for n, p in ref_model.named_parameters()],
+                        lr=lr, seed=3, distribution=distribution)
+    for _ in range(20):
+        opt.step(mse_closure(model, x, y))
+        ref.step(mse_closure(ref_model, x, y))
+        assert opt.projected_grad == pytest.approx(ref.projected_grad, rel=2e-3, abs=2e-3)
+        with opt.unperturbed():
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=0, atol=2e-5)
+
+
+def test_parameters_stay_in_place(toy_model, regression_data):
+    model = toy_model()
+    pointers = [p.data_ptr() for p in model.parameters()]
+    opt = MeZO(model.named_parameters(), lr=1e-2, fuse_next=True)
+    for _ in range(3):
+        opt.step(mse_closure(model, *regression_data))
+    opt.flush()
+    assert pointers == [p.data_ptr() for p in model.parameters()]
+
+
+def test_no_allocation_of_a_parameters_size():
+    # A 256 MB parameter: a step may allocate bounded chunks only. Measured in a fresh process.
+    script = textwrap.dedent(
+        """
+        import resource, torch, zotune
+        p = torch.nn.Parameter(torch.zeros(2**26))
+        opt = zotune.MeZO([p], lr=1e-3)
+        closure = lambda: p[:1000].sum()
+        opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        opt.step(closure)
+        opt.step(closure)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 64, f"peak memory grew by {growth_mb} MB during a step on a 256 MB parameter"
+
+
+def test_weight_decay_spares_rank_one_tensors(toy_model):
+    model = toy_model()
+    opt = MeZO(model.parameters(), lr=1e-3, weight_decay=0.5)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.5, 0.0]
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+    assert all(p.ndim < 2 for p in opt.param_groups[1]["params"])
+    # Given groups are honoured as they are.
+    opt = MeZO([{"params": model[0].parameters(), "weight_decay": 0.3}, {"params": model[3].parameters()}], lr=1e-3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
+
+
+def test_weight_decay_shrinks_matrices_when_the_loss_is_flat(toy_model):
+    model = toy_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = MeZO(model.named_parameters(), lr=0.1, weight_decay=0.5)
+    opt.step(lambda: torch.tensor(1.0))  # g = 0: only the decay acts
+    for name, p in model.named_parameters():
+        expected = before[name] * (0.95 if p.ndim >= 2 else 1.0)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_works_with_lr_schedulers(toy_model, regression_data):
+    model = toy_model()
+    opt = MeZO(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for _ in range(5):
+        opt.step(mse_closure(model, *regression_data))
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2, 5e-3, 5e-3, 2.5e-3, 2.5e-3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_train(toy_model, regression_data, dtype):
+    model = toy_model(dtype=dtype)
+    closure = mse_closure(model, *regression_data)
+    with torch.no_grad():
+        start = float(closure())
+    opt = MeZO(model.named_parameters(), lr=2e-2, eps=1e-2, stochastic_rounding=True)
+    for _ in range(150):
+        opt.step(closure)
+    with torch.no_grad():
+        end = float(closure())
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+    assert end < 0.9 * start
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_keeps_sub_ulp_updates_alive(dtype):
+    """Updates of a tenth of an ulp: nearest rounding drops them all, stochastic rounding keeps them on average."""
+    from zotune import rng
+
+    # Weights near 1.5, eps = 2**-4: theta +- eps z stays on the grid of [1, 2), so the perturbation
+    # sweeps are exact and only the update's rounding is under test.
+    n, steps, eps = 4096, 300, 2.0**-4
+    ulp = float(torch.finfo(dtype).eps)
+    lr, g = 0.1 * ulp, 1.0
+
+    def run(stochastic):
+        w = torch.nn.Parameter(torch.full((n,), 1.5, dtype=dtype))
+        opt = MeZO([w], lr=lr, eps=eps, distribution="rademacher", stochastic_rounding=stochastic)
+        values = iter([eps * g, -eps * g] * steps)  # L+ and L- such that the projected gradient is g
+        for _ in range(steps):
+            opt.step(lambda: next(values))
+        assert opt.projected_grad == g
+        return w.detach().double() - 1.5
+
+    intended = torch.zeros(n, dtype=torch.float64)  # the exact movement, -lr * g * sum_t z_t
+    for t in range(steps):
+        intended -= lr * g * torch.from_numpy(rng.rademacher(rng.step_seed(0, t), rng.param_key("0"), 0, n)).double()
+    assert torch.equal(run(False), torch.zeros(n, dtype=torch.float64))
+    moved = run(True)
+    # Regress the realised movement on the intended one: unbiased rounding gives slope 1. The rounding
+    # noise (about sqrt(steps * 0.2) ulp per weight) puts the slope's standard error near 0.05.
+    slope = float((moved * intended).sum() / (intended * intended).sum())
+    assert slope == pytest.approx(1.0, abs=0.25)
+
+
+def test_nonfinite_loss_raises_and_restores(toy_model, regression_data):
+    model = toy_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = MeZO(model.parameters(), lr=1e-2)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 2 else mse_closure(model, *regression_data)()
+
+    with pytest.raises(NonFiniteLossError, match=r"step 0: the loss at theta - eps\*z is nan"):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.isfinite(p).all()
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)  # undone up to one rounding
+    assert opt.step_count == 1 and opt.projected_grad is None
+
+
+def test_nonfinite_loss_can_be_skipped(toy_model, regression_data):
+    model = toy_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = MeZO(model.parameters(), lr=1e-2, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(lambda: torch.tensor(float("inf")))
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
+    opt.step(mse_closure(model, *regression_data))  # and training goes on
+    assert opt.step_count == 2 and math.isfinite(opt.projected_grad)
+
+
+def test_exception_in_closure_undoes_the_perturbation(toy_model, regression_data):
+    model = toy_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = MeZO(model.parameters(), lr=1e-2)
+
+    def closure():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
+
+
+def test_fused_perturbation_is_flushed_for_evaluation_and_saving(toy_model, regression_data):
+    x, y = regression_data
+    fused, plain = toy_model(), toy_model()
+    opt_f = MeZO(fused.named_parameters(), lr=1e-2, fuse_next=True)
+    opt_p = MeZO(plain.named_parameters(), lr=1e-2)
+    handles = opt_f.attach(fused)
+    for _ in range(5):
+        opt_f.step(mse_closure(fused, x, y))
+        opt_p.step(mse_closure(plain, x, y))
+    # The fused weights carry +eps z of step 5 until something looks at them.
+    assert not torch.allclose(fused[0].weight, plain[0].weight, atol=1e-5)
+    with torch.no_grad():
+        out = fused(x)  # the forward pre-hook flushes first
+    torch.testing.assert_close(out, plain(x).detach(), rtol=0, atol=1e-5)
+    opt_f.step(mse_closure(fused, x, y))
+    opt_p.step(mse_closure(plain, x, y))
+    saved = fused.state_dict()  # the state-dict hook flushes too
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-5)
+    for h in handles:
+        h.remove()

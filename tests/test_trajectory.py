@@ -1,0 +1,243 @@
+"""Trajectory files, replay and exact resume."""
+
+import json
+import struct
+
+import pytest
+import torch
+from conftest import mse_closure
+
+import zotune
+from zotune import MeZO, TrajectoryError, read_trajectory, replay
+from zotune.trajectory import Flush, Hyper, Skip, Step, TrajectoryWriter
+
+
+def _train(model, data, steps, path=None, **kwargs):
+    opt = MeZO(model.named_parameters(), lr=kwargs.pop("lr", 5e-3), trajectory=path, **kwargs)
+    for _ in range(steps):
+        opt.step(mse_closure(model, *data))
+    opt.flush()
+    return opt
+
+
+def _assert_replayed(trained, replayed, bitwise=True):
+    for (name, p), q in zip(trained.named_parameters(), replayed.parameters()):
+        if bitwise:
+            assert torch.equal(p, q), name
+        scale = p.detach().abs().max().clamp_min(1e-12)
+        assert float((p - q).detach().abs().max() / scale) <= 1e-6, name
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(weight_decay=0.1, distribution="rademacher"),
+    dict(fuse_next=True, seed=9),
+])
+def test_replay_rebuilds_the_trained_weights(tmp_path, toy_model, regression_data, options):
+    trained = toy_model()
+    path = tmp_path / "run.zot"
+    _train(trained, regression_data, 40, path, **options)
+    base = toy_model()
+    assert not torch.equal(base[0].weight, trained[0].weight)
+    replay(base, path)
+    _assert_replayed(trained, base)
+
+
+def test_fast_replay_is_within_rounding(tmp_path, toy_model, regression_data):
+    trained = toy_model()
+    _train(trained, regression_data, 40, tmp_path / "run.zot", weight_decay=0.1)
+    base = toy_model()
+    replay(base, tmp_path / "run.zot", exact=False)
+    _assert_replayed(trained, base, bitwise=False)
+
+
+def test_replay_with_schedule_skips_and_flushes(tmp_path, toy_model, regression_data):
+    trained = toy_model()
+    path = tmp_path / "run.zot"
+    opt = MeZO(trained.named_parameters(), lr=1e-2, fuse_next=True, on_nonfinite="skip", trajectory=path)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=30)
+    closure = mse_closure(trained, *regression_data)
+    for t in range(30):
+        if t == 7:
+            with pytest.warns(RuntimeWarning):
+                opt.step(lambda: torch.tensor(float("nan")))
+        else:
+            opt.step(closure)
+        if t % 10 == 3:
+            with opt.unperturbed():  # an evaluation between steps
+                closure()
+        sched.step()
+    opt.eps = 2e-3  # a change of eps is recorded too
+    opt.step(closure)
+    opt.flush()
+    kinds = {type(r) for r in read_trajectory(path).records}
+    assert kinds == {Hyper, Step, Skip, Flush}
+    base = toy_model()
+    replay(base, path)
+    _assert_replayed(trained, base)
+
+
+def test_twenty_thousand_steps_fit_in_half_a_megabyte(tmp_path, toy_model):
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1, trajectory=tmp_path / "t.zot")
+    assert len(opt.param_groups) == 2
+    header = opt._header()
+    writer = TrajectoryWriter(tmp_path / "big.zot", header)
+    writer.append(Hyper(1e-3, (0.1, 0.0)))
+    for t in range(20_000):
+        writer.append(Step(t, 0.5, (1e-3, 1e-3)))
+    writer.close()
+    size = (tmp_path / "big.zot").stat().st_size
+    assert size < 500_000, size
+    assert len(read_trajectory(tmp_path / "big.zot").steps) == 20_000
+
+
+def _recorded(tmp_path, toy_model, regression_data, steps=5):
+    path = tmp_path / "run.zot"
+    _train(toy_model(), regression_data, steps, path)
+    return path
+
+
+def test_truncated_file_names_the_record(tmp_path, toy_model, regression_data):
+    path = _recorded(tmp_path, toy_model, regression_data)
+    data = path.read_bytes()
+    path.write_bytes(data[:-5])
+    with pytest.raises(TrajectoryError, match=r"truncated trajectory: record 5 \(byte \d+\) is incomplete"):
+        read_trajectory(path)
+    path.write_bytes(data[:20])
+    with pytest.raises(TrajectoryError, match="header is incomplete"):
+        read_trajectory(path)
+
+
+def test_corrupted_file_names_the_record(tmp_path, toy_model, regression_data):
+    path = _recorded(tmp_path, toy_model, regression_data)
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x40  # a flipped bit inside the last record's payload
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match=r"corrupted trajectory: record 5 .* fails its checksum"):
+        read_trajectory(path)
+    data = bytearray(path.read_bytes())
+    data[-4] ^= 0x40
+    data[-15] = ord("Q")  # an unknown record type
+    path.write_bytes(bytes(data))
+    with pytest.raises(TrajectoryError, match=r"record \d+ .* unknown type b'Q'"):
+        read_trajectory(path)
+    path.write_bytes(b"PK\x03\x04 not a trajectory at all")
+    with pytest.raises(TrajectoryError, match="bad magic"):
+        read_trajectory(path)
+    with pytest.raises(TrajectoryError, match="cannot read trajectory"):
+        read_trajectory(tmp_path / "missing.zot")
+
+
+def test_header_is_documented_json(tmp_path, toy_model, regression_data):
+    path = _recorded(tmp_path, toy_model, regression_data)
+    data = path.read_bytes()
+    magic, version, length = struct.unpack_from("<6sHI", data)
+    header = json.loads(data[12 : 12 + length])
+    assert (magic, version) == (b"ZOTRAJ", 1)
+    assert header["format"] == "zotune-trajectory" and header["zotune_version"] == zotune.__version__
+    assert [p["name"] for p in header["params"]] == [n for n, _ in toy_model().named_parameters()]
+
+
+def test_replay_onto_another_model_fails_before_modifying(tmp_path, toy_model, regression_data):
+    path = _recorded(tmp_path, toy_model, regression_data)
+    other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.LayerNorm(9), torch.nn.Linear(9, 3))
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(TrajectoryError, match=r"parameter '0.weight' is float32 \[9, 6\] in the model but "
+                                              r"float32 \[8, 6\] in the trajectory"):
+        replay(other, path)
+    assert all(torch.equal(p, q) for p, q in zip(other.parameters(), before))
+    renamed = torch.nn.ModuleDict({"encoder": toy_model()})
+    with pytest.raises(TrajectoryError, match="has no parameter named 0.weight"):
+        replay(renamed, path)
+    with pytest.raises(TrajectoryError, match="is bfloat16"):
+        replay(toy_model(dtype=torch.bfloat16), path)
+
+
+def test_unnamed_parameters_replay_by_position(tmp_path, toy_model, regression_data):
+    trained, base = toy_model(), toy_model()
+    opt = MeZO(trained.parameters(), lr=5e-3, trajectory=tmp_path / "u.zot")
+    for _ in range(10):
+        opt.step(mse_closure(trained, *regression_data))
+    with pytest.raises(TrajectoryError, match="unnamed parameters"):
+        replay(base, tmp_path / "u.zot")
+    replay(list(base.parameters()), tmp_path / "u.zot")
+    _assert_replayed(trained, base)
+
+
+def _checkpoint(model, opt):
+    """What a checkpoint holds: the model's tensors and the optimizer's JSON state (no pickle)."""
+    state = json.loads(json.dumps(opt.state_dict()))
+    return {k: v.clone() for k, v in model.state_dict().items()}, state
+
+
+@pytest.mark.parametrize("fuse_next", [False, True])
+def test_resume_is_bitwise_identical(tmp_path, toy_model, regression_data, fuse_next):
+    steps, k = 30, 12
+    # The uninterrupted run (it saves at step k, as the interrupted one did).
+    full = toy_model()
+    opt = MeZO(full.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=5,
+               trajectory=tmp_path / "full.zot")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for t in range(steps):
+        if t == k:
+            _checkpoint(full, opt)
+        opt.step(mse_closure(full, *regression_data))
+        sched.step()
+    opt.flush()
+
+    # The interrupted run: k steps, a checkpoint, a few more steps that are lost, then a crash.
+    part = toy_model()
+    opt = MeZO(part.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=5,
+               trajectory=tmp_path / "part.zot")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    for _ in range(k):
+        opt.step(mse_closure(part, *regression_data))
+        sched.step()
+    weights, opt_state = _checkpoint(part, opt)
+    sched_state = sched.state_dict()
+    for _ in range(3):
+        opt.step(mse_closure(part, *regression_data))
+
+    # Resume in fresh objects from the checkpoint.
+    resumed = toy_model(seed=99)
+    resumed.load_state_dict(weights)
+    opt = MeZO(resumed.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=0,
+               trajectory=tmp_path / "part.zot")
+    opt.load_state_dict(opt_state)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    sched.load_state_dict(sched_state)
+    for _ in range(steps - k):
+        opt.step(mse_closure(resumed, *regression_data))
+        sched.step()
+    opt.flush()
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    # The resumed trajectory lost the three steps after the checkpoint and replays to the same weights.
+    assert [r.step for r in read_trajectory(tmp_path / "part.zot").steps] == list(range(steps))
+    base = toy_model()
+    replay(base, tmp_path / "part.zot")
+    _assert_replayed(full, base)
+
+
+def test_state_dict_rejects_another_optimizer(toy_model, regression_data):
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-3)
+    state = opt.state_dict()
+    with pytest.raises(ValueError, match="distribution='gaussian'"):
+        MeZO(model.named_parameters(), lr=1e-3, distribution="rademacher").load_state_dict(state)
+    with pytest.raises(ValueError, match="saved for other parameters"):
+        MeZO(list(model.named_parameters())[:2], lr=1e-3).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a MeZO optimizer state"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=1).state_dict())
+
+
+def test_trajectory_started_mid_run_cannot_replay_from_base(tmp_path, toy_model, regression_data):
+    model = toy_model()
+    opt = _train(model, regression_data, 3)
+    state = opt.state_dict()
+    opt = MeZO(model.named_parameters(), lr=5e-3, trajectory=tmp_path / "late.zot")
+    opt.load_state_dict(state)
+    opt.step(mse_closure(model, *regression_data))
+    with pytest.raises(TrajectoryError, match="starts at step 3"):
+        replay(toy_model(), tmp_path / "late.zot")

@@ -272,7 +272,7 @@ def _resolve_params(target, header: dict) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def replay(target, trajectory, *, exact: bool = True, backend: str | None = None):
+def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None):
     """Rebuild fine-tuned weights from the base weights and a trajectory, with no data and no forward pass.
 
     Args:
@@ -282,6 +282,9 @@ def replay(target, trajectory, *, exact: bool = True, backend: str | None = None
         exact: repeat the optimizer's sweeps one for one (perturb, restore, update), which reproduces
             training bit for bit on the same backend; ``False`` applies each update in a single sweep
             (three times faster, equal up to float rounding).
+        finish: remove a perturbation that training had fused in for the next step (``fuse_next``),
+            leaving the trained weights. ``False`` leaves it, to resume training from
+            ``optimizer.state_dict(flush=False)`` bit for bit.
         backend: as in :func:`zotune.optim.functional.sweep_`.
 
     Returns:
@@ -351,7 +354,7 @@ def replay(target, trajectory, *, exact: bool = True, backend: str | None = None
             F.sweep_(params, pkeys, [(seed, coef), *next_terms], scale=scale, distribution=dist,
                      rounding_seed=seed if sr else None, backend=backend)
         pending = t + 1 if fused and exact else None
-    if pending is not None:  # leave clean weights: remove the perturbation fused in for the next step
+    if pending is not None and finish:  # clean weights: remove the perturbation fused in for the next step
         perturb(pending, -eps)
     return target
 

@@ -320,13 +320,16 @@ class MeZO(torch.optim.Optimizer):
         return first
 
     # -- state --------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, *, flush: bool = True) -> dict:
         """The torch state plus MeZO's: step counter, seed, eps, options and the trajectory length.
 
-        Flushes a pending perturbation first, so it pairs with the model's (clean) weights. All of it
-        is JSON-serialisable.
+        All of it is JSON-serialisable. By default a pending perturbation (``fuse_next``) is flushed
+        first, so the state pairs with the model's clean weights. ``flush=False`` keeps it and records
+        it instead: for a resume that rebuilds the weights with ``replay(..., finish=False)``, which
+        then continues bit for bit as if never interrupted.
         """
-        self.flush()
+        if flush:
+            self.flush()
         state = super().state_dict()
         state["mezo"] = {
             "format": _STATE_FORMAT,
@@ -338,11 +341,16 @@ class MeZO(torch.optim.Optimizer):
             "stochastic_rounding": self.stochastic_rounding,
             "params": [e["name"] for e in self._table],
             "trajectory_bytes": None if self._writer is None else self._writer.tell(),
+            "pending": self._pending,
         }
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Continue a run: restores the step counter, seed and eps, and truncates the trajectory to match."""
+        """Continue a run: restores the step counter, seed and eps, and truncates the trajectory to match.
+
+        The model's weights must be those that went with the state: clean weights for a flushed
+        state, or the still-perturbed ones (``replay(..., finish=False)``) for ``flush=False``.
+        """
         state_dict = dict(state_dict)
         mezo = state_dict.pop("mezo", None)
         if mezo is None or mezo.get("format") != _STATE_FORMAT:
@@ -357,7 +365,7 @@ class MeZO(torch.optim.Optimizer):
                                  f"the optimizer {getattr(self, option)!r}")
         super().load_state_dict(state_dict)
         self._step, self.seed, self.eps = int(mezo["step"]), int(mezo["seed"]), float(mezo["eps"])
-        self._pending = None
+        self._pending = mezo.get("pending")
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -1,0 +1,243 @@
+"""The run configuration: one dataclass per component, a YAML file, and ``--key value`` overrides.
+
+A YAML file has the sections ``model``, ``task``, ``optimizer`` and ``train``; any field may be
+overridden on the command line as ``--section.field value`` or, where the name is unique, as
+``--field value`` (``--lr 1e-6``). Unknown keys are errors that suggest the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from zotune.models import ModelConfig
+
+__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what to do."""
+
+
+@dataclass
+class TaskConfig:
+    """What to train on."""
+
+    name: str = "sst2"  # a registered task (zotune.tasks.list_tasks()) or "custom"
+    data_dir: str | None = None  # folder with one subfolder per task; None: the bundled data (SST-2 only)
+    seed: int = 0  # sampling seed of the splits
+    train: int = 1000  # training examples (the paper: 1,000 for autoregressive models)
+    validation: int = 500  # validation examples (the paper: 500)
+    test: int = 1000  # test examples (the paper: 1,000; fewer when the source is smaller)
+    max_length: int = 256  # longest input in tokens; prompts are cut from the left
+    max_new_tokens: int = 32  # generation tasks: longest decoded answer
+    custom: dict = field(default_factory=dict)  # name: custom -> the fields of zotune.tasks.custom.CustomTaskConfig
+
+    def __post_init__(self):
+        for name in ("train", "validation", "test", "max_length", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"task.{name} must be >= 0, got {getattr(self, name)}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimConfig:
+    """MeZO's hyper-parameters (see zotune.MeZO)."""
+
+    lr: float = 1e-6  # learning rate
+    eps: float = 1e-3  # perturbation scale
+    weight_decay: float = 0.0  # on matrices only
+    seed: int = 0  # seeds the perturbations
+    distribution: str = "gaussian"  # or "rademacher"
+    fuse_next: bool = True  # two sweeps per step instead of three
+    schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
+    warmup_steps: int = 0  # linear warm-up before the schedule
+
+    def __post_init__(self):
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optimizer.lr must be a finite number >= 0, got {self.lr}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.distribution not in ("gaussian", "rademacher"):
+            raise ConfigError(f"optimizer.distribution must be gaussian or rademacher, got {self.distribution!r}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 1000  # MeZO steps
+    batch_size: int = 16  # examples per step (the paper: 16)
+    eval_every: int = 100  # validate every this many steps (and at the end)
+    eval_batch_size: int = 32  # examples per forward when evaluating
+    zero_shot: bool = True  # evaluate validation and test before training
+    output_dir: str | None = None  # default: runs/<task>-<date>-<time>
+    save_best: bool = True  # keep the best validation weights (trainable tensors, safetensors)
+    progress: bool = True  # a progress bar on the terminal
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in _SECTIONS}
+
+
+def _known_keys() -> dict[str, str]:
+    """Every accepted key -> its dotted name (bare names only where unique)."""
+    dotted, bare = {}, {}
+    for section, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            dotted[f"{section}.{f.name}"] = f"{section}.{f.name}"
+            bare.setdefault(f.name, []).append(f"{section}.{f.name}")
+    keys = dict(dotted)
+    keys.update({name: full[0] for name, full in bare.items() if len(full) == 1})
+    return keys
+
+
+def _unknown(key: str, known) -> ConfigError:
+    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(value, hint, key: str):
+    """``value`` (from YAML or the command line) as the field's type, or a ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [_coerce(v, args[0], key) for v in value]
+        if hint is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def _build(raw: dict) -> RunConfig:
+    sections = {}
+    for section, cls in _section_classes().items():
+        values = raw.get(section) or {}
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+        try:
+            sections[section] = cls(**kwargs)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    return RunConfig(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``.
+
+    Args:
+        path: a YAML file with sections model, task, optimizer, train (each optional).
+        overrides: ``["--lr", "1e-6", "--task.name", "rte", ...]`` or ``["--lr=1e-6"]``.
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
+        fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in _section_classes().items()}
+        for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise _unknown(section, list(_SECTIONS)) from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+            for key in values:
+                if key not in fields_of[section]:
+                    raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in fields_of[section]])
+    known = _known_keys()
+    items = list(overrides or [])
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--"):
+            raise ConfigError(f"expected --key value, got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ConfigError(f"--{key} needs a value")
+            value = items[i + 1]
+            i += 1
+        i += 1
+        key = key.replace("-", "_")
+        if key not in known:
+            raise _unknown(key, known)
+        section, name = known[key].split(".")
+        raw.setdefault(section, {})[name] = _parse_value(value)
+    return _build(raw)
+
+
+def _parse_value(text: str):
+    """A command-line value: YAML where it parses (numbers, booleans, null, lists), else the text."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text

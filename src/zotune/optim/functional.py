@@ -54,7 +54,8 @@ def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int,
+                      words_fn=None) -> None:
     """dst <- src (float32) rounded to dst's dtype, up or down with probability by distance.
 
     E[dst] = src exactly, so updates far below half an ulp survive on average. The uniform for
@@ -66,7 +67,11 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int,
     neighbour = torch.nextafter(nearest, toward)
     gap = neighbour.float() - nearest.float()
     prob = torch.where(gap != 0, diff / gap, torch.zeros_like(diff))
-    words = rng.rounding_words(seed, key, start, src.numel())
+    if words_fn is None:
+        words = rng.rounding_words(seed, key, start, src.numel())
+    else:  # a backend's fast generator of the same words
+        words = np.empty(src.numel(), dtype=np.uint32)
+        words_fn(words, seed, key, start)
     u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).to(src.device)
     dst.copy_(torch.where(u < prob, neighbour, nearest))
 
@@ -114,7 +119,7 @@ def sweep_(
             if rounding_seed is None:
                 part.copy_(work)
             else:
-                stochastic_round_(part, work, rounding_seed, key, start)
+                stochastic_round_(part, work, rounding_seed, key, start, be.words)
 
 
 def perturb_(params, keys, seed: int, coefficient: float, *, distribution="gaussian", backend=None) -> None:

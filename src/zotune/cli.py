@@ -1,4 +1,8 @@
-"""The ``zotune`` command: it parses arguments and calls the library, nothing more."""
+"""The ``zotune`` command: it parses arguments and calls the library, nothing more.
+
+Every error a user can cause (a bad config, data file, model or trajectory) is printed as one line
+on stderr with exit code 2, before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,16 @@ from zotune import __version__
 
 __all__ = ["main"]
 
+_TRAIN_EPILOG = """\
+Any config field can be given as --section.field VALUE or, where unique, --field VALUE:
+  zotune train --task.name rte --lr 1e-6 --steps 2000
+  zotune train --config run.yaml --batch_size 8
+Sections and fields: model (name, kind, dtype, trainable, cache_dir), task (name, data_dir, seed,
+train, validation, test, max_length, max_new_tokens, custom), optimizer (lr, eps, weight_decay,
+seed, distribution, fuse_next, schedule, warmup_steps), train (steps, batch_size, eval_every,
+eval_batch_size, zero_shot, output_dir, save_best, progress).
+With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample."""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -17,9 +31,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"zotune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="fine-tune a model on a task with MeZO (the main job)",
+                           description="Fine-tune with MeZO: zero-shot evaluation, training with periodic "
+                                       "validation, the best checkpoint, the test score, logs and a plot.",
+                           epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", help="a YAML file with sections model, task, optimizer, train")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (after Ctrl-C or a crash)")
+
+    ev = sub.add_parser("eval", help="evaluate a model, a run's best checkpoint, or base + trajectory on a task",
+                        epilog="Other config fields as in `zotune train` (e.g. --task.name, --data_dir, --test).")
+    ev.add_argument("--config", help="a YAML file (as for train)")
+    ev.add_argument("--run", metavar="DIR", help="a run directory: its config, and its best weights")
+    ev.add_argument("--trajectory", metavar="FILE", help="replay this trajectory onto the model first")
+    ev.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
+
+    rp = sub.add_parser("replay", help="rebuild fine-tuned weights from a base model and a trajectory",
+                        description="Replays the trajectory onto the base model (no data, no forward pass) "
+                                    "and saves the result with its config and tokenizer, loadable by from_pretrained.")
+    rp.add_argument("--base", required=True, help="the base model (as for --model.name)")
+    rp.add_argument("--trajectory", required=True, metavar="FILE")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("--dtype", default="float32", help="the dtype the run trained in (default float32)")
+
     demo = sub.add_parser("demo", help="fine-tune a tiny built-in model on a toy task and print the loss falling",
                           description="MeZO memorises random token sequences with a tiny Llama built from a "
-                                      "config: no download, about half a minute on a laptop CPU.")
+                                      "config: no download, a few seconds on a laptop CPU.")
     from zotune.demo import DemoConfig
 
     defaults = DemoConfig()
@@ -30,13 +67,100 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from zotune.config import ConfigError
+    from zotune.models import ModelError
+    from zotune.tasks import TaskError
+    from zotune.trajectory import TrajectoryError
+
+    return ConfigError, ModelError, TaskError, TrajectoryError
+
+
+def _train(args, rest) -> int:
+    from zotune.config import ConfigError, load_config
+    from zotune.train import run
+
+    if args.resume:
+        if args.config or rest:
+            raise ConfigError("--resume continues a run with its own config: give no --config or overrides")
+        result = run(resume=args.resume)
+    else:
+        result = run(load_config(args.config, rest))
+    return 130 if result.interrupted else 0
+
+
+def _eval(args, rest) -> int:
+    from pathlib import Path
+
+    from zotune import checkpoint
+    from zotune.config import ConfigError, load_config
+    from zotune.objectives import evaluate
+    from zotune.trajectory import replay
+    from zotune.train import prepare
+
+    config_path = args.config or (Path(args.run) / "config.yaml" if args.run else None)
+    config = load_config(config_path, rest)
+    prepared = prepare(config, log=lambda m: print(m, file=sys.stderr))
+    model = prepared.loaded.model
+    if args.trajectory:
+        replay(model, args.trajectory)
+    if args.run:
+        weights_path = Path(args.run) / "best" / "model.safetensors"
+        if not weights_path.is_file():
+            raise ConfigError(f"{args.run} has no best checkpoint ({weights_path} is missing)")
+        weights = checkpoint.load_tensors(weights_path)
+        params = dict(model.named_parameters())
+        wrong = [n for n, t in weights.items() if n not in params or params[n].shape != t.shape]
+        if wrong:
+            raise ConfigError(f"the checkpoint in {args.run} does not belong to this model (e.g. {wrong[0]!r})")
+        import torch
+
+        with torch.no_grad():
+            for n, t in weights.items():
+                params[n].copy_(t)
+    metrics = evaluate(prepared.objective, model, prepared.encoded[args.split], config.train.eval_batch_size)
+    shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())
+    print(f"{config.task.name} {args.split} ({len(prepared.encoded[args.split])} examples): {shown}")
+    return 0
+
+
+def _replay(args, rest) -> int:
+    from pathlib import Path
+
+    from zotune.config import ConfigError
+    from zotune.models import ModelConfig, load_model
+    from zotune.trajectory import read_trajectory, replay
+
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty: choose a new --out directory")
+    trajectory = read_trajectory(args.trajectory)  # a bad file fails before the model is loaded
+    loaded = load_model(ModelConfig(name=args.base, dtype=args.dtype), log=lambda m: print(m, file=sys.stderr))
+    replay(loaded.model, trajectory)
+    partial = out.with_name(out.name + ".partial")
+    loaded.model.save_pretrained(partial)
+    loaded.tokenizer.save_pretrained(partial)
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    steps = len(trajectory.steps)
+    print(f"replayed {steps} steps onto {args.base}; saved to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
     if args.command is None:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         parser.print_help()
         return 0
     if args.command == "demo":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         from zotune.demo import DemoConfig, run_demo
 
         try:
@@ -46,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_demo(config)
         return 0
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    command = {"train": _train, "eval": _eval, "replay": _replay}[args.command]
+    try:
+        return command(args, rest)
+    except _user_errors() as err:
+        print(f"zotune {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

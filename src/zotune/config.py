@@ -32,18 +32,21 @@ class TaskConfig:
 
     name: str = "sst2"  # a registered task (zotune.tasks.list_tasks()) or "custom"
     data_dir: str | None = None  # folder with one subfolder per task; None: the bundled data (SST-2 only)
-    seed: int = 0  # sampling seed of the splits
-    train: int = 1000  # training examples (the paper: 1,000 for autoregressive models)
-    validation: int = 500  # validation examples (the paper: 500)
-    test: int = 1000  # test examples (the paper: 1,000; fewer when the source is smaller)
+    seed: int = 0  # sampling seed of the splits (and of the batch order)
+    protocol: str | None = None  # "paper-causal" (1,000/500/1,000) or "kshot"; None: the task's default
+    k: int = 16  # kshot protocol: examples per class (the paper: 16 or 512; seeds 13, 21, 42, 87, 100)
+    train: int | None = None  # training examples; None: the protocol's number
+    validation: int | None = None  # validation examples; None: the protocol's number
+    test: int | None = None  # test examples; None: the protocol's number
     max_length: int = 256  # longest input in tokens; prompts are cut from the left
     max_new_tokens: int = 32  # generation tasks: longest decoded answer
     custom: dict = field(default_factory=dict)  # name: custom -> the fields of zotune.tasks.custom.CustomTaskConfig
 
     def __post_init__(self):
-        for name in ("train", "validation", "test", "max_length", "max_new_tokens"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"task.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("train", "validation", "test", "max_length", "max_new_tokens", "k"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"task.{name} must be >= 0, got {value}")
 
 
 SCHEDULES = ("constant", "linear", "cosine")

@@ -6,6 +6,7 @@ only relies on ``get_output_embeddings()`` (the final vocabulary projection) and
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import importlib.util
@@ -134,6 +135,19 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
     return target
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] = print) -> LoadedModel:
     """Load the model and tokenizer that ``config`` names, in eval mode, with the trainable set selected."""
     config = config or ModelConfig()
@@ -153,10 +167,11 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
             raise ModelError(f"{path} exists but is not a model folder (no config.json in it)")
         folder, source = (path if path.exists() else name), name
     try:
-        hf_config = AutoConfig.from_pretrained(folder)
-        kind = _kind_of(hf_config, config.kind)
-        model = _auto_class(kind).from_pretrained(folder, dtype=_DTYPES[config.dtype])
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with _quiet_progress():  # a prepared or local model loads in a second: no bars on the terminal
+            hf_config = AutoConfig.from_pretrained(folder)
+            kind = _kind_of(hf_config, config.kind)
+            model = _auto_class(kind).from_pretrained(folder, dtype=_DTYPES[config.dtype])
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(

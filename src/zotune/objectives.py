@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["Encoded", "Objective", "exact_match", "f1_score", "make_objective", "selective_head"]
+__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "make_objective", "selective_head"]
 
 
 @dataclass(frozen=True)
@@ -253,9 +253,13 @@ class Objective:
         return {"accuracy": sum(int(p == e.label) for p, e in zip(predictions, batch)) / len(batch)}
 
 
-def make_objective(task, tokenizer, model_kind: str, **kwargs) -> Objective:
-    """The objective of a :class:`zotune.tasks.Task` for this tokenizer and model kind."""
-    return Objective(task.kind, tokenizer, model_kind, getattr(task, "label_words", ()), **kwargs)
+def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None, **kwargs) -> Objective:
+    """The objective of a :class:`zotune.tasks.Task` for this tokenizer and model kind.
+
+    ``label_words`` defaults to the task's; pass the rendered options where they depend on the model kind.
+    """
+    words = getattr(task, "label_words", ()) if label_words is None else label_words
+    return Objective(task.kind, tokenizer, model_kind, words, **kwargs)
 
 
 def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,

@@ -342,6 +342,9 @@ class MeZO(torch.optim.Optimizer):
             "params": [e["name"] for e in self._table],
             "trajectory_bytes": None if self._writer is None else self._writer.tell(),
             "pending": self._pending,
+            # the last hyper-parameters written to the trajectory, so a resumed file continues identically
+            "written_hyper": None if self._written_hyper is None else
+            [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
         }
         return state
 
@@ -370,4 +373,5 @@ class MeZO(torch.optim.Optimizer):
             self._writer.close()
             self._writer = None
         self._resume_at = mezo["trajectory_bytes"]
-        self._written_hyper = None
+        written = mezo.get("written_hyper")
+        self._written_hyper = None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))

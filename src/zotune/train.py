@@ -1,0 +1,349 @@
+"""The training run behind ``zotune train``: MeZO on a task, with evaluation, checkpoints and logs.
+
+A run directory holds everything::
+
+    config.yaml        the full configuration
+    metrics.jsonl      one line per step (loss, projected gradient, lr) and per evaluation
+    trajectory.zot     the run as seed + projected gradients (zotune.replay rebuilds the weights)
+    state.json         what --resume needs: optimizer, schedule and loop state (no weights)
+    best/              the best validation weights (trainable tensors, safetensors) and best.json
+    curves.png         training loss and validation metric against steps
+    summary.json       zero-shot -> best validation -> test, steps, wall time, peak memory
+
+Resuming rebuilds the weights from the base model and the trajectory (bit for bit), so no
+weights are saved for it; Ctrl-C stops at the end of the current step and saves state.json.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from zotune import checkpoint
+from zotune.config import ConfigError, RunConfig, load_config
+from zotune.models import LoadedModel, load_model
+from zotune.objectives import Encoded, Objective, evaluate, make_objective
+from zotune.optim import MeZO
+from zotune.tasks import TaskError, get_task
+from zotune.trajectory import read_trajectory, replay
+
+__all__ = ["Prepared", "RunResult", "prepare", "run", "schedule_factor"]
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Prepared:
+    """A model with its task, ready to train or evaluate."""
+
+    loaded: LoadedModel
+    objective: Objective
+    encoded: dict[str, list[Encoded]]
+    note: str = ""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    interrupted: bool = False
+
+
+def _make_task(config: RunConfig):
+    if config.task.name == "custom":
+        from zotune.tasks.custom import CustomTask, CustomTaskConfig
+
+        return CustomTask(CustomTaskConfig.from_dict(config.task.custom))
+    return get_task(config.task.name)
+
+
+def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Prepared:
+    """Load the model and the task's splits, render the prompts and tokenize them once."""
+    task = _make_task(config)
+    t = config.task
+    # The data first: a bad file should fail before a model is loaded.
+    splits = task.splits(t.data_dir, seed=t.seed, train=t.train, validation=t.validation, test=t.test,
+                         protocol=t.protocol, k=t.k)
+    loaded = loaded or load_model(config.model, log=log)
+    instances = {s: [task.render(r, loaded.kind) for r in getattr(splits, s)] for s in SPLITS}
+    first = next((i for s in SPLITS for i in instances[s]), None)
+    if first is None:
+        raise TaskError(f"task {config.task.name!r} produced no examples")
+    objective = make_objective(task, loaded.tokenizer, loaded.kind, label_words=first.options,
+                               max_length=t.max_length, max_new_tokens=t.max_new_tokens)
+    encoded = {s: [objective.encode(i) for i in instances[s]] for s in SPLITS}
+    return Prepared(loaded, objective, encoded, splits.note)
+
+
+def schedule_factor(step: int, total: int, schedule: str, warmup: int) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) for a run of ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of ``step``: consecutive slices of a per-epoch permutation keyed by (seed, epoch)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset : offset + batch_size - len(out)].tolist())
+    return out
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, save, stop. A second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Logger:
+    """metrics.jsonl, and TensorBoard when it is installed."""
+
+    def __init__(self, run_dir: Path, resume: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a" if resume else "w")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        import json
+
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after ``step`` (they belong to steps a resume will redo)."""
+    import json
+
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def _default_dir(config: RunConfig) -> Path:
+    return Path("runs") / f"{config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _fmt(metrics: dict | None, name: str) -> str:
+    if not metrics or name not in metrics or not math.isfinite(metrics[name]):
+        return "-"
+    return f"{100 * metrics[name]:.1f}"
+
+
+def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
+        log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> RunResult:
+    """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``)."""
+    state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
+        config = load_config(run_dir / "config.yaml")
+        state = checkpoint.read_json(run_dir / "state.json")
+    else:
+        config = config or RunConfig()
+        run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)
+        if (run_dir / "state.json").exists():
+            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output_dir")
+    tc, oc = config.train, config.optimizer
+    prepared = prepare(config, log=log, loaded=loaded)
+    model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
+    device = next(model.parameters()).device
+    if not encoded["train"]:
+        raise TaskError("the training split is empty")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    log(f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "
+        + ", ".join(f"{len(encoded[s])} {s}" for s in SPLITS) + (f" ({prepared.note})" if prepared.note else ""))
+    log(f"run directory {run_dir}")
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MeZO(trainable, lr=oc.lr, eps=oc.eps, weight_decay=oc.weight_decay, seed=oc.seed,
+               distribution=oc.distribution, fuse_next=oc.fuse_next, on_nonfinite="skip",
+               trajectory=run_dir / "trajectory.zot")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
+    metric = objective.metric_name
+    loop = {"step": 0, "best": None, "zero_shot": {}, "elapsed": 0.0, "skipped": 0}
+    if state is not None:
+        loop = state["loop"]
+        size = state["optimizer"]["mezo"]["trajectory_bytes"] or 0
+        traj_path = run_dir / "trajectory.zot"
+        with open(traj_path, "r+b") as f:
+            f.truncate(size)
+        log(f"resuming at step {loop['step']}: rebuilding the weights from the trajectory")
+        replay(model, read_trajectory(traj_path), finish=False)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
+    logger = _Logger(run_dir, resume=state is not None)
+
+    def eval_split(split: str) -> dict:
+        with opt.unperturbed():
+            return evaluate(objective, model, encoded[split], tc.eval_batch_size)
+
+    def save_state() -> None:
+        checkpoint.write_json(run_dir / "state.json", {
+            "optimizer": opt.state_dict(flush=False), "scheduler": sched.state_dict(), "loop": loop})
+
+    if state is None and tc.zero_shot:
+        log("zero-shot evaluation ...")
+        loop["zero_shot"] = {s: eval_split(s) for s in ("validation", "test") if encoded[s]}
+        log(f"zero-shot: validation {_fmt(loop['zero_shot'].get('validation'), metric)}, "
+            f"test {_fmt(loop['zero_shot'].get('test'), metric)}")
+        logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in loop["zero_shot"].items() for k, v in m.items()}})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=tc.steps, initial=loop["step"], disable=not tc.progress, desc="MeZO", unit="step",
+               dynamic_ncols=True)
+    started = time.perf_counter() - loop["elapsed"]
+    ema = None
+    interrupted = False
+    with _StopFlag() as stop:
+        while loop["step"] < tc.steps:
+            idx = _batch_indices(len(encoded["train"]), tc.batch_size, loop["step"], config.task.seed)
+            batch = [encoded["train"][i] for i in idx]
+            loss = float(opt.step(lambda: objective.loss(model, batch)))
+            skipped = opt.step_count != loop["step"] + 1 or opt.last_losses is None or not math.isfinite(loss)
+            loop["skipped"] += int(skipped)
+            sched.step()
+            loop["step"] += 1
+            step = loop["step"]
+            if math.isfinite(loss):
+                ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
+                          "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
+                          "elapsed": time.perf_counter() - started})
+            bar.update(1)
+            postfix = {"loss": f"{ema:.4f}" if ema is not None else "-"}
+            if loop["best"] is not None:
+                postfix[f"val_{metric}"] = f"{100 * loop['last_val']:.1f}"
+            bar.set_postfix(postfix)
+            if step % tc.eval_every == 0 or step == tc.steps:
+                val = eval_split("validation") if encoded["validation"] else {metric: -loss}
+                loop["last_val"] = val[metric]
+                logger.write({"step": step, **{f"validation_{k}": v for k, v in val.items()}})
+                if loop["best"] is None or val[metric] > loop["best"]["metric"]:
+                    loop["best"] = {"step": step, "metric": val[metric], "metrics": val}
+                    if tc.save_best:
+                        with opt.unperturbed():
+                            checkpoint.save_tensors(run_dir / "best" / "model.safetensors",
+                                                    {n: p for n, p in trainable}, {"step": str(step)})
+                        checkpoint.write_json(run_dir / "best" / "best.json", loop["best"])
+                bar.set_postfix({**postfix, f"val_{metric}": f"{100 * val[metric]:.1f}"})
+                loop["elapsed"] = time.perf_counter() - started
+                save_state()
+            if stop.requested:
+                interrupted = True
+                break
+    bar.close()
+    loop["elapsed"] = time.perf_counter() - started
+    if interrupted:
+        save_state()
+        logger.close()
+        log(f"interrupted at step {loop['step']}: state saved. Continue with: zotune train --resume {run_dir}")
+        return RunResult(run_dir, {"interrupted_at": loop["step"]}, interrupted=True)
+
+    opt.flush()
+    best = loop["best"]
+    if best is not None and best["step"] != loop["step"] and tc.save_best:
+        weights = checkpoint.load_tensors(run_dir / "best" / "model.safetensors")
+        with torch.no_grad():
+            for n, p in trainable:
+                p.copy_(weights[n])
+    test = evaluate(objective, model, encoded["test"], tc.eval_batch_size) if encoded["test"] else {}
+    logger.write({"step": loop["step"], **{f"test_{k}": v for k, v in test.items()}})
+    logger.close()
+    summary = {
+        "task": config.task.name, "model": prepared.loaded.source, "metric": metric,
+        "zero_shot": loop["zero_shot"], "best_validation": best, "test": test, "steps": loop["step"],
+        "skipped_steps": loop["skipped"], "wall_time_s": round(loop["elapsed"], 1),
+        "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
+        "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
+    }
+    checkpoint.write_json(run_dir / "summary.json", summary)
+    try:
+        from zotune.plot import plot_run
+
+        plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png", metric)
+    except ImportError:
+        log("matplotlib is not installed: no curves.png")
+    log(format_summary(summary))
+    return RunResult(run_dir, summary)
+
+
+def format_summary(summary: dict) -> str:
+    """A small table: zero-shot -> best validation -> test."""
+    metric = summary["metric"]
+    zs = summary.get("zero_shot") or {}
+    best = summary.get("best_validation") or {}
+    rows = [
+        ("", "zero-shot", "fine-tuned"),
+        (f"validation {metric}", _fmt(zs.get("validation"), metric), _fmt(best.get("metrics"), metric)),
+        (f"test {metric}", _fmt(zs.get("test"), metric), _fmt(summary.get("test"), metric)),
+    ]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
+    lines.append(f"best validation at step {best.get('step', '-')} of {summary['steps']}; "
+                 f"{summary['wall_time_s']:.0f} s; peak memory {summary['peak_memory_mb']:.0f} MB; "
+                 f"trajectory {summary['trajectory_bytes'] / 1024:.1f} kB")
+    return "\n".join(lines)
+

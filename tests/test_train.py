@@ -1,0 +1,145 @@
+"""`zotune train` end to end on a tiny model: outputs, resume after Ctrl-C, eval, replay, bad input."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import tiny
+
+from zotune import checkpoint, read_trajectory
+from zotune.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.causal_lm("llama").save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+def _args(model_dir, out, *extra):
+    return ["train", "--model.name", str(model_dir), "--steps", "8", "--eval_every", "4", "--train", "48",
+            "--validation", "16", "--test", "16", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",
+            "--output_dir", str(out), *extra]
+
+
+def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out)) == 0
+    for name in ("config.yaml", "metrics.jsonl", "trajectory.zot", "state.json", "summary.json", "curves.png",
+                 "best/model.safetensors", "best/best.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["metric"] == "accuracy"
+    assert set(summary["zero_shot"]) == {"validation", "test"}
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert summary["best_validation"]["step"] in (4, 8)
+    assert len(read_trajectory(out / "trajectory.zot").steps) == 8
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in rows if "validation_accuracy" in r] == [4, 8]
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "test accuracy" in printed
+    # A second run into the same directory is refused, pointing at --resume.
+    assert main(_args(model_dir, out)) == 2
+    assert "already holds a run; resume it with --resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args(model_dir, full)) == 0
+
+    import zotune.train as train_module
+
+    original = train_module._batch_indices
+
+    def interrupt_at_step_6(n, batch_size, step, seed):
+        if step == 5:  # during the sixth step: the run finishes it, saves, and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(n, batch_size, step, seed)
+
+    monkeypatch.setattr(train_module, "_batch_indices", interrupt_at_step_6)
+    assert main(_args(model_dir, part)) == 130
+    state = json.loads((part / "state.json").read_text())
+    assert state["loop"]["step"] == 6 and not (part / "summary.json").exists()
+    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert main(["train", "--resume", str(part)]) == 0
+
+    a, b = read_trajectory(full / "trajectory.zot"), read_trajectory(part / "trajectory.zot")
+    assert a.records == b.records
+    wa = checkpoint.load_tensors(full / "best" / "model.safetensors")
+    wb = checkpoint.load_tensors(part / "best" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
+    assert sa["test"] == sb["test"] and sa["best_validation"] == sb["best_validation"]
+
+
+def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "--save_best", "false")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    # base + trajectory evaluates to the reported test accuracy (the final weights: save_best is off)
+    assert main(["eval", "--run", str(out), "--trajectory", str(out / "trajectory.zot")]) == 2  # no best/ saved
+    assert main(["eval", "--config", str(out / "config.yaml"), "--trajectory", str(out / "trajectory.zot")]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {100 * summary['test']['accuracy']:.2f}" in printed
+    # replay writes a model that from_pretrained loads, equal to base + trajectory
+    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
+                 "--out", str(tmp_path / "tuned")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    from zotune import replay
+
+    replay(base, out / "trajectory.zot")
+    for (name, p), q in zip(base.named_parameters(), tuned.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(tuned.lm_head.weight, AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--task.name", "sst3"], "unknown task 'sst3'; did you mean 'sst2'?"),
+    (["--stepz", "3"], "unknown config key 'stepz'; did you mean 'steps'?"),
+    (["--data_dir", "/nonexistent/data", "--task.name", "rte"], "/nonexistent/data"),
+    (["--model.name", "/nonexistent/model.gguf"], "GGUF file not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert main(_args(model_dir, out, *extra)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zotune train: error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_custom_task_errors_name_file_and_line(model_dir, tmp_path, capsys):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text('{"text": "great fun", "label": "pos"}\n{"text": "dull", "label": "neg"\n')
+    config = tmp_path / "custom.yaml"
+    config.write_text(
+        "task:\n  name: custom\n  custom:\n"
+        f"    train: {data}\n    template: '{{text}} It was'\n    label_field: label\n"
+        "    label_words: {neg: ' terrible', pos: ' great'}\n")
+    assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reviews.jsonl:2: invalid JSON" in err
+    data.write_text('{"text": "great fun", "label": "pos"}\n{"text": "dull", "label": "neg"}\n')
+    config.write_text(config.read_text().replace("{text}", "{review}"))
+    assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
+    assert "review" in capsys.readouterr().err
+
+
+def test_multi_token_label_word_explains(model_dir, tmp_path, capsys):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": f"review {i}", "label": i % 2}) + "\n" for i in range(20)))
+    config = tmp_path / "custom.yaml"
+    config.write_text(
+        "task:\n  name: custom\n  custom:\n"
+        f"    train: {data}\n    test: {data}\n    template: '{{text}} It was'\n    label_field: label\n"
+        "    label_words: {'0': ' dreadfulness', '1': ' great'}\n")
+    assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
+    assert "label word ' dreadfulness' is" in capsys.readouterr().err

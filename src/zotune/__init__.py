@@ -12,8 +12,24 @@ __all__ = [
     "Trajectory",
     "TrajectoryError",
     "__version__",
+    "get_task",
     "kernels",
+    "list_tasks",
+    "load_model",
     "read_trajectory",
     "replay",
     "rng",
 ]
+
+
+def __getattr__(name):
+    # The task and model layers import transformers; keep `import zotune` light for optimizer-only use.
+    if name in ("get_task", "list_tasks"):
+        from zotune import tasks
+
+        return getattr(tasks, name)
+    if name == "load_model":
+        from zotune.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'zotune' has no attribute {name!r}")

@@ -265,13 +265,16 @@ def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] 
 def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,
              progress: Callable | None = None) -> dict[str, float]:
     """The objective's metrics over ``encoded``, in batches (progress(n) is called after each batch)."""
-    predictions = []
+    # Batches of similar lengths waste little on padding; predictions go back to the original order.
+    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
+    predictions: list = [None] * len(encoded)
     was_training = model.training
     model.eval()
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        predictions.extend(objective.predict(model, batch))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        for i, p in zip(chosen, objective.predict(model, [encoded[i] for i in chosen])):
+            predictions[i] = p
         if progress is not None:
-            progress(len(batch))
+            progress(len(chosen))
     model.train(was_training)
     return objective.metrics(predictions, encoded)

@@ -143,3 +143,16 @@ def test_multi_token_label_word_explains(model_dir, tmp_path, capsys):
         "    label_words: {'0': ' dreadfulness', '1': ' great'}\n")
     assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
     assert "label word ' dreadfulness' is" in capsys.readouterr().err
+
+
+def test_eval_with_a_trajectory_of_another_model_fails_cleanly(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "--steps", "2")) == 0
+    other = tmp_path / "opt"
+    tiny.causal_lm("opt").save_pretrained(other)
+    tiny.tokenizer().save_pretrained(other)
+    capsys.readouterr()
+    assert main(["eval", "--config", str(out / "config.yaml"), "--model.name", str(other),
+                 "--trajectory", str(out / "trajectory.zot")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "belongs to another model" in err[0]

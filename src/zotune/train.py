@@ -235,9 +235,12 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
     logger = _Logger(run_dir, resume=state is not None)
 
+    from tqdm.auto import tqdm
+
     def eval_split(split: str) -> dict:
-        with opt.unperturbed():
-            return evaluate(objective, model, encoded[split], tc.eval_batch_size)
+        with opt.unperturbed(), tqdm(total=len(encoded[split]), desc=f"eval {split}", unit="ex", leave=False,
+                                     disable=not tc.progress, dynamic_ncols=True) as eval_bar:
+            return evaluate(objective, model, encoded[split], tc.eval_batch_size, progress=eval_bar.update)
 
     def save_state() -> None:
         checkpoint.write_json(run_dir / "state.json", {
@@ -249,8 +252,6 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         log(f"zero-shot: validation {_fmt(loop['zero_shot'].get('validation'), metric)}, "
             f"test {_fmt(loop['zero_shot'].get('test'), metric)}")
         logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in loop["zero_shot"].items() for k, v in m.items()}})
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=tc.steps, initial=loop["step"], disable=not tc.progress, desc="MeZO", unit="step",
                dynamic_ncols=True)
@@ -309,7 +310,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         with torch.no_grad():
             for n, p in trainable:
                 p.copy_(weights[n])
-    test = evaluate(objective, model, encoded["test"], tc.eval_batch_size) if encoded["test"] else {}
+    test = eval_split("test") if encoded["test"] else {}
     logger.write({"step": loop["step"], **{f"test_{k}": v for k, v in test.items()}})
     logger.close()
     summary = {

@@ -47,3 +47,16 @@ def test_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(bad)
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    from zotune.tasks.custom import CustomTaskConfig
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        config = load_config(path)
+        if config.task.name == "custom":
+            CustomTaskConfig.from_dict(config.task.custom)

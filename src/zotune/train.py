@@ -273,11 +273,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
                           "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
                           "elapsed": time.perf_counter() - started})
-            bar.update(1)
             postfix = {"loss": f"{ema:.4f}" if ema is not None else "-"}
             if loop["best"] is not None:
                 postfix[f"val_{metric}"] = f"{100 * loop['last_val']:.1f}"
-            bar.set_postfix(postfix)
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = eval_split("validation") if encoded["validation"] else {metric: -loss}
                 loop["last_val"] = val[metric]

@@ -13,15 +13,22 @@ from zotune import __version__
 
 __all__ = ["main"]
 
-_TRAIN_EPILOG = """\
-Any config field can be given as --section.field VALUE or, where unique, --field VALUE:
-  zotune train --task.name rte --lr 1e-6 --steps 2000
-  zotune train --config run.yaml --batch_size 8
-Sections and fields: model (name, kind, dtype, trainable, cache_dir), task (name, data_dir, seed,
-train, validation, test, max_length, max_new_tokens, custom), optimizer (lr, eps, weight_decay,
-seed, distribution, fuse_next, schedule, warmup_steps), train (steps, batch_size, eval_every,
-eval_batch_size, zero_shot, output_dir, save_best, progress).
-With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample."""
+def _train_epilog() -> str:
+    """The config fields, listed from the dataclasses themselves so the help cannot go stale."""
+    import dataclasses
+    import textwrap
+
+    from zotune.config import section_classes
+
+    sections = "; ".join(f"{name} ({', '.join(f.name for f in dataclasses.fields(cls))})"
+                         for name, cls in section_classes().items())
+    return "\n".join([
+        "Any config field can be given as --section.field VALUE or, where unique, --field VALUE:",
+        "  zotune train --task.name rte --data_dir ../shared/data --lr 1e-6 --steps 2000",
+        "  zotune train --config run.yaml --batch_size 8",
+        *textwrap.wrap(f"Sections and fields: {sections}.", 100),
+        "With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample.",
+    ])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model on a task with MeZO (the main job)",
                            description="Fine-tune with MeZO: zero-shot evaluation, training with periodic "
                                        "validation, the best checkpoint, the test score, logs and a plot.",
-                           epilog=_TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="a YAML file with sections model, task, optimizer, train")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (after Ctrl-C or a crash)")
 

@@ -110,7 +110,8 @@ class RunConfig:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
 
-def _section_classes() -> dict[str, type]:
+def section_classes() -> dict[str, type]:
+    """Section name -> its config dataclass."""
     hints = typing.get_type_hints(RunConfig)
     return {name: hints[name] for name in _SECTIONS}
 
@@ -118,7 +119,7 @@ def _section_classes() -> dict[str, type]:
 def _known_keys() -> dict[str, str]:
     """Every accepted key -> its dotted name (bare names only where unique)."""
     dotted, bare = {}, {}
-    for section, cls in _section_classes().items():
+    for section, cls in section_classes().items():
         for f in dataclasses.fields(cls):
             dotted[f"{section}.{f.name}"] = f"{section}.{f.name}"
             bare.setdefault(f.name, []).append(f"{section}.{f.name}")
@@ -177,7 +178,7 @@ def _coerce(value, hint, key: str):
 
 def _build(raw: dict) -> RunConfig:
     sections = {}
-    for section, cls in _section_classes().items():
+    for section, cls in section_classes().items():
         values = raw.get(section) or {}
         hints = typing.get_type_hints(cls)
         kwargs = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
@@ -208,7 +209,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
-        fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in _section_classes().items()}
+        fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in section_classes().items()}
         for section, values in raw.items():
             if section not in _SECTIONS:
                 raise _unknown(section, list(_SECTIONS)) from None

@@ -156,3 +156,23 @@ def test_eval_with_a_trajectory_of_another_model_fails_cleanly(model_dir, tmp_pa
                  "--trajectory", str(out / "trajectory.zot")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "belongs to another model" in err[0]
+
+
+def test_a_nan_loss_is_skipped_and_counted(model_dir, tmp_path, monkeypatch):
+    from zotune.objectives import Objective
+
+    original = Objective.loss
+    calls = []
+
+    def sometimes_nan(self, model, batch):
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) == 5 else original(self, model, batch)
+
+    monkeypatch.setattr(Objective, "loss", sometimes_nan)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        assert main(_args(model_dir, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 8
+    weights = checkpoint.load_tensors(out / "best" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())

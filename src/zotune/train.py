@@ -263,8 +263,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             idx = _batch_indices(len(encoded["train"]), tc.batch_size, loop["step"], config.task.seed)
             batch = [encoded["train"][i] for i in idx]
             loss = float(opt.step(lambda: objective.loss(model, batch)))
-            skipped = opt.step_count != loop["step"] + 1 or opt.last_losses is None or not math.isfinite(loss)
-            loop["skipped"] += int(skipped)
+            loop["skipped"] += int(not all(math.isfinite(x) for x in opt.last_losses))  # a NaN/inf step was skipped
             sched.step()
             loop["step"] += 1
             step = loop["step"]

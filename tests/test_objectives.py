@@ -122,3 +122,23 @@ def test_evaluate_reports_accuracy():
     predictions = obj.predict(model, encoded)
     expected = sum(int(p == e.label) for p, e in zip(predictions, encoded)) / 10
     assert evaluate(obj, model, encoded, batch_size=3) == {"accuracy": expected}
+
+
+@pytest.mark.parametrize("kind", ["classification", "multiple_choice", "generation"])
+def test_chunked_loss_equals_the_whole_batch(kind):
+    tok, model = tiny.tokenizer(), tiny.causal_lm("llama")
+    obj = Objective(kind, tok, "causal", [" terrible", " great"] if kind == "classification" else ())
+    words = ["the movie was great", "a terrible film , it was bad and boring and the acting was good", "bad",
+             "It was great and the cat sat on the mat", "boring", "the acting was good"]
+    if kind == "classification":
+        instances = [Instance(f"{w} . It was", (" terrible", " great"), i % 2) for i, w in enumerate(words)]
+    elif kind == "multiple_choice":
+        instances = [Instance(w, (" so it slept", " because it was tired and bad"), i % 2) for i, w in enumerate(words)]
+    else:
+        instances = [Instance(f"Question : {w} ? Answer :", target=" Paris" if i % 2 else " one two three",
+                              answers=("Paris",)) for i, w in enumerate(words)]
+    encoded = [obj.encode(i) for i in instances]
+    with torch.no_grad():
+        whole = obj.loss(model, encoded)
+        for chunks in (2, 3, 6):
+            torch.testing.assert_close(obj.loss(model, encoded, chunks=chunks), whole, rtol=1e-5, atol=1e-6)

@@ -213,18 +213,38 @@ class Objective:
         vocab = torch.tensor(self.label_ids, device=self._device(model))
         return self._logits(model, [e.sequences[0] for e in batch], [e.positions[0] for e in batch], vocab)
 
-    def loss(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
-        """The training loss of a batch (a scalar tensor)."""
+    def loss(self, model, batch: Sequence[Encoded], chunks: int = 1) -> torch.Tensor:
+        """The training loss of a batch (a scalar tensor).
+
+        ``chunks > 1`` sorts the batch by length and runs that many forward passes over consecutive
+        slices, so short examples are not padded to the longest one: the same loss (up to float
+        summation order) for fewer FLOPs, which pays on a CPU. Losses are summed per example (per
+        target token for generation) and divided once, so chunking does not reweight anything.
+        """
+        if chunks > 1 and len(batch) > 1:
+            batch = sorted(batch, key=lambda e: max(len(s) for s in e.sequences))
+        size = -(-len(batch) // max(1, chunks))
+        total, count = None, 0
+        for start in range(0, len(batch), size):
+            part_sum, part_count = self._loss_sum(model, batch[start : start + size])
+            total = part_sum if total is None else total + part_sum
+            count += part_count
+        return total / count
+
+    def _loss_sum(self, model, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
+        """(sum of the per-example or per-token losses, how many were summed)."""
+        device = self._device(model)
         if self.kind == "classification":
-            labels = torch.tensor([e.label for e in batch], device=self._device(model))
-            return F.cross_entropy(self._label_logits(model, batch), labels)
+            labels = torch.tensor([e.label for e in batch], device=device)
+            return F.cross_entropy(self._label_logits(model, batch), labels, reduction="sum"), len(batch)
         if self.kind == "multiple_choice":
             scores = self._option_scores(model, batch)
-            return torch.stack([-torch.log_softmax(s, 0)[e.label] for s, e in zip(scores, batch)]).mean()
+            return torch.stack([-torch.log_softmax(s, 0)[e.label] for s, e in zip(scores, batch)]).sum(), len(batch)
         sequences = [e.sequences[0] for e in batch]
         positions = [e.positions[0] for e in batch]
-        targets = torch.tensor([t for e in batch for t in e.targets[0]], device=self._device(model))
-        return F.cross_entropy(self._logits(model, sequences, positions, None), targets)
+        targets = torch.tensor([t for e in batch for t in e.targets[0]], device=device)
+        logits = self._logits(model, sequences, positions, None)
+        return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
     @torch.no_grad()
     def predict(self, model, batch: Sequence[Encoded]) -> list:

@@ -262,7 +262,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         while loop["step"] < tc.steps:
             idx = _batch_indices(len(encoded["train"]), tc.batch_size, loop["step"], config.task.seed)
             batch = [encoded["train"][i] for i in idx]
-            loss = float(opt.step(lambda: objective.loss(model, batch)))
+            loss = float(opt.step(lambda: objective.loss(model, batch, tc.forward_chunks)))
             loop["skipped"] += int(not all(math.isfinite(x) for x in opt.last_losses))  # a NaN/inf step was skipped
             sched.step()
             loop["step"] += 1

@@ -164,9 +164,9 @@ def test_a_nan_loss_is_skipped_and_counted(model_dir, tmp_path, monkeypatch):
     original = Objective.loss
     calls = []
 
-    def sometimes_nan(self, model, batch):
+    def sometimes_nan(self, model, batch, chunks=1):
         calls.append(1)
-        return torch.tensor(float("nan")) if len(calls) == 5 else original(self, model, batch)
+        return torch.tensor(float("nan")) if len(calls) == 5 else original(self, model, batch, chunks)
 
     monkeypatch.setattr(Objective, "loss", sometimes_nan)
     out = tmp_path / "run"

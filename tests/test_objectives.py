@@ -56,7 +56,7 @@ def test_masked_classification_scores_the_mask(family):
 
 
 def test_multi_token_label_word_is_explained():
-    with pytest.raises(TaskError, match=r"label word ' Parisian' is \d+ tokens .* score whole options"):
+    with pytest.raises(TaskError, match=r"label word ' Parisian' is \d+ tokens .* --task.scoring options"):
         Objective("classification", tiny.tokenizer(), "causal", [" great", " Parisian"])
 
 

@@ -142,7 +142,12 @@ def test_multi_token_label_word_explains(model_dir, tmp_path, capsys):
         f"    train: {data}\n    test: {data}\n    template: '{{text}} It was'\n    label_field: label\n"
         "    label_words: {'0': ' dreadfulness', '1': ' great'}\n")
     assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
-    assert "label word ' dreadfulness' is" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "label word ' dreadfulness' is" in err and "--task.scoring options" in err
+    # ... and the offered alternative works: each label word scored as a whole option.
+    out = tmp_path / "options"
+    assert main(_args(model_dir, out, "--config", str(config), "--task.scoring", "options")) == 0
+    assert json.loads((out / "summary.json").read_text())["metric"] == "accuracy"
 
 
 def test_eval_with_a_trajectory_of_another_model_fails_cleanly(model_dir, tmp_path, capsys):

@@ -40,9 +40,13 @@ class TaskConfig:
     test: int | None = None  # test examples; None: the protocol's number
     max_length: int = 256  # longest input in tokens; prompts are cut from the left
     max_new_tokens: int = 32  # generation tasks: longest decoded answer
+    scoring: str = "auto"  # classification: "auto" (one label-word token) or "options" (each label word's
+    # full log-likelihood, as multiple choice: for label words of several tokens; causal LMs only)
     custom: dict = field(default_factory=dict)  # name: custom -> the fields of zotune.tasks.custom.CustomTaskConfig
 
     def __post_init__(self):
+        if self.scoring not in ("auto", "options"):
+            raise ConfigError(f"task.scoring must be auto or options, got {self.scoring!r}")
         for name in ("train", "validation", "test", "max_length", "max_new_tokens", "k"):
             value = getattr(self, name)
             if value is not None and value < 0:

@@ -139,8 +139,8 @@ class Objective:
                     pieces = tokenizer.convert_ids_to_tokens(ids)
                     raise TaskError(
                         f"label word {word!r} is {len(ids)} tokens for this tokenizer ({pieces}); classification "
-                        "scores a single next token: choose single-token label words, or score whole options "
-                        "as multiple choice (scoring: options)"
+                        "scores a single next token: choose single-token label words, or score each label word "
+                        "as a whole option with --task.scoring options"
                     )
                 self.label_ids.append(ids[0])
 
@@ -273,13 +273,19 @@ class Objective:
         return {"accuracy": sum(int(p == e.label) for p, e in zip(predictions, batch)) / len(batch)}
 
 
-def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None, **kwargs) -> Objective:
+def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None,
+                   scoring: str = "auto", **kwargs) -> Objective:
     """The objective of a :class:`zotune.tasks.Task` for this tokenizer and model kind.
 
     ``label_words`` defaults to the task's; pass the rendered options where they depend on the model kind.
+    ``scoring="options"`` scores a classification task's label words as whole options (multiple choice),
+    which allows label words of several tokens.
     """
     words = getattr(task, "label_words", ()) if label_words is None else label_words
-    return Objective(task.kind, tokenizer, model_kind, words, **kwargs)
+    kind = task.kind
+    if scoring == "options" and kind == "classification":
+        kind = "multiple_choice"  # the label words become whole options, scored by their log-likelihood
+    return Objective(kind, tokenizer, model_kind, words, **kwargs)
 
 
 def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,

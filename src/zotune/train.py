@@ -79,7 +79,7 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
     first = next((i for s in SPLITS for i in instances[s]), None)
     if first is None:
         raise TaskError(f"task {config.task.name!r} produced no examples")
-    objective = make_objective(task, loaded.tokenizer, loaded.kind, label_words=first.options,
+    objective = make_objective(task, loaded.tokenizer, loaded.kind, label_words=first.options, scoring=t.scoring,
                                max_length=t.max_length, max_new_tokens=t.max_new_tokens)
     encoded = {s: [objective.encode(i) for i in instances[s]] for s in SPLITS}
     return Prepared(loaded, objective, encoded, splits.note)

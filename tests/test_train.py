@@ -181,3 +181,28 @@ def test_a_nan_loss_is_skipped_and_counted(model_dir, tmp_path, monkeypatch):
     assert summary["skipped_steps"] == 1 and summary["steps"] == 8
     weights = checkpoint.load_tensors(out / "best" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+SHARED_DATA = __import__("pathlib").Path(__file__).parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the project's shared/data folder is not beside the checkout")
+@pytest.mark.parametrize("family,task,protocol,metric", [
+    ("roberta", "sst2", "kshot", "accuracy"),
+    ("bert", "rte", "kshot", "accuracy"),
+    ("opt", "copa", "paper-causal", "accuracy"),
+    ("llama", "cb", "paper-causal", "accuracy"),
+    ("gpt2", "squad", "paper-causal", "f1"),
+])
+def test_every_task_kind_trains_end_to_end(tmp_path, family, task, protocol, metric):
+    masked = family in ("roberta", "bert")
+    folder = tmp_path / family
+    (tiny.masked_lm(family) if masked else tiny.causal_lm(family)).save_pretrained(folder)
+    tiny.tokenizer(masked=masked).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(["train", "--model.name", str(folder), "--task.name", task, "--data_dir", str(SHARED_DATA),
+                 "--protocol", protocol, "--task.seed", "13", "--train", "24", "--validation", "8", "--test", "8",
+                 "--steps", "2", "--eval_every", "2", "--batch_size", "4", "--max_new_tokens", "4",
+                 "--progress", "false", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metric"] == metric and 0.0 <= summary["test"][metric] <= 1.0

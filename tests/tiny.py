@@ -11,7 +11,7 @@ CORPUS = [
     "It was great", "It was terrible", "Yes No Maybe", "Question : what is the answer ? Answer : Paris",
     "the cat sat on the mat because it was tired so it slept", "Review : Sentiment : positive negative",
     "Title Context Question Answer Passage", "Does this mean that it is true ? Yes or No ?",
-    "London Paris Berlin one two three four five 1 2 3 4 5 6 7 8 9 0",
+    "London Paris Berlin one two three four five 1 2 3 4 5 6 7 8 9 0", "Yes", "No", "Maybe",
 ]
 
 

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from zotune import kernels, rng  # noqa: E402
-from zotune.optim import MeZO, NonFiniteLossError  # noqa: E402
+from zotune.optim import MeZO, NonFiniteLossError, accumulate  # noqa: E402
 from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory, replay  # noqa: E402
 
 __all__ = [
@@ -12,6 +12,8 @@ __all__ = [
     "Trajectory",
     "TrajectoryError",
     "__version__",
+    "accumulate",
+    "distributed",
     "get_task",
     "kernels",
     "list_tasks",
@@ -28,6 +30,10 @@ def __getattr__(name):
         from zotune import tasks
 
         return getattr(tasks, name)
+    if name == "distributed":
+        import zotune.distributed as distributed
+
+        return distributed
     if name == "load_model":
         from zotune.models import load_model
 

@@ -92,3 +92,10 @@ except ImportError:  # pragma: no cover - depends on the environment
     _cpu = None
 if _cpu is not None and _cpu.BACKEND is not None:
     register(_cpu.BACKEND)
+
+try:  # the Triton GPU kernels are optional: without triton (or a GPU) the other backends run
+    from zotune.kernels import gpu as _gpu  # noqa: E402
+except ImportError:  # pragma: no cover - depends on the environment
+    _gpu = None
+if _gpu is not None:
+    register(_gpu.BACKEND)  # supports() only CUDA devices: select('cpu') is unaffected

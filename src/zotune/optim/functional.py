@@ -26,7 +26,7 @@ import torch
 
 from zotune import kernels, rng
 
-__all__ = ["f32", "perturb_", "stochastic_round_", "sweep_", "update_coefficients"]
+__all__ = ["f32", "local_shard", "perturb_", "stochastic_round_", "sweep_", "update_coefficients"]
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -76,6 +76,35 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int,
     dst.copy_(torch.where(u < prob, neighbour, nearest))
 
 
+def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's tensor, global element offset of its first element) of a parameter.
+
+    A plain tensor is its own shard at offset 0. A ``DTensor`` (FSDP2 ``fully_shard``, or
+    ``distribute_tensor``) sharded by rows (``Shard(0)``, on any number of mesh dimensions) or
+    replicated holds one contiguous range of the flattened global tensor: z is generated at those
+    global indices, so every rank perturbs its shard exactly as the unsharded tensor would be.
+    """
+    placements = getattr(p, "placements", None)
+    if placements is None or not hasattr(p, "to_local"):
+        return p, 0
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in placements:
+        if not (isinstance(placement, Replicate) or (type(placement) is Shard and placement.dim == 0)):
+            raise ValueError(f"MeZO perturbs sharded parameters only when they are split by rows (Shard(0)) or "
+                             f"replicated; got placements {tuple(placements)} for a tensor of shape {tuple(p.shape)} "
+                             "(shard on dimension 0, e.g. fully_shard's default)")
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
+    local = p.to_local()
+    if tuple(local.shape) != tuple(local_shape):
+        raise ValueError(f"the local shard has shape {tuple(local.shape)}, expected {tuple(local_shape)}")
+    row = 1
+    for size in p.shape[1:]:
+        row *= size
+    return local, (offset[0] * row if len(offset) else 0)
+
+
 def sweep_(
     params: Sequence[torch.Tensor],
     keys: Sequence[int],
@@ -89,7 +118,8 @@ def sweep_(
     """In place, for every parameter: theta <- scale*theta + sum(c * z(seed) for seed, c in terms).
 
     Args:
-        params: the tensors (contiguous, floating point); modified in place, storage unchanged.
+        params: the tensors (contiguous, floating point); modified in place, storage unchanged. A
+            row-sharded ``DTensor`` is swept on its local shard only (:func:`local_shard`).
         keys: one 64-bit key per tensor (``zotune.rng.param_key`` of its name).
         terms: one or two ``(seed, coefficient)`` pairs.
         scale: multiplies theta first (weight decay); 1.0 skips it.
@@ -101,25 +131,42 @@ def sweep_(
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     terms = [(int(s), float(c)) for s, c in terms]
+    batched: dict[str, tuple] = {}  # backends with a multi-tensor sweep: one launch for all their tensors
     for p, key in zip(params, keys, strict=True):
         if p.dtype not in _FLOAT_TYPES:
             raise TypeError(f"MeZO supports float32, bfloat16 and float16 parameters, got {p.dtype}")
+        p, base = local_shard(p)  # a sharded parameter: this rank's elements base .. base + numel - 1
         be = kernels.select(p.device, backend)
         flat = _flat(p)
+        multi = _multi_sweep(be)
+        if multi is not None:  # fused in the kernel: read and write in p's dtype, no float32 buffer
+            group = batched.setdefault(be.name, (multi, [], [], []))
+            group[1].append(flat)
+            group[2].append(key)
+            group[3].append(base)
+            continue
         n, chunk = flat.numel(), be.chunk
         buf = None if p.dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
         for start in range(0, n, chunk):
             part = flat[start : start + chunk]
             if buf is None:  # float32: the backend works on the parameter's own storage
-                be.axpy(part, distribution, key, start, scale, terms)
+                be.axpy(part, distribution, key, base + start, scale, terms)
                 continue
             work = buf[: part.numel()]
             work.copy_(part)
-            be.axpy(work, distribution, key, start, scale, terms)
+            be.axpy(work, distribution, key, base + start, scale, terms)
             if rounding_seed is None:
                 part.copy_(work)
             else:
-                stochastic_round_(part, work, rounding_seed, key, start, be.words)
+                stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
+    for multi, flats, flat_keys, bases in batched.values():
+        multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
+
+
+def _multi_sweep(be):
+    """The backend's multi-tensor sweep when it has one (the Triton backend), else None."""
+    gpu = getattr(kernels, "_gpu", None)
+    return gpu.sweep if gpu is not None and be is gpu.BACKEND else None
 
 
 def perturb_(params, keys, seed: int, coefficient: float, *, distribution="gaussian", backend=None) -> None:

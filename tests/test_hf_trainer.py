@@ -1,0 +1,175 @@
+"""ZOTrainer: MeZO inside the Hugging Face Trainer loop (tiny Llama, CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import TrainingArguments  # noqa: E402
+
+from zotune.demo import tiny_llama  # noqa: E402
+from zotune.integrations.hf import TrainerMeZO, ZOTrainer  # noqa: E402
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, 64, (n, 12), generator=gen)
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def _args(out, **overrides):
+    options = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                   learning_rate=1e-2, lr_scheduler_type="linear", weight_decay=0.01, seed=5,
+                   save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3, logging_steps=1,
+                   report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def _trainer(out, **overrides):
+    return ZOTrainer(model=tiny_llama(seed=1), args=_args(out, **overrides), train_dataset=_Sequences(48, 2),
+                     eval_dataset=_Sequences(8, 3), mezo_kwargs={"eps": 1e-3})
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    trainer = _trainer(out)
+    before = _params(trainer)
+    trainer.train()
+    return out, trainer, before
+
+
+def test_trains_logs_evaluates_and_saves(uninterrupted):
+    out, trainer, before = uninterrupted
+    assert isinstance(trainer.mezo, TrainerMeZO)
+    assert trainer.mezo.step_count == 6 == trainer.state.global_step
+    after = _params(trainer)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and all(0 < x < 10 for x in losses)
+    assert [h["step"] for h in history if "eval_loss" in h] == [3, 6]
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert lrs[0] > lrs[-1]  # the Trainer's linear schedule drives MeZO's lr
+    checkpoint = out / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert state["mezo"]["step"] == 3
+    json.dumps(state["mezo"])
+
+
+def test_resume_from_checkpoint_continues_exactly(uninterrupted, tmp_path):
+    out, trainer, _ = uninterrupted
+    resumed = _trainer(out)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert resumed.mezo.step_count == 6
+    want, got = _params(trainer), _params(resumed)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    # 2 micro-batches of 4 under one z == 1 batch of 8 (same examples in the same order)
+    small = _trainer(tmp_path / "a", max_steps=2, save_strategy="no", eval_strategy="no")
+    small.train()
+    big = _trainer(tmp_path / "b", max_steps=2, save_strategy="no", eval_strategy="no",
+                   per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    big.train()
+    want, got = _params(big), _params(small)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fuse_next_leaves_clean_weights_for_evaluation_and_saving(tmp_path):
+    plain = _trainer(tmp_path / "plain", max_steps=2, save_strategy="no", eval_strategy="no")
+    plain.train()
+    fused = ZOTrainer(model=tiny_llama(seed=1), args=_args(tmp_path / "fused", max_steps=2, save_strategy="no",
+                                                           eval_strategy="no"),
+                      train_dataset=_Sequences(48, 2), eval_dataset=_Sequences(8, 3),
+                      mezo_kwargs={"eps": 1e-3, "fuse_next": True})
+    fused.train()
+    assert fused.mezo._pending == 2  # step 2's +eps is still in the weights
+    metrics = fused.evaluate()  # the forward pre-hook flushes it first
+    assert fused.mezo._pending is None
+    assert metrics["eval_loss"] == pytest.approx(plain.evaluate()["eval_loss"], rel=1e-5)
+    want, got = _params(plain), _params(fused)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_other_optimizers_are_refused(tmp_path):
+    model = tiny_llama(seed=1)
+    with pytest.raises(TypeError, match="TrainerMeZO"):
+        ZOTrainer(model=model, args=_args(tmp_path, eval_strategy="no"), train_dataset=_Sequences(8, 2),
+                  optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+def test_trainer_step_without_closure_is_a_no_op():
+    model = torch.nn.Linear(2, 2)
+    opt = TrainerMeZO(model.named_parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    assert opt.step() is None and opt.step_count == 0
+    assert torch.equal(model.weight, before)
+    assert os.environ.get("RANK") is None  # a single process: no collective ran
+
+
+def _data_parallel_main(out: str) -> None:
+    """Run under accelerate launch / torchrun: 2 ranks, 4 examples each per step."""
+    from zotune import distributed
+
+    trainer = _trainer(out, max_steps=2, save_strategy="no", eval_strategy="no", per_device_train_batch_size=4,
+                       gradient_accumulation_steps=1)
+    trainer.train()
+    stats = distributed.comm_stats()
+    if trainer.args.process_index == 0:
+        torch.save({"params": _params(trainer), "world": trainer.args.world_size, "bytes": stats.bytes},
+                   os.path.join(out, "params.pt"))
+
+
+def test_data_parallel_under_accelerate_launch_equals_one_process_on_the_whole_batch(tmp_path):
+    # `accelerate launch --multi_gpu` starts the ranks with torchrun; on a machine without GPUs the
+    # Trainer (use_cpu=True) joins them with gloo. `torchrun --nproc_per_node 2` works the same way.
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), __file__, str(tmp_path)]
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = torch.load(tmp_path / "params.pt", weights_only=True)
+    assert result["world"] == 2
+    assert result["bytes"] == 2 * 2 * 8  # 2 steps x 2 losses x one float64
+    single = _trainer(tmp_path / "single", max_steps=2, save_strategy="no", eval_strategy="no",
+                      per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    single.train()
+    want = _params(single)
+    for name in want:
+        torch.testing.assert_close(result["params"][name], want[name], rtol=1e-4, atol=1e-5)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _data_parallel_main(sys.argv[1])

@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--dtype", default="float32", help="the dtype the run trained in (default float32)")
 
+    mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
+                         description="Predicts, from a model's shapes alone, the peak memory of inference, "
+                                     "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.")
+    from zotune.memory import add_arguments
+
+    add_arguments(mem)
+
     demo = sub.add_parser("demo", help="fine-tune a tiny built-in model on a toy task and print the loss falling",
                           description="MeZO memorises random token sequences with a tiny Llama built from a "
                                       "config: no download, a few seconds on a laptop CPU.")
@@ -177,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_demo(config)
         return 0
+    if args.command == "memory":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from zotune.memory import run
+
+        try:
+            return run(args)
+        except (OSError, ValueError) as err:
+            print(f"zotune memory: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     command = {"train": _train, "eval": _eval, "replay": _replay}[args.command]
     try:
         return command(args, rest)

@@ -1,0 +1,398 @@
+"""The Triton GPU backend: fused, multi-tensor sweeps with the keyed generator of :mod:`zotune.rng`.
+
+One launch sweeps every tensor of one dtype::
+
+    theta <- scale * theta + c0 * z(s0) [+ c1 * z(s1)]      (read once, write once, in theta's dtype)
+
+with z made on the fly, so the restore + update + next perturbation of a MeZO step is one pass over
+the weights. bf16/fp16 weights are loaded in their dtype, combined in float32 and stored back in
+their dtype (no float32 buffer), rounded to nearest or, in the update sweep, stochastically with
+the keyed rounding stream (stream 1, one word per element, the rule of
+:func:`zotune.optim.functional.stochastic_round_`: E[result] = the float32 value).
+
+How z matches the reference: each program owns a tile of ``BLOCK`` consecutive *global* element
+indices (aligned to ``BLOCK``, so the Philox blocks of a tile never straddle tiles); it runs one
+Philox-4x32-10 call per block of 4 Gaussians (or of 128 Rademacher signs). A Gaussian tile is a
+(BLOCK/4, 4) array whose row j holds block j's four lanes, picked by selects in registers (no shuffle
+through shared memory); a Rademacher tile is flat, each word broadcast over its 32 elements. Box–Muller uses the same branch-free float32
+algorithm as the numba CPU kernel (:mod:`zotune.kernels.cpu`): the exponent and mantissa of u taken
+from its bits and a Cephes ``logf`` polynomial, an exact quadrant reduction of the 24-bit angle and
+Cephes ``sinf``/``cosf`` polynomials on [-pi/4, pi/4]. These are a handful of FMAs each (no
+libdevice calls, no range reduction), accurate to a few float32 ulps, so z equals the reference to
+float32 tolerance while the Gaussian sweep stays close to the memory floor. On the GPU the compiler
+may contract multiply-adds into FMAs: z and the update then differ from the CPU kernels by float32
+rounding only.
+
+Many tensors per launch: a tensor is addressed as an element offset from the first tensor of the
+group (all of one dtype, hence all aligned to its element size), and a per-program table maps each
+tile to its tensor. The tables are cached per list of tensors (the parameters keep their storage).
+
+Interpreter: ``TRITON_INTERPRET=1`` must be set before this module is imported (Triton reads it when
+the kernels are decorated); the kernels then run on CPU tensors through NumPy, which the tests use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton  # ImportError propagates: zotune.kernels then runs without this backend
+import triton.language as tl
+
+from zotune import rng
+from zotune.kernels import Backend
+
+__all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "supports", "sweep", "words"]
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCK = 512 if INTERPRETED else 2048  # elements per program; a multiple of 128 (one Rademacher block)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Philox-4x32-10 on uint32 tensors (counter c0..c3, key k0, k1), as rng.philox4x32."""
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = tl.mul(a2, 0xCD9E8D57, sanitize_overflow=False)
+        c3 = tl.mul(a0, 0xD2511F53, sanitize_overflow=False)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _words(first_block, NB: tl.constexpr, stream, key_lo, key_hi, seed_lo, seed_hi):
+    """The four words of Philox blocks first_block .. first_block + NB - 1 (uint32 tensors)."""
+    c0 = (first_block + tl.arange(0, NB)).to(tl.uint32)
+    c1 = tl.full([NB], 0, tl.uint32) + stream
+    c2 = tl.full([NB], 0, tl.uint32) + key_lo
+    c3 = tl.full([NB], 0, tl.uint32) + key_hi
+    k0 = tl.full([NB], 0, tl.uint32) + seed_lo
+    k1 = tl.full([NB], 0, tl.uint32) + seed_hi
+    return _philox(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def _interleave4(a, b, c, d, N: tl.constexpr):
+    """[a0, b0, c0, d0, a1, b1, ...]: the four lanes of each block back in element order."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [N])
+
+
+@triton.jit
+def _lanes(a, b, c, d):
+    """The (N, 4) tile whose row j is (a[j], b[j], c[j], d[j]): block j's four lanes, in element order.
+
+    A broadcast and three selects in registers (no shuffle through shared memory, unlike a reshape).
+    """
+    lane = tl.arange(0, 4)[None, :]
+    cd = tl.where(lane == 2, c[:, None], d[:, None])
+    return tl.where(lane == 0, a[:, None], tl.where(lane == 1, b[:, None], cd))
+
+
+@triton.jit
+def _box_muller(wa, wb):
+    """(r cos 2 pi v, r sin 2 pi v) for the words (wa, wb): the float32 algorithm of kernels.cpu."""
+    # u = n * 2**-24, n = (wa >> 8) + 1 exact in float32; ln u from u's exponent and mantissa
+    n = ((wa >> 8) + 1).to(tl.int32, bitcast=True).to(tl.float32)
+    bits = n.to(tl.int32, bitcast=True) + (0x3F800000 - 0x3F3504F3)
+    e = ((bits >> 23) - 151).to(tl.float32)
+    m = ((bits & 0x007FFFFF) + 0x3F3504F3).to(tl.float32, bitcast=True)
+    f = m - 1.0
+    f2 = f * f
+    p = 7.0376836292e-2 * f + -1.1514610310e-1
+    p = p * f + 1.1676998740e-1
+    p = p * f + -1.2420140846e-1
+    p = p * f + 1.4249322787e-1
+    p = p * f + -1.6668057665e-1
+    p = p * f + 2.0000714765e-1
+    p = p * f + -2.4999993993e-1
+    p = p * f + 3.3333331174e-1
+    y = p * f * f2
+    y = y + -2.12194440e-4 * e
+    y = y - 0.5 * f2
+    lnu = f + y
+    lnu = lnu + 0.693359375 * e
+    r = tl.sqrt(-2.0 * lnu)
+    # angle 2 pi v, v = k * 2**-24: quadrant q = round(k / 2**22) mod 4, exact remainder t
+    k = (wb >> 8).to(tl.int32, bitcast=True)
+    qq = (k + (1 << 21)) >> 22
+    t = k - (qq << 22)
+    q = qq & 3
+    th = t.to(tl.float32) * 3.745070617697095e-07  # pi/2 / 2**22
+    z = th * th
+    s = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z + -1.6666654611e-1) * z * th + th
+    c = ((2.443315711809948e-5 * z + -1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    swap = (q & 1) != 0
+    cq = tl.where(swap, s, c)
+    sq = tl.where(swap, c, s)
+    flip_c = ((q + 1) & 2) << 30  # sign bit: cos(q pi/2 + th) < 0 for q in {1, 2}
+    flip_s = (q & 2) << 30  # sign bit: sin(q pi/2 + th) < 0 for q in {2, 3}
+    zc = ((r * cq).to(tl.int32, bitcast=True) ^ flip_c).to(tl.float32, bitcast=True)
+    zs = ((r * sq).to(tl.int32, bitcast=True) ^ flip_s).to(tl.float32, bitcast=True)
+    return zc, zs
+
+
+@triton.jit
+def _z(g0, seed_lo, seed_hi, key_lo, key_hi, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """z of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK), float32.
+
+    Rademacher: a (BLOCK,) vector. Gaussian: a (BLOCK // 4, 4) tile, row j the four lanes of block j.
+    """
+    if RADEMACHER:
+        w0, w1, w2, w3 = _words(g0 // 128, BLOCK // 128, 0, key_lo, key_hi, seed_lo, seed_hi)
+        w = _interleave4(w0, w1, w2, w3, BLOCK // 32)  # word (i // 32) of the tile
+        bits = tl.reshape((w[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1, [BLOCK])
+        return bits.to(tl.float32) * 2.0 - 1.0
+    else:
+        w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 0, key_lo, key_hi, seed_lo, seed_hi)
+        za, zb = _box_muller(w0, w1)
+        zc, zd = _box_muller(w2, w3)
+        return _lanes(za, zb, zc, zd)
+
+
+@triton.jit
+def _to_nearest(v, DTYPE: tl.constexpr):
+    """v (float32) rounded to nearest-even in DTYPE; bfloat16 by its bits (exact on every target)."""
+    if DTYPE == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FC0, r)  # NaN stays NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(DTYPE)
+
+
+@triton.jit
+def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constexpr, FLAT: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """v (float32) rounded to DTYPE (16-bit) up or down with probability by distance (stream 1)."""
+    nearest = _to_nearest(v, DTYPE)
+    diff = v - nearest.to(tl.float32)
+    nb = nearest.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    neg = nb >= 0x8000
+    mag = nb & 0x7FFF
+    away = (diff > 0) != neg  # the neighbour toward diff's sign has the larger magnitude
+    cross = (~away) & (mag == 0)  # from +-0 toward the other sign: the smallest subnormal there
+    new_mag = tl.where(away, mag + 1, tl.where(mag == 0, 1, mag - 1))
+    new_sign = tl.where(cross, (nb & 0x8000) ^ 0x8000, nb & 0x8000)
+    neighbour = (new_sign | new_mag).to(tl.int16).to(DTYPE, bitcast=True)
+    gap = neighbour.to(tl.float32) - nearest.to(tl.float32)
+    prob = tl.where(gap != 0, diff / gap, 0.0)
+    w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 1, key_lo, key_hi, seed_lo, seed_hi)
+    if FLAT:  # v is a (BLOCK,) vector
+        w = _interleave4(w0, w1, w2, w3, BLOCK)
+    else:  # v is a (BLOCK // 4, 4) tile
+        w = _lanes(w0, w1, w2, w3)
+    u = (w >> 8).to(tl.int32, bitcast=True).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+    return tl.where(u < prob, neighbour, nearest)
+
+
+@triton.jit(do_not_specialize=["s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
+def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+                  NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of one tensor: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)], in x's dtype.
+
+    table: int64 rows (element offset from base, n, start, key lo, key hi, first tile) per tensor;
+    tiles: int32 tensor index per program; s*_lo, s*_hi: the 32-bit halves of the seeds of the terms
+    and of the rounding stream, passed as int32 bit patterns (one kernel signature for every seed).
+    ALIGN: elements every tensor's offset and start are multiples of (the host checked it), so that
+    whole tiles load and store in 16-byte vectors; tiles inside the tensor skip the mask for the same
+    reason (the mask's bound is a runtime value the compiler cannot see as aligned).
+    """
+    pid = tl.program_id(0)
+    t = tl.load(tiles + pid).to(tl.int64)
+    row = table + 6 * t
+    offset = tl.load(row)
+    n = tl.load(row + 1)
+    start = tl.load(row + 2)
+    key_lo = tl.load(row + 3).to(tl.uint32)
+    key_hi = tl.load(row + 4).to(tl.uint32)
+    tile = pid - tl.load(row + 5)
+    g0 = (start // BLOCK + tile) * BLOCK  # first global element index of this tile
+    first = offset + (g0 - start)  # element offset of the tile's first element from base
+    if ALIGN > 1:
+        first = tl.multiple_of(first, ALIGN)
+    # Gaussian: a (BLOCK // 4, 4) tile, one Philox block per row (lanes picked in registers);
+    # Rademacher: a flat vector (16-byte vectors in every dtype; its words are broadcast, not picked)
+    if RADEMACHER:
+        tile_idx = tl.arange(0, BLOCK)
+    else:
+        tile_idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    ptrs = base + first + tile_idx
+    local = g0 - start + tile_idx
+    mask = (local >= 0) & (local < n)
+    full = (g0 >= start) & (g0 + BLOCK <= start + n)
+    z0 = _z(g0, s0_lo.to(tl.uint32, bitcast=True), s0_hi.to(tl.uint32, bitcast=True), key_lo, key_hi,
+            RADEMACHER, BLOCK)
+    if FILL:
+        v = z0
+    else:
+        if full:
+            x = tl.load(ptrs).to(tl.float32)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        v = x * scale + c0 * z0
+        if NT == 2:
+            z1 = _z(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi,
+                    RADEMACHER, BLOCK)
+            v = v + c1 * z1
+    if ROUND:
+        out = _round_stochastic(v, g0, r_lo.to(tl.uint32, bitcast=True), r_hi.to(tl.uint32, bitcast=True),
+                                key_lo, key_hi, base.dtype.element_ty, RADEMACHER, BLOCK)
+    else:
+        out = _to_nearest(v, base.dtype.element_ty)
+    if full:
+        tl.store(ptrs, out)
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _words_kernel(out, n, start, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
+    """out[i] = rounding word of element start + i (stream 1), as int32 bits."""
+    g0 = (start // BLOCK + tl.program_id(0)) * BLOCK
+    local = g0 - start + tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    mask = (local >= 0) & (local < n)
+    w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 1, key_lo.to(tl.uint32), key_hi.to(tl.uint32),
+                            seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    w = _lanes(w0, w1, w2, w3)
+    tl.store(out + local, w.to(tl.int32, bitcast=True), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def _split(v: int) -> tuple[int, int]:
+    v = int(v) % 2**64
+    return v & 0xFFFFFFFF, v >> 32
+
+
+def _device_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" or (INTERPRETED and x.device.type == "cpu")
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+_MAX_TABLES = 64
+
+
+def _tables(group: list[tuple[torch.Tensor, int, int]], block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tensor table, per-program tensor index, alignment in elements) of (flat tensor, key, start) triples.
+
+    All tensors of ``group`` have one dtype and one device.
+    """
+    ident = (block, group[0][0].device) + tuple((x.data_ptr(), x.numel(), key, start) for x, key, start in group)
+    hit = _TABLES.get(ident)
+    if hit is not None:
+        return hit
+    size = group[0][0].element_size()
+    base = group[0][0].data_ptr()
+    rows, owners, first = [], [], 0
+    for i, (x, key, start) in enumerate(group):
+        n = x.numel()
+        ntiles = (start + n - 1) // block - start // block + 1
+        delta = x.data_ptr() - base
+        if delta % size:
+            raise ValueError("tensors of one dtype must be aligned to their element size")
+        rows.append([delta // size, n, start, *_split(key), first])
+        owners.append(torch.full((ntiles,), i, dtype=torch.int32))
+        first += ntiles
+    vec = max(1, 16 // size)  # elements per 16-byte vector
+    align = vec if base % 16 == 0 and all(r[0] % vec == 0 and r[2] % vec == 0 for r in rows) else 1
+    if first >= 2**31:
+        raise ValueError(f"too many tiles for one launch ({first}); use a larger block")
+    device = group[0][0].device
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1).to(device)
+    tiles = torch.cat(owners).to(device)
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.clear()
+    _TABLES[ident] = (table, tiles, align)
+    return table, tiles, align
+
+
+def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0, fill: bool = False,
+          rounding_seed: int | None = None, block: int | None = None) -> None:
+    """In place, for every tensor: x <- (0 if fill else x * scale) + sum(c * z(s) for s, c in terms).
+
+    Args:
+        tensors: contiguous CUDA tensors (CPU under TRITON_INTERPRET=1), float32/bfloat16/float16;
+            tensor i holds elements ``starts[i] ..`` of the parameter whose key is ``keys[i]``.
+        terms: one or two (seed, coefficient) pairs (one for ``fill``).
+        rounding_seed: when set, 16-bit results are rounded stochastically with this seed's rounding
+            stream (stream 1); float32 tensors ignore it.
+        block: elements per program (a power of two >= 128); ``None`` for the module default.
+    """
+    if distribution not in rng.DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
+    terms = [(int(s), float(c)) for s, c in terms]
+    if not 1 <= len(terms) <= 2:
+        raise ValueError(f"terms must hold one or two (seed, coefficient) pairs, got {len(terms)}")
+    block = int(block or BLOCK)
+    if block < 128 or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= 128, got {block}")
+    groups: dict[torch.dtype, list] = {}
+    for x, key, start in zip(tensors, keys, starts, strict=True):
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"the triton backend supports float32, bfloat16 and float16, got {x.dtype}")
+        if not _device_ok(x) or not x.is_contiguous():
+            raise ValueError(f"the triton backend needs contiguous CUDA tensors, got device={x.device}, "
+                             f"contiguous={x.is_contiguous()}")
+        start = int(start)
+        rng._check_range(start, x.numel())
+        if x.numel():
+            groups.setdefault((x.dtype, x.device), []).append((x.detach().view(-1), int(key), start))
+    seeds = [*_split(terms[0][0]), *(_split(terms[1][0]) if len(terms) == 2 else (0, 0)),
+             *_split(rounding_seed or 0)]
+    seeds = [w - 2**32 if w >= 2**31 else w for w in seeds]  # int32 bit patterns: no host-to-device copy
+    c0 = float(terms[0][1])
+    c1 = float(terms[1][1]) if len(terms) == 2 else 0.0
+    for (dtype, device), group in groups.items():
+        table, tiles, align = _tables(group, block)
+        round_ = rounding_seed is not None and dtype != torch.float32 and not fill
+        _sweep_kernel[(tiles.numel(),)](
+            group[0][0], table, tiles, *seeds, float(scale), c0, c1,
+            NT=len(terms), FILL=bool(fill), RADEMACHER=distribution == "rademacher", ROUND=round_, ALIGN=align,
+            BLOCK=block,
+            num_warps=4 if block <= 1024 else 8,
+        )
+
+
+def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) -> None:
+    """x[:] = z[start : start + x.numel()] of ``distribution`` for (seed, key)."""
+    sweep([x], [key], [start], distribution, [(seed, 1.0)], fill=True)
+
+
+def axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms) -> None:
+    """x[:] = x * scale + sum(c * z(s) for s, c in terms), in one pass over x."""
+    sweep([x], [key], [start], distribution, terms, scale=scale)
+
+
+def words(out, seed: int, key: int, start: int) -> None:
+    """out[:] = rng.rounding_words(seed, key, start, len(out)); out a NumPy uint32 array or an int32 tensor."""
+    import numpy as np
+
+    start = int(start)
+    n = len(out)
+    rng._check_range(start, n)
+    if n == 0:
+        return
+    is_numpy = isinstance(out, np.ndarray)
+    device = "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+    dst = torch.empty(n, dtype=torch.int32, device=device) if is_numpy else out
+    ntiles = (start + n - 1) // BLOCK - start // BLOCK + 1
+    _words_kernel[(ntiles,)](dst, n, start, *_split(seed), *_split(key), BLOCK=BLOCK)
+    if is_numpy:
+        out[:] = dst.cpu().numpy().view(np.uint32)
+
+
+def supports(device: torch.device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available() and not INTERPRETED
+
+
+BACKEND = Backend("triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words)

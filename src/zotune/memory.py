@@ -1,0 +1,175 @@
+"""Predict the peak GPU memory of inference, MeZO (full, LoRA, prefix) and backprop fine-tuning.
+
+From a model's shapes alone (its config; the weights are never loaded): the parameter count comes
+from building the model on the ``meta`` device, the activation terms from its hidden size, layers,
+heads, FFN and vocabulary sizes. The estimates are deliberately simple and documented term by term:
+
+- weights: ``P * w`` bytes (``w`` = 2 for float16/bfloat16, 4 for float32);
+- inference activations (no grad, fused attention): the residual stream and its temporaries
+  ``4 b s h w``, the MLP intermediate ``2 b s f w``, and the logits with a float32 loss
+  ``b s V (w + 8)`` (the logits, their float32 upcast and the log-softmax);
+- MeZO (zotune): weights + inference activations + the sweep's bookkeeping (Triton: 4 bytes per
+  2048 elements; no z is stored, nothing per parameter);
+- reference-style MeZO (``torch.normal`` + out-of-place update): + two copies of the largest tensor;
+- MeZO + LoRA (rank r on the query and value projections, as in the MeZO paper): + the adapters;
+  MeZO + prefix (k tokens per layer): + ``2 L k h`` parameters, activations at ``s + k``;
+- backprop fine-tuning with Adam in mixed precision (float32 weights under autocast, as
+  ``torch.autocast`` training does): float32 weights, gradients and two Adam moments, 16 bytes per
+  parameter whatever ``dtype`` (the forward's matmuls run in it) + the activations saved for the
+  backward pass, ``L b s h (34 + 5 a s / h)`` bytes at 16 bits (Korthikanti et al., 2022, Table 2;
+  the attention-score term drops with fused attention) + the logits' gradient.
+
+Example::
+
+    zotune memory --model facebook/opt-13b --gpu-memory 80GB --batch 16 --seq 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Estimate", "Shapes", "add_arguments", "estimate", "parse_bytes", "run", "shapes_from_config"]
+
+# OPT sizes (Zhang et al., 2022): hidden size, layers, heads, FFN size; for names like "opt-13b"
+_OPT = {
+    "125m": (768, 12, 12, 3072), "350m": (1024, 24, 16, 4096), "1.3b": (2048, 24, 32, 8192),
+    "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384), "13b": (5120, 40, 40, 20480),
+    "30b": (7168, 48, 56, 28672), "66b": (9216, 64, 72, 36864),
+}
+_WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimate needs from a model: parameter counts and activation sizes."""
+
+    params: int  # trainable parameters (tied weights counted once)
+    largest: int  # elements of the largest tensor
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted peak bytes of each way of running the model."""
+
+    inference: int
+    mezo: int
+    mezo_reference_style: int
+    mezo_lora: int
+    mezo_prefix: int
+    backprop_adam: int
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("inference", self.inference), ("MeZO (zotune)", self.mezo),
+                ("MeZO, reference-style", self.mezo_reference_style), ("MeZO + LoRA", self.mezo_lora),
+                ("MeZO + prefix", self.mezo_prefix), ("backprop fine-tuning (Adam)", self.backprop_adam)]
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB', '80GiB', '24g', '512MB' -> bytes (GB and GiB both read as 2**30, as GPU makers mean it)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 24GiB")
+    return int(float(match.group(1)) * 1024 ** "_kmgt".index(match.group(2) or "_"))
+
+
+def _load_config(model: str):
+    from transformers import AutoConfig, OPTConfig
+
+    name = model.lower().split("/")[-1]
+    if name.startswith("opt-") and name[4:] in _OPT:
+        hidden, layers, heads, ffn = _OPT[name[4:]]
+        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                         word_embed_proj_dim=hidden, vocab_size=50272)
+    path = Path(model)
+    if path.is_file():  # a config.json
+        data = json.loads(path.read_text())
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    return AutoConfig.from_pretrained(model)  # a directory or a hub id (needs the network or the cache)
+
+
+def shapes_from_config(config) -> Shapes:
+    """Shapes of the model a transformers config describes, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = list(model.parameters())  # tied weights appear once
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or text.d_model
+    return Shapes(
+        params=sum(t.numel() for t in tensors),
+        largest=max(t.numel() for t in tensors),
+        hidden=hidden,
+        layers=getattr(text, "num_hidden_layers", None) or text.num_layers,
+        heads=getattr(text, "num_attention_heads", None) or text.num_heads,
+        ffn=getattr(text, "ffn_dim", None) or getattr(text, "intermediate_size", None) or 4 * hidden,
+        vocab=text.vocab_size,
+    )
+
+
+def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: int = 64, lora_rank: int = 8,
+             prefix_tokens: int = 5, fused_attention: bool = True) -> Estimate:
+    """Peak bytes of each way of running the model (see the module docstring for every term)."""
+    if dtype not in _WIDTH:
+        raise ValueError(f"dtype must be one of {sorted(_WIDTH)}, got {dtype!r}")
+    if batch < 1 or seq < 1:
+        raise ValueError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
+    w = _WIDTH[dtype]
+    s = shapes
+    weights = s.params * w
+
+    def activations(tokens: int) -> int:
+        bt = batch * tokens
+        attention = 0 if fused_attention else 2 * batch * s.heads * tokens * tokens * w
+        return 4 * bt * s.hidden * w + 2 * bt * s.ffn * w + attention + bt * s.vocab * (w + 8)
+
+    act = activations(seq)
+    inference = weights + act
+    mezo = inference + 4 * (s.params // 2048 + s.layers * 16)
+    reference_style = inference + 2 * s.largest * w
+    lora = 2 * s.layers * lora_rank * (s.hidden + s.hidden) * 2  # A and B on query and value, per layer
+    mezo_lora = inference + lora * w
+    prefix = 2 * s.layers * prefix_tokens * s.hidden
+    mezo_prefix = weights + prefix * w + activations(seq + prefix_tokens)
+    scores = 0 if fused_attention else 5 * s.heads * seq / s.hidden
+    saved = int(s.layers * batch * seq * s.hidden * (34 + scores) * w / 2)
+    states = s.params * 16
+    backprop = states + saved + batch * seq * s.vocab * (w + 12)
+    return Estimate(inference, mezo, reference_style, mezo_lora, mezo_prefix, backprop)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``zotune memory``."""
+    parser.add_argument("--model", required=True,
+                        help="a hub id or local directory, a config.json, or an OPT size like opt-13b")
+    parser.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB: says what fits")
+    parser.add_argument("--dtype", default="float16", choices=sorted(_WIDTH))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64, help="sequence length in tokens")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--prefix-tokens", type=int, default=5)
+    parser.add_argument("--eager-attention", action="store_true", help="attention scores are materialised")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the table for parsed ``zotune memory`` arguments."""
+    shapes = shapes_from_config(_load_config(args.model))
+    est = estimate(shapes, dtype=args.dtype, batch=args.batch, seq=args.seq, lora_rank=args.lora_rank,
+                   prefix_tokens=args.prefix_tokens, fused_attention=not args.eager_attention)
+    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    print(f"{args.model}: {shapes.params / 1e9:.3f}B parameters, {args.dtype}, batch {args.batch}, seq {args.seq}")
+    for name, value in est.rows():
+        fits = "" if budget is None else ("  fits" if value <= budget else "  does not fit")
+        print(f"  {name:<30} {value / 2**30:9.2f} GiB  ({value / est.inference:5.2f} x inference){fits}")
+    return 0
+

@@ -1,0 +1,252 @@
+"""The Triton backend (zotune.kernels.gpu) against the reference generator (zotune.rng).
+
+On the CPU the kernels run under Triton's interpreter: ``TRITON_INTERPRET=1`` is read when the
+kernels are decorated, so the ``tk`` fixture loads a private copy of the module with the variable
+set (the package's own ``zotune.kernels.gpu``, imported without it, stays the compiled GPU backend).
+The interpreter runs the kernels' float32 NumPy arithmetic without FMA contraction: the Gaussians
+are then the numba kernel's algorithm and must meet its tolerance, |z - reference| <= 1e-6 *
+max(1, |z|) (see tests/test_kernels.py); sums get one float32 rounding per operation on top.
+Rademacher signs and rounding words are integers and must match exactly. Tensors are tiny: the
+interpreter runs one NumPy program per tile.
+
+With a CUDA GPU the compiled kernels are checked the same way (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from zotune import kernels, rng  # noqa: E402
+from zotune.kernels import Backend  # noqa: E402
+from zotune.optim import functional  # noqa: E402
+
+GAUSS_TOL = 1e-6
+EPS32 = float(np.finfo(np.float32).eps)
+BLOCK = 128  # a small tile, so short ranges straddle tiles (the interpreter's default is 512)
+
+SEED_KEYS = [(1, 2), (2**64 - 1, 2**63 + 5), (0x0123456789ABCDEF, rng.param_key("model.layers.0.mlp.up_proj.weight"))]
+RANGES = [(0, 1), (3, 5), (127, 130), (2**33 + 7, 300), (510, 600)]
+
+
+@pytest.fixture(scope="module")
+def tk():
+    """zotune.kernels.gpu loaded under TRITON_INTERPRET=1 (runs on CPU tensors)."""
+    path = Path(kernels.__file__).with_name("gpu.py")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec = importlib.util.spec_from_file_location("zotune_kernels_gpu_interpreted", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    assert module.INTERPRETED
+    return module
+
+
+def _check_gaussian(got: np.ndarray, want: np.ndarray) -> None:
+    err = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    bound = GAUSS_TOL * np.maximum(1.0, np.abs(want))
+    assert (err <= bound).all(), f"worst |diff| {err.max():.3g} at {int(err.argmax())}"
+
+
+def _check_axpy(got, x, scale, terms_z, zero_tol=False):
+    """got ~ x*scale + sum c*z: z within GAUSS_TOL, plus float32 rounding of each operation."""
+    x = x.astype(np.float64)
+    want = x * np.float32(scale)
+    tol = 2 * EPS32 * np.abs(want)
+    for c, z, gaussian in terms_z:
+        c = float(np.float32(c))
+        want = want + c * z
+        tol = tol + (abs(c) * GAUSS_TOL * np.maximum(1.0, np.abs(z)) if gaussian else 0) + 2 * EPS32 * np.abs(want)
+    err = np.abs(got.astype(np.float64) - want)
+    assert (err <= tol + 1e-30).all(), f"worst |diff| {err.max():.3g} at {int(err.argmax())}"
+
+
+def test_registry_cpu_unaffected():
+    assert "triton" in kernels.available()
+    triton_be = kernels.get("triton")
+    assert not triton_be.supports(torch.device("cpu"))
+    assert kernels.select("cpu").name in ("numba", "reference")
+    assert triton_be.priority > max(kernels.get(n).priority for n in kernels.available() if n != "triton")
+
+
+@pytest.mark.parametrize("seed,key", SEED_KEYS)
+def test_fill_matches_reference(tk, seed, key):
+    for start, n in RANGES:
+        x = torch.full((n,), 7.0)
+        tk.sweep([x], [key], [start], "gaussian", [(seed, 1.0)], fill=True, block=BLOCK)
+        _check_gaussian(x.numpy(), rng.gaussian(seed, key, start, n))
+        tk.sweep([x], [key], [start], "rademacher", [(seed, 1.0)], fill=True, block=BLOCK)
+        np.testing.assert_array_equal(x.numpy(), rng.rademacher(seed, key, start, n))
+
+
+def test_backend_interface_default_block(tk):
+    seed, key = 2**63 + 11, 2**64 - 2
+    for start, n in [(0, 1500), (1021, 700)]:  # across the default tile (512 elements)
+        x = torch.empty(n)
+        tk.fill(x, "gaussian", seed, key, start)
+        _check_gaussian(x.numpy(), rng.gaussian(seed, key, start, n))
+        x = torch.empty(n)
+        tk.fill(x, "rademacher", seed, key, start)
+        np.testing.assert_array_equal(x.numpy(), rng.rademacher(seed, key, start, n))
+        out = np.empty(n, dtype=np.uint32)
+        tk.words(out, seed, key, start)
+        np.testing.assert_array_equal(out, rng.rounding_words(seed, key, start, n))
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("nterms", [1, 2])
+def test_axpy_matches_reference(tk, distribution, nterms):
+    key = 2**63 + 99
+    terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)][:nterms]
+    for start, n in [(3, 5), (127, 300)]:
+        x0 = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        x = x0.clone()
+        tk.sweep([x], [key], [start], distribution, terms, scale=0.999, block=BLOCK)
+        terms_z = [(c, rng.z(distribution, s, key, start, n).astype(np.float64), distribution == "gaussian")
+                   for s, c in terms]
+        _check_axpy(x.numpy(), x0.numpy(), 0.999, terms_z)
+
+
+def test_multi_tensor_launch_equals_per_tensor(tk):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7,), (129,), (3, 50), (1,), (300,)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float32, torch.float16]
+    xs = [torch.randn(s, generator=g).to(d) for s, d in zip(shapes, dtypes)]
+    keys = [rng.param_key(f"p{i}") for i in range(len(xs))]
+    starts = [0, 5, 0, 2**33, 131]
+    terms = [(2**63 + 1, 0.5), (77, -0.25)]
+    for distribution in ("gaussian", "rademacher"):
+        together = [x.clone() for x in xs]
+        tk.sweep(together, keys, starts, distribution, terms, scale=0.9, rounding_seed=5, block=BLOCK)
+        for x, t, key, start in zip(xs, together, keys, starts):
+            alone = x.clone()
+            tk.sweep([alone], [key], [start], distribution, terms, scale=0.9, rounding_seed=5, block=BLOCK)
+            assert torch.equal(alone, t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_in_half_out_rounds_to_nearest(tk, dtype):
+    x = torch.randn(300, generator=torch.Generator().manual_seed(1)).to(dtype)
+    wide = x.float()
+    terms = [(3, 0.5), (4, -0.125)]
+    tk.sweep([wide], [9], [17], "gaussian", terms, scale=0.99, block=BLOCK)
+    tk.sweep([x], [9], [17], "gaussian", terms, scale=0.99, block=BLOCK)
+    assert x.dtype == dtype
+    assert torch.equal(x, wide.to(dtype))  # float32 arithmetic, then one round to nearest
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_matches_reference_rule(tk, dtype):
+    n, key, start, rseed = 300, 21, 131, 2**63 + 3
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(2)) * 0.02).to(dtype)
+    x[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0])
+    terms = [(8, 3e-5), (9, -1e-6)]
+    wide = x.float()
+    tk.sweep([wide], [key], [start], "gaussian", terms, block=BLOCK)  # the exact float32 results
+    want = torch.empty_like(x)
+    functional.stochastic_round_(want, wide, rseed, key, start)
+    tk.sweep([x], [key], [start], "gaussian", terms, rounding_seed=rseed, block=BLOCK)
+    assert torch.equal(x, want)
+
+
+def test_stochastic_rounding_unbiased(tk):
+    n = 4096
+    x = torch.ones(n, dtype=torch.float16)
+    nearest = x.clone()
+    scale = 1.0 + 2.0**-12  # a quarter of an ulp above 1 in fp16: round to nearest drops it
+    tk.sweep([nearest], [1], [0], "rademacher", [(1, 0.0)], scale=scale)
+    assert torch.equal(nearest, x)
+    tk.sweep([x], [1], [0], "rademacher", [(1, 0.0)], scale=scale, rounding_seed=7)
+    assert set(x.unique().tolist()) == {1.0, 1.0 + 2.0**-10}
+    # std of the mean: ulp * sqrt(p (1 - p) / n) ~ 6.6e-6 with p = 1/4
+    assert abs(x.double().mean().item() - scale) < 3e-5
+
+
+def test_sweep_hook_uses_multi_tensor_path(tk, monkeypatch):
+    """functional.sweep_ hands all tensors of a multi-tensor backend to one call, with the same numbers."""
+    calls = []
+    sweep = tk.sweep
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[0]))
+        return sweep(*args, **kwargs)
+
+    be = Backend("triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62)
+    monkeypatch.setattr(tk, "BACKEND", be)
+    monkeypatch.setattr(tk, "sweep", counted)
+    monkeypatch.setattr(kernels, "_gpu", tk)
+    monkeypatch.setitem(kernels._REGISTRY, be.name, be)
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(40, generator=g), (torch.randn(3, 70, generator=g) * 0.02).half(),
+              (torch.randn(150, generator=g) * 0.02).bfloat16()]
+    keys = [rng.param_key(f"w{i}") for i in range(3)]
+    terms = [(2**63 + 5, 2.0**-9), (6, -(2.0**-11))]  # powers of two: Rademacher sums are exact in float32
+    fast = [p.clone() for p in params]
+    slow = [p.clone() for p in params]
+    functional.sweep_(fast, keys, terms, distribution="rademacher", rounding_seed=11, backend=be.name)
+    functional.sweep_(slow, keys, terms, distribution="rademacher", rounding_seed=11, backend="reference")
+    assert calls == [3]
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+    fast = [p.clone() for p in params]
+    slow = [p.clone() for p in params]
+    functional.sweep_(fast, keys, terms, scale=0.99, distribution="gaussian", backend=be.name)
+    functional.sweep_(slow, keys, terms, scale=0.99, distribution="gaussian", backend="reference")
+    for a, b in zip(fast, slow):
+        # float32 results agree to a few ulps; rounding to 16 bits may then differ by one ulp of the dtype
+        ulp = torch.finfo(a.dtype).eps * b.float().abs().clamp_min(1e-3)
+        assert ((a.float() - b.float()).abs() <= 2 * ulp).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled kernels on a GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("seed,key", SEED_KEYS)
+def test_gpu_fill_and_words_match_reference(seed, key):
+    from zotune.kernels import gpu
+
+    assert kernels.select("cuda").name == "triton"
+    for start, n in RANGES + [(5, 100_003)]:
+        x = torch.empty(n, device="cuda")
+        gpu.fill(x, "gaussian", seed, key, start)
+        _check_gaussian(x.cpu().numpy(), rng.gaussian(seed, key, start, n))
+        gpu.fill(x, "rademacher", seed, key, start)
+        np.testing.assert_array_equal(x.cpu().numpy(), rng.rademacher(seed, key, start, n))
+        out = np.empty(n, dtype=np.uint32)
+        gpu.words(out, seed, key, start)
+        np.testing.assert_array_equal(out, rng.rounding_words(seed, key, start, n))
+
+
+@cuda
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_gpu_sweep_matches_reference(distribution):
+    key, start, n = 2**63 + 99, 3, 70_001
+    terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)]
+    x0 = torch.randn(n)
+    x = x0.cuda()
+    functional.sweep_([x], [key], terms, scale=0.999, distribution=distribution)
+    terms_z = [(c, rng.z(distribution, s, key, 0, n).astype(np.float64), distribution == "gaussian") for s, c in terms]
+    _check_axpy(x.cpu().numpy(), x0.numpy(), 0.999, terms_z)
+    half = x0.half().cuda()
+    functional.sweep_([half], [key], terms, scale=0.999, distribution=distribution)
+    ref = x0.half()
+    functional.sweep_([ref], [key], terms, scale=0.999, distribution=distribution, backend="reference")
+    ulp = torch.finfo(torch.float16).eps * ref.float().abs().clamp_min(1e-3)
+    assert ((half.cpu().float() - ref.float()).abs() <= 2 * ulp).all()

@@ -59,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--base", required=True, help="the base model (as for --model.name)")
     rp.add_argument("--trajectory", required=True, metavar="FILE")
     rp.add_argument("--out", required=True, metavar="DIR")
-    rp.add_argument("--dtype", default="float32", help="the dtype the run trained in (default float32)")
+    rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
+    rp.add_argument("--config", metavar="FILE",
+                    help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
+                         "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
 
     mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
                          description="Predicts, from a model's shapes alone, the peak memory of inference, "
@@ -151,16 +154,37 @@ def _replay(args, rest) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new --out directory")
     trajectory = read_trajectory(args.trajectory)  # a bad file fails before the model is loaded
-    loaded = load_model(ModelConfig(name=args.base, dtype=args.dtype), log=lambda m: print(m, file=sys.stderr))
+    import dataclasses
+
+    from zotune.config import load_config
+    from zotune.tuning import merge_lora, tune_loaded
+
+    config_path = Path(args.config) if args.config else Path(args.trajectory).parent / "config.yaml"
+    model_config = load_config(config_path).model if args.config or config_path.is_file() else ModelConfig()
+    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
     replay(loaded.model, trajectory)
     partial = out.with_name(out.name + ".partial")
-    loaded.model.save_pretrained(partial)
+    model = loaded.model
+    if model_config.tuning == "lora":
+        model = merge_lora(model)
+    if model_config.tuning == "prefix":
+        from zotune import checkpoint
+
+        model.model.save_pretrained(partial)
+        checkpoint.save_tensors(partial / "prefix.safetensors", dict(model.prefix.named_parameters()),
+                                {"prefix_tokens": str(model_config.prefix_tokens)})
+    else:
+        model.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)
     if out.exists():
         out.rmdir()
     partial.rename(out)
     steps = len(trajectory.steps)
-    print(f"replayed {steps} steps onto {args.base}; saved to {out}")
+    extra = {"lora": " (LoRA merged into the weights)",
+             "prefix": " (the base model; the trained prefixes in prefix.safetensors)"}.get(model_config.tuning, "")
+    print(f"replayed {steps} steps onto {args.base}; saved to {out}{extra}")
     return 0
 
 

@@ -94,8 +94,13 @@ class TrainConfig:
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
     save_best: bool = True  # keep the best validation weights (trainable tensors, safetensors)
     progress: bool = True  # a progress bar on the terminal
+    objective: str = "loss"  # what MeZO minimises: loss, accuracy or f1 (the batch's negative metric), or
+    # "module:function", a reward(predictions, references) -> float that MeZO maximises
 
     def __post_init__(self):
+        if self.objective not in ("loss", "accuracy", "f1") and ":" not in self.objective:
+            raise ConfigError(f"train.objective must be loss, accuracy, f1 or a 'module:function' reward, "
+                              f"got {self.objective!r}")
         for name in ("steps", "batch_size", "forward_chunks", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

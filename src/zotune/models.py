@@ -49,8 +49,19 @@ class ModelConfig:
     dtype: str = "float32"  # weights' dtype: float32, bfloat16 or float16
     trainable: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of parameter names to train
     cache_dir: str | None = None  # where dequantised GGUF models are cached; default $ZOTUNE_CACHE or ~/.cache/zotune
+    tuning: str = "full"  # full (model.trainable), lora, prefix or head (output layer only): see zotune.tuning
+    lora_r: int = 8  # LoRA rank (the paper: 8)
+    lora_alpha: float = 16  # LoRA scale alpha / r (the paper: 16)
+    lora_targets: list[str] | None = None  # LoRA's modules; None: the architecture's query/value projections
+    prefix_tokens: int = 5  # prefix tuning: trained key/value tokens per layer (the paper: 5)
 
     def __post_init__(self):
+        if self.tuning not in ("full", "lora", "prefix", "head"):
+            raise ModelError(f"model.tuning must be full, lora, prefix or head, got {self.tuning!r}")
+        if self.lora_r < 1 or self.prefix_tokens < 1:
+            raise ModelError(f"model.lora_r and model.prefix_tokens must be >= 1, got {self.lora_r}, {self.prefix_tokens}")
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
         if self.kind not in KINDS:
             raise ModelError(f"model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.dtype not in _DTYPES:

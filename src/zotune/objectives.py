@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "make_objective", "selective_head"]
+__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "make_objective", "metric_objective",
+           "selective_head"]
 
 
 @dataclass(frozen=True)
@@ -304,3 +305,65 @@ def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size
             progress(len(chosen))
     model.train(was_training)
     return objective.metrics(predictions, encoded)
+
+
+def _macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
+    """Macro-averaged F1 over the classes that occur in predictions or labels."""
+    scores = []
+    for c in set(predictions) | set(labels):
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def metric_objective(objective: Objective, metric: str | Callable) -> Callable:
+    """A non-differentiable MeZO objective: ``(model, batch) -> -metric`` of the batch's predictions.
+
+    MeZO needs only loss values, so it can maximise what gradients cannot: ``"accuracy"``, ``"f1"``
+    (SQuAD F1 for generation, macro-F1 over labels otherwise; accuracy of generation is exact match), or a ``reward(predictions, references)
+    -> float`` (a callable or a ``"module:function"`` path). References are the labels (classification,
+    multiple choice) or the lists of accepted answers (generation). The paper's §3.3 / Table 5.
+
+    Example::
+
+        # rewards.py
+        def reward(predictions, references):
+            return sum(p == r for p, r in zip(predictions, references)) - 0.1 * sum(predictions)
+
+        zotune train --train.objective rewards:reward
+    """
+    if isinstance(metric, str) and metric not in ("accuracy", "f1"):
+        import importlib
+
+        from zotune.config import ConfigError
+
+        import os
+        import sys
+
+        module_name, _, function = metric.partition(":")
+        sys.path.insert(0, os.getcwd())  # the `zotune` script's sys.path lacks the working directory
+        try:
+            metric = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"train.objective {metric!r}: cannot load it ({err})") from None
+        finally:
+            sys.path.remove(os.getcwd())
+        if not callable(metric):
+            raise ConfigError(f"train.objective {module_name}:{function} is not a function")
+
+    def negative(model, batch: Sequence[Encoded]) -> torch.Tensor:
+        predictions = objective.predict(model, batch)
+        references = [e.answers if objective.kind == "generation" else e.label for e in batch]
+        if callable(metric):
+            value = float(metric(predictions, references))
+        elif metric == "f1" and objective.kind != "generation":
+            value = _macro_f1(predictions, references)
+        elif objective.kind == "generation":  # accuracy of generated answers: exact match
+            value = objective.metrics(predictions, batch)["f1" if metric == "f1" else "exact_match"]
+        else:
+            value = objective.metrics(predictions, batch)["accuracy"]
+        return torch.tensor(-value)
+
+    return negative

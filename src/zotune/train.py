@@ -32,10 +32,11 @@ import yaml
 from zotune import checkpoint
 from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
-from zotune.objectives import Encoded, Objective, evaluate, make_objective
+from zotune.objectives import Encoded, Objective, evaluate, make_objective, metric_objective
 from zotune.optim import MeZO
 from zotune.tasks import TaskError, get_task
 from zotune.trajectory import read_trajectory, replay
+from zotune.tuning import tune_loaded
 
 __all__ = ["Prepared", "RunResult", "prepare", "run", "schedule_factor"]
 
@@ -74,7 +75,7 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
     # The data first: a bad file should fail before a model is loaded.
     splits = task.splits(t.data_dir, seed=t.seed, train=t.train, validation=t.validation, test=t.test,
                          protocol=t.protocol, k=t.k)
-    loaded = loaded or load_model(config.model, log=log)
+    loaded = tune_loaded(loaded or load_model(config.model, log=log), config.model, log=log)
     instances = {s: [task.render(r, loaded.kind) for r in getattr(splits, s)] for s in SPLITS}
     first = next((i for s in SPLITS for i in instances[s]), None)
     if first is None:
@@ -203,6 +204,10 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output_dir")
     tc, oc = config.train, config.optimizer
     prepared = prepare(config, log=log, loaded=loaded)
+    if tc.objective == "loss":
+        train_loss = lambda m, b: prepared.objective.loss(m, b, tc.forward_chunks)  # noqa: E731
+    else:  # a non-differentiable objective: MeZO minimises the batch's negative metric or reward
+        train_loss = metric_objective(prepared.objective, tc.objective)
     model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
     device = next(model.parameters()).device
     if not encoded["train"]:
@@ -262,7 +267,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         while loop["step"] < tc.steps:
             idx = _batch_indices(len(encoded["train"]), tc.batch_size, loop["step"], config.task.seed)
             batch = [encoded["train"][i] for i in idx]
-            loss = float(opt.step(lambda: objective.loss(model, batch, tc.forward_chunks)))
+            loss = float(opt.step(lambda: train_loss(model, batch)))
             loop["skipped"] += int(not all(math.isfinite(x) for x in opt.last_losses))  # a NaN/inf step was skipped
             sched.step()
             loop["step"] += 1

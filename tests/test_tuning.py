@@ -1,0 +1,228 @@
+"""Tuning modes (LoRA, prefix, head) and non-differentiable objectives, from the parts to `zotune train`."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import tiny
+
+from zotune import MeZO, checkpoint, read_trajectory, replay
+from zotune.cli import main
+from zotune.models import ModelConfig, ModelError, load_model
+from zotune.objectives import Encoded, Objective, metric_objective
+from zotune.prefix import PrefixLM
+from zotune.tuning import apply_tuning, tune_loaded
+
+QUIET = lambda message: None  # noqa: E731
+
+
+def _tuned(family, mode, **options):
+    model = tiny.causal_lm(family)
+    return apply_tuning(model, ModelConfig(name="tiny", tuning=mode, **options), "causal", tiny.tokenizer(), log=QUIET)
+
+
+def _expected(family, mode):
+    """(trainable tensors, elements) from the tiny models' shapes: hidden 32, 2 layers, head_dim 8, vocab V."""
+    vocab, layers = len(tiny.tokenizer()), 2
+    kv = 16 if family == "llama" else 32  # Llama: 2 of 4 heads carry keys/values (GQA)
+    if mode == "head":
+        return 1, vocab * 32
+    if mode == "prefix":
+        return 2 * layers, 2 * layers * 5 * kv
+    if family == "gpt2":  # one pair on the fused q/k/v projection, 32 -> 96
+        return 2 * layers, layers * (8 * 32 + 96 * 8)
+    return 4 * layers, layers * ((8 * 32 + 32 * 8) + (8 * 32 + kv * 8))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("mode", ["lora", "prefix", "head"])
+def test_only_the_modes_parameters_train_and_mezo_moves_only_them(family, mode):
+    model = _tuned(family, mode)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors, elements = _expected(family, mode)
+    assert (len(trainable), sum(p.numel() for _, p in trainable)) == (tensors, elements)
+    marker = {"lora": "lora_", "prefix": "prefix.layers.", "head": ""}[mode]
+    assert all(marker in n for n, _ in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    opt = MeZO(trainable, lr=1e-2, eps=1e-3, seed=0, fuse_next=False)
+    for _ in range(2):
+        opt.step(lambda: model(input_ids=ids, labels=ids).loss)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, _ in trainable}
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_fresh_prefixes_are_the_real_tokens_keys_and_values(family):
+    """At initialisation, prefix + input computes what the model computes on real tokens + input."""
+    model = tiny.causal_lm(family)
+    tokens = torch.tensor([20, 31, 42, 53, 64])
+    wrapped = PrefixLM(model, tokens)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        got = wrapped(input_ids=ids).logits
+        want = model(input_ids=torch.cat([tokens[None], ids], dim=1)).logits[:, 5:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    greedy = wrapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    reference = model.generate(input_ids=torch.cat([tokens[None], ids], dim=1), max_new_tokens=4, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    assert greedy[0, 6:].tolist() == reference[0, 11:].tolist() and len(greedy[0]) == 10
+    assert wrapped.get_output_embeddings() is model.get_output_embeddings() and wrapped.config is model.config
+
+
+def test_lora_starts_at_the_base_model_and_is_the_same_every_time():
+    base = tiny.causal_lm("llama")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    a, b = _tuned("llama", "lora"), _tuned("llama", "lora")
+    torch.testing.assert_close(a(input_ids=ids).logits, base(input_ids=ids).logits)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_merged_lora_computes_what_the_adapter_did(family):
+    from zotune.tuning import merge_lora
+
+    model = _tuned(family, "lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        merged = merge_lora(model)
+        torch.testing.assert_close(merged(input_ids=ids).logits, before, rtol=1e-4, atol=1e-5)
+    assert not any("lora" in n or "base_layer" in n for n, _ in merged.named_parameters())
+
+
+def test_bad_lora_target_lists_the_candidates():
+    with pytest.raises(ModelError, match="LoRA target module.*qkv.*linear modules are: .*q_proj.*v_proj"):
+        _tuned("llama", "lora", lora_targets=["qkv"])
+    with pytest.raises(ModelError, match="causal LMs only"):
+        apply_tuning(tiny.masked_lm("roberta"), ModelConfig(name="tiny", tuning="prefix"), "masked", log=QUIET)
+    roberta = apply_tuning(tiny.masked_lm("roberta"), ModelConfig(name="tiny", tuning="lora"), "masked", log=QUIET)
+    assert {n.split(".")[-4] for n, p in roberta.named_parameters() if p.requires_grad} == {"query", "value"}
+
+
+# -- end to end through the CLI -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.causal_lm("llama").save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path
+
+
+def _args(model_dir, out, *extra):
+    return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "4", "--train", "24",
+            "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-2", "--progress", "false",
+            "--zero_shot", "false", "--output_dir", str(out), *extra]
+
+
+@pytest.mark.parametrize("mode", ["lora", "prefix", "head"])
+def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch, capsys, mode):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args(model_dir, full, "--model.tuning", mode)) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert summary["trainable_parameters"] == _expected("llama", mode)[1]
+
+    import zotune.train as train_module
+
+    original = train_module._batch_indices
+
+    def interrupt_at_step_2(n, batch_size, step, seed):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(n, batch_size, step, seed)
+
+    monkeypatch.setattr(train_module, "_batch_indices", interrupt_at_step_2)
+    assert main(_args(model_dir, part, "--model.tuning", mode)) == 130
+    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert main(["train", "--resume", str(part)]) == 0
+    assert read_trajectory(full / "trajectory.zot").records == read_trajectory(part / "trajectory.zot").records
+    trained = checkpoint.load_tensors(full / "best" / "model.safetensors")  # the last step: one evaluation
+    resumed = checkpoint.load_tensors(part / "best" / "model.safetensors")
+    assert set(resumed) == set(trained) and all(torch.equal(t, resumed[n]) for n, t in trained.items())
+
+    # Replay onto a freshly prepared base gives the trained tensors bit for bit.
+    config = ModelConfig(name=str(model_dir), tuning=mode)
+    fresh = tune_loaded(load_model(config, log=QUIET), config, log=QUIET).model
+    untrained = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+    replay(fresh, full / "trajectory.zot")
+    assert all(not torch.equal(untrained[n], t) for n, t in trained.items())
+    params = dict(fresh.named_parameters())
+    assert set(trained) == {n for n, p in params.items() if p.requires_grad}
+    assert all(torch.equal(params[n], t) for n, t in trained.items())
+
+    # `zotune eval` replays in the same mode; `zotune replay` saves something loadable.
+    capsys.readouterr()
+    assert main(["eval", "--config", str(full / "config.yaml"), "--trajectory", str(full / "trajectory.zot")]) == 0
+    assert main(["eval", "--run", str(full)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"accuracy {100 * summary['test']['accuracy']:.2f}") == 2
+    out = tmp_path / "tuned"
+    assert main(["replay", "--base", str(model_dir), "--trajectory", str(full / "trajectory.zot"), "--out", str(out)]) == 0
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        if mode == "prefix":
+            prefixes = checkpoint.load_tensors(out / "prefix.safetensors")
+            assert all(torch.equal(prefixes[n.removeprefix("prefix.")], t) for n, t in trained.items())
+            assert not any("prefix" in n for n, _ in saved.named_parameters())
+        else:
+            torch.testing.assert_close(saved(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+            assert not any("lora" in n for n, _ in saved.named_parameters())
+
+
+def test_bad_tuning_is_one_line(model_dir, tmp_path, capsys):
+    assert main(_args(model_dir, tmp_path / "never", "--model.tuning", "adapters")) == 2
+    assert "model.tuning must be full, lora, prefix or head" in capsys.readouterr().err
+    assert main(_args(model_dir, tmp_path / "never", "--model.tuning", "lora", "--lora_targets", "nope")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "linear modules are:" in err[0] and not (tmp_path / "never").exists()
+
+
+# -- non-differentiable objectives ----------------------------------------------------------------
+
+def _classification():
+    tok = tiny.tokenizer()
+    objective = Objective("classification", tok, "causal", [" terrible", " great"])
+    batch = [Encoded(((5, 6, 7),), ((2,),), ((0,),), label) for label in (0, 1, 1, 0)]
+    return objective, batch
+
+
+def test_metric_objectives_are_the_negative_batch_metric():
+    objective, batch = _classification()
+    model = tiny.causal_lm("llama")
+    predictions = objective.predict(model, batch)  # the same prompt four times: one prediction
+    assert float(metric_objective(objective, "accuracy")(model, batch)) == -0.5
+    f1 = 2 * 2 / (2 * 2 + 2 + 0) / 2  # the predicted class: tp 2, fp 2; the other: no tp
+    assert float(metric_objective(objective, "f1")(model, batch)) == pytest.approx(-f1)
+    seen = []
+    reward = metric_objective(objective, lambda p, r: seen.append((p, r)) or 7.0)
+    assert float(reward(model, batch)) == -7.0 and seen == [(predictions, [0, 1, 1, 0])]
+
+
+def test_accuracy_and_reward_objectives_train_end_to_end(model_dir, tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "CALLS = []\n"
+        "def reward(predictions, references):\n"
+        "    CALLS.append(len(predictions))\n"
+        "    return sum(p == r for p, r in zip(predictions, references)) / len(references)\n")
+    monkeypatch.chdir(tmp_path)  # a reward module in the working directory is found, as from the `zotune` script
+    assert main(_args(model_dir, tmp_path / "acc", "--train.objective", "accuracy", "--model.tuning", "head")) == 0
+    rows = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]
+    assert all(-1.0 <= r["loss"] <= 0.0 for r in rows if "loss" in r)
+    assert main(_args(model_dir, tmp_path / "rew", "--train.objective", "my_rewards:reward")) == 0
+    import sys
+
+    my_rewards = sys.modules.pop("my_rewards")
+    assert my_rewards.CALLS == [4] * 8  # two evaluations a step, batch 4
+    assert main(_args(model_dir, tmp_path / "never", "--train.objective", "my_rewards:nothing")) == 2
+    assert not (tmp_path / "never").exists()

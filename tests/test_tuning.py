@@ -226,3 +226,15 @@ def test_accuracy_and_reward_objectives_train_end_to_end(model_dir, tmp_path, mo
     assert my_rewards.CALLS == [4] * 8  # two evaluations a step, batch 4
     assert main(_args(model_dir, tmp_path / "never", "--train.objective", "my_rewards:nothing")) == 2
     assert not (tmp_path / "never").exists()
+
+
+def test_lora_setup_leaves_the_global_rng_alone():
+    import tiny as _tiny
+
+    from zotune.models import ModelConfig as _ModelConfig
+    from zotune.tuning import apply_tuning as _apply
+
+    base, tok = _tiny.causal_lm("llama"), _tiny.tokenizer()
+    before = torch.random.get_rng_state()
+    _apply(base, _ModelConfig(tuning="lora"), "causal", tok, log=lambda *_: None)
+    assert torch.equal(before, torch.random.get_rng_state())

@@ -18,6 +18,7 @@ the same way, so a trajectory's parameter names are found again:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -64,9 +65,15 @@ def _apply_lora(model: nn.Module, config: ModelConfig, log) -> nn.Module:
     fused = getattr(model.config, "model_type", None) == "gpt2"
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0,
                              fan_in_fan_out=fused, bias="none")
-    with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: make it a fixed one
-        torch.manual_seed(_LORA_SEED)
+    with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: leave the caller's alone
         model = inject_adapter_in_model(peft_config, model)
+    # ... and redraw A from an explicit generator (PEFT's init: Kaiming-uniform with a = sqrt(5); B stays 0),
+    # so a freshly prepared base starts from the same adapter and replay is exact.
+    gen = torch.Generator().manual_seed(_LORA_SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=gen)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     note = " (GPT-2's fused q/k/v projection: one LoRA pair on all three)" if fused else ""

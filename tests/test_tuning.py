@@ -229,12 +229,7 @@ def test_accuracy_and_reward_objectives_train_end_to_end(model_dir, tmp_path, mo
 
 
 def test_lora_setup_leaves_the_global_rng_alone():
-    import tiny as _tiny
-
-    from zotune.models import ModelConfig as _ModelConfig
-    from zotune.tuning import apply_tuning as _apply
-
-    base, tok = _tiny.causal_lm("llama"), _tiny.tokenizer()
+    base, tok = tiny.causal_lm("llama"), tiny.tokenizer()
     before = torch.random.get_rng_state()
-    _apply(base, _ModelConfig(tuning="lora"), "causal", tok, log=lambda *_: None)
+    apply_tuning(base, ModelConfig(tuning="lora"), "causal", tok, log=lambda *_: None)
     assert torch.equal(before, torch.random.get_rng_state())

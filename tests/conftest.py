@@ -31,3 +31,14 @@ def mse_closure(model, x, y):
         return torch.nn.functional.mse_loss(model(x.to(next(model.parameters()).dtype)).float(), y)
 
     return closure
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama and its tokenizer saved as a model folder, for runs through the CLI."""
+    import tiny
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny.causal_lm("llama").save_pretrained(path)
+    tiny.tokenizer().save_pretrained(path)
+    return path

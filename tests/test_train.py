@@ -12,14 +12,6 @@ from zotune import checkpoint, read_trajectory
 from zotune.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.causal_lm("llama").save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
-
-
 def _args(model_dir, out, *extra):
     return ["train", "--model.name", str(model_dir), "--steps", "8", "--eval_every", "4", "--train", "48",
             "--validation", "16", "--test", "16", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",

@@ -109,14 +109,6 @@ def test_bad_lora_target_lists_the_candidates():
 
 # -- end to end through the CLI -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny.causal_lm("llama").save_pretrained(path)
-    tiny.tokenizer().save_pretrained(path)
-    return path
-
-
 def _args(model_dir, out, *extra):
     return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "4", "--train", "24",
             "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-2", "--progress", "false",

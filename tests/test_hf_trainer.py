@@ -142,6 +142,10 @@ def _data_parallel_main(out: str) -> None:
                    os.path.join(out, "params.pt"))
 
 
+@pytest.mark.skipif(os.environ.get("ZOTUNE_TEST_ACCELERATE") != "1",
+                    reason="opt-in (ZOTUNE_TEST_ACCELERATE=1): about 1 run in 4 a rank aborts at exit with "
+                           "'terminate called without an active exception' (gloo teardown under accelerate), "
+                           "so it would make CI flaky")
 def test_data_parallel_under_accelerate_launch_equals_one_process_on_the_whole_batch(tmp_path):
     # `accelerate launch --multi_gpu` starts the ranks with torchrun; on a machine without GPUs the
     # Trainer (use_cpu=True) joins them with gloo. `torchrun --nproc_per_node 2` works the same way.

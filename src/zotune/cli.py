@@ -64,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
                          "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
 
+    cmp = sub.add_parser(
+        "compare", help="run methods x tasks x seeds (zero-shot, ICL, LP, MeZO, FT, ...) into one table",
+        description="Runs a grid of methods, tasks and seeds, each cell in its own process (resumable: cells "
+                    "already done are skipped), and writes the paper's Table-1-shaped markdown table with each "
+                    "method's peak memory.",
+        epilog="Grid keys (override any as --key value; lists as a,b,c): tasks, methods, seeds, output_dir, isolate, "
+               "run (sections of the train config), method_overrides, task_overrides, icl, lp, ft.\n"
+               "Methods: " + ", ".join(_methods()) + ".\n"
+               "Example: zotune compare --config examples/grid.yaml --tasks sst2 --seeds 0,1",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmp.add_argument("--config", help="a grid YAML file (see examples/grid.yaml)")
+
     mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
                          description="Predicts, from a model's shapes alone, the peak memory of inference, "
                                      "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.")
@@ -82,6 +94,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--eps", type=float, default=defaults.eps, help=f"perturbation scale (default {defaults.eps})")
     demo.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
     return parser
+
+
+def _methods() -> list[str]:
+    from zotune.compare import METHODS
+
+    return list(METHODS)
+
+
+def _compare(args, rest) -> int:
+    from zotune.compare import compare, load_compare_config
+
+    compare(load_compare_config(args.config, rest))
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"zotune memory: error: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
-    command = {"train": _train, "eval": _eval, "replay": _replay}[args.command]
+    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare}[args.command]
     try:
         return command(args, rest)
     except _user_errors() as err:

@@ -1,0 +1,411 @@
+"""``zotune compare``: methods x tasks x seeds in one command, summarised as the paper's Table 1.
+
+A grid file (YAML) names the methods, the tasks and the seeds, the run configuration they share
+(``run:``, the sections of ``zotune train``'s config) and per-method / per-task overrides::
+
+    tasks: [sst2, rte, cb, boolq, copa, wic]
+    methods: [zero-shot, icl, lp, mezo, mezo-lora, mezo-prefix, ft]
+    seeds: [0]
+    output_dir: runs/compare
+    run:
+      task: {data_dir: ../shared/data}
+      train: {steps: 200}
+    method_overrides:
+      mezo-lora: {optimizer: {lr: 1e-3}}
+    icl: {k: 32}
+    ft: {epochs: 1}
+
+Every cell (method, task, seed) runs in its own process (``isolate: true``), so the peak memory it
+reports is its own, and writes ``<output_dir>/<task>/<method>/seed<k>/result.json`` atomically; a
+grid that is stopped and started again skips the cells already done. At the end ``table.md`` holds
+the test metric (mean over seeds, x100; +- the standard deviation with several seeds) with methods
+as rows and tasks as columns, and each method's peak memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from zotune import checkpoint
+from zotune.config import ConfigError, RunConfig, section_classes
+
+__all__ = ["METHODS", "CompareConfig", "Method", "compare", "format_table", "load_compare_config", "run_cell"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: how to run one cell, and the run-config defaults it brings."""
+
+    name: str
+    label: str  # the row's title in the table, as the paper's
+    run: Callable[..., dict]  # (RunConfig, CompareConfig, cell directory, log) -> {"validation", "test", ...}
+    defaults: dict = field(default_factory=dict)  # RunConfig-shaped overrides applied before the grid's
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to :data:`METHODS` (names are unique)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+# -- the methods --------------------------------------------------------------------------------
+def _zero_shot(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
+    from zotune.objectives import evaluate
+    from zotune.train import prepare
+
+    prepared = prepare(config, log=log)
+    started = time.perf_counter()
+    out = {s: evaluate(prepared.objective, prepared.loaded.model, prepared.encoded[s], config.train.eval_batch_size)
+           for s in ("validation", "test") if prepared.encoded[s]}
+    return {**out, "wall_time_s": round(time.perf_counter() - started, 1)}
+
+
+def _icl(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
+    from zotune.baselines.icl import ICLConfig, in_context
+    from zotune.train import prepare
+
+    icl = _section(ICLConfig, {**grid.icl, "seed": config.task.seed}, "icl")
+    return in_context(prepare(config, log=log), icl, log=log, progress=config.train.progress)
+
+
+def _lp(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
+    from zotune.baselines.probe import ProbeConfig, linear_probe
+    from zotune.train import prepare
+
+    return linear_probe(prepare(config, log=log), _section(ProbeConfig, grid.lp, "lp"), log=log)
+
+
+def _mezo(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
+    from zotune.train import run
+
+    config.train.output_dir = str(cell_dir / "run")
+    config.train.zero_shot = False  # the zero-shot row is its own method
+    resume = cell_dir / "run" if (cell_dir / "run" / "state.json").is_file() else None
+    result = run(None if resume else config, resume=resume, log=log)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    summary = result.summary
+    best = summary.get("best_validation") or {}
+    return {"validation": best.get("metrics", {}), "test": summary["test"], "best_step": best.get("step"),
+            "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],
+            "trajectory_bytes": summary["trajectory_bytes"], "trainable_parameters": summary["trainable_parameters"]}
+
+
+def _ft(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
+    from zotune.baselines.finetune import FinetuneConfig, finetune
+    from zotune.train import prepare
+
+    ft = _section(FinetuneConfig, {"seed": config.task.seed, "progress": config.train.progress, **grid.ft}, "ft")
+    return finetune(prepare(config, log=log), ft, eval_batch_size=config.train.eval_batch_size, log=log)
+
+
+# The paper's hyper-parameters for OPT-13B (Table 15): MeZO lr 1e-6/1e-7 eps 1e-3; LoRA lr 1e-4/5e-5
+# eps 1e-2; prefix lr 1e-2/1e-3 eps 1e-1. SmolLM2-135M wants a larger full-parameter lr (the default
+# run's 5e-5); the LoRA and prefix values below were chosen the same way, on SST-2 validation.
+register(Method("zero-shot", "Zero-shot", _zero_shot))
+register(Method("icl", "ICL", _icl))
+register(Method("lp", "LP", _lp))
+register(Method("mezo", "MeZO", _mezo, {"model": {"tuning": "full"}}))
+register(Method("mezo-lora", "MeZO (LoRA)", _mezo,
+                {"model": {"tuning": "lora"}, "optimizer": {"lr": 1e-3, "eps": 1e-2}}))
+register(Method("mezo-prefix", "MeZO (prefix)", _mezo,
+                {"model": {"tuning": "prefix"}, "optimizer": {"lr": 1e-2, "eps": 1e-1}}))
+register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
+register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
+register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))
+
+
+# -- the grid's configuration -------------------------------------------------------------------
+TASK_TITLES = {"sst2": "SST-2", "sst5": "SST-5", "rte": "RTE", "cb": "CB", "boolq": "BoolQ", "wsc": "WSC",
+               "wic": "WiC", "multirc": "MultiRC", "copa": "COPA", "record": "ReCoRD", "squad": "SQuAD",
+               "drop": "DROP", "snli": "SNLI", "mnli": "MNLI", "trec": "TREC"}
+
+
+@dataclass
+class CompareConfig:
+    """A comparison grid (see :mod:`zotune.compare`)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["sst2"])  # registered task names (columns)
+    methods: list[str] = field(default_factory=lambda: ["zero-shot", "icl", "lp", "mezo", "mezo-lora",
+                                                        "mezo-prefix", "ft"])  # rows, in order
+    seeds: list[int] = field(default_factory=lambda: [0])  # each seed: data sample, batch order, perturbations
+    output_dir: str = "runs/compare"
+    isolate: bool = True  # each cell in its own process: its own peak memory, nothing leaks between cells
+    run: dict = field(default_factory=dict)  # RunConfig sections (model, task, optimizer, train) for every cell
+    method_overrides: dict = field(default_factory=dict)  # method -> RunConfig sections, over `run`
+    task_overrides: dict = field(default_factory=dict)  # task -> RunConfig sections, over the method's
+    icl: dict = field(default_factory=dict)  # zotune.baselines.icl.ICLConfig fields
+    lp: dict = field(default_factory=dict)  # zotune.baselines.probe.ProbeConfig fields
+    ft: dict = field(default_factory=dict)  # zotune.baselines.finetune.FinetuneConfig fields
+
+    def __post_init__(self):
+        from zotune.tasks import get_task
+
+        for name in self.methods:
+            if name not in METHODS:
+                raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+        for name in self.tasks:
+            if name != "custom":
+                get_task(name)  # an unknown task raises TaskError with suggestions
+        if not self.tasks or not self.methods or not self.seeds:
+            raise ConfigError("a comparison needs at least one task, one method and one seed")
+        for key, known in (("method_overrides", self.methods), ("task_overrides", self.tasks)):
+            for name in getattr(self, key):
+                if name not in known:
+                    raise ConfigError(f"{key} names {name!r}, which is not in the grid's {key.split('_')[0]}s")
+        _check_run_sections(self.run, "run")
+        for key in ("method_overrides", "task_overrides"):
+            for name, sections in getattr(self, key).items():
+                _check_run_sections(sections, f"{key}.{name}")
+
+
+def _check_run_sections(raw, where: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of config sections, got {raw!r}")
+    sections = section_classes()
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"{where}: unknown section {section!r} (known: {', '.join(sections)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}.{section} must be a mapping, got {values!r}")
+        names = {f.name for f in dataclasses.fields(sections[section])}
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"{where}: unknown key {section}.{key}")
+
+
+def _section(cls, values: dict, where: str):
+    """A baseline's config dataclass from a dict, with unknown keys and bad values as ConfigErrors."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_compare_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> CompareConfig:
+    """The grid from a YAML file, then ``--key value`` overrides (``--tasks sst2,rte``, ``--run.train.steps 10``)."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read grid file {path}: {err.strerror}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with keys such as tasks, methods, seeds, run")
+    names = {f.name: f for f in dataclasses.fields(CompareConfig)}
+    items = list(overrides or [])
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--"):
+            raise ConfigError(f"expected --key value, got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if not items:
+                raise ConfigError(f"--{key} needs a value")
+            value = items.pop(0)
+        path = key.replace("-", "_").split(".")  # --run.train.steps 10 sets one nested value
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {part!r} is not a mapping")
+        node[path[-1]] = yaml.safe_load(value) if value else value
+    hints = typing.get_type_hints(CompareConfig)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            import difflib
+
+            near = difflib.get_close_matches(key, list(names), n=1)
+            raise ConfigError(f"unknown grid key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        if typing.get_origin(hints[key]) is list:
+            value = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+            if not isinstance(value, list):
+                value = [value]
+            if key == "seeds":
+                try:
+                    value = [int(v) for v in value]
+                except (TypeError, ValueError):
+                    raise ConfigError(f"seeds must be integers, got {value!r}") from None
+        elif hints[key] is dict and not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        kwargs[key] = value
+    try:
+        return CompareConfig(**kwargs)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def cell_config(grid: CompareConfig, method: str, task: str, seed: int) -> RunConfig:
+    """The run configuration of one cell: run, then the method's defaults and overrides, then the task's."""
+    from zotune.config import _build
+
+    raw = _merge(grid.run, METHODS[method].defaults)
+    raw = _merge(raw, grid.method_overrides.get(method, {}))
+    raw = _merge(raw, grid.task_overrides.get(task, {}))
+    raw = _merge(raw, {"task": {"name": task, "seed": seed}, "optimizer": {"seed": seed}})
+    return _build(raw)
+
+
+# -- running ------------------------------------------------------------------------------------
+def _peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_cell(grid: CompareConfig, method: str, task: str, seed: int, cell_dir: Path, *,
+             log: Callable[[str], None] = print, isolated: bool = False) -> dict:
+    """Run one cell here and write its result.json (with the process's peak memory when ``isolated``)."""
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = METHODS[method].run(cell_config(grid, method, task, seed), grid, cell_dir, log)
+    result = {"method": method, "task": task, "seed": seed, **result,
+              "cell_time_s": round(time.perf_counter() - started, 1),
+              "peak_memory_mb": round(_peak_memory_mb(), 1) if isolated else None}
+    checkpoint.write_json(cell_dir / "result.json", result)
+    return result
+
+
+def _cell_dir(grid: CompareConfig, method: str, task: str, seed: int) -> Path:
+    return Path(grid.output_dir) / task / method / f"seed{seed}"
+
+
+def compare(grid: CompareConfig, *, log: Callable[[str], None] = print) -> str:
+    """Run every cell not yet done, then write and return the markdown table."""
+    out = Path(grid.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.yaml").write_text(yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False))
+    cells = [(m, t, s) for t in grid.tasks for m in grid.methods for s in grid.seeds]
+    for n, (method, task, seed) in enumerate(cells, 1):
+        cell_dir = _cell_dir(grid, method, task, seed)
+        if (cell_dir / "result.json").is_file():
+            continue
+        log(f"[{n}/{len(cells)}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}")
+        if not grid.isolate:
+            try:
+                run_cell(grid, method, task, seed, cell_dir, log=log)
+            except (ValueError, RuntimeError) as err:  # a failed cell is reported, the grid goes on
+                _record_failure(cell_dir, method, task, seed, str(err), log)
+            continue
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        spec = cell_dir / "cell.json"
+        checkpoint.write_json(spec, {"grid": dataclasses.asdict(grid), "method": method, "task": task, "seed": seed})
+        proc = subprocess.run([sys.executable, "-m", "zotune.compare", str(spec)])
+        if proc.returncode in (130, -2):
+            raise KeyboardInterrupt
+        if proc.returncode != 0:
+            _record_failure(cell_dir, method, task, seed, f"exit code {proc.returncode} (see the log above)", log)
+    table = format_table(grid, collect(grid))
+    (out / "table.md").write_text(table + "\n")
+    log(table)
+    log(f"table written to {out / 'table.md'}")
+    return table
+
+
+def _record_failure(cell_dir: Path, method, task, seed, message: str, log) -> None:
+    log(f"  failed: {message}")
+    checkpoint.write_json(cell_dir / "failed.json", {"method": method, "task": task, "seed": seed, "error": message})
+
+
+def collect(grid: CompareConfig) -> list[dict]:
+    """The results of the grid's finished cells."""
+    results = []
+    for task in grid.tasks:
+        for method in grid.methods:
+            for seed in grid.seeds:
+                path = _cell_dir(grid, method, task, seed) / "result.json"
+                if path.is_file():
+                    results.append(json.loads(path.read_text()))
+    return results
+
+
+def _metric(result: dict) -> float | None:
+    test = result.get("test") or {}
+    for name in ("accuracy", "f1"):
+        if name in test and test[name] is not None and math.isfinite(test[name]):
+            return 100 * test[name]
+    return None
+
+
+def format_table(grid: CompareConfig, results: list[dict]) -> str:
+    """Methods x tasks of the test metric (x100), mean (+- std over seeds), and each method's peak memory."""
+    by_cell: dict[tuple, list[float]] = {}
+    memory: dict[str, float] = {}
+    for r in results:
+        value = _metric(r)
+        if value is not None:
+            by_cell.setdefault((r["method"], r["task"]), []).append(value)
+        if r.get("peak_memory_mb") is not None:
+            memory[r["method"]] = max(memory.get(r["method"], 0.0), r["peak_memory_mb"])
+    head = ["Task"] + [TASK_TITLES.get(t, t) for t in grid.tasks] + ["peak memory"]
+    rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
+    for method in grid.methods:
+        row = [METHODS[method].label]
+        for task in grid.tasks:
+            values = by_cell.get((method, task), [])
+            if not values:
+                row.append("–")
+            elif len(values) == 1:
+                row.append(f"{values[0]:.1f}")
+            else:
+                row.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+        row.append(f"{memory[method] / 1024:.2f} GB" if method in memory else "–")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def _cell_main(spec_path: str) -> int:
+    """The child process of an isolated cell."""
+    from zotune.cli import _user_errors
+
+    spec = json.loads(Path(spec_path).read_text())
+    grid = CompareConfig(**spec["grid"])
+    try:
+        run_cell(grid, spec["method"], spec["task"], spec["seed"], Path(spec_path).parent, isolated=True)
+    except _user_errors() as err:
+        print(f"zotune compare: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cell_main(sys.argv[1]))

@@ -1,0 +1,107 @@
+"""`zotune compare`: the grid runs every cell once, resumes, isolates cells, and tabulates them."""
+
+import json
+
+import pytest
+import yaml
+
+from zotune import compare as cmp
+from zotune.cli import main
+from zotune.config import ConfigError
+
+QUIET = lambda message: None  # noqa: E731
+
+
+def _grid(model_dir, out, **extra):
+    raw = {
+        "tasks": ["sst2"], "methods": ["zero-shot", "icl", "mezo", "mezo-lora"], "seeds": [0],
+        "output_dir": str(out), "isolate": False,
+        "run": {"model": {"name": str(model_dir)},
+                "task": {"train": 16, "validation": 4, "test": 6},
+                "train": {"steps": 2, "eval_every": 2, "batch_size": 4, "progress": False}},
+        "icl": {"k": 2},
+    }
+    raw.update(extra)
+    return raw
+
+
+def test_a_grid_runs_every_cell_and_writes_the_table(model_dir, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out")))
+    table = cmp.compare(cmp.load_compare_config(path), log=QUIET)
+    lines = table.splitlines()
+    assert lines[0].startswith("| Task | SST-2 | peak memory |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| Zero-shot", "| ICL", "| MeZO", "| MeZO (LoRA)"]
+    for line in lines[2:]:
+        value = float(line.split(" | ")[1])
+        assert 0.0 <= value <= 100.0
+    assert (tmp_path / "out" / "table.md").read_text().strip() == table
+    result = json.loads((tmp_path / "out" / "sst2" / "mezo-lora" / "seed0" / "result.json").read_text())
+    assert result["steps"] == 2 and result["trainable_parameters"] < 10_000  # LoRA, not the whole model
+    zero = json.loads((tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").read_text())
+    assert set(zero) >= {"validation", "test", "cell_time_s"} and zero["peak_memory_mb"] is None
+
+
+def test_cells_already_done_are_skipped(model_dir, tmp_path, monkeypatch):
+    grid = cmp.load_compare_config(None, [f"--{k}={json.dumps(v)}" for k, v in
+                                          _grid(model_dir, tmp_path / "out", methods=["zero-shot"]).items()])
+    cmp.compare(grid, log=QUIET)
+    calls = []
+    monkeypatch.setattr(cmp, "run_cell", lambda *a, **k: calls.append(a))
+    cmp.compare(grid, log=QUIET)
+    assert calls == []
+
+
+def test_isolated_cells_report_their_own_peak_memory(model_dir, tmp_path):
+    raw = _grid(model_dir, tmp_path / "out", methods=["zero-shot"], isolate=True)
+    grid = cmp.CompareConfig(**raw)
+    table = cmp.compare(grid, log=QUIET)
+    result = json.loads((tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").read_text())
+    assert result["peak_memory_mb"] > 50  # a whole Python process with torch loaded
+    assert table.splitlines()[2].endswith(" GB |")
+
+
+def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["mezo", "mezo-prefix"],
+                                     method_overrides={"mezo-prefix": {"optimizer": {"lr": 0.5}}},
+                                     task_overrides={"sst2": {"train": {"batch_size": 2}}}))
+    config = cmp.cell_config(grid, "mezo-prefix", "sst2", 7)
+    assert config.model.tuning == "prefix" and config.optimizer.lr == 0.5
+    assert config.optimizer.eps == cmp.METHODS["mezo-prefix"].defaults["optimizer"]["eps"]
+    assert config.train.batch_size == 2 and config.train.steps == 2
+    assert config.task.seed == 7 and config.optimizer.seed == 7
+    assert cmp.cell_config(grid, "mezo", "sst2", 0).model.tuning == "full"
+
+
+def test_several_seeds_show_mean_and_deviation():
+    grid = cmp.CompareConfig(tasks=["sst2"], methods=["mezo"], seeds=[0, 1])
+    results = [{"method": "mezo", "task": "sst2", "seed": s, "test": {"accuracy": a}, "peak_memory_mb": 1024.0}
+               for s, a in ((0, 0.8), (1, 0.9))]
+    row = cmp.format_table(grid, results).splitlines()[2]
+    assert row == "| MeZO | 85.0 ± 7.1 | 1.00 GB |"
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"methods": ["mezzo"]}, "unknown method 'mezzo'"),
+    ({"tasks": ["sst3"]}, "did you mean 'sst2'"),
+    ({"method": ["mezo"]}, "unknown grid key 'method'; did you mean 'methods'?"),
+    ({"seeds": ["a"]}, "seeds must be integers"),
+    ({"methods": ["mezo"], "method_overrides": {"ft": {}}}, "method_overrides names 'ft'"),
+    ({"run": {"optimiser": {}}}, "unknown section 'optimiser'"),
+    ({"run": {"train": {"stepz": 3}}}, "unknown key train.stepz"),
+    ({"tasks": []}, "at least one task"),
+])
+def test_bad_grids_are_one_line_errors(tmp_path, raw, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(").replace("?", r"\?")):
+        cmp.load_compare_config(path)
+
+
+def test_the_cli_runs_a_grid_and_reports_bad_ones(model_dir, tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out", methods=["zero-shot"])))
+    assert main(["compare", "--config", str(path), "--run.task.test", "4"]) == 0
+    assert "| Zero-shot |" in capsys.readouterr().out
+    assert main(["compare", "--config", str(path), "--methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "make_objective", "metric_objective",
-           "selective_head"]
+__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "hidden_at", "make_objective",
+           "metric_objective", "selective_head"]
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,41 @@ class Objective:
             em = sum(exact_match(p, e.answers) for p, e in zip(predictions, batch)) / len(batch)
             return {"f1": f1, "exact_match": em}
         return {"accuracy": sum(int(p == e.label) for p, e in zip(predictions, batch)) / len(batch)}
+
+
+def hidden_at(objective: Objective, model, sequences: Sequence[Sequence[int]],
+              positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The final hidden states (what the output embedding receives) at the given positions.
+
+    One row per (sequence, position) pair, in order: shape (pairs, hidden size). These are the vectors
+    whose products with the output embedding's rows are the logits the objective scores; a linear probe
+    fits them (:mod:`zotune.baselines.probe`). As :func:`selective_head`, the output embedding's forward is
+    swapped for one forward, so no vocabulary projection is computed.
+
+    Example::
+
+        e = objective.encode(instance)
+        h = hidden_at(objective, model, e.sequences, e.positions)  # classification: (1, hidden size)
+    """
+    ids, mask = _pad(sequences, objective.tokenizer.pad_token_id, objective._device(model))
+    rows = torch.tensor([i for i, ps in enumerate(positions) for _ in ps], device=ids.device)
+    cols = torch.tensor([p for ps in positions for p in ps], device=ids.device)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise TaskError(f"{type(model).__name__} has no output embedding to read hidden states at")
+    captured = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        # Kept here rather than read from the output: some models post-process their logits (soft-capping).
+        captured.append(hidden[rows, cols])
+        return captured[-1]
+
+    head.forward = forward
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        del head.forward
+    return captured[0]
 
 
 def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None,

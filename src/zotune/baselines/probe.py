@@ -1,0 +1,193 @@
+"""Linear probing: a logistic regression on the frozen model's features, the "LP" row of MeZO's tables.
+
+As Malladi et al. 2023 (arXiv 2305.17333) run it (Table 1 and Appendix E, after LM-BFF and Kumar et al.
+2022): the model is not trained; scikit-learn's logistic regression is fitted on the final hidden states
+(the output embedding's input) at the position the prompt-based objective scores, and its
+regularisation strength C is chosen on the validation split.
+
+- classification: one feature vector per example, at the position whose next token is the label word
+  (causal LM) or at the mask (masked LM); the regression predicts the label.
+- multiple choice: one vector per option, at the option's last token (it has read the whole option: the
+  position before it, the last one the objective scores, has not, and for one-token options it would be
+  the same for every option); the regression is fitted on "is this the correct option", and an instance's
+  prediction is its option with the largest decision value.
+- generation tasks have no classes to probe: :class:`zotune.tasks.TaskError`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from zotune.config import ConfigError
+from zotune.objectives import Encoded, Objective, hidden_at
+from zotune.tasks import TaskError
+
+__all__ = ["ProbeConfig", "features", "linear_probe"]
+
+_RANDOM_STATE = 0  # the regression's solver is deterministic; fixed anyway so a solver change cannot vary runs
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probing (see :mod:`zotune.baselines.probe`)."""
+
+    Cs: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0])  # inverse L2 strengths tried (as
+    # scikit-learn's LogisticRegressionCV names them); the best on validation is kept, the first of ties
+    max_iter: int = 1000  # the solver's iterations per fit
+    standardize: bool = True  # scale each feature to zero mean, unit variance on train before the regression
+    batch_size: int = 32  # examples per forward when extracting features
+    progress: bool = True  # a progress bar while extracting features
+
+    def __post_init__(self):
+        if isinstance(self.Cs, (int, float)):
+            self.Cs = [self.Cs]
+        if not self.Cs or not all(isinstance(c, (int, float)) and c > 0 and math.isfinite(c) for c in self.Cs):
+            raise ConfigError(f"probe.Cs must be a non-empty list of finite numbers > 0, got {self.Cs!r} "
+                              "(e.g. [0.01, 0.1, 1.0, 10.0])")
+        if self.max_iter < 1:
+            raise ConfigError(f"probe.max_iter must be >= 1, got {self.max_iter}")
+        if self.batch_size < 1:
+            raise ConfigError(f"probe.batch_size must be >= 1, got {self.batch_size}")
+
+
+def _check_kind(objective: Objective) -> None:
+    if objective.kind not in ("classification", "multiple_choice"):
+        raise TaskError(f"linear probing applies to classification and multiple-choice tasks; this task is "
+                        f"{objective.kind}: compare with zero-shot, in-context learning or fine-tuning instead")
+
+
+def _probe_points(objective: Objective, e: Encoded) -> list[tuple[tuple[int, ...], int]]:
+    """(sequence, position) of each feature vector of ``e``: the scored position, or each option's last token."""
+    if objective.kind == "classification":
+        return [(e.sequences[0], e.positions[0][-1])]
+    return [(s, len(s) - 1) for s in e.sequences]
+
+
+@torch.no_grad()
+def features(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,
+             progress: Callable[[int], object] | None = None) -> np.ndarray:
+    """The final hidden states a linear probe fits: (examples, hidden size), or (options, hidden size).
+
+    Classification: one row per example, at its scored position (the next-token position of a causal
+    LM, the mask of a masked LM). Multiple choice: one row per option, all of an instance's options in
+    order, at each option's last token. Runs in eval mode (no dropout), without gradients.
+
+    Args:
+        objective: the task's :class:`zotune.objectives.Objective` (classification or multiple choice).
+        model: the language model.
+        encoded: the encoded examples.
+        batch_size: examples per forward.
+        progress: called with the number of examples after each batch.
+
+    Example::
+
+        X = features(prepared.objective, prepared.loaded.model, prepared.encoded["train"])
+        y = [e.label for e in prepared.encoded["train"]]
+    """
+    _check_kind(objective)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    rows: list[np.ndarray] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(encoded), batch_size):
+            chosen = encoded[start : start + batch_size]
+            points = [pt for e in chosen for pt in _probe_points(objective, e)]
+            h = hidden_at(objective, model, [s for s, _ in points], [(p,) for _, p in points])
+            rows.append(h.float().cpu().numpy())
+            hidden = h.shape[-1]
+            if progress is not None:
+                progress(len(chosen))
+    finally:
+        model.train(was_training)
+    return np.concatenate(rows) if rows else np.zeros((0, hidden or 0), dtype=np.float32)
+
+
+def _targets(objective: Objective, encoded: Sequence[Encoded]) -> np.ndarray:
+    if objective.kind == "classification":
+        return np.array([e.label for e in encoded])
+    return np.array([int(j == e.label) for e in encoded for j in range(len(e.sequences))])
+
+
+def _predict(objective: Objective, fitted, X: np.ndarray, encoded: Sequence[Encoded]) -> list[int]:
+    if objective.kind == "classification":
+        return fitted.predict(X).tolist()
+    scores = fitted.decision_function(X)  # binary: one value per option, larger = more likely correct
+    bounds = np.cumsum([len(e.sequences) for e in encoded])[:-1]
+    return [int(np.argmax(s)) for s in np.split(scores, bounds)]
+
+
+def _pipeline(config: ProbeConfig, C: float):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    regression = LogisticRegression(C=C, max_iter=config.max_iter, random_state=_RANDOM_STATE)
+    return make_pipeline(StandardScaler(), regression) if config.standardize else make_pipeline(regression)
+
+
+def linear_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[str], None] = print) -> dict:
+    """Fit a logistic regression on ``prepared``'s frozen features; choose C on validation; test it.
+
+    Features of every split are extracted once (:func:`features`), then a scikit-learn pipeline
+    (``StandardScaler`` + ``LogisticRegression``) is fitted on train for each of ``config.Cs``; the one
+    with the best validation metric (the train metric when there is no validation split) is tested.
+
+    Args:
+        prepared: a :class:`zotune.train.Prepared` (model, objective, encoded splits); the model is unchanged.
+        config: the probe's settings (default :class:`ProbeConfig`).
+        log: where progress lines go.
+
+    Returns:
+        ``{"train": metrics, "validation": metrics, "test": metrics, "C": the chosen C, "wall_time_s": float}``
+        (an empty split's metrics are ``{}``).
+
+    Example::
+
+        from zotune.config import RunConfig
+        from zotune.train import prepare
+        config = RunConfig(); config.task.name = "sst2"
+        result = linear_probe(prepare(config), ProbeConfig(Cs=[0.1, 1.0]))
+        result["test"]["accuracy"], result["C"]
+
+    Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes", the LP baseline.
+    """
+    config = config or ProbeConfig()
+    model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
+    _check_kind(objective)
+    if not encoded["train"]:
+        raise TaskError("the training split is empty: linear probing fits on training examples")
+    started = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    X = {}
+    for split in ("train", "validation", "test"):
+        with tqdm(total=len(encoded[split]), desc=f"features {split}", unit="ex", leave=False,
+                  disable=not config.progress, dynamic_ncols=True) as bar:
+            X[split] = features(objective, model, encoded[split], config.batch_size, progress=bar.update)
+    y = _targets(objective, encoded["train"])
+    if len(set(y.tolist())) < 2:
+        what = "label" if objective.kind == "classification" else "kind of option (correct / incorrect)"
+        raise TaskError(f"the training split has a single {what}: a linear probe needs examples of at least two")
+    select = "validation" if encoded["validation"] else "train"
+    metric = objective.metric_name
+    best = None
+    for C in config.Cs:
+        fitted = _pipeline(config, C).fit(X["train"], y)
+        score = objective.metrics(_predict(objective, fitted, X[select], encoded[select]), encoded[select])[metric]
+        log(f"linear probe C={C:g}: {select} {metric} {100 * score:.1f}")
+        if best is None or score > best[0]:
+            best = (score, C, fitted)
+    _, C, fitted = best
+    result = {split: objective.metrics(_predict(objective, fitted, X[split], encoded[split]), encoded[split])
+              if encoded[split] else {} for split in ("train", "validation", "test")}
+    elapsed = time.perf_counter() - started
+    test = f"test {metric} {100 * result['test'][metric]:.1f}" if result["test"] else "no test split"
+    log(f"linear probe: C={C:g} chosen on {select}; {test}; {X['train'].shape[1]} features, {elapsed:.0f} s")
+    return {**result, "C": C, "wall_time_s": round(elapsed, 2)}

@@ -2,15 +2,15 @@
 learns what is linearly there, multiple choice gets one prediction per instance, bad input is refused."""
 
 import json
-import types
 
 import numpy as np
 import pytest
 import torch
 import tiny
 
-from zotune.baselines.probe import ProbeConfig, features, linear_probe
+from zotune.baselines.probe import ProbeConfig, features, init_head_from_probe, linear_probe
 from zotune.config import ConfigError, RunConfig
+from zotune.models import LoadedModel
 from zotune.objectives import Objective
 from zotune.tasks import MASK, Instance, TaskError
 from zotune.train import prepare
@@ -31,12 +31,12 @@ def _sentiment(n: int, offset: int = 0) -> list[dict]:
              "label": i % 2} for i in range(n)]
 
 
-def _prepare(model_dir, tmp_path, custom: dict, *, validation=8):
+def _prepare(model_dir, tmp_path, custom: dict, *, validation=8, loaded=None, tuning="full"):
     config = RunConfig()
-    config.model.name = str(model_dir)
+    config.model.name, config.model.tuning = str(model_dir), tuning
     config.task.name, config.task.validation = "custom", validation
     config.task.custom = custom
-    return prepare(config, log=lambda s: None)
+    return prepare(config, log=lambda s: None, loaded=loaded)
 
 
 def _classification(model_dir, tmp_path, template="{text}", validation=8, train=24):
@@ -172,3 +172,59 @@ def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         ProbeConfig(**kwargs)
     assert ProbeConfig(Cs=0.5).Cs == [0.5]
+
+
+# -- linear probing, then fine-tuning from the probe ----------------------------------------------
+
+THREE = {"0": " terrible", "1": " great", "2": " Maybe"}
+
+
+@pytest.mark.parametrize("family,words", [("llama", WORDS), ("gpt2", THREE), ("roberta", WORDS)])
+def test_the_head_initialised_from_a_probe_predicts_what_the_probe_predicts(model_dir, tmp_path, family, words):
+    # llama: separate head, no bias; gpt2: tied head, three labels; roberta: tied head with a bias, at the mask.
+    masked = family == "roberta"
+    loaded = None if family == "llama" else LoadedModel(
+        tiny.masked_lm(family) if masked else tiny.causal_lm(family), tiny.tokenizer(masked=masked),
+        "masked" if masked else "causal", f"tiny-{family}")
+    records = [{"text": f"{FILLERS[i % len(FILLERS)]} {['terrible bad', 'great good', 'Paris'][i % len(words)]}",
+                "label": i % len(words)} for i in range(30)]
+    prepared = _prepare(model_dir, tmp_path, dict(
+        train=_write(tmp_path / "train.jsonl", records[:24]), test=_write(tmp_path / "test.jsonl", records[24:]),
+        template="{text} . It was {mask} ." if masked else "{text}", label_field="label", label_words=words),
+        loaded=loaded, validation=6)
+    model, objective, test = prepared.loaded.model, prepared.objective, prepared.encoded["test"]
+    inputs_before = model.get_input_embeddings().weight.clone()
+    head_before = model.get_output_embeddings().weight.clone()
+    lines = []
+    result = init_head_from_probe(prepared, _quiet(Cs=[0.1, 1.0]), log=lines.append)
+    probe, X = result["probe"], features(objective, model, test)
+    assert objective.predict(model, test) == probe.predict(X).tolist()
+    with torch.no_grad():
+        label_logits = objective._label_logits(model, test)
+    np.testing.assert_allclose(torch.softmax(label_logits, -1).numpy(), probe.predict_proba(X), atol=1e-5)
+    head = model.get_output_embeddings().weight
+    others = [i for i in range(head.shape[0]) if i not in objective.label_ids]
+    assert torch.equal(head[others], head_before[others]) and not torch.equal(head, head_before)
+    assert torch.equal(model.get_input_embeddings().weight, inputs_before)  # untied where they were tied
+    assert head is not model.get_input_embeddings().weight
+    assert any("untied" in line for line in lines) == (family != "llama")
+    assert set(result) == {"train", "validation", "test", "C", "wall_time_s", "probe"}
+
+
+def test_only_classification_heads_are_initialised_from_a_probe(model_dir, tmp_path):
+    prepared = _prepare(model_dir, tmp_path, dict(
+        train=_write(tmp_path / "mc.jsonl", [{"q": "It was", "c": ["great", "bad"], "a": i % 2} for i in range(6)]),
+        template="{q}", options_field="c", label_field="a"), validation=0)
+    with pytest.raises(TaskError, match="initialises the head of classification tasks"):
+        init_head_from_probe(prepared, _quiet(), log=lambda s: None)
+
+
+def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
+    loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2")
+    prepared = _prepare(model_dir, tmp_path, dict(
+        train=_write(tmp_path / "train.jsonl", _sentiment(12)), template="{text}", label_field="label",
+        label_words=WORDS), loaded=loaded, validation=0, tuning="head")
+    model = prepared.loaded.model
+    init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lambda s: None)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["lm_head.weight"] and not model.config.tie_word_embeddings

@@ -12,10 +12,15 @@ regularisation strength C is chosen on the validation split.
   the same for every option); the regression is fitted on "is this the correct option", and an instance's
   prediction is its option with the largest decision value.
 - generation tasks have no classes to probe: :class:`zotune.tasks.TaskError`.
+
+:func:`init_head_from_probe` starts prompt-based fine-tuning from a probe ("linear probing then MeZO",
+the paper's Appendix F.1, after LP-FT of Kumar et al. 2022): the probe's weights become the label
+words' rows of the output embedding, so the head predicts what the probe predicts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +33,7 @@ from zotune.config import ConfigError
 from zotune.objectives import Encoded, Objective, hidden_at
 from zotune.tasks import TaskError
 
-__all__ = ["ProbeConfig", "features", "linear_probe"]
+__all__ = ["ProbeConfig", "features", "init_head_from_probe", "linear_probe"]
 
 _RANDOM_STATE = 0  # the regression's solver is deterministic; fixed anyway so a solver change cannot vary runs
 
@@ -123,12 +128,13 @@ def _predict(objective: Objective, fitted, X: np.ndarray, encoded: Sequence[Enco
     return [int(np.argmax(s)) for s in np.split(scores, bounds)]
 
 
-def _pipeline(config: ProbeConfig, C: float):
+def _pipeline(config: ProbeConfig, C: float, fit_intercept: bool = True):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    regression = LogisticRegression(C=C, max_iter=config.max_iter, random_state=_RANDOM_STATE)
+    regression = LogisticRegression(C=C, max_iter=config.max_iter, fit_intercept=fit_intercept,
+                                    random_state=_RANDOM_STATE)
     return make_pipeline(StandardScaler(), regression) if config.standardize else make_pipeline(regression)
 
 
@@ -158,7 +164,11 @@ def linear_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[
 
     Malladi et al. 2023, "Fine-Tuning Language Models with Just Forward Passes", the LP baseline.
     """
-    config = config or ProbeConfig()
+    return _fit_probe(prepared, config or ProbeConfig(), log)[0]
+
+
+def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_intercept: bool = True):
+    """(linear_probe's result, the chosen fitted pipeline)."""
     model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
     _check_kind(objective)
     if not encoded["train"]:
@@ -179,7 +189,7 @@ def linear_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[
     metric = objective.metric_name
     best = None
     for C in config.Cs:
-        fitted = _pipeline(config, C).fit(X["train"], y)
+        fitted = _pipeline(config, C, fit_intercept).fit(X["train"], y)
         score = objective.metrics(_predict(objective, fitted, X[select], encoded[select]), encoded[select])[metric]
         log(f"linear probe C={C:g}: {select} {metric} {100 * score:.1f}")
         if best is None or score > best[0]:
@@ -190,4 +200,82 @@ def linear_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[
     elapsed = time.perf_counter() - started
     test = f"test {metric} {100 * result['test'][metric]:.1f}" if result["test"] else "no test split"
     log(f"linear probe: C={C:g} chosen on {select}; {test}; {X['train'].shape[1]} features, {elapsed:.0f} s")
-    return {**result, "C": C, "wall_time_s": round(elapsed, 2)}
+    return {**result, "C": C, "wall_time_s": round(elapsed, 2)}, fitted
+
+
+def _untie_output(model, log: Callable[[str], None]) -> None:
+    """Give the output embedding its own copy of the matrix it shares with the input embeddings."""
+    head, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if inputs is None or head.weight is not inputs.weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None:  # so that saving and loading do not tie them again
+        config.tie_word_embeddings = False
+    note = ""
+    if getattr(model, "zotune_tuning", None) == "head":  # head tuning trained the shared matrix; now the head alone
+        inputs.weight.requires_grad_(False)
+        note = "; head tuning now trains the output layer only"
+    log("untied the output embedding from the input embeddings: the probe writes the label words' output "
+        "rows, the input embeddings stay as they are (the output layer is now its own parameter, "
+        f"{head.weight.numel():,} more weights){note}")
+
+
+def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[str], None] = print) -> dict:
+    """Fit a linear probe and write it into the label words' rows of the output embedding.
+
+    Prompt-based classification scores ``softmax(h @ W[label words].T + b[label words])`` on the very
+    features ``h`` a probe fits (:func:`features`), so a multinomial logistic regression on raw
+    (unstandardised) features is a head: its coefficients become ``W``'s label-word rows (for two
+    labels the single decision vector ``w`` becomes ``-w/2`` and ``+w/2``, whose two-way softmax is the
+    regression's sigmoid) and its intercepts ``b``'s; without an output bias (Llama, GPT-2, OPT) the
+    regression is fitted without an intercept. Fine-tuning then starts at the probe's solution: the
+    model's predictions equal the probe's. A tied output embedding is untied first (logged). Other
+    vocabulary rows are left alone.
+
+    Args:
+        prepared: a :class:`zotune.train.Prepared` of a classification task (label words).
+        config: the probe's settings (``standardize`` is ignored: the head sees raw features).
+        log: where progress lines go.
+
+    Returns:
+        :func:`linear_probe`'s result, plus ``"probe"``: the fitted scikit-learn pipeline.
+
+    Example::
+
+        prepared = prepare(config)
+        init_head_from_probe(prepared, ProbeConfig(Cs=[1.0]))
+        zotune.train.run(config, loaded=prepared.loaded)  # MeZO from the probe's solution
+        # (a trajectory records steps only: replaying it needs the same initialisation first)
+
+    Malladi et al. 2023, Appendix F.1 ("linear probing then MeZO"); Kumar et al. 2022, LP-FT.
+    """
+    config = dataclasses.replace(config or ProbeConfig(), standardize=False)
+    model, objective = prepared.loaded.model, prepared.objective
+    if objective.kind != "classification":
+        raise TaskError(f"a probe initialises the head of classification tasks with label words, this task is "
+                        f"{objective.kind} (with task.scoring options, label words are scored as options)")
+    if len(set(objective.label_ids)) != len(objective.label_ids):
+        raise TaskError("two labels share one label-word token: their head rows cannot hold different weights")
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise TaskError(f"{type(model).__name__} has no output embedding to write the probe into")
+    bias = getattr(head, "bias", None)
+    result, fitted = _fit_probe(prepared, config, log, fit_intercept=bias is not None)
+    regression = fitted[-1]
+    labels = list(range(len(objective.label_ids)))
+    if regression.classes_.tolist() != labels:
+        raise TaskError(f"the training split has labels {regression.classes_.tolist()}, not all of {labels}: "
+                        "the probe has no weights for the missing ones")
+    coef, intercept = regression.coef_, regression.intercept_
+    if len(labels) == 2:  # one decision function: halve it symmetrically, softmax([-d/2, d/2]) = sigmoid(d)
+        coef, intercept = np.stack([-coef[0], coef[0]]) / 2, np.array([-intercept[0], intercept[0]]) / 2
+    _untie_output(model, log)
+    head = model.get_output_embeddings()
+    rows = torch.tensor(objective.label_ids, device=head.weight.device)
+    with torch.no_grad():
+        head.weight[rows] = torch.as_tensor(coef, dtype=head.weight.dtype, device=head.weight.device)
+        if bias is not None:
+            bias[rows] = torch.as_tensor(intercept, dtype=bias.dtype, device=bias.device)
+    log(f"initialised the output rows of the {len(labels)} label words from the probe (C={result['C']:g})")
+    return {**result, "probe": fitted}

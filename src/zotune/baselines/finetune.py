@@ -166,8 +166,10 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
                 if best is None or val[metric] > best["metrics"][metric]:
                     best = {"step": step, "metrics": val,
                             "weights": [p.detach().clone() for _, p in trainable]}
-                log(f"step {step}: validation {metric} {100 * val[metric]:.1f} "
-                    f"(best {100 * best['metrics'][metric]:.1f} at step {best['step']})")
+                bar.set_postfix({**postfix, f"best_val_{metric}": f"{100 * best['metrics'][metric]:.1f}"})
+                if not config.progress:  # with a bar the postfix shows it; lines would break the bar
+                    log(f"step {step}: validation {metric} {100 * val[metric]:.1f} "
+                        f"(best {100 * best['metrics'][metric]:.1f} at step {best['step']})")
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)  # the gradients are as large as the trained weights: free them

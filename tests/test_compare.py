@@ -1,6 +1,7 @@
 """`zotune compare`: the grid runs every cell once, resumes, isolates cells, and tabulates them."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -29,9 +30,11 @@ def test_a_grid_runs_every_cell_and_writes_the_table(model_dir, tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out")))
     table = cmp.compare(cmp.load_compare_config(path), log=QUIET)
-    lines = table.splitlines()
+    lines, notes = table.split("\n\n")
+    lines = lines.splitlines()
     assert lines[0].startswith("| Task | SST-2 | peak memory |")
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| Zero-shot", "| ICL", "| MeZO", "| MeZO (LoRA)"]
+    assert re.search(r"- ICL: [12] demonstrations; 1 cells in", notes) and "- MeZO: 2 steps; 1 cells in" in notes
     for line in lines[2:]:
         value = float(line.split(" | ")[1])
         assert 0.0 <= value <= 100.0

@@ -388,7 +388,43 @@ def format_table(grid: CompareConfig, results: list[dict]) -> str:
                 row.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
         row.append(f"{memory[method] / 1024:.2f} GB" if method in memory else "–")
         rows.append(row)
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    notes = _notes(grid, results)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
+    """One line per method: what was run (steps, demonstrations) and how long it took in all."""
+    notes = []
+    for method in grid.methods:
+        mine = [r for r in results if r["method"] == method]
+        if not mine:
+            continue
+        parts = []
+        for key, what in (("steps", "steps"), ("demonstrations", "demonstrations")):
+            per_task = {r["task"]: r[key] for r in mine if r.get(key) is not None}
+            if per_task and len(set(per_task.values())) == 1:
+                parts.append(f"{next(iter(per_task.values()))} {what}")
+            elif per_task:
+                parts.append(f"{what} " + ", ".join(f"{TASK_TITLES.get(t, t)} {v}" for t, v in per_task.items()))
+        seconds = sum(r.get("cell_time_s") or 0.0 for r in mine)
+        parts.append(f"{len(mine)} cells in {seconds / 60:.1f} min")
+        notes.append(f"- {METHODS[method].label}: " + "; ".join(parts))
+    failed = [f"{r['method']} on {r['task']} (seed {r['seed']})" for r in _failures(grid)]
+    if failed:
+        notes.append("- failed: " + ", ".join(failed) + " (see failed.json in their folders)")
+    return notes
+
+
+def _failures(grid: CompareConfig) -> list[dict]:
+    out = []
+    for task in grid.tasks:
+        for method in grid.methods:
+            for seed in grid.seeds:
+                path = _cell_dir(grid, method, task, seed) / "failed.json"
+                if path.is_file() and not (path.parent / "result.json").is_file():
+                    out.append(json.loads(path.read_text()))
+    return out
 
 
 def _cell_main(spec_path: str) -> int:

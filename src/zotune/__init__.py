@@ -3,11 +3,13 @@
 __version__ = "0.1.0"
 
 from zotune import kernels, rng  # noqa: E402
-from zotune.optim import MeZO, NonFiniteLossError, accumulate  # noqa: E402
+from zotune.optim import MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, accumulate, make_optimizer  # noqa: E402
 from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory, replay  # noqa: E402
 
 __all__ = [
     "MeZO",
+    "MeZOAdam",
+    "MeZOMomentum",
     "NonFiniteLossError",
     "Trajectory",
     "TrajectoryError",
@@ -18,6 +20,7 @@ __all__ = [
     "kernels",
     "list_tasks",
     "load_model",
+    "make_optimizer",
     "read_trajectory",
     "replay",
     "rng",

@@ -65,10 +65,23 @@ class OptimConfig:
     eps: float = 1e-3  # perturbation scale
     weight_decay: float = 0.0  # on matrices only
     seed: int = 0  # seeds the perturbations
-    distribution: str = "gaussian"  # or "rademacher"
-    fuse_next: bool = True  # two sweeps per step instead of three
+    distribution: str = "gaussian"  # or "rademacher", or "sphere" (uniform on the sphere of radius sqrt(d))
+    fuse_next: bool = True  # two sweeps per step instead of three (two-sided, non-layerwise runs only; else off)
     schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
     warmup_steps: int = 0  # linear warm-up before the schedule
+    # The variants of the paper (§2.2, Appendix B); the defaults are plain MeZO.
+    n_perturbations: int = 1  # n-SPSA: perturbations per step (2n forward passes; n + 1 one-sided)
+    n_schedule: str = "constant"  # "constant", or "linear": n rises to n_perturbations_final over n_ramp_steps
+    n_perturbations_final: int = 1  # linear n_schedule: n at and after n_ramp_steps
+    n_ramp_steps: int = 1  # linear n_schedule: steps of the rise
+    estimator: str = "two-sided"  # "two-sided" (L(+eps) - L(-eps)) / 2eps, or "one-sided" (L(+eps) - L) / eps
+    variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum" or "adam"
+    beta1: float = 0.9  # momentum / Adam: decay of the first moment
+    beta2: float = 0.999  # Adam: decay of the second moment (with state "history" prefer <= 0.99)
+    adam_eps: float = 1e-8  # Adam: the denominator's guard
+    window: int = 32  # momentum / Adam with state "history": steps remembered (cost: window*n z per update)
+    state: str = "history"  # momentum / Adam: "history" (recomputed, no memory) or "stored" (m, v tensors)
+    layerwise: str = "none"  # "none" or "param-norm": scale each tensor's z by ||theta_l|| / sqrt(d_l)
 
     def __post_init__(self):
         if not (self.lr >= 0 and math.isfinite(self.lr)):
@@ -77,8 +90,26 @@ class OptimConfig:
             raise ConfigError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.distribution not in ("gaussian", "rademacher"):
-            raise ConfigError(f"optimizer.distribution must be gaussian or rademacher, got {self.distribution!r}")
+        if self.distribution not in ("gaussian", "rademacher", "sphere"):
+            raise ConfigError(f"optimizer.distribution must be gaussian, rademacher or sphere, got {self.distribution!r}")
+        choices = {"n_schedule": ("constant", "linear"), "estimator": ("two-sided", "one-sided"),
+                   "variant": ("sgd", "momentum", "adam"), "state": ("history", "stored"),
+                   "layerwise": ("none", "param-norm")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("n_perturbations", "n_perturbations_final"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and 1 <= value <= 100):
+                raise ConfigError(f"optimizer.{name} must be an integer from 1 to 100, got {value!r}")
+        for name in ("n_ramp_steps", "window"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("beta1", "beta2"):
+            if not (0 <= getattr(self, name) < 1):
+                raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise ConfigError(f"optimizer.adam_eps must be a finite number > 0, got {self.adam_eps}")
 
 
 @dataclass

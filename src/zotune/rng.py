@@ -28,6 +28,13 @@ numbers (|z| is therefore bounded by sqrt(48 ln 2) ~ 5.77, a tail mass below 1e-
 Rademacher (``"rademacher"``): element ``i`` lives in block ``i // 128``, word ``(i // 32) % 4``,
 bit ``i % 32``; a set bit is +1, a clear bit -1.
 
+Sphere (``"sphere"``, a distribution of the optimizer, not of this module): z uniform on the
+sphere of radius sqrt(d) in the d trainable elements, ``z = sqrt(d) * x / ||x||`` with x the
+Gaussian stream above. It cannot be computed element by element (the norm spans every parameter),
+so the generators here and in the kernels draw x, and the optimizer folds the factor
+``sqrt(d) / ||x||`` (:func:`sphere_factor`) into each sweep's coefficient. The Gaussian and
+Rademacher bits are unchanged by it.
+
 This module is the reference: slow, plain NumPy uint64 arithmetic, computed in float64 and rounded
 to float32 once. Every fast path (``zotune.kernels``) is tested against it.
 """
@@ -40,6 +47,7 @@ import numpy as np
 
 __all__ = [
     "DISTRIBUTIONS",
+    "PERTURBATIONS",
     "STREAM_ROUNDING",
     "STREAM_Z",
     "gaussian",
@@ -47,11 +55,13 @@ __all__ = [
     "philox4x32",
     "rademacher",
     "rounding_words",
+    "sphere_factor",
     "step_seed",
     "z",
 ]
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher")  # element-wise streams: what the kernels generate
+PERTURBATIONS = (*DISTRIBUTIONS, "sphere")  # what an optimizer accepts ("sphere" is Gaussian, renormalised)
 STREAM_Z = 0
 STREAM_ROUNDING = 1
 _STREAM_SEED = 0x5EED5EED  # counter word that separates derived step seeds from everything else
@@ -165,3 +175,10 @@ def z(distribution: str, seed: int, key: int, start: int, n: int) -> np.ndarray:
     if distribution == "rademacher":
         return rademacher(seed, key, start, n)
     raise ValueError(f"unknown distribution {distribution!r}; choose one of {DISTRIBUTIONS}")
+
+
+def sphere_factor(sumsq: float, d: int) -> float:
+    """sqrt(d / sum x_i^2) rounded to float32: the factor that puts Gaussian x on the sphere of radius sqrt(d)."""
+    if not sumsq > 0:
+        raise ValueError(f"the Gaussian draw has squared norm {sumsq}; cannot normalise it onto the sphere")
+    return float(np.float32(np.sqrt(d / sumsq)))

@@ -33,7 +33,7 @@ from zotune import checkpoint
 from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate, make_objective, metric_objective
-from zotune.optim import MeZO
+from zotune.optim import make_optimizer
 from zotune.tasks import TaskError, get_task
 from zotune.trajectory import read_trajectory, replay
 from zotune.tuning import tune_loaded
@@ -220,9 +220,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     log(f"run directory {run_dir}")
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = MeZO(trainable, lr=oc.lr, eps=oc.eps, weight_decay=oc.weight_decay, seed=oc.seed,
-               distribution=oc.distribution, fuse_next=oc.fuse_next, on_nonfinite="skip",
-               trajectory=run_dir / "trajectory.zot")
+    opt = make_optimizer(trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
     metric = objective.metric_name

@@ -20,6 +20,28 @@ Format (version 1, little-endian, no pickle)::
 
 Step seeds are not stored: the seed of step t is ``zotune.rng.step_seed(header["seed"], t)``.
 An "S" record with two groups takes 19 bytes: 20,000 steps in 380 kB.
+
+Additions for the variants of paper §2.2 / Appendix B (still version 1: a file of plain MeZO is
+byte for byte what it was, and every older file reads and replays as before):
+
+    tag "N"  a step with n > 1 perturbations (n-SPSA):
+             step u32, n u16, then projected_grad f32 per perturbation, then lr f32 per group;
+             perturbation j has seed ``step_seed(header["seed"], t, j)``
+    tag "L"  per-tensor scales s_l of the next step record (layerwise variants):
+             step u32, then f32 per parameter of the header's table
+
+    header keys, present only when not the default:
+      "estimator"        "one-sided" (default "two-sided"); "forward-gradient" marks a trajectory
+                         of plain updates without perturbation sweeps (written by
+                         zotune.optim.forward_grad), replayed as single-sweep updates
+      "n_perturbations"  informational: the optimizer's n (or its schedule's description)
+      "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d))
+      "layerwise"        "param-norm"
+      "variant"          the update rule: {"name": "momentum" | "adam", "beta1", "beta2",
+                         "adam_eps", "window", "state": "history" | "stored"}
+
+A skip record's phase is the 1-based index of the loss evaluation that came out non-finite
+(two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided: 1 for L(theta), j+2 for L+_j).
 """
 
 from __future__ import annotations
@@ -40,6 +62,8 @@ from zotune.optim import functional as F
 __all__ = [
     "Flush",
     "Hyper",
+    "LayerScales",
+    "MultiStep",
     "Skip",
     "Step",
     "Trajectory",
@@ -83,16 +107,40 @@ class Flush:
     step: int
 
 
-Record = Hyper | Step | Skip | Flush
+@dataclass(frozen=True)
+class MultiStep:
+    """An applied step with n > 1 perturbations: one projected gradient per perturbation."""
+
+    step: int
+    projected_grads: tuple[float, ...]
+    lrs: tuple[float, ...]
 
 
-def _layouts(n_groups: int) -> dict[bytes, struct.Struct]:
+@dataclass(frozen=True)
+class LayerScales:
+    """The per-tensor scales s_l that the next step record of ``step`` used (layerwise variants)."""
+
+    step: int
+    scales: tuple[float, ...]
+
+
+Record = Hyper | Step | Skip | Flush | MultiStep | LayerScales
+_MULTI_HEAD = struct.Struct("<IH")
+
+
+def _layouts(n_groups: int, n_params: int = 0) -> dict[bytes, struct.Struct]:
     return {
         b"H": struct.Struct(f"<f{n_groups}f"),
         b"S": struct.Struct(f"<If{n_groups}f"),
         b"X": struct.Struct("<IB"),
         b"F": struct.Struct("<I"),
+        b"L": struct.Struct(f"<I{n_params}f"),
+        b"N": _MULTI_HEAD,  # a prefix: the record's length depends on its n
     }
+
+
+def _multi_layout(n: int, n_groups: int) -> struct.Struct:
+    return struct.Struct(f"<IH{n}f{n_groups}f")
 
 
 def _check(tag: bytes, payload: bytes) -> bytes:
@@ -106,6 +154,12 @@ def _pack(record: Record, layouts) -> bytes:
         tag, payload = b"S", layouts[b"S"].pack(record.step, record.projected_grad, *record.lrs)
     elif isinstance(record, Skip):
         tag, payload = b"X", layouts[b"X"].pack(record.step, record.phase)
+    elif isinstance(record, MultiStep):
+        layout = _multi_layout(len(record.projected_grads), layouts[b"H"].size // 4 - 1)
+        tag, payload = b"N", layout.pack(record.step, len(record.projected_grads), *record.projected_grads,
+                                         *record.lrs)
+    elif isinstance(record, LayerScales):
+        tag, payload = b"L", layouts[b"L"].pack(record.step, *record.scales)
     else:
         tag, payload = b"F", layouts[b"F"].pack(record.step)
     return tag + payload + _check(tag, payload)
@@ -118,6 +172,11 @@ def _unpack(tag: bytes, values: tuple) -> Record:
         return Step(values[0], values[1], tuple(values[2:]))
     if tag == b"X":
         return Skip(values[0], values[1])
+    if tag == b"N":
+        n = values[1]
+        return MultiStep(values[0], tuple(values[2 : 2 + n]), tuple(values[2 + n :]))
+    if tag == b"L":
+        return LayerScales(values[0], tuple(values[1:]))
     return Flush(values[0])
 
 
@@ -130,7 +189,7 @@ class Trajectory:
 
     @property
     def steps(self) -> list[Step]:
-        return [r for r in self.records if isinstance(r, Step)]
+        return [r for r in self.records if isinstance(r, (Step, MultiStep))]
 
 
 def _encode_header(header: Mapping) -> bytes:
@@ -163,7 +222,8 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
     except OSError as err:
         raise TrajectoryError(f"cannot read trajectory {path}: {err.strerror}") from None
     header, pos = _read_header(data, path)
-    layouts = _layouts(len(header["groups"]))
+    n_groups = len(header["groups"])
+    layouts = _layouts(n_groups, len(header["params"]))
     records: list[Record] = []
     while pos < len(data):
         n = len(records)
@@ -171,6 +231,8 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
         layout = layouts.get(tag)
         if layout is None:
             raise TrajectoryError(f"{path}: corrupted trajectory: record {n} (byte {pos}) has unknown type {tag!r}")
+        if tag == b"N" and pos + 1 + _MULTI_HEAD.size <= len(data):
+            layout = _multi_layout(_MULTI_HEAD.unpack_from(data, pos + 1)[1], n_groups)
         end = pos + 1 + layout.size + _CHECK.size
         if end > len(data):
             raise TrajectoryError(
@@ -186,7 +248,8 @@ def read_trajectory(path: str | os.PathLike) -> Trajectory:
 
 
 # The parts of a header that must agree for a run to continue an existing file.
-_IDENTITY = ("seed", "distribution", "fuse_next", "stochastic_rounding", "params", "groups")
+_IDENTITY = ("seed", "distribution", "fuse_next", "stochastic_rounding", "params", "groups", "estimator",
+             "layerwise", "variant")
 
 
 class TrajectoryWriter:
@@ -202,7 +265,7 @@ class TrajectoryWriter:
     def __init__(self, path: str | os.PathLike, header: Mapping, *, resume_at: int | None = None):
         self.path = Path(path)
         self.header = dict(header)
-        self._layouts = _layouts(len(self.header["groups"]))
+        self._layouts = _layouts(len(self.header["groups"]), len(self.header["params"]))
         if resume_at is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "wb")
@@ -303,58 +366,118 @@ def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backe
             "it was started on a resumed run whose earlier steps were not recorded"
         )
     tensors = _resolve_params(target, header)
+    walk(traj, tensors, exact=exact, finish=finish, backend=backend)
+    return target
+
+
+def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, update: bool = True,
+         rule=None, backend: str | None = None):
+    """Apply a parsed trajectory's records to ``tensors`` (the header's parameter table, in order).
+
+    The engine of :func:`replay`. With ``update=False`` no tensor is modified: only ``rule`` (an
+    update rule of :mod:`zotune.optim.variants`, e.g. stored-state Adam) accumulates its moments,
+    which is how a resumed optimizer rebuilds them. Returns the rule.
+    """
+    from zotune.optim import variants as V
+
+    header = traj.header
     keys = [int(e["key"], 16) for e in header["params"]]
-    groups = [([tensors[i] for i in g], [keys[i] for i in g]) for g in header["groups"]]
-    every = ([t for g in groups for t in g[0]], [k for g in groups for k in g[1]])
+    index_groups = [list(g) for g in header["groups"]]
+    every = ([tensors[i] for g in index_groups for i in g], [keys[i] for g in index_groups for i in g])
     dist, seed0 = header["distribution"], int(header["seed"])
+    sphere = dist == "sphere"
+    zdist = "gaussian" if sphere else dist
     fused, sr = header["fuse_next"], header["stochastic_rounding"]
+    estimator = header.get("estimator", "two-sided")
+    forward = estimator == "forward-gradient"  # plain updates: no perturbation was ever applied
+    if forward:
+        exact, fused = False, False
+    layerwise = header.get("layerwise", "none") != "none"
+    rule = rule if rule is not None else V.make_rule(header.get("variant"))
+    d = sum(t.numel() for t in tensors)
+    factors: dict[int, float] = {}
 
-    def perturb(step: int, coef: float) -> None:
-        F.perturb_(*every, rng.step_seed(seed0, step), coef, distribution=dist, backend=backend)
+    def factor(seed: int) -> float:
+        if not sphere:
+            return 1.0
+        if seed not in factors:
+            if len(factors) > 4096:
+                factors.clear()
+            factors[seed] = rng.sphere_factor(F.gaussian_sumsq(*every, seed, backend=backend), d)
+        return factors[seed]
 
-    eps, wds, pending = None, None, None
+    def sweep(t: int, pairs, eps: float, scales) -> None:
+        """One probe sweep: ``pairs`` of (perturbation j, multiple of eps)."""
+        if not pairs or not update:
+            return
+        terms = []
+        for j, mult in pairs:
+            seed = rng.step_seed(seed0, t, j)
+            terms.append((seed, mult * eps * factor(seed), scales))
+        V.sweep_terms_(every[0], every[1], terms, distribution=zdist, backend=backend)
+
+    eps, wds, pending, scales_of = None, None, None, None
     for n, record in enumerate(traj.records):
         if isinstance(record, Hyper):
             eps, wds = record.eps, record.weight_decays
+            continue
+        if isinstance(record, LayerScales):
+            scales_of = record
             continue
         if eps is None:
             raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
         if isinstance(record, Flush):
             if pending != record.step:
                 raise TrajectoryError(f"corrupted trajectory: record {n} flushes step {record.step}, none pending")
-            perturb(record.step, -eps)
+            sweep(record.step, [(0, -1.0)], eps, None)
             pending = None
             continue
         t = record.step
         if pending is not None and pending != t:
             raise TrajectoryError(f"corrupted trajectory: record {n} is step {t} but step {pending} is pending")
+        scales = None
+        if layerwise:
+            if scales_of is None or scales_of.step != t:
+                raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
+            scales = list(scales_of.scales)
+        ordered = None if scales is None else [scales[i] for g in index_groups for i in g]
         if isinstance(record, Skip):
+            if forward:
+                continue
             if exact:
-                if pending is None:
-                    perturb(t, eps)
-                perturb(t, -eps if record.phase == 1 else -2 * eps)
-                if record.phase == 2:
-                    perturb(t, eps)
+                plan = V.probe_sweeps(estimator, record.phase)  # long enough: phase <= len(plan)
+                for k in range(record.phase):
+                    if not (k == 0 and pending is not None):
+                        sweep(t, plan[k], eps, ordered)
+                carry = V.carry_after(estimator, record.phase - 1)
+                if carry is not None:
+                    sweep(t, [(carry[0], -carry[1])], eps, ordered)
             elif pending is not None:
-                perturb(t, -eps)
+                sweep(t, [(0, -1.0)], eps, None)
             pending = None
             continue
-        seed = rng.step_seed(seed0, t)
+        grads = [record.projected_grad] if isinstance(record, Step) else list(record.projected_grads)
+        plan = V.probe_sweeps("two-sided" if forward else estimator, len(grads))
+        carry = None
         if exact:
-            if pending is None:
-                perturb(t, eps)
-            perturb(t, -2 * eps)
+            for k, pairs in enumerate(plan):
+                if not (k == 0 and pending is not None):
+                    sweep(t, pairs, eps, ordered)
+            j, mult = V.carry_after(estimator, len(plan) - 1)
+            carry = (j, mult * eps)
         elif pending is not None:
-            perturb(t, -eps)
-        next_terms = [(rng.step_seed(seed0, t + 1), eps)] if fused and exact else []
-        for (params, pkeys), lr, wd in zip(groups, record.lrs, wds):
-            scale, coef = F.update_coefficients(lr, wd, eps, record.projected_grad)
-            if not exact:
-                coef = -lr * record.projected_grad
-            F.sweep_(params, pkeys, [(seed, coef), *next_terms], scale=scale, distribution=dist,
-                     rounding_seed=seed if sr else None, backend=backend)
+            sweep(t, [(0, -1.0)], eps, None)
+        seeds = [rng.step_seed(seed0, t, j) for j in range(len(grads))]
+        next_terms = []
+        if fused and exact:
+            seed_next = rng.step_seed(seed0, t + 1)
+            next_terms = [(seed_next, eps * factor(seed_next))]
+        u = V.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms)
+        groups = [V.Group([tensors[i] for i in g], [keys[i] for i in g], g, lr, wd)
+                  for g, lr, wd in zip(index_groups, record.lrs, wds)]
+        rule.apply(groups, u, distribution=zdist, rounding_seed=seeds[0] if sr else None, backend=backend,
+                   update=update)
         pending = t + 1 if fused and exact else None
     if pending is not None and finish:  # clean weights: remove the perturbation fused in for the next step
-        perturb(pending, -eps)
-    return target
-
+        sweep(pending, [(0, -1.0)], eps, None)
+    return rule

@@ -1,6 +1,7 @@
 """Zeroth-order optimizers. The classes keep bookkeeping; :mod:`.functional` does the tensor work."""
 
 from zotune.optim.accumulate import accumulate
-from zotune.optim.mezo import MeZO, NonFiniteLossError
+from zotune.optim.factory import make_optimizer
+from zotune.optim.mezo import MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
 
-__all__ = ["MeZO", "NonFiniteLossError", "accumulate"]
+__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "accumulate", "make_optimizer"]

@@ -26,7 +26,8 @@ import torch
 
 from zotune import kernels, rng
 
-__all__ = ["f32", "local_shard", "perturb_", "stochastic_round_", "sweep_", "update_coefficients"]
+__all__ = ["f32", "gaussian_sumsq", "local_shard", "moment_sweep_", "perturb_", "stochastic_round_", "sweep_",
+           "update_coefficients"]
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -121,7 +122,9 @@ def sweep_(
         params: the tensors (contiguous, floating point); modified in place, storage unchanged. A
             row-sharded ``DTensor`` is swept on its local shard only (:func:`local_shard`).
         keys: one 64-bit key per tensor (``zotune.rng.param_key`` of its name).
-        terms: one or two ``(seed, coefficient)`` pairs.
+        terms: ``(seed, coefficient)`` pairs. Up to two go to the backend in one pass; more (n-SPSA,
+            history momentum) are applied two at a time to each chunk while it is in cache, before a
+            bf16/fp16 chunk is rounded back once.
         scale: multiplies theta first (weight decay); 1.0 skips it.
         distribution: ``"gaussian"`` or ``"rademacher"``.
         rounding_seed: when set, bf16/fp16 results are rounded stochastically with this seed's
@@ -138,7 +141,7 @@ def sweep_(
         p, base = local_shard(p)  # a sharded parameter: this rank's elements base .. base + numel - 1
         be = kernels.select(p.device, backend)
         flat = _flat(p)
-        multi = _multi_sweep(be)
+        multi = _multi_sweep(be) if len(terms) <= 2 else None
         if multi is not None:  # fused in the kernel: read and write in p's dtype, no float32 buffer
             group = batched.setdefault(be.name, (multi, [], [], []))
             group[1].append(flat)
@@ -150,17 +153,24 @@ def sweep_(
         for start in range(0, n, chunk):
             part = flat[start : start + chunk]
             if buf is None:  # float32: the backend works on the parameter's own storage
-                be.axpy(part, distribution, key, base + start, scale, terms)
+                _axpy_terms(be, part, distribution, key, base + start, scale, terms)
                 continue
             work = buf[: part.numel()]
             work.copy_(part)
-            be.axpy(work, distribution, key, base + start, scale, terms)
+            _axpy_terms(be, work, distribution, key, base + start, scale, terms)
             if rounding_seed is None:
                 part.copy_(work)
             else:
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
     for multi, flats, flat_keys, bases in batched.values():
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
+
+
+def _axpy_terms(be, x, distribution, key, start, scale, terms) -> None:
+    """The backend's axpy for any number of terms: the first call scales and adds up to two, the rest add two at a time."""
+    be.axpy(x, distribution, key, start, scale, terms[:2])
+    for i in range(2, len(terms), 2):
+        be.axpy(x, distribution, key, start, 1.0, terms[i : i + 2])
 
 
 def _multi_sweep(be):
@@ -172,3 +182,114 @@ def _multi_sweep(be):
 def perturb_(params, keys, seed: int, coefficient: float, *, distribution="gaussian", backend=None) -> None:
     """theta <- theta + coefficient * z(seed): one perturbation sweep."""
     sweep_(params, keys, [(seed, coefficient)], distribution=distribution, backend=backend)
+
+
+def gaussian_sumsq(params, keys, seed: int, *, backend=None) -> float:
+    """sum_i z_i(seed)^2 of the Gaussian stream over all ``params``: one extra pass, z regenerated chunk by chunk.
+
+    The sum is taken in float64 over float32 draws, chunk by chunk in index order, so the optimizer
+    and :func:`zotune.replay` get the same number. Sharded (``DTensor``) parameters are refused: their
+    norm would need a collective over the ranks.
+    """
+    total = 0.0
+    for p, key in zip(params, keys, strict=True):
+        if hasattr(p, "placements"):
+            raise ValueError("the sphere distribution needs the global norm of z and does not support sharded "
+                             "(DTensor) parameters; use distribution='gaussian'")
+        be = kernels.select(p.device, backend)
+        n, chunk = p.numel(), be.chunk
+        buf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
+        for start in range(0, n, chunk):
+            work = buf[: min(chunk, n - start)]
+            be.fill(work, "gaussian", seed, key, start)
+            total += float(torch.dot(work.double(), work.double()))
+    return total
+
+
+def moment_sweep_(
+    p: torch.Tensor,
+    key: int,
+    *,
+    estimates: Sequence[Sequence[tuple[int, float]]],
+    weights1: Sequence[float],
+    weights2: Sequence[float] | None = None,
+    m: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    restore: Sequence[tuple[int, float]] = (),
+    next_terms: Sequence[tuple[int, float]] = (),
+    scale: float = 1.0,
+    lr: float = 0.0,
+    bias1: float = 1.0,
+    bias2: float = 1.0,
+    adam_eps: float = 1e-8,
+    update: bool = True,
+    distribution: str = "gaussian",
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Momentum / Adam on one parameter, chunk by chunk, with the gradient estimates regenerated from seeds.
+
+    Each estimate k is ``g_k = sum(c * z(seed) for seed, c in estimates[k])`` (elementwise, this
+    tensor's slice). Then, per chunk:
+
+    - stored state (``m`` given): ``m <- beta1 m + (1-beta1) g_last``; with ``v``:
+      ``v <- beta2 v + (1-beta2) g_last**2`` (``estimates`` holds the current step only);
+    - history (``m`` None): ``m = sum_k weights1[k] g_k``, ``v = sum_k weights2[k] g_k**2``;
+    - direction ``d = m`` (momentum, no ``weights2`` / ``v``) or ``(m/bias1) / (sqrt(v/bias2) + adam_eps)``;
+    - ``theta <- scale * (theta + sum restore) - lr * d + sum next_terms`` (skipped if not ``update``).
+
+    Plain torch on float32 chunks: the reference for a future fused kernel.
+    """
+    adam = v is not None or weights2 is not None
+    p, base = local_shard(p)
+    be = kernels.select(p.device, backend)
+    flat = _flat(p)
+    n, chunk = flat.numel(), be.chunk
+    zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk]
+        size = part.numel()
+        z = zbuf[:size]
+
+        def estimate(terms):
+            g = torch.zeros(size, dtype=torch.float32, device=p.device)
+            for seed, c in terms:
+                be.fill(z, distribution, seed, key, base + start)
+                g.add_(z, alpha=c)
+            return g
+
+        if m is not None:
+            g = estimate(estimates[-1])
+            mc = m.view(-1)[start : start + size]
+            mc.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            if adam:
+                vc = v.view(-1)[start : start + size]
+                vc.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        else:
+            mc = torch.zeros(size, dtype=torch.float32, device=p.device)
+            vc = torch.zeros(size, dtype=torch.float32, device=p.device) if adam else None
+            for k, terms in enumerate(estimates):
+                g = estimate(terms)
+                mc.add_(g, alpha=weights1[k])
+                if adam:
+                    vc.addcmul_(g, g, value=weights2[k])
+        if not update:
+            continue
+        d = (mc / bias1) / ((vc / bias2).sqrt_().add_(adam_eps)) if adam else mc
+        work = part.float() if part.dtype != torch.float32 else part
+        for seed, c in restore:
+            be.fill(z, distribution, seed, key, base + start)
+            work.add_(z, alpha=c)
+        if scale != 1.0:
+            work.mul_(scale)
+        work.add_(d, alpha=-lr)
+        for seed, c in next_terms:
+            be.fill(z, distribution, seed, key, base + start)
+            work.add_(z, alpha=c)
+        if work is not part:
+            if rounding_seed is None:
+                part.copy_(work)
+            else:
+                stochastic_round_(part, work, rounding_seed, key, base + start, be.words)

@@ -11,11 +11,18 @@ import torch
 
 from zotune import kernels, rng
 from zotune.optim import functional as F
-from zotune.trajectory import Flush, Hyper, Skip, Step, TrajectoryWriter
+from zotune.optim import variants as V
+from zotune.trajectory import Flush, Hyper, LayerScales, MultiStep, Skip, Step, TrajectoryWriter
 
-__all__ = ["MeZO", "NonFiniteLossError"]
+__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError"]
 
 _STATE_FORMAT = 1
+
+
+def _check_n(n, what: str = "n_perturbations") -> int:
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= V.MAX_PERTURBATIONS):
+        raise ValueError(f"Invalid {what}: {n!r} (must be an integer from 1 to {V.MAX_PERTURBATIONS})")
+    return n
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -73,6 +80,22 @@ class MeZO(torch.optim.Optimizer):
     ``fuse_next=True`` (the next step's +eps is fused into the update sweep). Memory is that of
     inference: no gradients, no optimizer state per parameter, no stored z.
 
+    The variants of the paper (§2.2, Appendix B) are options; the defaults are the plain algorithm,
+    bit for bit:
+
+    - n-SPSA (``n_perturbations=n``): n perturbations z_j = z(step_seed(seed, t, j)), g_j from each,
+      and ``theta <- theta - lr (1/n sum_j g_j z_j + wd theta)`` in one multi-term sweep; the closure
+      is called 2n times (n + 1 one-sided). ``n`` may be a callable ``step -> n``
+      (:func:`zotune.optim.variants.linear_n`).
+    - one-sided (``estimator="one-sided"``): ``g_j = (L(theta + eps z_j) - L(theta)) / eps``, the
+      unperturbed loss computed once per step and shared by the n perturbations.
+    - ``distribution="sphere"``: z uniform on the sphere of radius sqrt(d), ``z = sqrt(d) x / ||x||``
+      with x the Gaussian stream; ||x|| takes one extra pass (x regenerated, never stored).
+    - layerwise (``layerwise="param-norm"``): tensor l is perturbed and updated along
+      ``s_l z_l`` with ``s_l = ||theta_l|| / sqrt(d_l)`` taken at the start of the step, so the
+      expected update is ``-lr diag(s_l^2) grad L``: a layer's step scales with its weights' size.
+    - momentum and Adam: the subclasses :class:`MeZOMomentum` and :class:`MeZOAdam`.
+
     Args:
         params: ``model.named_parameters()`` (recommended: the names key the perturbations, so z does
             not depend on order), an iterable of tensors, or parameter groups (dicts). Unnamed
@@ -94,12 +117,19 @@ class MeZO(torch.optim.Optimizer):
         backend: the sweep implementation (``zotune.kernels.available()``); default: fastest per device.
         trajectory: a file to append each step's (seed, projected gradient, lr, ...) to, for
             :func:`zotune.replay`; see :mod:`zotune.trajectory`.
+        n_perturbations: n of n-SPSA (1 to 100), or a callable ``step -> n``.
+        estimator: ``"two-sided"`` (the paper's default) or ``"one-sided"`` (needs ``fuse_next=False``:
+            the unperturbed loss comes first).
+        layerwise: ``"none"`` or ``"param-norm"`` (needs ``fuse_next=False``: the scales are taken at
+            the clean weights of each step).
 
     Example::
 
         opt = zotune.MeZO(model.named_parameters(), lr=1e-6, eps=1e-3, seed=0)
         for batch in loader:
             loss = opt.step(lambda: model(**batch).loss)
+
+        opt = zotune.MeZO(model.named_parameters(), lr=1e-6, n_perturbations=4, estimator="one-sided")
 
     Reference: Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", NeurIPS 2023
     (arXiv 2305.17333), Algorithm 1.
@@ -119,6 +149,9 @@ class MeZO(torch.optim.Optimizer):
         on_nonfinite: str = "raise",
         backend: str | None = None,
         trajectory: str | os.PathLike | None = None,
+        n_perturbations: int | Callable[[int], int] = 1,
+        estimator: str = "two-sided",
+        layerwise: str = "none",
     ):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
@@ -128,8 +161,17 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
         if not (isinstance(seed, int) and 0 <= seed < 2**64):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
-        if distribution not in rng.DISTRIBUTIONS:
-            raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.DISTRIBUTIONS)})")
+        if distribution not in rng.PERTURBATIONS:
+            raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
+        if not callable(n_perturbations):
+            _check_n(n_perturbations)
+        if estimator not in V.ESTIMATORS:
+            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(V.ESTIMATORS)})")
+        if layerwise not in V.LAYERWISE:
+            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)})")
+        if fuse_next and (estimator != "two-sided" or layerwise != "none"):
+            raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
+                             "(the next step must start from its clean weights): pass fuse_next=False")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
         if backend is not None:
@@ -142,6 +184,12 @@ class MeZO(torch.optim.Optimizer):
         self.stochastic_rounding = bool(stochastic_rounding)
         self.on_nonfinite = on_nonfinite
         self.backend = backend
+        self.n_perturbations = n_perturbations
+        self.estimator = estimator
+        self.layerwise = layerwise
+        self.rule = self._make_rule()
+        self.projected_grads: list[float] | None = None  # g_j of the last applied step
+        self._factors: dict[int, float] = {}  # sphere factors by seed
         self.trajectory_path = None if trajectory is None else os.fspath(trajectory)
         self.projected_grad: float | None = None  # g of the last applied step
         self.last_losses: tuple[float, float] | None = None  # (L+, L-) of the last step
@@ -204,14 +252,32 @@ class MeZO(torch.optim.Optimizer):
             "first_step": self._step,
             "params": [{**e, "key": f"{e['key']:016x}"} for e in self._table],
             "groups": [list(range(a, b)) for a, b in zip(offsets, offsets[1:])],
+            **self._variant_header(),
         }
+
+    def _variant_header(self) -> dict:
+        """Header keys of the variants, only where they differ from plain MeZO (so its files are unchanged)."""
+        out: dict = {}
+        if self.estimator != "two-sided":
+            out["estimator"] = self.estimator
+        n = self.n_perturbations
+        if callable(n) or n != 1:
+            out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
+        if self.layerwise != "none":
+            out["layerwise"] = self.layerwise
+        if self.rule.header() is not None:
+            out["variant"] = self.rule.header()
+        return out
+
+    def _make_rule(self):
+        return V.SGDRule()
 
     def _record(self, record) -> None:
         if self.trajectory_path is None:
             return
         if self._writer is None:
             self._writer = TrajectoryWriter(self.trajectory_path, self._header(), resume_at=self._resume_at)
-        if isinstance(record, (Step, Skip)):
+        if isinstance(record, (Step, Skip, MultiStep)):
             hyper = Hyper(F.f32(self.eps), tuple(F.f32(g["weight_decay"]) for g in self.param_groups))
             if hyper != self._written_hyper:
                 self._writer.append(hyper)
@@ -220,8 +286,48 @@ class MeZO(torch.optim.Optimizer):
 
     # -- the sweeps ---------------------------------------------------------------------------
     def _perturb(self, step: int, coefficient: float) -> None:
-        F.perturb_(*self._all(), rng.step_seed(self.seed, step), coefficient,
-                   distribution=self.distribution, backend=self.backend)
+        seed = rng.step_seed(self.seed, step)
+        F.perturb_(*self._all(), seed, coefficient * self._factor(seed), distribution=self._zdist,
+                   backend=self.backend)
+
+    @property
+    def _zdist(self) -> str:
+        """The element-wise stream the sweeps draw ("sphere" is the Gaussian one, rescaled)."""
+        return "gaussian" if self.distribution == "sphere" else self.distribution
+
+    def _factor(self, seed: int) -> float:
+        """a = sqrt(d) / ||x(seed)|| for the sphere distribution (one extra pass, cached); 1.0 otherwise."""
+        if self.distribution != "sphere":
+            return 1.0
+        if seed not in self._factors:
+            if len(self._factors) > 256:
+                self._factors.clear()
+            params, keys = self._all()
+            d = sum(p.numel() for p in params)
+            self._factors[seed] = rng.sphere_factor(F.gaussian_sumsq(params, keys, seed, backend=self.backend), d)
+        return self._factors[seed]
+
+    def _n_at(self, step: int) -> int:
+        n = self.n_perturbations
+        return _check_n(n(step), f"n_perturbations({step})") if callable(n) else n
+
+    def _probe(self, t: int, pairs, eps: float, scales) -> None:
+        """One probe sweep: ``pairs`` of (perturbation j, multiple of eps), each z_j scaled by a_j (and s_l)."""
+        if not pairs:
+            return
+        terms = []
+        for j, mult in pairs:
+            seed = rng.step_seed(self.seed, t, j)
+            terms.append((seed, mult * eps * self._factor(seed), scales))
+        V.sweep_terms_(*self._all(), terms, distribution=self._zdist, backend=self.backend)
+
+    def _groups(self) -> list[V.Group]:
+        out, start = [], 0
+        for i, g in enumerate(self.param_groups):
+            index = list(range(start, start + len(g["params"])))
+            out.append(V.Group(list(g["params"]), self._keys(i), index, F.f32(g["lr"]), F.f32(g["weight_decay"])))
+            start += len(g["params"])
+        return out
 
     def flush(self) -> None:
         """Remove a pending perturbation (``fuse_next=True``) so the parameters are the trained ones."""
@@ -258,42 +364,50 @@ class MeZO(torch.optim.Optimizer):
     def step(self, closure: Callable[[], torch.Tensor | float]):  # type: ignore[override]
         """One MeZO step. ``closure()`` must return the loss of the current batch and do no backward.
 
-        Returns the loss at theta + eps z (the closure's first value), as the closure returned it.
+        Returns the closure's first value, as the closure returned it: the loss at theta + eps z
+        (two-sided), or at theta (one-sided).
         """
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss (and does no backward)")
         t = self._step
         eps = F.f32(self.eps)
-        offset = 0.0  # the multiple of z_t the parameters currently carry, to undo on any failure
-        losses = []
+        n = self._n_at(t)
+        scales = V.layer_scales(self._all()[0]) if self.layerwise != "none" else None
+        plan = V.probe_sweeps(self.estimator, n)
+        carry = None  # (j, multiple of eps) the parameters currently carry, to undo on any failure
+        losses: list[float] = []
+        first = None
         try:
-            if self._pending is None:
-                self._perturb(t, eps)
-            self._pending = None
-            offset = eps
-            self._in_step = True
-            first = closure()
-            losses.append(float(first))
-            if math.isfinite(losses[0]):
-                self._perturb(t, -2 * eps)
-                offset = -eps
-                losses.append(float(closure()))
+            for k, pairs in enumerate(plan):
+                if not (k == 0 and self._pending is not None):
+                    self._probe(t, pairs, eps, scales)
+                self._pending = None
+                carry = V.carry_after(self.estimator, k)
+                self._in_step = True
+                value = closure()
+                if k == 0:
+                    first = value
+                losses.append(float(value))
+                if not math.isfinite(losses[-1]):
+                    break
         except BaseException:
             self._in_step = False
-            if offset:
-                self._perturb(t, -offset)
-                self._record(Skip(t, 1 if offset > 0 else 2))
+            if carry is not None:
+                self._probe(t, [(carry[0], -carry[1])], eps, scales)
+                self._record_scales(t, scales)
+                self._record(Skip(t, len(losses) + 1))
                 self._step += 1
             raise
         self._in_step = False
-        g = F.f32((losses[0] - losses[-1]) / (2 * eps)) if len(losses) == 2 else math.nan
-        if not math.isfinite(g):
-            self._perturb(t, -offset)
-            phase = 1 if offset > 0 else 2
+        grads = self._estimate(losses, n, eps) if len(losses) == len(plan) else [math.nan]
+        if not all(math.isfinite(g) for g in grads):
+            phase = len(losses)
+            if carry is not None:
+                self._probe(t, [(carry[0], -carry[1])], eps, scales)
+            self._record_scales(t, scales)
             self._record(Skip(t, phase))
             self._step += 1
-            which = "theta + eps*z" if phase == 1 else "theta - eps*z"
-            message = (f"step {t}: the loss at {which} is {losses[-1]}; the perturbation was undone "
+            message = (f"step {t}: the loss at {self._where(phase, n)} is {losses[-1]}; the perturbation was undone "
                        "and the parameters were not updated")
             if self.on_nonfinite == "raise":
                 raise NonFiniteLossError(message)
@@ -302,22 +416,42 @@ class MeZO(torch.optim.Optimizer):
             warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=2)
             self.last_losses = (losses[0], losses[-1])
             return first
-        seed = rng.step_seed(self.seed, t)
-        next_terms = [(rng.step_seed(self.seed, t + 1), eps)] if self.fuse_next else []
-        lrs = []
-        for i, group in enumerate(self.param_groups):
-            lr, wd = F.f32(group["lr"]), F.f32(group["weight_decay"])
-            scale, coef = F.update_coefficients(lr, wd, eps, g)
-            F.sweep_(group["params"], self._keys(i), [(seed, coef), *next_terms], scale=scale,
-                     distribution=self.distribution, rounding_seed=seed if self.stochastic_rounding else None,
-                     backend=self.backend)
-            lrs.append(lr)
-        self._record(Step(t, g, tuple(lrs)))
+        seeds = [rng.step_seed(self.seed, t, j) for j in range(n)]
+        next_terms = []
+        if self.fuse_next:
+            seed_next = rng.step_seed(self.seed, t + 1)
+            next_terms = [(seed_next, eps * self._factor(seed_next))]
+        j, mult = carry
+        update = V.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps), next_terms)
+        groups = self._groups()
+        self.rule.apply(groups, update, distribution=self._zdist,
+                        rounding_seed=seeds[0] if self.stochastic_rounding else None, backend=self.backend)
+        lrs = tuple(g.lr for g in groups)
+        self._record_scales(t, scales)
+        self._record(Step(t, grads[0], lrs) if n == 1 else MultiStep(t, tuple(grads), lrs))
         self._step = t + 1
         self._pending = t + 1 if self.fuse_next else None
-        self.projected_grad = g
+        self.projected_grads = grads
+        self.projected_grad = grads[0] if n == 1 else float(sum(grads) / n)
         self.last_losses = (losses[0], losses[1])
         return first
+
+    def _estimate(self, losses: list[float], n: int, eps: float) -> list[float]:
+        """The projected gradients g_j (float32-rounded) from the step's losses, in evaluation order."""
+        if self.estimator == "two-sided":
+            return [F.f32((losses[2 * j] - losses[2 * j + 1]) / (2 * eps)) for j in range(n)]
+        return [F.f32((losses[j + 1] - losses[0]) / eps) for j in range(n)]
+
+    def _where(self, phase: int, n: int) -> str:
+        """Where the loss of evaluation ``phase`` (1-based) was taken, for messages."""
+        if self.estimator == "one-sided":
+            return "theta" if phase == 1 else "theta + eps*z" + (f"_{phase - 2}" if n > 1 else "")
+        j = (phase - 1) // 2
+        return ("theta + eps*z" if phase % 2 else "theta - eps*z") + (f"_{j}" if n > 1 else "")
+
+    def _record_scales(self, t: int, scales) -> None:
+        if scales is not None:
+            self._record(LayerScales(t, tuple(scales)))
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self, *, flush: bool = True) -> dict:
@@ -346,6 +480,10 @@ class MeZO(torch.optim.Optimizer):
             "written_hyper": None if self._written_hyper is None else
             [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
         }
+        variants = self._variant_header()
+        if variants:  # only for the variants: plain MeZO's state is unchanged
+            state["mezo"]["variants"] = variants
+            state["mezo"]["rule"] = self.rule.state()
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -366,8 +504,15 @@ class MeZO(torch.optim.Optimizer):
             if mezo[option] != getattr(self, option):
                 raise ValueError(f"this optimizer state has {option}={mezo[option]!r}, "
                                  f"the optimizer {getattr(self, option)!r}")
+        if mezo.get("variants", {}) != self._variant_header():
+            raise ValueError(f"this optimizer state was saved with the variant options {mezo.get('variants', {})}, "
+                             f"the optimizer has {self._variant_header()}: build it with the same options")
         super().load_state_dict(state_dict)
         self._step, self.seed, self.eps = int(mezo["step"]), int(mezo["seed"]), float(mezo["eps"])
+        if mezo.get("rule") is not None:
+            self.rule.load(mezo["rule"])
+            if self.rule.stored:
+                self._rebuild_moments(mezo["trajectory_bytes"], int(mezo["rule"]["count"]))
         self._pending = mezo.get("pending")
         if self._writer is not None:
             self._writer.close()
@@ -375,3 +520,125 @@ class MeZO(torch.optim.Optimizer):
         self._resume_at = mezo["trajectory_bytes"]
         written = mezo.get("written_hyper")
         self._written_hyper = None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))
+
+    def _rebuild_moments(self, trajectory_bytes: int | None, count: int) -> None:
+        """Stored-state momentum/Adam: recompute m (and v) from the trajectory's (seed, g) records.
+
+        The moments depend only on the projected gradients, the seeds and the layer scales, all in
+        the trajectory, so they are rebuilt exactly (the same float32 operations in the same order)
+        without touching the weights.
+        """
+        from zotune.trajectory import Trajectory, read_trajectory, walk
+
+        if count == 0:
+            self.rule.m.clear(), self.rule.v.clear()
+            return
+        if self.trajectory_path is None or trajectory_bytes is None:
+            raise ValueError("resuming stored-state momentum/Adam rebuilds m and v from the trajectory: build the "
+                             "optimizer with trajectory= (the file of the run), or use state='history'")
+        import tempfile
+
+        with open(self.trajectory_path, "rb") as f:
+            data = f.read(trajectory_bytes)
+        with tempfile.NamedTemporaryFile(suffix=".zot") as tmp:  # the file as it was at the checkpoint
+            tmp.write(data)
+            tmp.flush()
+            traj: Trajectory = read_trajectory(tmp.name)
+        rule = V.make_rule(self.rule.header())
+        walk(traj, self._all()[0], exact=False, finish=False, update=False, rule=rule, backend=self.backend)
+        if rule.count != count:
+            raise ValueError(f"the trajectory holds {rule.count} updates, the optimizer state {count}: "
+                             "they belong to different checkpoints")
+        self.rule.m, self.rule.v = rule.m, rule.v
+
+
+class MeZOMomentum(MeZO):
+    r"""MeZO with momentum on the zeroth-order estimates (paper §2.2, Appendix B).
+
+    With ghat_k = 1/n sum_j g_{k,j} u_{k,j} the step-k estimate::
+
+        m_t = beta m_{t-1} + (1 - beta) ghat_t = sum_{k <= t} (1 - beta) beta^(t-k) ghat_k
+        theta <- (1 - lr wd) theta - lr m_t
+
+    ``state="history"`` (the paper's memory-free form) keeps no tensor: m_t is recomputed in the
+    update sweep from the (seed, g) of the last ``window`` applied steps, as one W*n-term sweep (each
+    z regenerated). It drops the terms older than the window, whose total weight is beta^W (0.034 for
+    beta=0.9, W=32): ``|m_t - m_t^hist| <= beta^W max_k |ghat_k|`` elementwise. With W >= the number
+    of steps it equals the stored form up to float rounding. ``state="stored"`` keeps m (float32, one
+    tensor per parameter) for those with the memory; resuming rebuilds it from the trajectory.
+
+    Args:
+        params, lr, eps, weight_decay, seed: as :class:`MeZO`; further keywords go to :class:`MeZO`.
+        beta: the moving average's decay.
+        window: W, the applied steps the history form remembers (its cost: W*n z per element and update).
+        state: ``"history"`` or ``"stored"``.
+
+    Example::
+
+        opt = zotune.MeZOMomentum(model.named_parameters(), lr=1e-6, beta=0.9, window=32)
+
+    Reference: Malladi et al. 2023 (arXiv 2305.17333), §2.2 "MeZO extensions" and Appendix B.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
+                 beta: float = 0.9, window: int = 32, state: str = "history", **kwargs):
+        _check_rule_args(beta=beta, window=window, state=state)
+        self._rule_args = dict(beta1=float(beta), beta2=0.0, window=int(window), stored=state == "stored")
+        super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
+
+    def _make_rule(self):
+        return V.MomentumRule(**self._rule_args)
+
+
+class MeZOAdam(MeZO):
+    r"""MeZO with Adam on the zeroth-order estimates (paper §2.2, Appendix B).
+
+    With ghat_k = 1/n sum_j g_{k,j} u_{k,j} and c the number of updates applied so far::
+
+        m_t = beta1 m_{t-1} + (1 - beta1) ghat_t,    v_t = beta2 v_{t-1} + (1 - beta2) ghat_t**2
+        theta <- (1 - lr wd) theta - lr (m_t / (1 - beta1^c)) / (sqrt(v_t / (1 - beta2^c)) + adam_eps)
+
+    ``state="history"`` recomputes m and v elementwise, per chunk, from the W regenerated
+    estimates of the last ``window`` applied steps (W*n z per element and update); it drops the
+    terms older than the window, weight beta1^W of m and beta2^W of v (the bias corrections are
+    not adjusted). v forgets slowly (beta2^W = 0.97 for 0.999 and W=32): with a short window use a
+    smaller beta2, or ``state="stored"``, which keeps m and v (two float32 tensors per parameter,
+    rebuilt from the trajectory on resume). With W >= the number of steps both forms agree up to
+    float rounding.
+
+    Args:
+        params, lr, eps, weight_decay, seed: as :class:`MeZO`; further keywords go to :class:`MeZO`.
+        betas: (beta1, beta2).
+        adam_eps: the denominator's guard.
+        window: W of the history form.
+        state: ``"history"`` or ``"stored"``.
+
+    Example::
+
+        opt = zotune.MeZOAdam(model.named_parameters(), lr=1e-4, betas=(0.9, 0.99), state="stored")
+
+    Reference: Malladi et al. 2023 (arXiv 2305.17333), §2.2 and Appendix B.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
+                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, window: int = 32,
+                 state: str = "history", **kwargs):
+        _check_rule_args(beta=betas[0], beta2=betas[1], window=window, state=state)
+        if not (adam_eps > 0 and math.isfinite(adam_eps)):
+            raise ValueError(f"Invalid adam_eps: {adam_eps} (must be a finite number > 0)")
+        self._rule_args = dict(beta1=float(betas[0]), beta2=float(betas[1]), window=int(window),
+                               stored=state == "stored", adam_eps=float(adam_eps))
+        super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
+
+    def _make_rule(self):
+        return V.AdamRule(**self._rule_args)
+
+
+def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5) -> None:
+    for name, b in (("beta", beta), ("beta2", beta2)):
+        if not (isinstance(b, (int, float)) and 0 <= b < 1):
+            raise ValueError(f"Invalid {name}: {b} (must be in [0, 1))")
+    if not (isinstance(window, int) and window >= 1):
+        raise ValueError(f"Invalid window: {window!r} (must be an integer >= 1)")
+    if state not in ("history", "stored"):
+        raise ValueError(f"Invalid state: {state!r} (choose 'history' or 'stored')")

@@ -8,11 +8,13 @@ from the same keyed generator, the two losses are evaluated at theta + eps z and
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zotune import rng
 
-__all__ = ["ReferenceMeZO"]
+__all__ = ["ReferenceMeZO", "ReferenceVariant"]
 
 
 class ReferenceMeZO:
@@ -46,3 +48,78 @@ class ReferenceMeZO:
         self.step_count += 1
         self.projected_grad = g
         return plus
+
+
+class ReferenceVariant:
+    """The variants of :class:`zotune.MeZO` with everything explicit: z, every estimate, m and v (float64).
+
+    Out of place and memory-hungry, for tests only. ``params`` are ``(name, tensor)`` pairs (one group,
+    no weight decay unless ``weight_decay``); ``rule`` is ``"sgd"``, ``"momentum"`` or ``"adam"``,
+    with the full moving averages (no window). z_j = z(step_seed(seed, t, j)); the sphere
+    distribution normalises the concatenated Gaussian draw to norm sqrt(d); ``layerwise="param-norm"``
+    multiplies tensor l's z by ||theta_l|| / sqrt(d_l) at the start of the step.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, *, n: int = 1,
+                 estimator: str = "two-sided", distribution: str = "gaussian", layerwise: str = "none",
+                 rule: str = "sgd", beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.params = list(params)
+        self.lr, self.eps, self.seed, self.n = lr, eps, seed, n
+        self.estimator, self.distribution, self.layerwise = estimator, distribution, layerwise
+        self.rule, self.beta1, self.beta2, self.adam_eps, self.wd = rule, beta1, beta2, adam_eps, weight_decay
+        self.step_count = 0
+        self.estimates: list[list[torch.Tensor]] = []  # ghat_k of every applied step, kept whole
+        self.m = self.v = None
+        self.projected_grads = None
+
+    def z(self, seed: int) -> list[torch.Tensor]:
+        """The perturbation of ``seed`` for every parameter (before the layerwise scale)."""
+        dist = "gaussian" if self.distribution == "sphere" else self.distribution
+        zs = [torch.from_numpy(rng.z(dist, seed, rng.param_key(name), 0, p.numel())).reshape(p.shape).double()
+              for name, p in self.params]
+        if self.distribution == "sphere":
+            d = sum(p.numel() for _, p in self.params)
+            norm = math.sqrt(sum(float((z * z).sum()) for z in zs))
+            zs = [z * math.sqrt(d) / norm for z in zs]
+        return zs
+
+    @torch.no_grad()
+    def step(self, closure) -> list[float]:
+        t = self.step_count
+        theta = [p.detach().double().clone() for _, p in self.params]
+        scales = [1.0] * len(theta)
+        if self.layerwise == "param-norm":
+            scales = [float(x.norm()) / math.sqrt(x.numel()) or 1.0 for x in theta]
+        us = [[s * z for s, z in zip(scales, self.z(rng.step_seed(self.seed, t, j)))] for j in range(self.n)]
+
+        def loss_at(u, sign):
+            for (_, p), x, uj in zip(self.params, theta, u):
+                p.copy_(x + sign * self.eps * uj)
+            return float(closure())
+
+        if self.estimator == "two-sided":
+            grads = [(loss_at(u, 1.0) - loss_at(u, -1.0)) / (2 * self.eps) for u in us]
+        else:
+            base = loss_at(us[0], 0.0)
+            grads = [(loss_at(u, 1.0) - base) / self.eps for u in us]
+        ghat = [sum(g * u[i] for g, u in zip(grads, us)) / self.n for i in range(len(theta))]
+        self.estimates.append(ghat)
+        c = len(self.estimates)
+        if self.rule == "sgd":
+            direction = ghat
+        elif self.rule == "momentum":
+            direction = [sum((1 - self.beta1) * self.beta1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates))
+                         for i in range(len(theta))]
+        else:
+            b1, b2 = self.beta1, self.beta2
+            m = [sum((1 - b1) * b1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates)) for i in range(len(theta))]
+            v = [sum((1 - b2) * b2 ** (c - 1 - k) * e[i] ** 2 for k, e in enumerate(self.estimates))
+                 for i in range(len(theta))]
+            direction = [(mi / (1 - b1**c)) / ((vi / (1 - b2**c)).sqrt() + self.adam_eps) for mi, vi in zip(m, v)]
+            self.m, self.v = m, v
+        for (_, p), x, dx in zip(self.params, theta, direction):
+            p.copy_((1 - self.lr * self.wd) * x - self.lr * dx)
+        self.step_count += 1
+        self.projected_grads = grads
+        return grads

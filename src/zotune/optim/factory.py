@@ -1,0 +1,44 @@
+"""Build the MeZO optimizer (or a variant) that an :class:`~zotune.config.OptimConfig` describes."""
+
+from __future__ import annotations
+
+import os
+
+from zotune.optim.mezo import MeZO, MeZOAdam, MeZOMomentum
+from zotune.optim.variants import linear_n
+
+__all__ = ["make_optimizer"]
+
+
+def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike | None = None,
+                   on_nonfinite: str = "skip") -> MeZO:
+    """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum` or :class:`MeZOAdam`.
+
+    ``fuse_next`` is honoured where it applies: the one-sided estimator and the layerwise scaling need
+    each step to start from clean weights, so with them it is off whatever the config says.
+
+    Args:
+        named_params: ``(name, tensor)`` pairs of the trainable parameters.
+        optim_config: a :class:`zotune.config.OptimConfig`.
+        trajectory: the trajectory file to write (``zotune.replay`` rebuilds the weights from it).
+        on_nonfinite: ``"skip"`` (the training loop's choice) or ``"raise"``.
+
+    Example::
+
+        opt = make_optimizer(model.named_parameters(), OptimConfig(lr=1e-6, variant="adam", state="stored"))
+    """
+    oc = optim_config
+    if oc.n_schedule == "linear":
+        n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
+    else:
+        n = oc.n_perturbations
+    fuse = oc.fuse_next and oc.estimator == "two-sided" and oc.layerwise == "none"
+    common = dict(distribution=oc.distribution, fuse_next=fuse, on_nonfinite=on_nonfinite, trajectory=trajectory,
+                  n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise)
+    args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
+    if oc.variant == "momentum":
+        return MeZOMomentum(*args, beta=oc.beta1, window=oc.window, state=oc.state, **common)
+    if oc.variant == "adam":
+        return MeZOAdam(*args, betas=(oc.beta1, oc.beta2), adam_eps=oc.adam_eps, window=oc.window,
+                        state=oc.state, **common)
+    return MeZO(*args, **common)

@@ -1,0 +1,288 @@
+"""The parts of a MeZO step that vary (paper §2.2 and Appendix B), shared by the optimizer and replay.
+
+A step is: probe sweeps and loss evaluations (the *estimator*: two-sided or one-sided, with n
+perturbations), then one update (the *rule*: SGD, momentum or Adam). Both are described here as
+pure data plus functions over :mod:`zotune.optim.functional`, so that :class:`zotune.MeZO` and
+:func:`zotune.replay` perform the very same sweeps with the very same float32 scalars.
+
+Perturbation j of step t is ``u_j = a_j * s_l * z(step_seed(seed, t, j))`` on tensor l, where
+``a_j`` is 1, or ``sqrt(d) / ||x_j||`` for the sphere distribution, and ``s_l`` is 1, or
+``||theta_l|| / sqrt(d_l)`` for the layerwise parameter-norm variant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from zotune.optim import functional as F
+
+__all__ = [
+    "ESTIMATORS",
+    "LAYERWISE",
+    "MAX_PERTURBATIONS",
+    "AdamRule",
+    "MomentumRule",
+    "SGDRule",
+    "StepUpdate",
+    "carry_after",
+    "layer_scales",
+    "linear_n",
+    "make_rule",
+    "probe_sweeps",
+    "sweep_terms_",
+]
+
+ESTIMATORS = ("two-sided", "one-sided")
+LAYERWISE = ("none", "param-norm")
+MAX_PERTURBATIONS = 100  # a skip record stores the failing evaluation in one byte: 2n + 1 <= 255
+
+
+def probe_sweeps(estimator: str, n: int) -> list[list[tuple[int, float]]]:
+    """The sweep before each loss evaluation, as ``(perturbation j, multiple of eps)`` pairs.
+
+    two-sided: ``[+z0], [-2 z0], [+z0 +z1], [-2 z1], ...``: 2n evaluations, L+_j then L-_j.
+    one-sided: ``[], [+z0], [-z0 +z1], ...``: n + 1 evaluations, L(theta) first.
+    """
+    sweeps: list[list[tuple[int, float]]] = []
+    if estimator == "two-sided":
+        for j in range(n):
+            sweeps.append([(j - 1, 1.0), (j, 1.0)] if j else [(0, 1.0)])
+            sweeps.append([(j, -2.0)])
+    elif estimator == "one-sided":
+        sweeps.append([])
+        for j in range(n):
+            sweeps.append([(j - 1, -1.0), (j, 1.0)] if j else [(0, 1.0)])
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    return sweeps
+
+
+def carry_after(estimator: str, k: int) -> tuple[int, float] | None:
+    """``(j, multiple of eps)`` of the perturbation the parameters hold after sweep ``k`` (None: clean)."""
+    if estimator == "two-sided":
+        return (k // 2, 1.0 if k % 2 == 0 else -1.0)
+    return None if k == 0 else (k - 1, 1.0)
+
+
+def linear_n(n0: int, n1: int, ramp_steps: int) -> Callable[[int], int]:
+    """A schedule for the number of perturbations: n0 at step 0, rising linearly to n1 at ``ramp_steps``.
+
+    Example: ``MeZO(params, lr, n_perturbations=linear_n(1, 8, 1000))``.
+    """
+    if ramp_steps < 1:
+        raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
+
+    def n_at(step: int) -> int:
+        return int(n0 + (n1 - n0) * min(step, ramp_steps) // ramp_steps)
+
+    n_at.description = f"linear {n0} -> {n1} over {ramp_steps} steps"  # type: ignore[attr-defined]
+    return n_at
+
+
+@torch.no_grad()
+def layer_scales(params: Sequence[torch.Tensor]) -> list[float]:
+    """s_l = ||theta_l|| / sqrt(d_l) per tensor (float32-rounded; 1.0 for an all-zero tensor, so it still moves)."""
+    out = []
+    for p in params:
+        norm = float(torch.linalg.vector_norm(p.detach().double()))
+        out.append(F.f32(norm / math.sqrt(p.numel())) if norm > 0 else 1.0)
+    return out
+
+
+def sweep_terms_(params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None,
+                 backend=None) -> None:
+    """theta_l <- scale theta_l + sum(c * s_l[term] * z(seed)) over terms ``(seed, c, s)``.
+
+    ``s`` is None (no per-tensor factor) or one factor per tensor of ``params`` (layerwise). Without
+    any per-tensor factor this is one :func:`~zotune.optim.functional.sweep_` over all tensors.
+    """
+    if all(s is None for _, _, s in terms):
+        F.sweep_(params, keys, [(seed, c) for seed, c, _ in terms], scale=scale, distribution=distribution,
+                 rounding_seed=rounding_seed, backend=backend)
+        return
+    for i, (p, key) in enumerate(zip(params, keys, strict=True)):
+        F.sweep_([p], [key], [(seed, c if s is None else c * s[i]) for seed, c, s in terms], scale=scale,
+                 distribution=distribution, rounding_seed=rounding_seed, backend=backend)
+
+
+@dataclass
+class StepUpdate:
+    """What an update rule needs of one step (all scalars already float32-rounded)."""
+
+    step: int
+    seeds: list[int]  # seed of perturbation j
+    factors: list[float]  # a_j (sphere normalisation; 1.0 otherwise)
+    grads: list[float]  # projected gradient g_j
+    scales: list[float] | None  # s_l for every tensor of the optimizer (layerwise), or None
+    carry: tuple[int, float] | None  # (j, c): the parameters hold theta + c a_j s_l z_j; None: clean theta
+    next_terms: list[tuple[int, float]] = field(default_factory=list)  # fused +eps of the next step
+
+
+@dataclass
+class Group:
+    """One parameter group as the rules see it: tensors, keys, their indices in the optimizer, lr, wd."""
+
+    params: list[torch.Tensor]
+    keys: list[int]
+    index: list[int]
+    lr: float
+    weight_decay: float
+
+
+def _pick(scales, index):
+    return None if scales is None else [scales[i] for i in index]
+
+
+class SGDRule:
+    r"""theta <- (1 - lr wd) theta - lr/n sum_j g_j u_j: MeZO's update (the paper's Algorithm 1, with n-SPSA)."""
+
+    name = "sgd"
+    stored = False
+
+    def header(self) -> dict | None:
+        return None
+
+    def state(self) -> dict | None:
+        return None
+
+    def load(self, state, optimizer=None) -> None:
+        pass
+
+    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
+              update: bool = True) -> None:
+        if not update:
+            return
+        n = len(u.grads)
+        for grp in groups:
+            lr, wd = grp.lr, grp.weight_decay
+            scale = 1.0 - lr * wd
+            coefs = [-(lr / n) * g for g in u.grads]
+            if u.carry is not None:
+                j, c = u.carry
+                coefs[j] = -scale * c - (lr / n) * u.grads[j]
+            svec = _pick(u.scales, grp.index)
+            terms = [(s, a * c, svec) for s, a, c in zip(u.seeds, u.factors, coefs)]
+            terms += [(s, c, None) for s, c in u.next_terms]
+            sweep_terms_(grp.params, grp.keys, terms, scales=None, scale=scale, distribution=distribution,
+                         rounding_seed=rounding_seed, backend=backend)
+
+
+class _MomentRule:
+    """Shared bookkeeping of momentum and Adam: the window of past estimates, or stored tensors."""
+
+    adam = False
+
+    def __init__(self, beta1: float, beta2: float, window: int, stored: bool, adam_eps: float = 1e-8):
+        self.beta1, self.beta2, self.window, self.stored, self.adam_eps = beta1, beta2, window, stored, adam_eps
+        self.count = 0  # updates applied (Adam's bias correction)
+        self.history: deque = deque(maxlen=window)  # (seeds, factors, grads, scales) of the last applied steps
+        self.m: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def header(self) -> dict:
+        out = {"name": self.name, "beta1": self.beta1, "window": self.window,
+               "state": "stored" if self.stored else "history"}
+        if self.adam:
+            out.update(beta2=self.beta2, adam_eps=self.adam_eps)
+        return out
+
+    def state(self) -> dict:
+        return {"count": self.count,
+                "history": None if self.stored else [list(map(list, h[:3])) + [h[3]] for h in self.history]}
+
+    def load(self, state, optimizer=None) -> None:
+        self.count = int(state["count"])
+        self.history.clear()
+        if not self.stored:
+            for seeds, factors, grads, scales in state["history"]:
+                self.history.append(([int(s) for s in seeds], factors, grads, scales))
+
+    def _estimate_terms(self, seeds, factors, grads, svec, i):
+        n = len(grads)
+        return [(s, a * (g / n) * (1.0 if svec is None else svec[i])) for s, a, g in zip(seeds, factors, grads)]
+
+    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
+              update: bool = True) -> None:
+        self.count += 1
+        if not self.stored:
+            self.history.append((list(u.seeds), list(u.factors), list(u.grads), u.scales))
+        if not update and not self.stored:
+            return
+        b1, b2 = self.beta1, self.beta2
+        bias1, bias2 = 1.0 - b1**self.count, 1.0 - b2**self.count
+        for grp in groups:
+            lr, wd = grp.lr, grp.weight_decay
+            scale = 1.0 - lr * wd
+            if not self.stored and not self.adam:  # momentum from the history: one linear W*n-term sweep
+                self._history_momentum(grp, u, scale, distribution, rounding_seed, backend)
+                continue
+            for pos, (p, key, i) in enumerate(zip(grp.params, grp.keys, grp.index)):
+                s_i = 1.0 if u.scales is None else u.scales[i]
+                restore = []
+                if u.carry is not None:
+                    j, c = u.carry
+                    restore = [(u.seeds[j], -c * u.factors[j] * s_i)]
+                if self.stored:
+                    if i not in self.m:
+                        self.m[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                        if self.adam:
+                            self.v[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    estimates = [self._estimate_terms(u.seeds, u.factors, u.grads, u.scales, i)]
+                    w1 = w2 = None
+                else:
+                    hist = list(self.history)
+                    estimates = [self._estimate_terms(h[0], h[1], h[2], h[3], i) for h in hist]
+                    ages = range(len(hist) - 1, -1, -1)
+                    w1 = [(1.0 - b1) * b1**a for a in ages]
+                    w2 = [(1.0 - b2) * b2**a for a in range(len(hist) - 1, -1, -1)]
+                F.moment_sweep_(p, key, estimates=estimates, weights1=w1, weights2=w2 if self.adam else None,
+                                m=self.m.get(i), v=self.v.get(i) if self.adam else None, beta1=b1, beta2=b2,
+                                restore=restore, next_terms=u.next_terms, scale=scale, lr=lr,
+                                bias1=bias1 if self.adam else 1.0, bias2=bias2, adam_eps=self.adam_eps,
+                                update=update, distribution=distribution, rounding_seed=rounding_seed,
+                                backend=backend)
+
+    def _history_momentum(self, grp: Group, u: StepUpdate, scale, distribution, rounding_seed, backend) -> None:
+        lr, b1 = grp.lr, self.beta1
+        hist = list(self.history)
+        terms = []
+        if u.carry is not None:
+            j, c = u.carry
+            terms.append((u.seeds[j], -scale * c * u.factors[j], _pick(u.scales, grp.index)))
+        for age, (seeds, factors, grads, scales) in zip(range(len(hist) - 1, -1, -1), hist):
+            w = (1.0 - b1) * b1**age
+            n = len(grads)
+            svec = _pick(scales, grp.index)
+            terms += [(s, -lr * w * (g / n) * a, svec) for s, a, g in zip(seeds, factors, grads)]
+        terms += [(s, c, None) for s, c in u.next_terms]
+        sweep_terms_(grp.params, grp.keys, terms, scale=scale, distribution=distribution,
+                     rounding_seed=rounding_seed, backend=backend)
+
+
+class MomentumRule(_MomentRule):
+    r"""m_t = sum_{k <= t} (1-beta) beta^(t-k) ghat_k,  theta <- (1 - lr wd) theta - lr m_t."""
+
+    name = "momentum"
+
+
+class AdamRule(_MomentRule):
+    r"""Adam on the ZO estimates: m, v moving averages of ghat and ghat**2, bias-corrected."""
+
+    name = "adam"
+    adam = True
+
+
+def make_rule(spec: dict | None):
+    """The rule a trajectory header's ``"variant"`` entry (or None: SGD) describes."""
+    if spec is None or spec.get("name", "sgd") == "sgd":
+        return SGDRule()
+    cls = {"momentum": MomentumRule, "adam": AdamRule}.get(spec["name"])
+    if cls is None:
+        raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows sgd, momentum and adam")
+    return cls(float(spec["beta1"]), float(spec.get("beta2", 0.999)), int(spec["window"]),
+               spec["state"] == "stored", float(spec.get("adam_eps", 1e-8)))

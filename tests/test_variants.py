@@ -1,0 +1,400 @@
+"""The MeZO variants of paper §2.2 / Appendix B: n-SPSA, one-sided, sphere, layerwise, momentum, Adam."""
+
+import base64
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import mse_closure
+
+import zotune
+from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
+from zotune.config import ConfigError, OptimConfig
+from zotune.optim import functional as F
+from zotune.optim import make_optimizer
+from zotune.optim import variants as V
+from zotune.optim.reference import ReferenceVariant
+from zotune.trajectory import MultiStep, Trajectory, TrajectoryWriter, read_trajectory
+
+# name -> (class, keyword arguments, the reference's keyword arguments)
+VARIANTS = {
+    "nspsa": (MeZO, dict(n_perturbations=3), dict(n=3)),
+    "one-sided": (MeZO, dict(n_perturbations=2, estimator="one-sided"), dict(n=2, estimator="one-sided")),
+    "sphere": (MeZO, dict(distribution="sphere"), dict(distribution="sphere")),
+    "param-norm": (MeZO, dict(layerwise="param-norm"), dict(layerwise="param-norm")),
+    "momentum-history": (MeZOMomentum, dict(beta=0.8, window=50), dict(rule="momentum", beta1=0.8)),
+    "momentum-stored": (MeZOMomentum, dict(beta=0.8, state="stored"), dict(rule="momentum", beta1=0.8)),
+    "adam-history": (MeZOAdam, dict(betas=(0.8, 0.9), window=50), dict(rule="adam", beta1=0.8, beta2=0.9)),
+    "adam-stored": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored"), dict(rule="adam", beta1=0.8, beta2=0.9)),
+    "everything": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored", n_perturbations=2, estimator="one-sided",
+                                  distribution="sphere", layerwise="param-norm"),
+                   dict(rule="adam", beta1=0.8, beta2=0.9, n=2, estimator="one-sided", distribution="sphere",
+                        layerwise="param-norm")),
+}
+def _lr(name):
+    return 1e-3 if "adam" in name or name == "everything" else 2e-2
+
+
+def _build(name, model, **extra):
+    cls, kwargs, _ = VARIANTS[name]
+    return cls(model.named_parameters(), lr=_lr(name), eps=1e-3, seed=3, **kwargs, **extra)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_matches_the_explicit_reference_step_by_step(toy_model, regression_data, name):
+    model, ref_model = toy_model(), toy_model()
+    opt = _build(name, model)
+    ref = ReferenceVariant(list(ref_model.named_parameters()), lr=_lr(name), eps=1e-3, seed=3, **VARIANTS[name][2])
+    for _ in range(8):
+        opt.step(mse_closure(model, *regression_data))
+        ref.step(mse_closure(ref_model, *regression_data))
+        assert opt.projected_grads == pytest.approx(ref.projected_grads, rel=3e-3, abs=3e-3)
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            torch.testing.assert_close(p, q.float(), rtol=0, atol=5e-5)
+
+
+def test_one_perturbation_is_plain_mezo_bit_for_bit(toy_model, regression_data):
+    runs = []
+    for kwargs in (dict(), dict(n_perturbations=1), dict(n_perturbations=lambda t: 1)):
+        model = toy_model()
+        opt = MeZO(model.named_parameters(), lr=1e-2, weight_decay=0.1, seed=2, fuse_next=True, **kwargs)
+        for _ in range(5):
+            opt.step(mse_closure(model, *regression_data))
+        opt.flush()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+@pytest.mark.parametrize("estimator,n,calls", [("two-sided", 1, 2), ("two-sided", 4, 8), ("one-sided", 1, 2),
+                                               ("one-sided", 4, 5)])
+def test_closure_calls_per_step(toy_model, regression_data, estimator, n, calls):
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-2, n_perturbations=n, estimator=estimator)
+    loss, count = mse_closure(model, *regression_data), [0]
+
+    def counting():
+        count[0] += 1
+        return loss()
+
+    opt.step(counting)
+    assert count[0] == calls
+    assert len(opt.projected_grads) == n
+
+
+def test_one_sided_returns_and_reuses_the_unperturbed_loss(toy_model, regression_data):
+    model = toy_model()
+    loss = mse_closure(model, *regression_data)
+    with torch.no_grad():
+        clean = float(loss())
+    opt = MeZO(model.named_parameters(), lr=0.0, n_perturbations=3, estimator="one-sided")
+    assert float(opt.step(loss)) == clean
+
+
+def test_n_schedule_changes_the_perturbations_per_step(toy_model, regression_data):
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-2, n_perturbations=V.linear_n(1, 4, 3))
+    sizes = []
+    for _ in range(5):
+        opt.step(mse_closure(model, *regression_data))
+        sizes.append(len(opt.projected_grads))
+    assert sizes == [1, 2, 3, 4, 4]
+
+
+def _perturbations(d, seeds):
+    """z of the sphere distribution as the optimizer applies it: (theta + eps z - theta) / eps with theta = 0."""
+    x = torch.nn.Parameter(torch.zeros(d))
+    out = []
+    for seed in seeds:
+        opt = MeZO([("x", x)], lr=0.0, eps=1.0, seed=seed, distribution="sphere")
+        seen = []
+        opt.step(lambda: seen.append(x.detach().clone()) or torch.tensor(0.0))
+        out.append(seen[0])
+    return torch.stack(out).double()
+
+
+def test_sphere_perturbations_have_norm_sqrt_d():
+    z = _perturbations(1000, range(3))
+    torch.testing.assert_close(z.norm(dim=1), torch.full((3,), math.sqrt(1000), dtype=torch.float64), rtol=1e-5,
+                               atol=0)
+    assert abs(float(z.mean())) < 0.1
+
+
+def test_sphere_coordinates_are_those_of_a_uniform_sphere():
+    # On the sphere of radius sqrt(d): E z_i = 0, E z_i^2 = 1, E z_i^4 = 3d / (d + 2) (a Gaussian has 3).
+    d, n = 8, 3000
+    x = torch.zeros(n, d, dtype=torch.float64)
+    for s in range(n):
+        seed = rng.step_seed(11, s)
+        g = torch.from_numpy(rng.gaussian(seed, rng.param_key("x"), 0, d)).double()
+        x[s] = g * rng.sphere_factor(F.gaussian_sumsq([torch.zeros(d)], [rng.param_key("x")], seed), d)
+    torch.testing.assert_close(x.norm(dim=1), torch.full((n,), math.sqrt(d), dtype=torch.float64), rtol=1e-6,
+                               atol=0)
+    assert abs(float(x.mean())) < 0.05
+    assert float((x**2).mean()) == pytest.approx(1.0, rel=1e-6)
+    assert float((x**4).mean()) == pytest.approx(3 * d / (d + 2), rel=0.05)
+
+
+def test_sphere_leaves_gaussian_and_rademacher_bits_alone():
+    assert rng.DISTRIBUTIONS == ("gaussian", "rademacher")
+    assert rng.PERTURBATIONS == ("gaussian", "rademacher", "sphere")
+
+
+@pytest.mark.parametrize("rule", ["momentum", "adam"])
+def test_history_equals_stored_when_the_window_holds_every_step(toy_model, regression_data, rule):
+    models = [toy_model(), toy_model()]
+    cls = MeZOMomentum if rule == "momentum" else MeZOAdam
+    kwargs = dict(beta=0.9) if rule == "momentum" else dict(betas=(0.9, 0.99))
+    opts = [cls(models[0].named_parameters(), lr=1e-3, window=12, state="history", **kwargs),
+            cls(models[1].named_parameters(), lr=1e-3, window=12, state="stored", **kwargs)]
+    for _ in range(12):
+        for model, opt in zip(models, opts):
+            opt.step(mse_closure(model, *regression_data))
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-6)
+
+
+def test_momentum_history_is_within_the_documented_bound():
+    # Same estimates fed to both forms: |m_stored - m_history| <= beta^W max|ghat| per step, so after T
+    # steps the weights differ by at most lr * T * beta^W * max|ghat|.
+    d, beta, window, steps, lr = 64, 0.7, 3, 12, 0.1
+    gen = torch.Generator().manual_seed(0)
+    grads = [float(g) for g in torch.randn(steps, generator=gen)]
+    thetas = [torch.zeros(d), torch.zeros(d)]
+    rules = [V.MomentumRule(beta, 0.0, window, stored=False), V.MomentumRule(beta, 0.0, window, stored=True)]
+    gmax = 0.0
+    for t, g in enumerate(grads):
+        seed = rng.step_seed(5, t)
+        gmax = max(gmax, abs(g) * float(torch.from_numpy(rng.gaussian(seed, 1, 0, d)).abs().max()))
+        for theta, rule in zip(thetas, rules):
+            u = V.StepUpdate(t, [seed], [1.0], [g], None, None)
+            rule.apply([V.Group([theta], [1], [0], lr, 0.0)], u, distribution="gaussian", rounding_seed=None,
+                       backend=None)
+    gap = float((thetas[0] - thetas[1]).abs().max())
+    assert 0 < gap <= lr * steps * beta**window * gmax
+
+
+def _nan_at(closure, calls):
+    count = [0]
+
+    def wrapped():
+        count[0] += 1
+        return torch.tensor(float("nan")) if count[0] in calls else closure()
+
+    return wrapped
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_replays_bit_for_bit(tmp_path, toy_model, regression_data, name):
+    model = toy_model()
+    opt = _build(name, model, trajectory=tmp_path / "t.zot", on_nonfinite="skip", weight_decay=0.05)
+    closure = _nan_at(mse_closure(model, *regression_data), {3, 10})  # two steps skipped mid-probe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(8):
+            opt.step(closure)
+    opt._writer.close()
+    base = toy_model()
+    replay(base, tmp_path / "t.zot")
+    for p, q in zip(model.parameters(), base.parameters()):
+        assert torch.equal(p, q)
+    fast = toy_model()
+    replay(fast, tmp_path / "t.zot", exact=False)
+    for p, q in zip(model.parameters(), fast.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_n_spsa_with_sphere_replays_bit_for_bit(tmp_path, toy_model, regression_data, dtype):
+    model = toy_model(dtype=dtype)
+    opt = MeZOMomentum(model.named_parameters(), lr=1e-2, n_perturbations=3, distribution="sphere", fuse_next=True,
+                       stochastic_rounding=True, window=4, trajectory=tmp_path / "t.zot")
+    for _ in range(6):
+        opt.step(mse_closure(model, *regression_data))
+    opt.flush()
+    opt._writer.close()
+    records = read_trajectory(tmp_path / "t.zot").records
+    assert sum(isinstance(r, MultiStep) for r in records) == 6
+    base = toy_model(dtype=dtype)
+    replay(base, tmp_path / "t.zot")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+V1_TRAJECTORY = "".join([
+    "Wk9UUkFKAQDSAgAAeyJkaXN0cmlidXRpb24iOiAiZ2F1c3NpYW4iLCAiZmlyc3Rfc3RlcCI6IDAsICJmb3JtYXQiOiAiem90dW5l"
+    "LXRyYWplY3RvcnkiLCAiZnVzZV9uZXh0IjogdHJ1ZSwgImdyb3VwcyI6IFtbMCwgMV0sIFsyLCAzLCA0LCA1XV0sICJuYW1lZCI6"
+    "IHRydWUsICJwYXJhbXMiOiBbeyJkdHlwZSI6ICJmbG9hdDMyIiwgImtleSI6ICJjNjU1NTEwMTFlZTA3OGU2IiwgIm5hbWUiOiAi"
+    "MC53ZWlnaHQiLCAic2hhcGUiOiBbOCwgNl19LCB7ImR0eXBlIjogImZsb2F0MzIiLCAia2V5IjogIjMxZGM4ZTQyMjk5NzE0MjYi"
+    "LCAibmFtZSI6ICIzLndlaWdodCIsICJzaGFwZSI6IFszLCA4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAiYTA3Y2U4"
+    "NGE3NDI5NjkxNSIsICJuYW1lIjogIjAuYmlhcyIsICJzaGFwZSI6IFs4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAi"
+    "MDEwZmUxYWRjOTViNGY1NiIsICJuYW1lIjogIjIud2VpZ2h0IiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9hdDMyIiwg"
+    "ImtleSI6ICI1ZjRhMzUyYzMyNDI3ZjBhIiwgIm5hbWUiOiAiMi5iaWFzIiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9h"
+    "dDMyIiwgImtleSI6ICJmMGIxMzQ2ZTlhY2U1NzUxIiwgIm5hbWUiOiAiMy5iaWFzIiwgInNoYXBlIjogWzNdfV0sICJzZWVkIjog"
+    "NywgInN0b2NoYXN0aWNfcm91bmRpbmciOiBmYWxzZSwgInpvdHVuZV92ZXJzaW9uIjogIjAuMS4wIn3lO7xzSG8SgzrNzMw9AAAA"
+    "AJh3UwAAAAAIHIa/CtcjPArXIzxjy1MBAAAAP/7AvwrXIzwK1yM8+OhYAgAAAAJ1GVMDAAAAXwpMwArXIzwK1yM89lBGBAAAAKPN"
+    "UwQAAABbz07ACtcjPArXIzzzw0YFAAAAxqo="
+])  # written by zotune before the variants (plain MeZO, fuse_next, wd 0.1, seed 7, a NaN at call 6)
+
+
+def test_v1_trajectories_still_read_and_replay(tmp_path, toy_model, regression_data):
+    path = tmp_path / "v1.zot"
+    path.write_bytes(base64.b64decode(V1_TRAJECTORY))
+    # The same run today writes the same bytes and weights.
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-2, weight_decay=0.1, fuse_next=True, seed=7, on_nonfinite="skip",
+               trajectory=tmp_path / "now.zot")
+    closure = _nan_at(mse_closure(model, *regression_data), {6})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(4):
+            opt.step(closure)
+    opt.flush()
+    opt.step(closure)
+    opt.flush()
+    opt._writer.close()
+    assert (tmp_path / "now.zot").read_bytes() == path.read_bytes()
+    base = toy_model()
+    replay(base, path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+def test_forward_gradient_trajectories_replay_as_plain_updates(tmp_path, toy_model):
+    from zotune.trajectory import Hyper, Step
+
+    model = toy_model()
+    named = list(model.named_parameters())
+    header = {"format": "zotune-trajectory", "seed": 4, "distribution": "gaussian", "fuse_next": False,
+              "stochastic_rounding": False, "named": True, "first_step": 0, "estimator": "forward-gradient",
+              "params": [{"name": n, "key": f"{rng.param_key(n):016x}", "shape": list(p.shape), "dtype": "float32"}
+                         for n, p in named],
+              "groups": [list(range(len(named)))]}
+    writer = TrajectoryWriter(tmp_path / "fg.zot", header)
+    writer.append(Hyper(1e-3, (0.0,)))
+    writer.append(Step(0, 0.5, (0.01,)))
+    writer.append(MultiStep(1, (0.25, -1.0), (0.01,)))
+    writer.close()
+    expected = [p.detach().clone() for _, p in named]
+    keys = [rng.param_key(n) for n, _ in named]
+    F.sweep_(expected, keys, [(rng.step_seed(4, 0), -0.01 * 0.5)])
+    F.sweep_(expected, keys, [(rng.step_seed(4, 1, 0), -0.005 * 0.25), (rng.step_seed(4, 1, 1), -0.005 * -1.0)])
+    replay(model, tmp_path / "fg.zot")
+    for p, q in zip(model.parameters(), expected):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def _checkpoint(model, opt):
+    return {k: v.clone() for k, v in model.state_dict().items()}, json.loads(json.dumps(opt.state_dict(flush=False)))
+
+
+@pytest.mark.parametrize("name", ["nspsa", "one-sided", "momentum-history", "adam-stored", "everything"])
+def test_resume_continues_bit_for_bit(tmp_path, toy_model, regression_data, name):
+    steps, k = 10, 5
+    full = toy_model()
+    opt = _build(name, full)
+    for _ in range(steps):
+        opt.step(mse_closure(full, *regression_data))
+
+    part = toy_model()
+    opt = _build(name, part, trajectory=tmp_path / "part.zot")
+    for _ in range(k):
+        opt.step(mse_closure(part, *regression_data))
+    _, state = _checkpoint(part, opt)
+    for _ in range(2):  # lost after the checkpoint
+        opt.step(mse_closure(part, *regression_data))
+    opt._writer.close()
+
+    # What `zotune train --resume` does: rebuild the weights by replay, then load the optimizer state.
+    resumed = toy_model()
+    with open(tmp_path / "part.zot", "r+b") as f:
+        f.truncate(state["mezo"]["trajectory_bytes"])
+    replay(resumed, read_trajectory(tmp_path / "part.zot"), finish=False)
+    opt = _build(name, resumed, trajectory=tmp_path / "part.zot")
+    opt.load_state_dict(state)
+    for _ in range(steps - k):
+        opt.step(mse_closure(resumed, *regression_data))
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_of_another_variant_is_rejected(toy_model, regression_data):
+    model = toy_model()
+    opt = MeZO(model.named_parameters(), lr=1e-2, n_perturbations=2)
+    opt.step(mse_closure(model, *regression_data))
+    other = MeZOMomentum(model.named_parameters(), lr=1e-2, n_perturbations=2)
+    with pytest.raises(ValueError, match="variant options"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_stored_state_resume_without_trajectory_says_what_to_do(toy_model, regression_data):
+    model = toy_model()
+    opt = MeZOAdam(model.named_parameters(), lr=1e-3, state="stored")
+    opt.step(mse_closure(model, *regression_data))
+    again = MeZOAdam(model.named_parameters(), lr=1e-3, state="stored")
+    with pytest.raises(ValueError, match="rebuilds m and v from the trajectory"):
+        again.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_perturbations=0), "Invalid n_perturbations: 0"),
+    (dict(n_perturbations=101), "Invalid n_perturbations: 101"),
+    (dict(estimator="three-sided"), "Invalid estimator: 'three-sided'"),
+    (dict(layerwise="grad-norm"), "Invalid layerwise: 'grad-norm'"),
+    (dict(distribution="ball"), "Invalid distribution: 'ball'"),
+    (dict(estimator="one-sided", fuse_next=True), "fuse_next=True works with the two-sided"),
+])
+def test_bad_variant_arguments_raise_naming_the_value(toy_model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MeZO(toy_model().parameters(), lr=1e-3, **kwargs)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("n_perturbations", 0), ("n_perturbations_final", 500), ("n_schedule", "cosine"), ("n_ramp_steps", 0),
+    ("estimator", "central"), ("variant", "lion"), ("beta1", 1.0), ("beta2", -0.1), ("adam_eps", 0.0),
+    ("window", 0), ("state", "disk"), ("layerwise", "grad-norm"), ("distribution", "ball"),
+])
+def test_bad_config_values_raise_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"optimizer.{field} "):
+        OptimConfig(**{field: value})
+
+
+@pytest.mark.parametrize("config,cls,fuse", [
+    (OptimConfig(), MeZO, True),
+    (OptimConfig(estimator="one-sided", n_perturbations=3), MeZO, False),
+    (OptimConfig(variant="momentum", window=8), MeZOMomentum, True),
+    (OptimConfig(variant="adam", state="stored", layerwise="param-norm"), MeZOAdam, False),
+])
+def test_make_optimizer_builds_the_configured_variant(toy_model, config, cls, fuse):
+    opt = make_optimizer(toy_model().named_parameters(), config)
+    assert type(opt) is cls and opt.fuse_next is fuse and opt.on_nonfinite == "skip"
+    assert zotune.make_optimizer is make_optimizer
+
+
+def test_make_optimizer_linear_n_schedule(toy_model, regression_data):
+    model = toy_model()
+    opt = make_optimizer(model.named_parameters(), OptimConfig(n_perturbations=2, n_schedule="linear",
+                                                               n_perturbations_final=4, n_ramp_steps=2))
+    sizes = []
+    for _ in range(3):
+        opt.step(mse_closure(model, *regression_data))
+        sizes.append(len(opt.projected_grads))
+    assert sizes == [2, 3, 4]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_minimises_a_quadratic(name):
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(10, 10, generator=gen)
+    a = m @ m.T / 10 + torch.eye(10)
+    x = torch.nn.Parameter(torch.randn(10, generator=gen) + 1.0)
+    cls, kwargs, _ = VARIANTS[name]
+    lr = 0.005 if kwargs.get("layerwise") == "param-norm" else 0.02  # s_l^2 ~ 2 multiplies the step
+    if cls is MeZOAdam:
+        lr = 0.05  # Adam's steps are ~lr per coordinate, whatever the estimate's scale
+    opt = cls([("x", x)], lr=lr, eps=1e-3, **kwargs)
+    loss = lambda: 0.5 * x @ a @ x  # noqa: E731
+    start = float(loss().detach())
+    for _ in range(300):
+        opt.step(loss)
+    assert float(loss().detach()) < 0.05 * start

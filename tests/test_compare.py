@@ -45,6 +45,19 @@ def test_a_grid_runs_every_cell_and_writes_the_table(model_dir, tmp_path):
     assert set(zero) >= {"validation", "test", "cell_time_s"} and zero["peak_memory_mb"] is None
 
 
+def test_the_baselines_run_as_cells(model_dir, tmp_path):
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["lp", "ft", "ft-prefix"],
+                                     lp={"Cs": [1.0]}, ft={"steps": 2, "batch_size": 4}))
+    lines = cmp.compare(grid, log=QUIET).split("\n\n")[0].splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| LP", "| FT", "| FT (prefix)"]
+    ft = json.loads((tmp_path / "out" / "sst2" / "ft" / "seed0" / "result.json").read_text())
+    prefix = json.loads((tmp_path / "out" / "sst2" / "ft-prefix" / "seed0" / "result.json").read_text())
+    assert ft["steps"] == 2 and prefix["trainable_parameters"] < ft["trainable_parameters"]
+    with pytest.raises(ConfigError, match="lp: unknown key 'C'"):
+        cmp.compare(cmp.CompareConfig(**_grid(model_dir, tmp_path / "bad", methods=["lp"], lp={"C": 1.0})),
+                    log=QUIET)
+
+
 def test_cells_already_done_are_skipped(model_dir, tmp_path, monkeypatch):
     grid = cmp.load_compare_config(None, [f"--{k}={json.dumps(v)}" for k, v in
                                           _grid(model_dir, tmp_path / "out", methods=["zero-shot"]).items()])

@@ -174,6 +174,12 @@ class CompareConfig:
                 if name not in known:
                     raise ConfigError(f"{key} names {name!r}, which is not in the grid's {key.split('_')[0]}s")
         _check_run_sections(self.run, "run")
+        from zotune.baselines.finetune import FinetuneConfig
+        from zotune.baselines.icl import ICLConfig
+        from zotune.baselines.probe import ProbeConfig
+
+        for key, cls in (("icl", ICLConfig), ("lp", ProbeConfig), ("ft", FinetuneConfig)):
+            _section(cls, getattr(self, key), key)  # a bad baseline setting fails before any cell runs
         for key in ("method_overrides", "task_overrides"):
             for name, sections in getattr(self, key).items():
                 _check_run_sections(sections, f"{key}.{name}")

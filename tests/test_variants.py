@@ -16,7 +16,7 @@ from zotune.optim import functional as F
 from zotune.optim import make_optimizer
 from zotune.optim import variants as V
 from zotune.optim.reference import ReferenceVariant
-from zotune.trajectory import MultiStep, Trajectory, TrajectoryWriter, read_trajectory
+from zotune.trajectory import MultiStep, TrajectoryWriter, read_trajectory
 
 # name -> (class, keyword arguments, the reference's keyword arguments)
 VARIANTS = {
@@ -288,7 +288,7 @@ def _checkpoint(model, opt):
     return {k: v.clone() for k, v in model.state_dict().items()}, json.loads(json.dumps(opt.state_dict(flush=False)))
 
 
-@pytest.mark.parametrize("name", ["nspsa", "one-sided", "momentum-history", "adam-stored", "everything"])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_resume_continues_bit_for_bit(tmp_path, toy_model, regression_data, name):
     steps, k = 10, 5
     full = toy_model()
@@ -398,3 +398,61 @@ def test_every_variant_minimises_a_quadratic(name):
     for _ in range(300):
         opt.step(loss)
     assert float(loss().detach()) < 0.05 * start
+
+
+def test_train_with_a_variant_resumes_like_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import zotune.train as train_module
+    from zotune.cli import main
+
+    def args(out):
+        return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "4", "--train", "16",
+                "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-3", "--progress", "false",
+                "--zero_shot", "false", "--save_best", "false", "--output_dir", str(out), "--variant", "adam",
+                "--optimizer.state", "stored", "--n_perturbations", "2", "--estimator", "one-sided",
+                "--layerwise", "param-norm"]
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(args(full)) == 0
+    original = train_module._batch_indices
+
+    def interrupt(n, batch_size, step, seed):
+        if step == 1:  # during the second step: the run finishes it, saves, and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(n, batch_size, step, seed)
+
+    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
+    assert main(args(part)) == 130
+    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert main(["train", "--resume", str(part)]) == 0
+    a, b = read_trajectory(full / "trajectory.zot"), read_trajectory(part / "trajectory.zot")
+    assert a.header["variant"]["name"] == "adam" and a.records == b.records
+    assert sum(isinstance(r, MultiStep) for r in a.records) == 4
+
+
+@pytest.mark.parametrize("cls", ["MeZOMomentum", "MeZOAdam"])
+def test_history_variants_allocate_no_parameter_sized_tensor(cls):
+    # A 16 MB parameter, n-SPSA with the sphere, layerwise scales and a 3-step history: chunks only.
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import resource, torch, zotune
+        p = torch.nn.Parameter(torch.zeros(2**22) + 0.5)
+        opt = zotune.{cls}([("p", p)], lr=1e-6, window=3, n_perturbations=2, estimator="one-sided",
+                           distribution="sphere", layerwise="param-norm")
+        closure = lambda: p[:1000].sum()
+        opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        opt.step(closure)
+        opt.step(closure)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 8, f"peak memory grew by {growth_mb} MB during a step on a 16 MB parameter"

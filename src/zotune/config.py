@@ -97,7 +97,9 @@ class OptimConfig:
                    "layerwise": ("none", "param-norm")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+                hint = " (the gradient-norm variant is not implemented)" if getattr(self, name) == "grad-norm" else ""
+                raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, name)!r}{hint}")
         for name in ("n_perturbations", "n_perturbations_final"):
             value = getattr(self, name)
             if not (isinstance(value, int) and 1 <= value <= 100):

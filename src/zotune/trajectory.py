@@ -188,7 +188,7 @@ class Trajectory:
     records: list[Record]
 
     @property
-    def steps(self) -> list[Step]:
+    def steps(self) -> list[Step | MultiStep]:
         return [r for r in self.records if isinstance(r, (Step, MultiStep))]
 
 
@@ -214,11 +214,15 @@ def _read_header(data: bytes, path) -> tuple[dict, int]:
     return json.loads(body), end + 4
 
 
-def read_trajectory(path: str | os.PathLike) -> Trajectory:
-    """Parse a trajectory file; a truncated or corrupted one raises :class:`TrajectoryError` naming the record."""
+def read_trajectory(path: str | os.PathLike, *, size: int | None = None) -> Trajectory:
+    """Parse a trajectory file; a truncated or corrupted one raises :class:`TrajectoryError` naming the record.
+
+    ``size``: read only the first ``size`` bytes (the file as a checkpoint saw it).
+    """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read() if size is None else f.read(size)
     except OSError as err:
         raise TrajectoryError(f"cannot read trajectory {path}: {err.strerror}") from None
     header, pos = _read_header(data, path)

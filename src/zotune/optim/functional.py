@@ -11,6 +11,10 @@ is ever stored, and no temporary is larger than one chunk). A step is a fixed se
     -2 eps z_t                (to theta - eps z_t)
     update: scale = 1 - lr*wd, coefficient of z_t = scale*eps - lr*g  (+ eps z_{t+1} when fused)
 
+The variants (:mod:`zotune.optim.variants`) reuse the same sweeps: n-SPSA interleaves the probes of its
+n perturbations (``+eps z_0, -2eps z_0, +eps z_0 + eps z_1, ...``) and updates with one n-term sweep;
+history momentum is a W*n-term sweep; stored momentum and Adam go through :func:`moment_sweep_`.
+
 Because both the optimizer and :func:`zotune.replay` call these same functions with the same
 float32-rounded scalars, replaying a trajectory reproduces the trained weights bit for bit on the
 same backend. Float32 parameters are updated in place directly; bf16/fp16 parameters go through a

@@ -168,7 +168,9 @@ class MeZO(torch.optim.Optimizer):
         if estimator not in V.ESTIMATORS:
             raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(V.ESTIMATORS)})")
         if layerwise not in V.LAYERWISE:
-            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)})")
+            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)}"
+                             + ("; the gradient-norm variant is not implemented" if layerwise == "grad-norm" else "")
+                             + ")")
         if fuse_next and (estimator != "two-sided" or layerwise != "none"):
             raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
                              "(the next step must start from its clean weights): pass fuse_next=False")
@@ -536,14 +538,7 @@ class MeZO(torch.optim.Optimizer):
         if self.trajectory_path is None or trajectory_bytes is None:
             raise ValueError("resuming stored-state momentum/Adam rebuilds m and v from the trajectory: build the "
                              "optimizer with trajectory= (the file of the run), or use state='history'")
-        import tempfile
-
-        with open(self.trajectory_path, "rb") as f:
-            data = f.read(trajectory_bytes)
-        with tempfile.NamedTemporaryFile(suffix=".zot") as tmp:  # the file as it was at the checkpoint
-            tmp.write(data)
-            tmp.flush()
-            traj: Trajectory = read_trajectory(tmp.name)
+        traj: Trajectory = read_trajectory(self.trajectory_path, size=trajectory_bytes)  # as at the checkpoint
         rule = V.make_rule(self.rule.header())
         walk(traj, self._all()[0], exact=False, finish=False, update=False, rule=rule, backend=self.backend)
         if rule.count != count:
@@ -623,7 +618,7 @@ class MeZOAdam(MeZO):
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
                  betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, window: int = 32,
                  state: str = "history", **kwargs):
-        _check_rule_args(beta=betas[0], beta2=betas[1], window=window, state=state)
+        _check_rule_args(beta=betas[0], beta2=betas[1], window=window, state=state, names=("betas[0]", "betas[1]"))
         if not (adam_eps > 0 and math.isfinite(adam_eps)):
             raise ValueError(f"Invalid adam_eps: {adam_eps} (must be a finite number > 0)")
         self._rule_args = dict(beta1=float(betas[0]), beta2=float(betas[1]), window=int(window),
@@ -634,8 +629,9 @@ class MeZOAdam(MeZO):
         return V.AdamRule(**self._rule_args)
 
 
-def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5) -> None:
-    for name, b in (("beta", beta), ("beta2", beta2)):
+def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5,
+                     names: tuple[str, str] = ("beta", "beta2")) -> None:
+    for name, b in zip(names, (beta, beta2)):
         if not (isinstance(b, (int, float)) and 0 <= b < 1):
             raise ValueError(f"Invalid {name}: {b} (must be in [0, 1))")
     if not (isinstance(window, int) and window >= 1):

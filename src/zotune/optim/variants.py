@@ -39,6 +39,9 @@ __all__ = [
 
 ESTIMATORS = ("two-sided", "one-sided")
 LAYERWISE = ("none", "param-norm")
+# "grad-norm" (scale by an estimate of each layer's gradient norm) is not implemented: from one shared
+# perturbation every layer sees the same projected gradient, so a per-layer gradient norm needs probes of
+# each layer on its own (two forward passes per tensor).
 MAX_PERTURBATIONS = 100  # a skip record stores the failing evaluation in one byte: 2n + 1 <= 255
 
 
@@ -85,12 +88,17 @@ def linear_n(n0: int, n1: int, ramp_steps: int) -> Callable[[int], int]:
 
 
 @torch.no_grad()
-def layer_scales(params: Sequence[torch.Tensor]) -> list[float]:
-    """s_l = ||theta_l|| / sqrt(d_l) per tensor (float32-rounded; 1.0 for an all-zero tensor, so it still moves)."""
+def layer_scales(params: Sequence[torch.Tensor], chunk: int = 1 << 20) -> list[float]:
+    """s_l = ||theta_l|| / sqrt(d_l) per tensor (float32-rounded; 1.0 for an all-zero tensor, so it still moves).
+
+    The sum of squares is taken in float64, chunk by chunk, so no temporary exceeds one chunk.
+    """
     out = []
     for p in params:
-        norm = float(torch.linalg.vector_norm(p.detach().double()))
-        out.append(F.f32(norm / math.sqrt(p.numel())) if norm > 0 else 1.0)
+        flat = p.detach().reshape(-1)
+        sumsq = sum(float(torch.dot(part, part)) for part in (flat[i : i + chunk].double()
+                                                              for i in range(0, flat.numel(), chunk)))
+        out.append(F.f32(math.sqrt(sumsq / p.numel())) if sumsq > 0 else 1.0)
     return out
 
 

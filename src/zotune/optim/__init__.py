@@ -2,6 +2,7 @@
 
 from zotune.optim.accumulate import accumulate
 from zotune.optim.factory import make_optimizer
+from zotune.optim.forward_grad import ForwardGradient
 from zotune.optim.mezo import MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
 
-__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "accumulate", "make_optimizer"]
+__all__ = ["ForwardGradient", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "accumulate", "make_optimizer"]

@@ -87,6 +87,7 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert config.train.batch_size == 2 and config.train.steps == 2
     assert config.task.seed == 7 and config.optimizer.seed == 7
     assert cmp.cell_config(grid, "mezo", "sst2", 0).model.tuning == "full"
+    assert cmp.cell_config(grid, "lp-mezo", "sst2", 0).train.init == "probe"
 
 
 def test_several_seeds_show_mean_and_deviation():

@@ -130,6 +130,7 @@ register(Method("mezo-lora", "MeZO (LoRA)", _mezo,
                 {"model": {"tuning": "lora"}, "optimizer": {"lr": 1e-3, "eps": 1e-2}}))
 register(Method("mezo-prefix", "MeZO (prefix)", _mezo,
                 {"model": {"tuning": "prefix"}, "optimizer": {"lr": 1e-2, "eps": 1e-1}}))
+register(Method("lp-mezo", "LP-MeZO", _mezo, {"model": {"tuning": "full"}, "train": {"init": "probe"}}))
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

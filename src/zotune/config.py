@@ -127,6 +127,8 @@ class TrainConfig:
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
     save_best: bool = True  # keep the best validation weights (trainable tensors, safetensors)
     progress: bool = True  # a progress bar on the terminal
+    init: str = "none"  # "probe": linear probing first, its solution written into the label words' head rows,
+    # then MeZO from there (the paper's Appendix F.1, LP-then-MeZO; classification tasks)
     objective: str = "loss"  # what MeZO minimises: loss, accuracy or f1 (the batch's negative metric), or
     # "module:function", a reward(predictions, references) -> float that MeZO maximises
 
@@ -134,6 +136,8 @@ class TrainConfig:
         if self.objective not in ("loss", "accuracy", "f1") and ":" not in self.objective:
             raise ConfigError(f"train.objective must be loss, accuracy, f1 or a 'module:function' reward, "
                               f"got {self.objective!r}")
+        if self.init not in ("none", "probe"):
+            raise ConfigError(f"train.init must be none or probe, got {self.init!r}")
         for name in ("steps", "batch_size", "forward_chunks", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -83,7 +83,14 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
     objective = make_objective(task, loaded.tokenizer, loaded.kind, label_words=first.options, scoring=t.scoring,
                                max_length=t.max_length, max_new_tokens=t.max_new_tokens)
     encoded = {s: [objective.encode(i) for i in instances[s]] for s in SPLITS}
-    return Prepared(loaded, objective, encoded, splits.note)
+    prepared = Prepared(loaded, objective, encoded, splits.note)
+    if config.train.init == "probe":
+        # Deterministic (same data, same fit), so resume, eval --run and eval --trajectory, which all
+        # prepare the model this way, start from the same head before weights or a trajectory.
+        from zotune.baselines.probe import ProbeConfig, init_head_from_probe
+
+        init_head_from_probe(prepared, ProbeConfig(progress=False), log=log)
+    return prepared
 
 
 def schedule_factor(step: int, total: int, schedule: str, warmup: int) -> float:

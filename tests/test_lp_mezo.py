@@ -1,0 +1,64 @@
+"""Linear probing then MeZO (the paper's Appendix F.1) as a training recipe: `--train.init probe`."""
+
+import json
+
+import pytest
+
+from zotune.cli import main
+from zotune.config import ConfigError, load_config
+
+
+def _args(model_dir, out, *extra):
+    return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "2", "--train", "32",
+            "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",
+            "--train.init", "probe", "--output_dir", str(out), *extra]
+
+
+def test_training_starts_from_the_probe_and_its_checkpoint_evaluates(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert "initialised the output rows of the 2 label words from the probe" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    from zotune.baselines.probe import ProbeConfig, linear_probe
+    from zotune.train import prepare
+
+    plain = load_config(out / "config.yaml")
+    plain.train.init = "none"
+    probe = linear_probe(prepare(plain, log=lambda m: None), ProbeConfig(standardize=False, progress=False),
+                         log=lambda m: None)
+    # zero-shot here is the probe-initialised model: its accuracy is the (unstandardised) probe's
+    assert summary["zero_shot"]["validation"]["accuracy"] == pytest.approx(probe["validation"]["accuracy"])
+    # the best checkpoint holds the untied head; eval prepares the model the same way and loads it
+    assert main(["eval", "--run", str(out), "--progress", "false"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_resume_rebuilds_the_same_run(model_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import zotune.train as train_module
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(_args(model_dir, full)) == 0
+    original = train_module._batch_indices
+
+    def interrupt(n, batch_size, step, seed):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(n, batch_size, step, seed)
+
+    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
+    assert main(_args(model_dir, part)) == 130
+    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert main(["train", "--resume", str(part)]) == 0
+    assert (part / "trajectory.zot").read_bytes() == (full / "trajectory.zot").read_bytes()
+    a = json.loads((full / "summary.json").read_text())["test"]
+    b = json.loads((part / "summary.json").read_text())["test"]
+    assert a == b
+
+
+def test_bad_init_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.init must be none or probe"):
+        load_config(None, ["--train.init", "lp"])

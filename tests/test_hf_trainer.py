@@ -177,3 +177,20 @@ if __name__ == "__main__":
     import sys
 
     _data_parallel_main(sys.argv[1])
+
+
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_tuning_modes_train_only_their_parameters(tmp_path, mode):
+    """A model set up by zotune.tuning (or PEFT) trains its adapter only: MeZO takes requires_grad tensors."""
+    from zotune.models import ModelConfig
+    from zotune.tuning import apply_tuning
+
+    model = apply_tuning(tiny_llama(seed=1), ModelConfig(name="tiny", tuning=mode), "causal", log=lambda m: None)
+    trainer = ZOTrainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no"),
+                        train_dataset=_Sequences(16, 2), mezo_kwargs={"eps": 1e-2})
+    before = _params(trainer)
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert changed == trainable and changed
+    assert all(("lora_" if mode == "lora" else "prefix.") in n for n in changed)

@@ -84,7 +84,7 @@ class PrefixLM(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("model"), name)
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         batch = input_ids.shape[0] if input_ids is not None else kwargs["inputs_embeds"].shape[0]
         seq = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
         device = self.prefix.layers[0].key.device
@@ -94,6 +94,8 @@ class PrefixLM(nn.Module):
         mask = torch.cat([torch.ones((batch, k), dtype=attention_mask.dtype, device=attention_mask.device),
                           attention_mask], dim=1)
         kwargs.pop("use_cache", None)
+        if labels is not None:  # named in the signature: the HF Trainer keeps only the columns forward names
+            kwargs["labels"] = labels
         return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.prefix.cache(batch),
                           use_cache=False, **kwargs)
 

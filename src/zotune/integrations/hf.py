@@ -14,6 +14,8 @@ callbacks and ``torchrun`` / ``accelerate launch`` keep working.
   (:func:`zotune.distributed.all_reduce_closure`) and every rank applies the same update.
   :func:`zotune.distributed.check_consistent` runs on the first step.
 - Forward passes run in ``model.eval()`` (no dropout), so L+ and L- differ by the perturbation only.
+- LoRA, prefix and head tuning: pass the model :func:`zotune.tuning.apply_tuning` (or PEFT) returns;
+  MeZO perturbs the tensors that require gradients, so only the adapter trains.
 - fp16 with a gradient scaler cannot work (there are no gradients to unscale); use bf16 or fp32.
 
 Example::

@@ -167,6 +167,11 @@ def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch,
             prefixes = checkpoint.load_tensors(out / "prefix.safetensors")
             assert all(torch.equal(prefixes[n.removeprefix("prefix.")], t) for n, t in trained.items())
             assert not any("prefix" in n for n, _ in saved.named_parameters())
+            # the replayed folder loads back as a ready prefix model that scores as the trained one
+            ready = load_model(ModelConfig(name=str(out)), log=QUIET).model
+            torch.testing.assert_close(ready(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+            assert main(["eval", "--model.name", str(out), "--train", "24", "--validation", "8", "--test", "8"]) == 0
+            assert f"accuracy {100 * summary['test']['accuracy']:.2f}" in capsys.readouterr().out
         else:
             torch.testing.assert_close(saved(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
             assert not any("lora" in n for n, _ in saved.named_parameters())

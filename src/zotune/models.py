@@ -193,9 +193,31 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "masked" and tokenizer.mask_token is None:
         raise ModelError(f"{name!r} is a masked LM but its tokenizer has no mask token")
+    prefix_file = Path(folder) / "prefix.safetensors" if isinstance(folder, Path) else None
+    if prefix_file is not None and prefix_file.is_file():  # what `zotune replay` saves for a prefix-tuned run
+        model = _with_prefixes(model, prefix_file, kind, log)
     model.eval()
     select_trainable(model, config.trainable)
     return LoadedModel(model, tokenizer, kind, source)
+
+
+def _with_prefixes(model: torch.nn.Module, path: Path, kind: str, log: Callable[[str], None]) -> torch.nn.Module:
+    from zotune import checkpoint
+    from zotune.prefix import PrefixLM
+
+    if kind != "causal":
+        raise ModelError(f"{path} holds attention prefixes, which only causal LMs take")
+    tensors = checkpoint.load_tensors(path)
+    try:
+        wrapped = PrefixLM.from_tensors(model, {n: t.to(next(model.parameters()).dtype) for n, t in tensors.items()})
+    except ValueError as err:
+        raise ModelError(f"{path}: {err}") from None
+    expected = (getattr(model.config, "num_hidden_layers", None))
+    if expected is not None and len(wrapped.prefix.layers) != expected:
+        raise ModelError(f"{path} has prefixes for {len(wrapped.prefix.layers)} layers, the model has {expected}")
+    wrapped.zotune_tuning = "prefix"  # training it again with --model.tuning prefix continues these prefixes
+    log(f"loaded trained attention prefixes ({wrapped.prefix.length} tokens per layer) from {path.name}")
+    return wrapped
 
 
 def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:

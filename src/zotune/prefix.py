@@ -78,6 +78,22 @@ class PrefixLM(nn.Module):
         keys, values = _real_token_states(model, tokens.to(device))
         self.prefix = PrefixTable(keys, values)
 
+    @classmethod
+    def from_tensors(cls, model: nn.Module, tensors: dict[str, torch.Tensor]) -> PrefixLM:
+        """A PrefixLM with given prefixes (``layers.<i>.key`` / ``.value``, as ``prefix.safetensors`` holds them)."""
+        layers = len({name.split(".")[1] for name in tensors if name.startswith("layers.")})
+        try:
+            keys = [tensors[f"layers.{i}.key"] for i in range(layers)]
+            values = [tensors[f"layers.{i}.value"] for i in range(layers)]
+        except KeyError as err:
+            raise ValueError(f"the prefix tensors lack {err.args[0]!r}") from None
+        wrapped = cls.__new__(cls)
+        nn.Module.__init__(wrapped)
+        wrapped.model = model
+        device = next(model.parameters()).device
+        wrapped.prefix = PrefixTable([k.to(device) for k in keys], [v.to(device) for v in values])
+        return wrapped
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

@@ -1,0 +1,34 @@
+"""benchmarks/variants.py --smoke end to end: every chosen variant gets a row with its cost and a wall time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = {"mezo": "2", "one-sided": "2", "n-spsa-2": "4"}  # variant -> forward passes per step
+
+
+def test_variants_smoke_prints_a_row_per_variant():
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    before = (ROOT / "benchmarks" / "RESULTS.md").read_bytes()
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), "--smoke", "--no-append",
+                          "--variants", ",".join(VARIANTS)], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line for line in res.stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in
+            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    assert list(rows) == list(VARIANTS)
+    for name, passes in VARIANTS.items():
+        row = rows[name]
+        assert row["forward passes / step"] == passes
+        assert float(row["wall s"]) >= 0 and float(row["s / step"]) >= 0
+        steps = row["steps to 60%"]
+        assert steps == "not reached in 4" or steps in ("2", "4")
+        if steps != "not reached in 4":
+            assert int(row["forward passes to 60%"]) == int(steps) * int(passes)
+    assert "Variants: steps to 60% validation accuracy on SST-2" in res.stdout
+    assert (ROOT / "benchmarks" / "RESULTS.md").read_bytes() == before

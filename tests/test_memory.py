@@ -21,6 +21,8 @@ def test_mezo_is_inference_plus_a_sliver_and_backprop_is_far_more():
     assert est.mezo < est.mezo_reference_style
     assert est.mezo_lora < 1.01 * est.inference and est.mezo_prefix > est.inference
     assert est.backprop_adam > 3 * est.inference
+    assert est.mezo < est.mezo_momentum_stored < est.mezo_adam_stored < est.backprop_adam
+    assert 1.9 * est.inference < est.forward_gradient < 2.1 * est.inference
 
 
 def test_opt_13b_inference_matches_the_measured_figure():

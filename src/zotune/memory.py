@@ -13,6 +13,10 @@ heads, FFN and vocabulary sizes. The estimates are deliberately simple and docum
 - reference-style MeZO (``torch.normal`` + out-of-place update): + two copies of the largest tensor;
 - MeZO + LoRA (rank r on the query and value projections, as in the MeZO paper): + the adapters;
   MeZO + prefix (k tokens per layer): + ``2 L k h`` parameters, activations at ``s + k``;
+- MeZO-momentum / MeZO-Adam with ``state="stored"``: + one / two float32 tensors per parameter (the
+  default ``state="history"`` recomputes them and costs what MeZO costs);
+- the forward gradient (``zotune.ForwardGradient``, ``torch.func.jvp``): + the tangents (a copy of the
+  weights) + the dual activations (a second set, as large as inference's);
 - backprop fine-tuning with Adam in mixed precision (float32 weights under autocast, as
   ``torch.autocast`` training does): float32 weights, gradients and two Adam moments, 16 bytes per
   parameter whatever ``dtype`` (the forward's matmuls run in it) + the activations saved for the
@@ -66,11 +70,16 @@ class Estimate:
     mezo_lora: int
     mezo_prefix: int
     backprop_adam: int
+    mezo_momentum_stored: int = 0
+    mezo_adam_stored: int = 0
+    forward_gradient: int = 0
 
     def rows(self) -> list[tuple[str, int]]:
         return [("inference", self.inference), ("MeZO (zotune)", self.mezo),
                 ("MeZO, reference-style", self.mezo_reference_style), ("MeZO + LoRA", self.mezo_lora),
-                ("MeZO + prefix", self.mezo_prefix), ("backprop fine-tuning (Adam)", self.backprop_adam)]
+                ("MeZO + prefix", self.mezo_prefix), ("MeZO-momentum, stored state", self.mezo_momentum_stored),
+                ("MeZO-Adam, stored state", self.mezo_adam_stored), ("forward gradient (jvp)", self.forward_gradient),
+                ("backprop fine-tuning (Adam)", self.backprop_adam)]
 
 
 def parse_bytes(text: str) -> int:
@@ -145,7 +154,9 @@ def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: in
     saved = int(s.layers * batch * seq * s.hidden * (34 + scores) * w / 2)
     states = s.params * 16
     backprop = states + saved + batch * seq * s.vocab * (w + 12)
-    return Estimate(inference, mezo, reference_style, mezo_lora, mezo_prefix, backprop)
+    return Estimate(inference, mezo, reference_style, mezo_lora, mezo_prefix, backprop,
+                    mezo_momentum_stored=mezo + 4 * s.params, mezo_adam_stored=mezo + 8 * s.params,
+                    forward_gradient=2 * weights + 2 * act)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

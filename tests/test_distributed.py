@@ -122,6 +122,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["bad_step"] = _error(lambda: zd.check_consistent(opt, check_values=False))
     result["bad_params"] = _error(lambda: zd.check_consistent(_optimizer(_mlp(5 + rank))))
     result["bad_values"] = _error(lambda: zd.check_consistent(_optimizer(_mlp(5, seed=rank))))
+    result["bad_variant"] = _error(lambda: zd.check_consistent(_optimizer(_mlp(5), n_perturbations=1 + rank)))
     result["out"] = os.path.join(out, f"rank{rank}.pt")
     torch.save(result, result["out"])
     dist.destroy_process_group()
@@ -199,6 +200,7 @@ def test_column_sharded_dtensor_is_refused(ranks):
     ("bad_step", ["step", "rank 0: 0", "rank 1: 1"]),
     ("bad_params", ["parameter set"]),
     ("bad_values", ["parameter values"]),
+    ("bad_variant", ["variant", "n_perturbations"]),
 ])
 def test_disagreeing_ranks_stop_with_a_clear_error_on_every_rank(ranks, case, words):
     for r in ranks:

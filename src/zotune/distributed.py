@@ -136,6 +136,8 @@ def _fingerprint(optimizer, check_values: bool) -> dict:
         "step": getattr(optimizer, "step_count", None),
         "eps": getattr(optimizer, "eps", None),
         "options": {k: getattr(optimizer, k, None) for k in ("distribution", "fuse_next", "stochastic_rounding")},
+        # the variant (estimator, n, layerwise, momentum/Adam), as the trajectory header records it
+        "variant": optimizer._variant_header() if hasattr(optimizer, "_variant_header") else None,
         "lr and weight decay": [[g.get("lr"), g.get("weight_decay")] for g in optimizer.param_groups],
         "parameter set": getattr(optimizer, "_table", None)
         or [[list(p.shape), str(p.dtype)] for g in optimizer.param_groups for p in g["params"]],
@@ -153,7 +155,8 @@ def _short(value) -> str:
 def check_consistent(optimizer, group=None, *, check_values: bool = True) -> None:
     """Raise ``RuntimeError`` on every rank unless all ranks agree on the optimizer's run.
 
-    Compared: seed, step count, eps, options (distribution, fuse_next, stochastic rounding), each
+    Compared: seed, step count, eps, options (distribution, fuse_next, stochastic rounding), the variant
+    (estimator, n perturbations, layerwise scaling, momentum / Adam settings), each
     group's lr and weight decay, the parameter table (names, global shapes, dtypes) and, with
     ``check_values``, a float64 checksum of the parameter values (not of sharded ``DTensor``
     shards, which differ by design). A disagreement would otherwise make the ranks apply different

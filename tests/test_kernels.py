@@ -193,3 +193,15 @@ def test_select(monkeypatch):
     assert kernels.select("cpu", "reference").name == "reference"
     monkeypatch.setenv("ZOTUNE_BACKEND", "reference")
     assert kernels.select("cpu").name == "reference"
+
+
+def test_the_cpu_sweep_uses_no_more_threads_than_torch(monkeypatch):
+    import numba
+
+    from zotune.kernels import cpu
+
+    big = 64 * cpu.CHUNK
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert cpu._workers(big) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert cpu._workers(big) == numba.get_num_threads()

@@ -24,8 +24,10 @@ instruction set either: SSE2, AVX2 and AVX-512 builds give identical results (ch
 any IEEE-754 CPU (no intermediate is subnormal, so flush-to-zero modes do not matter either).
 FMA contraction would be ~15% faster but would tie the bits to the FMA unit and the compiler's choices.
 
-Threads: ``numba.get_num_threads()`` workers per call (the caller may lower it with
-``numba.set_num_threads``); tensors shorter than two chunks run on the calling thread alone.
+Threads: as many workers per call as torch uses (``torch.get_num_threads()``, set by
+``OMP_NUM_THREADS`` or ``torch.set_num_threads``), at most ``numba.get_num_threads()``: one knob
+for the forward passes and the sweeps, so a process told to use one core does not run a second
+sweep thread beside it. Tensors shorter than two chunks run on the calling thread alone.
 """
 
 from __future__ import annotations
@@ -400,7 +402,7 @@ def _buffer(x: torch.Tensor) -> np.ndarray:
 def _workers(n: int) -> int:
     if n < _SERIAL_BELOW:
         return 1
-    return max(1, min(numba.get_num_threads(), n // CHUNK))
+    return max(1, min(numba.get_num_threads(), torch.get_num_threads(), n // CHUNK))
 
 
 def _run(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms, fill_: bool) -> None:

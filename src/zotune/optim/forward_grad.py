@@ -18,7 +18,7 @@ import torch
 
 from zotune import kernels, rng
 from zotune.optim import functional as F
-from zotune.optim.mezo import NonFiniteLossError
+from zotune.optim.mezo import NonFiniteLossError, param_table
 from zotune.trajectory import Hyper, Skip, Step, TrajectoryWriter
 
 __all__ = ["ForwardGradient"]
@@ -193,17 +193,7 @@ class ForwardGradient(torch.optim.Optimizer):
             self._table = self._param_table()
 
     def _param_table(self) -> list[dict]:
-        table, seen = [], {}
-        for g in self.param_groups:
-            for name, p in zip(g["param_names"], g["params"]):
-                key = rng.param_key(name)
-                if key in seen:
-                    raise ValueError(f"parameters {seen[key]!r} and {name!r} have the same key: "
-                                     "give every parameter a distinct name")
-                seen[key] = name
-                table.append({"name": name, "key": key, "shape": list(p.shape),
-                              "dtype": str(p.dtype).removeprefix("torch.")})
-        return table
+        return param_table(self.param_groups)
 
     def _header(self) -> dict:
         from zotune import __version__

@@ -67,6 +67,27 @@ def _trainable(p) -> bool:
     return _tensor(p).requires_grad
 
 
+def param_table(param_groups) -> list[dict]:
+    """Name, key, shape and dtype of every parameter, in order (unnamed ones are keyed by position)."""
+    named = ["param_names" in g for g in param_groups]
+    if any(named) and not all(named):
+        raise ValueError("give names for all parameter groups (named_parameters()) or for none")
+    table, index = [], 0
+    for g in param_groups:
+        for i, p in enumerate(g["params"]):
+            name = g["param_names"][i] if "param_names" in g else str(index)
+            table.append({"name": name, "key": rng.param_key(name), "shape": list(p.shape),
+                          "dtype": str(p.dtype).removeprefix("torch.")})
+            index += 1
+    seen: dict[int, str] = {}
+    for entry in table:
+        if entry["key"] in seen:
+            raise ValueError(f"parameters {seen[entry['key']]!r} and {entry['name']!r} have the same key: "
+                             "give every parameter a distinct name")
+        seen[entry["key"]] = entry["name"]
+    return table
+
+
 class MeZO(torch.optim.Optimizer):
     r"""Zeroth-order SGD with in-place, regenerated perturbations (MeZO).
 
@@ -212,23 +233,7 @@ class MeZO(torch.optim.Optimizer):
             self._table = self._param_table()
 
     def _param_table(self) -> list[dict]:
-        named = ["param_names" in g for g in self.param_groups]
-        if any(named) and not all(named):
-            raise ValueError("give names for all parameter groups (named_parameters()) or for none")
-        table, index = [], 0
-        for g in self.param_groups:
-            for i, p in enumerate(g["params"]):
-                name = g["param_names"][i] if "param_names" in g else str(index)
-                table.append({"name": name, "key": rng.param_key(name), "shape": list(p.shape),
-                              "dtype": str(p.dtype).removeprefix("torch.")})
-                index += 1
-        seen: dict[int, str] = {}
-        for entry in table:
-            if entry["key"] in seen:
-                raise ValueError(f"parameters {seen[entry['key']]!r} and {entry['name']!r} have the same key: "
-                                 "give every parameter a distinct name")
-            seen[entry["key"]] = entry["name"]
-        return table
+        return param_table(self.param_groups)
 
     def _keys(self, group_index: int) -> list[int]:
         start = sum(len(g["params"]) for g in self.param_groups[:group_index])

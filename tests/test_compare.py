@@ -103,7 +103,8 @@ def test_several_seeds_show_mean_and_deviation():
     ({"tasks": ["sst3"]}, "did you mean 'sst2'"),
     ({"method": ["mezo"]}, "unknown grid key 'method'; did you mean 'methods'?"),
     ({"seeds": ["a"]}, "seeds must be integers"),
-    ({"methods": ["mezo"], "method_overrides": {"ft": {}}}, "method_overrides names 'ft'"),
+    ({"methods": ["mezo"], "method_overrides": {"fft": {}}}, "method_overrides names 'fft', which is not a method"),
+    ({"task_overrides": {"sst3": {}}}, "did you mean 'sst2'"),
     ({"run": {"optimiser": {}}}, "unknown section 'optimiser'"),
     ({"run": {"train": {"stepz": 3}}}, "unknown key train.stepz"),
     ({"tasks": []}, "at least one task"),
@@ -113,6 +114,14 @@ def test_bad_grids_are_one_line_errors(tmp_path, raw, message):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(").replace("?", r"\?")):
         cmp.load_compare_config(path)
+
+
+def test_overrides_may_name_methods_and_tasks_outside_the_selection(model_dir, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out", task_overrides={"rte": {"train": {"steps": 1}}},
+                                         method_overrides={"ft": {"train": {"steps": 1}}})))
+    grid = cmp.load_compare_config(path, ["--tasks", "sst2", "--methods", "zero-shot"])
+    assert grid.tasks == ["sst2"] and grid.methods == ["zero-shot"]
 
 
 def test_the_cli_runs_a_grid_and_reports_bad_ones(model_dir, tmp_path, capsys):

@@ -170,10 +170,14 @@ class CompareConfig:
                 get_task(name)  # an unknown task raises TaskError with suggestions
         if not self.tasks or not self.methods or not self.seeds:
             raise ConfigError("a comparison needs at least one task, one method and one seed")
-        for key, known in (("method_overrides", self.methods), ("task_overrides", self.tasks)):
-            for name in getattr(self, key):
-                if name not in known:
-                    raise ConfigError(f"{key} names {name!r}, which is not in the grid's {key.split('_')[0]}s")
+        # Overrides may name methods and tasks outside this run's selection (--tasks sst2 on a 6-task
+        # grid keeps the other tasks' overrides), but not ones that do not exist.
+        for name in self.method_overrides:
+            if name not in METHODS:
+                raise ConfigError(f"method_overrides names {name!r}, which is not a method; known: {', '.join(METHODS)}")
+        for name in self.task_overrides:
+            if name != "custom":
+                get_task(name)
         _check_run_sections(self.run, "run")
         from zotune.baselines.finetune import FinetuneConfig
         from zotune.baselines.icl import ICLConfig

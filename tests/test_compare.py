@@ -131,3 +131,16 @@ def test_the_cli_runs_a_grid_and_reports_bad_ones(model_dir, tmp_path, capsys):
     assert "| Zero-shot |" in capsys.readouterr().out
     assert main(["compare", "--config", str(path), "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_a_failed_cell_is_recorded_and_the_grid_goes_on(model_dir, tmp_path, monkeypatch):
+    def broken(config, grid, cell_dir, log):
+        raise ValueError("no such thing")
+
+    monkeypatch.setitem(cmp.METHODS, "icl", cmp.Method("icl", "ICL", broken))
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["icl", "zero-shot"]))
+    table = cmp.compare(grid, log=QUIET)
+    failed = json.loads((tmp_path / "out" / "sst2" / "icl" / "seed0" / "failed.json").read_text())
+    assert failed["error"] == "no such thing"
+    assert "| ICL | – |" in table and "- failed: icl on sst2 (seed 0)" in table
+    assert (tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").is_file()

@@ -355,16 +355,17 @@ def _record_failure(cell_dir: Path, method, task, seed, message: str, log) -> No
     checkpoint.write_json(cell_dir / "failed.json", {"method": method, "task": task, "seed": seed, "error": message})
 
 
-def collect(grid: CompareConfig) -> list[dict]:
-    """The results of the grid's finished cells."""
-    results = []
+def _cell_dirs(grid: CompareConfig):
+    """Every cell's folder, in table order (tasks, then methods, then seeds)."""
     for task in grid.tasks:
         for method in grid.methods:
             for seed in grid.seeds:
-                path = _cell_dir(grid, method, task, seed) / "result.json"
-                if path.is_file():
-                    results.append(json.loads(path.read_text()))
-    return results
+                yield _cell_dir(grid, method, task, seed)
+
+
+def collect(grid: CompareConfig) -> list[dict]:
+    """The results of the grid's finished cells."""
+    return [json.loads((d / "result.json").read_text()) for d in _cell_dirs(grid) if (d / "result.json").is_file()]
 
 
 def _metric(result: dict) -> float | None:
@@ -428,14 +429,9 @@ def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
 
 
 def _failures(grid: CompareConfig) -> list[dict]:
-    out = []
-    for task in grid.tasks:
-        for method in grid.methods:
-            for seed in grid.seeds:
-                path = _cell_dir(grid, method, task, seed) / "failed.json"
-                if path.is_file() and not (path.parent / "result.json").is_file():
-                    out.append(json.loads(path.read_text()))
-    return out
+    """Cells that failed and have not succeeded since."""
+    return [json.loads((d / "failed.json").read_text()) for d in _cell_dirs(grid)
+            if (d / "failed.json").is_file() and not (d / "result.json").is_file()]
 
 
 def _cell_main(spec_path: str) -> int:

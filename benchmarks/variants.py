@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict | None] = {
     "momentum": {"variant": "momentum", "beta1": 0.9},
     "adam": {"variant": "adam", "lr": ADAM_LR, "state": "stored"},
     "layerwise": {"layerwise": "param-norm"},
+    "grad-norm": {"layerwise": "grad-norm"},
     "cosine": {"schedule": "cosine"},
     FORWARD_GRADIENT: None,
 }
@@ -69,6 +70,14 @@ def passes_per_step(oc) -> int:
     """Forward passes (loss evaluations) of one step of the optimizer ``oc`` describes."""
     n = oc.n_perturbations if oc.n_schedule == "constant" else oc.n_perturbations_final
     return 2 * n if oc.estimator == "two-sided" else n + 1
+
+
+def probe_passes(oc, n_layers: int, steps: int) -> int:
+    """Forward passes of the gradient-norm variant's per-layer probes during the first ``steps`` steps."""
+    if oc.layerwise != "grad-norm" or steps <= 0:
+        return 0
+    refreshes = 1 if oc.grad_norm_every == 0 else (steps - 1) // oc.grad_norm_every + 1
+    return 2 * n_layers * oc.grad_norm_probes * refreshes
 
 
 # -- the tiny model of --smoke ------------------------------------------------------------------
@@ -232,13 +241,14 @@ def table(results: list[dict], target: float) -> list[str]:
                      if mezo and mezo["s_per_step"] > 0 else "")
             passes = f"1 jvp{ratio}"
         else:
-            passes = str(r["passes"])
+            passes = str(r["passes"]) + (f" (+{r['probe_passes']} layer probes)" if r.get("probe_passes") else "")
         if r["target_step"] is None:
             steps = f"not reached in {r['steps']}"
             fwd = seconds = "-"
         else:
             steps = str(r["target_step"])
-            fwd = f"{r['target_step']} jvp" if r["passes"] is None else str(r["target_step"] * r["passes"])
+            fwd = (f"{r['target_step']} jvp" if r["passes"] is None
+                   else str(r["target_step"] * r["passes"] + r.get("target_probe_passes", 0)))
             seconds = f"{r['target_seconds']:.0f}"
         best = "-" if r["best"] is None else f"{100 * r['best']:.1f} ({r['best_step']})"
         lines.append(f"| {r['name']} | {r['overrides']} | {passes} | {steps} | {fwd} | {seconds} | {best} "
@@ -284,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from zotune.models import load_model
     from zotune.objectives import evaluate
+    from zotune.optim.variants import layer_groups
     from zotune.train import prepare, run
 
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -330,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
                 run(config, log=logger(name), loaded=prepared.loaded)
                 passes = passes_per_step(config.optimizer)
             r = read_run(run_dir, args.target)
-            r.update(name=name, overrides=describe(name, overrides), passes=passes)
+            n_layers = len(layer_groups([n for n, p in model.named_parameters() if p.requires_grad]))
+            probes = None if overrides is None else (lambda k, oc=config.optimizer: probe_passes(oc, n_layers, k))
+            r.update(name=name, overrides=describe(name, overrides), passes=passes,
+                     probe_passes=probes(r["steps"]) if probes else 0,
+                     target_probe_passes=probes(r["target_step"]) if probes and r["target_step"] else 0)
             results.append(r)
             print(f"[{name}] evaluations " + ", ".join(f"{s}: {100 * v:.1f}" for s, v in r["evals"])
                   + f"; wall {r['wall_s']:.1f} s, {r['s_per_step']:.2f} s/step", flush=True)
@@ -363,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{ADAM_LR:g} with stored m, v (zeroth-order Adam divides by ~|g|, not by a per-coordinate "
                  "gradient; see the script's docstring). Momentum: the history form (window 32), which "
                  "regenerates 32 z per element and step. layerwise scales each tensor's step by "
-                 "(||theta_l|| / sqrt(d_l))^2 at the same lr.")
+                 "(||theta_l|| / sqrt(d_l))^2 at the same lr. grad-norm probes every layer alone at step 0 "
+                 "(2 forward passes per layer, counted in its forward passes) and then perturbs layer l along "
+                 "z / c_l and updates along c_l z (the expected step is MeZO's).")
     text = "\n".join(lines) + "\n"
     print()
     print(text)

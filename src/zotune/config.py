@@ -81,7 +81,11 @@ class OptimConfig:
     adam_eps: float = 1e-8  # Adam: the denominator's guard
     window: int = 32  # momentum / Adam with state "history": steps remembered (cost: window*n z per update)
     state: str = "history"  # momentum / Adam: "history" (recomputed, no memory) or "stored" (m, v tensors)
-    layerwise: str = "none"  # "none" or "param-norm": scale each tensor's z by ||theta_l|| / sqrt(d_l)
+    layerwise: str = "none"  # "none"; "param-norm": scale each tensor's z by ||theta_l|| / sqrt(d_l);
+    # "grad-norm" (the authors' Appendix B variant): per-layer probes estimate each layer's gradient norm c_l,
+    # then layer l is perturbed along z / c_l and updated along c_l z (unbiased, the variance evened out)
+    grad_norm_every: int = 0  # grad-norm: re-estimate the norms every this many steps (0: once, at the first step)
+    grad_norm_probes: int = 1  # grad-norm: probes per layer and estimate (2 forward passes each)
 
     def __post_init__(self):
         if not (self.lr >= 0 and math.isfinite(self.lr)):
@@ -94,19 +98,20 @@ class OptimConfig:
             raise ConfigError(f"optimizer.distribution must be gaussian, rademacher or sphere, got {self.distribution!r}")
         choices = {"n_schedule": ("constant", "linear"), "estimator": ("two-sided", "one-sided"),
                    "variant": ("sgd", "momentum", "adam"), "state": ("history", "stored"),
-                   "layerwise": ("none", "param-norm")}
+                   "layerwise": ("none", "param-norm", "grad-norm")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                hint = " (the gradient-norm variant is not implemented)" if getattr(self, name) == "grad-norm" else ""
-                raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got "
-                                  f"{getattr(self, name)!r}{hint}")
+                raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("n_perturbations", "n_perturbations_final"):
             value = getattr(self, name)
             if not (isinstance(value, int) and 1 <= value <= 100):
                 raise ConfigError(f"optimizer.{name} must be an integer from 1 to 100, got {value!r}")
-        for name in ("n_ramp_steps", "window"):
+        for name in ("n_ramp_steps", "window", "grad_norm_probes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.grad_norm_every, int) and self.grad_norm_every >= 0):
+            raise ConfigError(f"optimizer.grad_norm_every must be an integer >= 0 (0: estimate once), "
+                              f"got {self.grad_norm_every!r}")
         for name in ("beta1", "beta2"):
             if not (0 <= getattr(self, name) < 1):
                 raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")

@@ -28,7 +28,13 @@ byte for byte what it was, and every older file reads and replays as before):
              step u32, n u16, then projected_grad f32 per perturbation, then lr f32 per group;
              perturbation j has seed ``step_seed(header["seed"], t, j)``
     tag "L"  per-tensor scales s_l of the next step record (layerwise variants):
-             step u32, then f32 per parameter of the header's table
+             step u32, then f32 per parameter of the header's table (for "grad-norm" these are the
+             c_l: the step perturbed along z / c_l and updated along c_l z)
+    tag "P"  a per-layer probe pass (the "grad-norm" variant), before the records of its step:
+             step u32, probes u16, sweeps applied u32 (all of them unless interrupted). Layer i
+             (header "layer_groups") was perturbed by +eps z, -2eps z, +eps z per probe r, z of seed
+             ``zotune.optim.variants.layer_probe_seed(seed, step, i, r, len(layer_groups))``;
+             an interrupted pass was undone by one more sweep of the carried multiple
 
     header keys, present only when not the default:
       "estimator"        "one-sided" (default "two-sided"); "forward-gradient" marks a trajectory
@@ -36,7 +42,9 @@ byte for byte what it was, and every older file reads and replays as before):
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
       "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d))
-      "layerwise"        "param-norm"
+      "layerwise"        "param-norm" or "grad-norm"
+      "layer_groups"     grad-norm: the layers, as lists of indices into the parameter table
+      "grad_norm_every", "grad_norm_probes"   grad-norm: informational
       "variant"          the update rule: {"name": "momentum" | "adam", "beta1", "beta2",
                          "adam_eps", "window", "state": "history" | "stored"}
 
@@ -62,6 +70,7 @@ from zotune.optim import functional as F
 __all__ = [
     "Flush",
     "Hyper",
+    "LayerProbe",
     "LayerScales",
     "MultiStep",
     "Skip",
@@ -124,7 +133,16 @@ class LayerScales:
     scales: tuple[float, ...]
 
 
-Record = Hyper | Step | Skip | Flush | MultiStep | LayerScales
+@dataclass(frozen=True)
+class LayerProbe:
+    """The per-layer probe sweeps of the gradient-norm variant at ``step`` (``applied`` of them)."""
+
+    step: int
+    probes: int
+    applied: int
+
+
+Record = Hyper | Step | Skip | Flush | MultiStep | LayerScales | LayerProbe
 _MULTI_HEAD = struct.Struct("<IH")
 
 
@@ -135,6 +153,7 @@ def _layouts(n_groups: int, n_params: int = 0) -> dict[bytes, struct.Struct]:
         b"X": struct.Struct("<IB"),
         b"F": struct.Struct("<I"),
         b"L": struct.Struct(f"<I{n_params}f"),
+        b"P": struct.Struct("<IHI"),
         b"N": _MULTI_HEAD,  # a prefix: the record's length depends on its n
     }
 
@@ -160,6 +179,8 @@ def _pack(record: Record, layouts) -> bytes:
                                          *record.lrs)
     elif isinstance(record, LayerScales):
         tag, payload = b"L", layouts[b"L"].pack(record.step, *record.scales)
+    elif isinstance(record, LayerProbe):
+        tag, payload = b"P", layouts[b"P"].pack(record.step, record.probes, record.applied)
     else:
         tag, payload = b"F", layouts[b"F"].pack(record.step)
     return tag + payload + _check(tag, payload)
@@ -177,6 +198,8 @@ def _unpack(tag: bytes, values: tuple) -> Record:
         return MultiStep(values[0], tuple(values[2 : 2 + n]), tuple(values[2 + n :]))
     if tag == b"L":
         return LayerScales(values[0], tuple(values[1:]))
+    if tag == b"P":
+        return LayerProbe(*values)
     return Flush(values[0])
 
 
@@ -253,7 +276,7 @@ def read_trajectory(path: str | os.PathLike, *, size: int | None = None) -> Traj
 
 # The parts of a header that must agree for a run to continue an existing file.
 _IDENTITY = ("seed", "distribution", "fuse_next", "stochastic_rounding", "params", "groups", "estimator",
-             "layerwise", "variant")
+             "layerwise", "variant", "layer_groups")
 
 
 class TrajectoryWriter:
@@ -397,6 +420,8 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
     if forward:
         exact, fused = False, False
     layerwise = header.get("layerwise", "none") != "none"
+    grad_norm = header.get("layerwise") == "grad-norm"
+    layers = [list(g) for g in header.get("layer_groups", [])]
     rule = rule if rule is not None else V.make_rule(header.get("variant"))
     d = sum(t.numel() for t in tensors)
     factors: dict[int, float] = {}
@@ -428,6 +453,12 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
         if isinstance(record, LayerScales):
             scales_of = record
             continue
+        if isinstance(record, LayerProbe):
+            if exact and update and not forward:
+                if eps is None:
+                    raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
+                _redo_layer_probes(record, layers, tensors, keys, seed0, eps, zdist, backend)
+            continue
         if eps is None:
             raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
         if isinstance(record, Flush):
@@ -445,6 +476,9 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
                 raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
             scales = list(scales_of.scales)
         ordered = None if scales is None else [scales[i] for g in index_groups for i in g]
+        probe_scales = V.inverse_scales(scales) if grad_norm else None  # grad-norm probes along z / c_l
+        if grad_norm:
+            ordered = V.inverse_scales(ordered)
         if isinstance(record, Skip):
             if forward:
                 continue
@@ -476,7 +510,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
         if fused and exact:
             seed_next = rng.step_seed(seed0, t + 1)
             next_terms = [(seed_next, eps * factor(seed_next))]
-        u = V.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms)
+        u = V.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms, probe_scales)
         groups = [V.Group([tensors[i] for i in g], [keys[i] for i in g], g, lr, wd)
                   for g, lr, wd in zip(index_groups, record.lrs, wds)]
         rule.apply(groups, u, distribution=zdist, rounding_seed=seeds[0] if sr else None, backend=backend,
@@ -485,3 +519,24 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
     if pending is not None and finish:  # clean weights: remove the perturbation fused in for the next step
         sweep(pending, [(0, -1.0)], eps, None)
     return rule
+
+
+def _redo_layer_probes(record: LayerProbe, layers, tensors, keys, seed0: int, eps: float, zdist: str,
+                       backend) -> None:
+    """Repeat a per-layer probe pass's sweeps (they leave float rounding behind, so exact replay needs them)."""
+    from zotune.optim import variants as V
+
+    if not layers:
+        raise TrajectoryError("corrupted trajectory: a layer-probe record in a file whose header has no layer_groups")
+    plan = V.layer_probe_sweeps(len(layers), record.probes)
+    if record.applied > len(plan):
+        raise TrajectoryError(f"corrupted trajectory: step {record.step} records {record.applied} probe sweeps "
+                              f"of {len(plan)}")
+    moves = [plan[k] for k in range(record.applied)]
+    if record.applied % 3:  # interrupted inside a probe: undone by the carried multiple
+        i, r, _ = plan[record.applied - 1]
+        moves.append((i, r, -1.0 if record.applied % 3 == 1 else 1.0))
+    for i, r, mult in moves:
+        seed = V.layer_probe_seed(seed0, record.step, i, r, len(layers))
+        V.sweep_terms_([tensors[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
+                       distribution=zdist, backend=backend)

@@ -34,7 +34,8 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
         n = oc.n_perturbations
     fuse = oc.fuse_next and oc.estimator == "two-sided" and oc.layerwise == "none"
     common = dict(distribution=oc.distribution, fuse_next=fuse, on_nonfinite=on_nonfinite, trajectory=trajectory,
-                  n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise)
+                  n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise,
+                  grad_norm_every=oc.grad_norm_every, grad_norm_probes=oc.grad_norm_probes)
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
     if oc.variant == "momentum":
         return MeZOMomentum(*args, beta=oc.beta1, window=oc.window, state=oc.state, **common)

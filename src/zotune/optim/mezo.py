@@ -12,7 +12,7 @@ import torch
 from zotune import kernels, rng
 from zotune.optim import functional as F
 from zotune.optim import variants as V
-from zotune.trajectory import Flush, Hyper, LayerScales, MultiStep, Skip, Step, TrajectoryWriter
+from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step, TrajectoryWriter
 
 __all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError"]
 
@@ -115,6 +115,12 @@ class MeZO(torch.optim.Optimizer):
     - layerwise (``layerwise="param-norm"``): tensor l is perturbed and updated along
       ``s_l z_l`` with ``s_l = ||theta_l|| / sqrt(d_l)`` taken at the start of the step, so the
       expected update is ``-lr diag(s_l^2) grad L``: a layer's step scales with its weights' size.
+    - layerwise (``layerwise="grad-norm"``, the authors' Appendix B variant): at the first step (and
+      every ``grad_norm_every`` steps) each layer l (a numbered block, or a tensor outside the
+      blocks: :func:`zotune.optim.variants.layer_groups`) is probed on its own, two forward passes
+      per probe, and ``c_l`` estimates its gradient norm; the steps then perturb layer l along
+      ``z_l / c_l`` and update along ``c_l z_l``. The estimate stays unbiased; each layer's share of
+      its variance is evened out (:func:`zotune.optim.variants.grad_norm_scales`).
     - momentum and Adam: the subclasses :class:`MeZOMomentum` and :class:`MeZOAdam`.
 
     Args:
@@ -141,8 +147,10 @@ class MeZO(torch.optim.Optimizer):
         n_perturbations: n of n-SPSA (1 to 100), or a callable ``step -> n``.
         estimator: ``"two-sided"`` (the paper's default) or ``"one-sided"`` (needs ``fuse_next=False``:
             the unperturbed loss comes first).
-        layerwise: ``"none"`` or ``"param-norm"`` (needs ``fuse_next=False``: the scales are taken at
-            the clean weights of each step).
+        layerwise: ``"none"``, ``"param-norm"`` or ``"grad-norm"`` (need ``fuse_next=False``: the scales
+            are taken at the clean weights of each step).
+        grad_norm_every: ``"grad-norm"``: re-estimate the layer norms every this many steps (0: once).
+        grad_norm_probes: ``"grad-norm"``: probes per layer and estimate (c_l = sqrt(mean g_l^2)).
 
     Example::
 
@@ -173,6 +181,8 @@ class MeZO(torch.optim.Optimizer):
         n_perturbations: int | Callable[[int], int] = 1,
         estimator: str = "two-sided",
         layerwise: str = "none",
+        grad_norm_every: int = 0,
+        grad_norm_probes: int = 1,
     ):
         if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
             raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
@@ -189,9 +199,11 @@ class MeZO(torch.optim.Optimizer):
         if estimator not in V.ESTIMATORS:
             raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(V.ESTIMATORS)})")
         if layerwise not in V.LAYERWISE:
-            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)}"
-                             + ("; the gradient-norm variant is not implemented" if layerwise == "grad-norm" else "")
-                             + ")")
+            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)})")
+        if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
+            raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
+        if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
+            raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
         if fuse_next and (estimator != "two-sided" or layerwise != "none"):
             raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
                              "(the next step must start from its clean weights): pass fuse_next=False")
@@ -210,6 +222,10 @@ class MeZO(torch.optim.Optimizer):
         self.n_perturbations = n_perturbations
         self.estimator = estimator
         self.layerwise = layerwise
+        self.grad_norm_every = grad_norm_every
+        self.grad_norm_probes = grad_norm_probes
+        self.layer_norms: list[float] | None = None  # grad-norm: c_l per tensor, once estimated
+        self._norms_step: int | None = None  # the step whose probes estimated them
         self.rule = self._make_rule()
         self.projected_grads: list[float] | None = None  # g_j of the last applied step
         self._factors: dict[int, float] = {}  # sphere factors by seed
@@ -272,6 +288,9 @@ class MeZO(torch.optim.Optimizer):
             out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
         if self.layerwise != "none":
             out["layerwise"] = self.layerwise
+        if self.layerwise == "grad-norm":
+            out.update(layer_groups=self._layers(), grad_norm_every=self.grad_norm_every,
+                       grad_norm_probes=self.grad_norm_probes)
         if self.rule.header() is not None:
             out["variant"] = self.rule.header()
         return out
@@ -284,7 +303,7 @@ class MeZO(torch.optim.Optimizer):
             return
         if self._writer is None:
             self._writer = TrajectoryWriter(self.trajectory_path, self._header(), resume_at=self._resume_at)
-        if isinstance(record, (Step, Skip, MultiStep)):
+        if isinstance(record, (Step, Skip, MultiStep, LayerProbe)):
             hyper = Hyper(F.f32(self.eps), tuple(F.f32(g["weight_decay"]) for g in self.param_groups))
             if hyper != self._written_hyper:
                 self._writer.append(hyper)
@@ -313,6 +332,66 @@ class MeZO(torch.optim.Optimizer):
             d = sum(p.numel() for p in params)
             self._factors[seed] = rng.sphere_factor(F.gaussian_sumsq(params, keys, seed, backend=self.backend), d)
         return self._factors[seed]
+
+    def _layers(self) -> list[list[int]]:
+        return V.layer_groups([e["name"] for e in self._table])
+
+    def _step_scales(self, t: int, closure, eps: float) -> tuple[list[float] | None, list[float] | None]:
+        """(s_l of the update, p_l of the probes) for step t; None: no per-tensor factor."""
+        if self.layerwise == "param-norm":
+            scales = V.layer_scales(self._all()[0])
+            return scales, scales
+        if self.layerwise == "grad-norm":
+            if self.layer_norms is None or (self.grad_norm_every and t - self._norms_step >= self.grad_norm_every):
+                self._estimate_layer_norms(t, closure, eps)
+            return self.layer_norms, V.inverse_scales(self.layer_norms)
+        return None, None
+
+    def _estimate_layer_norms(self, t: int, closure, eps: float) -> None:
+        """The per-layer probe pass: c_l = sqrt(mean g_l^2), g_l from layer l perturbed alone by +-eps z."""
+        layers = self._layers()
+        params, keys = self._all()
+        plan = V.layer_probe_sweeps(len(layers), self.grad_norm_probes)
+        squares: list[list[float]] = [[] for _ in layers]
+        applied, plus = 0, math.nan
+
+        def move(i: int, r: int, mult: float) -> None:
+            seed = V.layer_probe_seed(self.seed, t, i, r, len(layers))
+            V.sweep_terms_([params[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
+                           distribution=self._zdist, backend=self.backend)
+
+        try:
+            for k, (i, r, mult) in enumerate(plan):
+                move(i, r, mult)
+                applied = k + 1
+                if k % 3 == 2:  # the restoring sweep
+                    continue
+                self._in_step = True
+                value = float(closure())
+                if k % 3 == 0:
+                    plus = value
+                else:
+                    g = (plus - value) / (2 * eps)
+                    if math.isfinite(g):
+                        squares[i].append(g * g)
+        except BaseException:
+            self._in_step = False
+            if applied % 3:
+                i, r, _ = plan[applied - 1]
+                move(i, r, -1.0 if applied % 3 == 1 else 1.0)
+            self._record(LayerProbe(t, self.grad_norm_probes, applied))
+            raise
+        self._in_step = False
+        self._record(LayerProbe(t, self.grad_norm_probes, applied))
+        missing = sum(1 for q in squares if not q)
+        if missing:
+            import warnings
+
+            warnings.warn(f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
+                          "norms were filled in from the others", RuntimeWarning, stacklevel=3)
+        mean_sq = [sum(q) / len(q) if q else None for q in squares]
+        self.layer_norms = V.grad_norm_scales(mean_sq, layers, [p.numel() for p in params])
+        self._norms_step = t
 
     def _n_at(self, step: int) -> int:
         n = self.n_perturbations
@@ -379,7 +458,7 @@ class MeZO(torch.optim.Optimizer):
         t = self._step
         eps = F.f32(self.eps)
         n = self._n_at(t)
-        scales = V.layer_scales(self._all()[0]) if self.layerwise != "none" else None
+        scales, pscales = self._step_scales(t, closure, eps)
         plan = V.probe_sweeps(self.estimator, n)
         carry = None  # (j, multiple of eps) the parameters currently carry, to undo on any failure
         losses: list[float] = []
@@ -387,7 +466,7 @@ class MeZO(torch.optim.Optimizer):
         try:
             for k, pairs in enumerate(plan):
                 if not (k == 0 and self._pending is not None):
-                    self._probe(t, pairs, eps, scales)
+                    self._probe(t, pairs, eps, pscales)
                 self._pending = None
                 carry = V.carry_after(self.estimator, k)
                 self._in_step = True
@@ -400,7 +479,7 @@ class MeZO(torch.optim.Optimizer):
         except BaseException:
             self._in_step = False
             if carry is not None:
-                self._probe(t, [(carry[0], -carry[1])], eps, scales)
+                self._probe(t, [(carry[0], -carry[1])], eps, pscales)
                 self._record_scales(t, scales)
                 self._record(Skip(t, len(losses) + 1))
                 self._step += 1
@@ -410,7 +489,7 @@ class MeZO(torch.optim.Optimizer):
         if not all(math.isfinite(g) for g in grads):
             phase = len(losses)
             if carry is not None:
-                self._probe(t, [(carry[0], -carry[1])], eps, scales)
+                self._probe(t, [(carry[0], -carry[1])], eps, pscales)
             self._record_scales(t, scales)
             self._record(Skip(t, phase))
             self._step += 1
@@ -429,7 +508,8 @@ class MeZO(torch.optim.Optimizer):
             seed_next = rng.step_seed(self.seed, t + 1)
             next_terms = [(seed_next, eps * self._factor(seed_next))]
         j, mult = carry
-        update = V.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps), next_terms)
+        update = V.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps), next_terms,
+                              None if pscales is scales else pscales)
         groups = self._groups()
         self.rule.apply(groups, update, distribution=self._zdist,
                         rounding_seed=seeds[0] if self.stochastic_rounding else None, backend=self.backend)
@@ -491,6 +571,9 @@ class MeZO(torch.optim.Optimizer):
         if variants:  # only for the variants: plain MeZO's state is unchanged
             state["mezo"]["variants"] = variants
             state["mezo"]["rule"] = self.rule.state()
+        if self.layerwise == "grad-norm":
+            state["mezo"]["layer_norms"] = self.layer_norms
+            state["mezo"]["norms_step"] = self._norms_step
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -520,6 +603,8 @@ class MeZO(torch.optim.Optimizer):
             self.rule.load(mezo["rule"])
             if self.rule.stored:
                 self._rebuild_moments(mezo["trajectory_bytes"], int(mezo["rule"]["count"]))
+        if self.layerwise == "grad-norm":
+            self.layer_norms, self._norms_step = mezo.get("layer_norms"), mezo.get("norms_step")
         self._pending = mezo.get("pending")
         if self._writer is not None:
             self._writer.close()

@@ -57,14 +57,19 @@ class ReferenceVariant:
     no weight decay unless ``weight_decay``); ``rule`` is ``"sgd"``, ``"momentum"`` or ``"adam"``,
     with the full moving averages (no window). z_j = z(step_seed(seed, t, j)); the sphere
     distribution normalises the concatenated Gaussian draw to norm sqrt(d); ``layerwise="param-norm"``
-    multiplies tensor l's z by ||theta_l|| / sqrt(d_l) at the start of the step.
+    multiplies tensor l's z by ||theta_l|| / sqrt(d_l) at the start of the step; ``layerwise="grad-norm"``
+    probes every layer alone (restoring theta exactly), c_l = sqrt(mean g_l^2) rescaled so that
+    sum d_l / c_l^2 = d, then perturbs along z / c_l and estimates with c_l z.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, *, n: int = 1,
                  estimator: str = "two-sided", distribution: str = "gaussian", layerwise: str = "none",
                  rule: str = "sgd", beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, grad_norm_every: int = 0, grad_norm_probes: int = 1):
         self.params = list(params)
+        self.grad_norm_every, self.grad_norm_probes = grad_norm_every, grad_norm_probes
+        self.norms: list[float] | None = None  # grad-norm: c_l per tensor
+        self.norms_step = 0
         self.lr, self.eps, self.seed, self.n = lr, eps, seed, n
         self.estimator, self.distribution, self.layerwise = estimator, distribution, layerwise
         self.rule, self.beta1, self.beta2, self.adam_eps, self.wd = rule, beta1, beta2, adam_eps, weight_decay
@@ -88,10 +93,15 @@ class ReferenceVariant:
     def step(self, closure) -> list[float]:
         t = self.step_count
         theta = [p.detach().double().clone() for _, p in self.params]
-        scales = [1.0] * len(theta)
+        scales = gains = [1.0] * len(theta)
         if self.layerwise == "param-norm":
-            scales = [float(x.norm()) / math.sqrt(x.numel()) or 1.0 for x in theta]
-        us = [[s * z for s, z in zip(scales, self.z(rng.step_seed(self.seed, t, j)))] for j in range(self.n)]
+            scales = gains = [float(x.norm()) / math.sqrt(x.numel()) or 1.0 for x in theta]
+        if self.layerwise == "grad-norm":
+            if self.norms is None or (self.grad_norm_every and t - self.norms_step >= self.grad_norm_every):
+                self.norms, self.norms_step = self._layer_norms(t, theta, closure), t
+            scales, gains = [1.0 / c for c in self.norms], self.norms
+        zs = [self.z(rng.step_seed(self.seed, t, j)) for j in range(self.n)]
+        us = [[s * z for s, z in zip(scales, zj)] for zj in zs]
 
         def loss_at(u, sign):
             for (_, p), x, uj in zip(self.params, theta, u):
@@ -103,7 +113,7 @@ class ReferenceVariant:
         else:
             base = loss_at(us[0], 0.0)
             grads = [(loss_at(u, 1.0) - base) / self.eps for u in us]
-        ghat = [sum(g * u[i] for g, u in zip(grads, us)) / self.n for i in range(len(theta))]
+        ghat = [sum(g * gains[i] * zj[i] for g, zj in zip(grads, zs)) / self.n for i in range(len(theta))]
         self.estimates.append(ghat)
         c = len(self.estimates)
         if self.rule == "sgd":
@@ -123,3 +133,34 @@ class ReferenceVariant:
         self.step_count += 1
         self.projected_grads = grads
         return grads
+
+    def _layer_norms(self, t: int, theta, closure) -> list[float]:
+        """c_l of the gradient-norm variant from explicit per-layer probes (theta restored exactly)."""
+        from zotune.optim.variants import layer_groups, layer_probe_seed
+
+        names = [name for name, _ in self.params]
+        layers = layer_groups(names)
+        dist = "gaussian" if self.distribution == "sphere" else self.distribution
+        norms = []
+        for i, layer in enumerate(layers):
+            squares = []
+            for r in range(self.grad_norm_probes):
+                seed = layer_probe_seed(self.seed, t, i, r, len(layers))
+                z = {x: torch.from_numpy(rng.z(dist, seed, rng.param_key(names[x]), 0, theta[x].numel()))
+                     .reshape(theta[x].shape).double() for x in layer}
+                losses = []
+                for sign in (1.0, -1.0):
+                    for x in layer:
+                        self.params[x][1].copy_(theta[x] + sign * self.eps * z[x])
+                    losses.append(float(closure()))
+                for x in layer:
+                    self.params[x][1].copy_(theta[x])
+                squares.append(((losses[0] - losses[1]) / (2 * self.eps)) ** 2)
+            norms.append(math.sqrt(sum(squares) / len(squares)))
+        dims = [sum(theta[x].numel() for x in layer) for layer in layers]
+        kappa = math.sqrt(sum(dims) / sum(d / c**2 for d, c in zip(dims, norms)))
+        out = [1.0] * len(theta)
+        for layer, c in zip(layers, norms):
+            for x in layer:
+                out[x] = c / kappa
+        return out

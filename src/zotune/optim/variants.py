@@ -7,12 +7,14 @@ pure data plus functions over :mod:`zotune.optim.functional`, so that :class:`zo
 
 Perturbation j of step t is ``u_j = a_j * s_l * z(step_seed(seed, t, j))`` on tensor l, where
 ``a_j`` is 1, or ``sqrt(d) / ||x_j||`` for the sphere distribution, and ``s_l`` is 1, or
-``||theta_l|| / sqrt(d_l)`` for the layerwise parameter-norm variant.
+``||theta_l|| / sqrt(d_l)`` for the layerwise parameter-norm variant, or ``1 / c_l`` for the
+gradient-norm variant, whose update then goes along ``c_l z`` (see :func:`grad_norm_scales`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,11 @@ __all__ = [
     "SGDRule",
     "StepUpdate",
     "carry_after",
+    "grad_norm_scales",
+    "inverse_scales",
+    "layer_groups",
+    "layer_probe_seed",
+    "layer_probe_sweeps",
     "layer_scales",
     "linear_n",
     "make_rule",
@@ -38,11 +45,9 @@ __all__ = [
 ]
 
 ESTIMATORS = ("two-sided", "one-sided")
-LAYERWISE = ("none", "param-norm")
-# "grad-norm" (scale by an estimate of each layer's gradient norm) is not implemented: from one shared
-# perturbation every layer sees the same projected gradient, so a per-layer gradient norm needs probes of
-# each layer on its own (two forward passes per tensor).
+LAYERWISE = ("none", "param-norm", "grad-norm")
 MAX_PERTURBATIONS = 100  # a skip record stores the failing evaluation in one byte: 2n + 1 <= 255
+LAYER_PROBE_INDEX = 1 << 20  # perturbation indices of the per-layer probes (n-SPSA uses j < 100)
 
 
 def probe_sweeps(estimator: str, n: int) -> list[list[tuple[int, float]]]:
@@ -102,6 +107,77 @@ def layer_scales(params: Sequence[torch.Tensor], chunk: int = 1 << 20) -> list[f
     return out
 
 
+_BLOCK = re.compile(r"^((?:.*?\.)?\d+)\.")  # a name's numbered block: "model.layers.3.mlp.w" -> "model.layers.3"
+
+
+def layer_groups(names: Sequence[str]) -> list[list[int]]:
+    """The layers of the gradient-norm variant: tensor indices grouped by numbered block, in order.
+
+    A tensor whose name has a numbered component (``model.layers.3.self_attn.q_proj.weight``,
+    ``roberta.encoder.layer.5...``, LoRA's ``...layers.3...lora_A.default.weight``) belongs to the
+    block up to that number; any other tensor (embeddings, final norm, head) is a layer of its own,
+    as the authors' code treats the embeddings and the head.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        m = _BLOCK.match(name)
+        groups.setdefault(m.group(1) if m else f"\0{name}", []).append(i)
+    return list(groups.values())
+
+
+def layer_probe_seed(seed: int, step: int, layer: int, probe: int, n_layers: int) -> int:
+    """The seed of probe ``probe`` of layer ``layer`` at ``step`` (distinct from every step perturbation)."""
+    from zotune import rng
+
+    return rng.step_seed(seed, step, LAYER_PROBE_INDEX + probe * n_layers + layer)
+
+
+def layer_probe_sweeps(n_layers: int, probes: int) -> list[tuple[int, int, float]]:
+    """The sweeps of a per-layer probe pass, as ``(layer, probe, multiple of eps)``.
+
+    For each layer and probe: ``+z`` (loss L+), ``-2z`` (loss L-), ``+z`` (restore); only that
+    layer's tensors move, along the unscaled z of :func:`layer_probe_seed`.
+    """
+    return [(i, r, c) for i in range(n_layers) for r in range(probes) for c in (1.0, -2.0, 1.0)]
+
+
+def grad_norm_scales(squares: Sequence[float | None], groups: Sequence[Sequence[int]],
+                     sizes: Sequence[int]) -> list[float]:
+    """c_l per tensor from each layer's mean squared probe estimate (the gradient-norm variant).
+
+    A per-layer probe gives ``g_l = z_l . grad_l L`` (two-sided, only layer l perturbed), and
+    ``E[g_l^2] = ||grad_l L||^2`` for Gaussian z, so ``sqrt(mean g_l^2)`` estimates the layer's gradient
+    norm, as in the authors' code (one probe per layer: ``|g_l|``). The step then perturbs layer l
+    along ``z_l / c_l`` and updates along ``c_l z_l``, which keeps the estimate unbiased
+    (``E[c_l^2 (z_l/c_l)(z_l/c_l)^T] = I``) and evens out the layers' share of its variance.
+
+    Unlike the authors' code the c_l are rescaled by one common factor so that the perturbation's
+    expected squared norm stays d, as plain MeZO's (``sum_l d_l / c_l^2 = d``): eps keeps its meaning
+    whatever the gradient's scale, and the expected update is unchanged. A layer whose estimate is 0
+    or unavailable (None: its losses were not finite) gets the geometric mean of the others; with no
+    usable estimate at all every c_l is 1 (plain MeZO). float32-rounded.
+    """
+    norms = [None if q is None or not math.isfinite(q) or q <= 0 else math.sqrt(q) for q in squares]
+    known = [x for x in norms if x is not None]
+    n_tensors = sum(len(g) for g in groups)
+    if not known:
+        return [1.0] * n_tensors
+    fill = math.exp(sum(math.log(x) for x in known) / len(known))
+    norms = [fill if x is None else x for x in norms]
+    dims = [sum(sizes[i] for i in g) for g in groups]
+    kappa = math.sqrt(sum(dims) / sum(d / (c * c) for d, c in zip(dims, norms)))
+    out = [1.0] * n_tensors
+    for g, c in zip(groups, norms):
+        for i in g:
+            out[i] = F.f32(c / kappa)
+    return out
+
+
+def inverse_scales(scales: Sequence[float]) -> list[float]:
+    """1 / c_l, float32-rounded: the gradient-norm variant's perturbation scales."""
+    return [F.f32(1.0 / c) for c in scales]
+
+
 def sweep_terms_(params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None,
                  backend=None) -> None:
     """theta_l <- scale theta_l + sum(c * s_l[term] * z(seed)) over terms ``(seed, c, s)``.
@@ -127,8 +203,11 @@ class StepUpdate:
     factors: list[float]  # a_j (sphere normalisation; 1.0 otherwise)
     grads: list[float]  # projected gradient g_j
     scales: list[float] | None  # s_l for every tensor of the optimizer (layerwise), or None
-    carry: tuple[int, float] | None  # (j, c): the parameters hold theta + c a_j s_l z_j; None: clean theta
+    carry: tuple[int, float] | None  # (j, c): the parameters hold theta + c a_j p_l z_j; None: clean theta
     next_terms: list[tuple[int, float]] = field(default_factory=list)  # fused +eps of the next step
+    # p_l, the per-tensor factor of the perturbation being carried, where it differs from the update's
+    # s_l (the gradient-norm variant probes along z / c_l and updates along c_l z); None: p_l = s_l
+    probe_scales: list[float] | None = None
 
 
 @dataclass
@@ -170,11 +249,15 @@ class SGDRule:
             lr, wd = grp.lr, grp.weight_decay
             scale = 1.0 - lr * wd
             coefs = [-(lr / n) * g for g in u.grads]
+            restore = []
             if u.carry is not None:
                 j, c = u.carry
-                coefs[j] = -scale * c - (lr / n) * u.grads[j]
+                if u.probe_scales is None:  # restore and update along the same direction: one term
+                    coefs[j] = -scale * c - (lr / n) * u.grads[j]
+                else:
+                    restore = [(u.seeds[j], -scale * c * u.factors[j], _pick(u.probe_scales, grp.index))]
             svec = _pick(u.scales, grp.index)
-            terms = [(s, a * c, svec) for s, a, c in zip(u.seeds, u.factors, coefs)]
+            terms = restore + [(s, a * c, svec) for s, a, c in zip(u.seeds, u.factors, coefs)]
             terms += [(s, c, None) for s, c in u.next_terms]
             sweep_terms_(grp.params, grp.keys, terms, scales=None, scale=scale, distribution=distribution,
                          rounding_seed=rounding_seed, backend=backend)
@@ -230,7 +313,8 @@ class _MomentRule:
                 self._history_momentum(grp, u, scale, distribution, rounding_seed, backend)
                 continue
             for pos, (p, key, i) in enumerate(zip(grp.params, grp.keys, grp.index)):
-                s_i = 1.0 if u.scales is None else u.scales[i]
+                carried = u.scales if u.probe_scales is None else u.probe_scales
+                s_i = 1.0 if carried is None else carried[i]
                 restore = []
                 if u.carry is not None:
                     j, c = u.carry
@@ -261,7 +345,8 @@ class _MomentRule:
         terms = []
         if u.carry is not None:
             j, c = u.carry
-            terms.append((u.seeds[j], -scale * c * u.factors[j], _pick(u.scales, grp.index)))
+            carried = u.scales if u.probe_scales is None else u.probe_scales
+            terms.append((u.seeds[j], -scale * c * u.factors[j], _pick(carried, grp.index)))
         for age, (seeds, factors, grads, scales) in zip(range(len(hist) - 1, -1, -1), hist):
             w = (1.0 - b1) * b1**age
             n = len(grads)

@@ -155,6 +155,18 @@ def test_eval_with_a_trajectory_of_another_model_fails_cleanly(model_dir, tmp_pa
     assert len(err) == 1 and "belongs to another model" in err[0]
 
 
+def test_eval_run_with_a_best_checkpoint_of_another_model_fails_cleanly(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "--steps", "2")) == 0
+    other = tmp_path / "opt"
+    tiny.causal_lm("opt").save_pretrained(other)
+    tiny.tokenizer().save_pretrained(other)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out), "--model.name", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not belong to this model" in err[0] and "does not fit the model" in err[0]
+
+
 def test_a_nan_loss_is_skipped_and_counted(model_dir, tmp_path, monkeypatch):
     from zotune.objectives import Objective
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_tensors", "read_json", "save_tensors", "write_json"]
+__all__ = ["copy_into", "load_tensors", "read_json", "save_tensors", "write_json"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -55,4 +55,38 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+class CheckpointMismatch(ValueError):
+    """A safetensors file whose tensors are not among the target's (name or shape)."""
+
+
+@torch.no_grad()
+def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, chunk_bytes: int = 16 << 20) -> list[str]:
+    """Copy a safetensors file's tensors into ``targets`` in place, a slice at a time; returns the names.
+
+    Every name and shape is checked before anything is written (:class:`CheckpointMismatch`). Only
+    one slice of at most ``chunk_bytes`` is read at a time, so restoring the best weights at the end
+    of a run costs no second copy of the model (``load_tensors`` + ``copy_`` would: +0.5 GB for
+    SmolLM2-135M in float32, measured).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        for name in names:
+            shape = list(f.get_slice(name).get_shape())
+            if name not in targets or list(targets[name].shape) != shape:
+                have = "no such tensor" if name not in targets else f"shape {list(targets[name].shape)}"
+                raise CheckpointMismatch(f"{path}: tensor {name!r} {shape} does not fit the model ({have})")
+        for name in names:
+            target, part = targets[name], f.get_slice(name)
+            if target.ndim == 0:
+                target.copy_(f.get_tensor(name))
+                continue
+            row = max(1, target[0].numel() * target.element_size())
+            step = max(1, chunk_bytes // row)
+            for start in range(0, target.shape[0], step):
+                target[start : start + step].copy_(part[start : start + step])
+    return names
 

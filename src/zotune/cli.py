@@ -150,16 +150,10 @@ def _eval(args, rest) -> int:
         weights_path = Path(args.run) / "best" / "model.safetensors"
         if not weights_path.is_file():
             raise ConfigError(f"{args.run} has no best checkpoint ({weights_path} is missing)")
-        weights = checkpoint.load_tensors(weights_path)
-        params = dict(model.named_parameters())
-        wrong = [n for n, t in weights.items() if n not in params or params[n].shape != t.shape]
-        if wrong:
-            raise ConfigError(f"the checkpoint in {args.run} does not belong to this model (e.g. {wrong[0]!r})")
-        import torch
-
-        with torch.no_grad():
-            for n, t in weights.items():
-                params[n].copy_(t)
+        try:
+            checkpoint.copy_into(weights_path, dict(model.named_parameters()))
+        except checkpoint.CheckpointMismatch as err:
+            raise ConfigError(f"the checkpoint in {args.run} does not belong to this model ({err})") from None
     metrics = evaluate(prepared.objective, model, prepared.encoded[args.split], config.train.eval_batch_size)
     shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())
     print(f"{config.task.name} {args.split} ({len(prepared.encoded[args.split])} examples): {shown}")

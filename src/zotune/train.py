@@ -315,10 +315,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     opt.flush()
     best = loop["best"]
     if best is not None and best["step"] != loop["step"] and tc.save_best:
-        weights = checkpoint.load_tensors(run_dir / "best" / "model.safetensors")
-        with torch.no_grad():
-            for n, p in trainable:
-                p.copy_(weights[n])
+        checkpoint.copy_into(run_dir / "best" / "model.safetensors", dict(trainable))  # no second copy of the model
     test = eval_split("test") if encoded["test"] else {}
     logger.write({"step": loop["step"], **{f"test_{k}": v for k, v in test.items()}})
     logger.close()

@@ -18,8 +18,9 @@ import torch
 
 from zotune import kernels, rng
 from zotune.optim import functional as F
-from zotune.optim.mezo import NonFiniteLossError, param_table
-from zotune.trajectory import Hyper, Skip, Step, TrajectoryWriter
+from zotune.optim.keyed import KeyedOptimizer
+from zotune.optim.mezo import NonFiniteLossError
+from zotune.trajectory import Hyper, Skip, Step
 
 __all__ = ["ForwardGradient"]
 
@@ -78,7 +79,7 @@ class _Closure(torch.nn.Module):
         return self.closure()
 
 
-class ForwardGradient(torch.optim.Optimizer):
+class ForwardGradient(KeyedOptimizer):
     r"""SGD with the forward gradient: the exact directional derivative along MeZO's z (Appendix D).
 
     Step t uses the z that :class:`zotune.MeZO` with the same seed uses at step t (parameter key
@@ -168,69 +169,25 @@ class ForwardGradient(torch.optim.Optimizer):
         if backend is not None:
             kernels.get(backend)
         super().__init__(_prepare_params(params, weight_decay), dict(lr=lr, weight_decay=weight_decay))
-        self.seed = seed
-        self.distribution = distribution
         self.on_nonfinite = on_nonfinite
         self.backend = backend
-        self.trajectory_path = None if trajectory is None else os.fspath(trajectory)
         self.projected_grad: float | None = None  # g of the last applied step
         self.last_loss: float | None = None
-        self._step = 0
-        self._writer: TrajectoryWriter | None = None
-        self._resume_at: int | None = None
-        self._written_hyper: Hyper | None = None
-        self._table = self._param_table()
+        self._setup(seed, distribution, trajectory)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_writer", None) is not None:
-            raise RuntimeError("cannot add parameters to a ForwardGradient optimizer that is writing a trajectory")
-        if "param_names" not in param_group:
+        if "param_names" not in param_group and getattr(self, "_writer", None) is None:
             param_group = dict(param_group)
             param_group["params"] = _named(param_group["params"], "the added parameter group")
         super().add_param_group(param_group)
-        if hasattr(self, "_table"):
-            self._table = self._param_table()
 
-    def _param_table(self) -> list[dict]:
-        return param_table(self.param_groups)
-
-    def _header(self) -> dict:
-        from zotune import __version__
-
-        offsets = [0]
-        for g in self.param_groups:
-            offsets.append(offsets[-1] + len(g["params"]))
-        return {
-            "format": "zotune-trajectory",
-            "zotune_version": __version__,
-            "estimator": _ESTIMATOR,
-            "seed": self.seed,
-            "distribution": self.distribution,
-            "fuse_next": False,
-            "stochastic_rounding": False,
-            "named": True,
-            "first_step": self._step,
-            "params": [{**e, "key": f"{e['key']:016x}"} for e in self._table],
-            "groups": [list(range(a, b)) for a, b in zip(offsets, offsets[1:])],
-        }
+    def _header_options(self) -> dict:
+        return {"estimator": _ESTIMATOR, "fuse_next": False, "stochastic_rounding": False, "named": True}
 
     def _record(self, record) -> None:
-        if self.trajectory_path is None:
-            return
-        if self._writer is None:
-            self._writer = TrajectoryWriter(self.trajectory_path, self._header(), resume_at=self._resume_at)
         # eps = 0: there is no perturbation to undo, and replay's perturb sweeps become no-ops
-        hyper = Hyper(0.0, tuple(F.f32(g["weight_decay"]) for g in self.param_groups))
-        if hyper != self._written_hyper:
-            self._writer.append(hyper)
-            self._written_hyper = hyper
-        self._writer.append(record)
-
-    @property
-    def step_count(self) -> int:
-        """Steps taken so far (applied or skipped): the next step uses z of step_seed(seed, step_count)."""
-        return self._step
+        self._write(record, Hyper(0.0, tuple(F.f32(g["weight_decay"]) for g in self.param_groups)))
 
     # -- the step -------------------------------------------------------------------------------
     def tangents(self, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -338,11 +295,7 @@ class ForwardGradient(torch.optim.Optimizer):
         state = super().state_dict()
         state["forward_gradient"] = {
             "format": _STATE_FORMAT,
-            "step": self._step,
-            "seed": self.seed,
-            "distribution": self.distribution,
-            "params": [e["name"] for e in self._table],
-            "trajectory_bytes": None if self._writer is None else self._writer.tell(),
+            **self._keyed_state(),
             "written_weight_decays": None if self._written_hyper is None else list(self._written_hyper.weight_decays),
         }
         return state
@@ -353,18 +306,8 @@ class ForwardGradient(torch.optim.Optimizer):
         own = state_dict.pop("forward_gradient", None)
         if own is None or own.get("format") != _STATE_FORMAT:
             raise ValueError("not a ForwardGradient optimizer state (no 'forward_gradient' entry of a known format)")
-        names = [e["name"] for e in self._table]
-        if own["params"] != names:
-            raise ValueError("this optimizer state was saved for other parameters "
-                             f"({len(own['params'])} recorded, {len(names)} here, or different names)")
-        if own["distribution"] != self.distribution:
-            raise ValueError(f"this optimizer state has distribution={own['distribution']!r}, "
-                             f"the optimizer {self.distribution!r}")
+        self._check_keyed_state(own)
         super().load_state_dict(state_dict)
-        self._step, self.seed = int(own["step"]), int(own["seed"])
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._resume_at = own["trajectory_bytes"]
+        self._restore_keyed_state(own)
         wds = own.get("written_weight_decays")
         self._written_hyper = None if wds is None or self._resume_at is None else Hyper(0.0, tuple(wds))

@@ -12,9 +12,10 @@ import torch
 from zotune import kernels, rng
 from zotune.optim import functional as F
 from zotune.optim import variants as V
-from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step, TrajectoryWriter
+from zotune.optim.keyed import KeyedOptimizer, param_table
+from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
-__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError"]
+__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
 
 _STATE_FORMAT = 1
 
@@ -67,28 +68,7 @@ def _trainable(p) -> bool:
     return _tensor(p).requires_grad
 
 
-def param_table(param_groups) -> list[dict]:
-    """Name, key, shape and dtype of every parameter, in order (unnamed ones are keyed by position)."""
-    named = ["param_names" in g for g in param_groups]
-    if any(named) and not all(named):
-        raise ValueError("give names for all parameter groups (named_parameters()) or for none")
-    table, index = [], 0
-    for g in param_groups:
-        for i, p in enumerate(g["params"]):
-            name = g["param_names"][i] if "param_names" in g else str(index)
-            table.append({"name": name, "key": rng.param_key(name), "shape": list(p.shape),
-                          "dtype": str(p.dtype).removeprefix("torch.")})
-            index += 1
-    seen: dict[int, str] = {}
-    for entry in table:
-        if entry["key"] in seen:
-            raise ValueError(f"parameters {seen[entry['key']]!r} and {entry['name']!r} have the same key: "
-                             "give every parameter a distinct name")
-        seen[entry["key"]] = entry["name"]
-    return table
-
-
-class MeZO(torch.optim.Optimizer):
+class MeZO(KeyedOptimizer):
     r"""Zeroth-order SGD with in-place, regenerated perturbations (MeZO).
 
     Each step samples a seed s_t, and with z = z(s_t) regenerated from the keyed generator
@@ -213,8 +193,6 @@ class MeZO(torch.optim.Optimizer):
             kernels.get(backend)
         super().__init__(_prepare_params(params, weight_decay), dict(lr=lr, weight_decay=weight_decay))
         self.eps = float(eps)
-        self.seed = seed
-        self.distribution = distribution
         self.fuse_next = bool(fuse_next)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.on_nonfinite = on_nonfinite
@@ -229,52 +207,22 @@ class MeZO(torch.optim.Optimizer):
         self.rule = self._make_rule()
         self.projected_grads: list[float] | None = None  # g_j of the last applied step
         self._factors: dict[int, float] = {}  # sphere factors by seed
-        self.trajectory_path = None if trajectory is None else os.fspath(trajectory)
         self.projected_grad: float | None = None  # g of the last applied step
         self.last_losses: tuple[float, float] | None = None  # (L+, L-) of the last step
-        self._step = 0
         self._pending: int | None = None  # step whose +eps perturbation the parameters carry
         self._in_step = False
-        self._writer: TrajectoryWriter | None = None
-        self._resume_at: int | None = None
-        self._written_hyper: Hyper | None = None
-        self._table = self._param_table()
+        self._setup(seed, distribution, trajectory)
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_writer", None) is not None:
-            raise RuntimeError("cannot add parameters to a MeZO optimizer that is writing a trajectory")
-        super().add_param_group(param_group)
-        if hasattr(self, "_table"):
-            self._table = self._param_table()
-
-    def _param_table(self) -> list[dict]:
-        return param_table(self.param_groups)
-
     def _keys(self, group_index: int) -> list[int]:
         start = sum(len(g["params"]) for g in self.param_groups[:group_index])
         return [e["key"] for e in self._table[start : start + len(self.param_groups[group_index]["params"])]]
 
-    def _all(self) -> tuple[list[torch.Tensor], list[int]]:
-        return [p for g in self.param_groups for p in g["params"]], [e["key"] for e in self._table]
-
-    def _header(self) -> dict:
-        from zotune import __version__
-
-        offsets = [0]
-        for g in self.param_groups:
-            offsets.append(offsets[-1] + len(g["params"]))
+    def _header_options(self) -> dict:
         return {
-            "format": "zotune-trajectory",
-            "zotune_version": __version__,
-            "seed": self.seed,
-            "distribution": self.distribution,
             "fuse_next": self.fuse_next,
             "stochastic_rounding": self.stochastic_rounding,
             "named": "param_names" in self.param_groups[0],
-            "first_step": self._step,
-            "params": [{**e, "key": f"{e['key']:016x}"} for e in self._table],
-            "groups": [list(range(a, b)) for a, b in zip(offsets, offsets[1:])],
             **self._variant_header(),
         }
 
@@ -299,16 +247,10 @@ class MeZO(torch.optim.Optimizer):
         return V.SGDRule()
 
     def _record(self, record) -> None:
-        if self.trajectory_path is None:
-            return
-        if self._writer is None:
-            self._writer = TrajectoryWriter(self.trajectory_path, self._header(), resume_at=self._resume_at)
-        if isinstance(record, (Step, Skip, MultiStep, LayerProbe)):
+        hyper = None
+        if isinstance(record, (Step, Skip, MultiStep, LayerProbe)):  # eps and weight decay, when they change
             hyper = Hyper(F.f32(self.eps), tuple(F.f32(g["weight_decay"]) for g in self.param_groups))
-            if hyper != self._written_hyper:
-                self._writer.append(hyper)
-                self._written_hyper = hyper
-        self._writer.append(record)
+        self._write(record, hyper)
 
     # -- the sweeps ---------------------------------------------------------------------------
     def _perturb(self, step: int, coefficient: float) -> None:
@@ -441,11 +383,6 @@ class MeZO(torch.optim.Optimizer):
 
         return module.register_forward_pre_hook(hook), module.register_state_dict_pre_hook(hook)
 
-    @property
-    def step_count(self) -> int:
-        """Steps taken so far (applied or skipped): the next step is perturbed with step_seed(seed, step_count)."""
-        return self._step
-
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor | float]):  # type: ignore[override]
         """One MeZO step. ``closure()`` must return the loss of the current batch and do no backward.
@@ -554,14 +491,10 @@ class MeZO(torch.optim.Optimizer):
         state = super().state_dict()
         state["mezo"] = {
             "format": _STATE_FORMAT,
-            "step": self._step,
-            "seed": self.seed,
+            **self._keyed_state(),
             "eps": self.eps,
-            "distribution": self.distribution,
             "fuse_next": self.fuse_next,
             "stochastic_rounding": self.stochastic_rounding,
-            "params": [e["name"] for e in self._table],
-            "trajectory_bytes": None if self._writer is None else self._writer.tell(),
             "pending": self._pending,
             # the last hyper-parameters written to the trajectory, so a resumed file continues identically
             "written_hyper": None if self._written_hyper is None else
@@ -586,11 +519,8 @@ class MeZO(torch.optim.Optimizer):
         mezo = state_dict.pop("mezo", None)
         if mezo is None or mezo.get("format") != _STATE_FORMAT:
             raise ValueError("not a MeZO optimizer state (no 'mezo' entry of a known format)")
-        names = [e["name"] for e in self._table]
-        if mezo["params"] != names:
-            raise ValueError("this optimizer state was saved for other parameters "
-                             f"({len(mezo['params'])} recorded, {len(names)} here, or different names)")
-        for option in ("distribution", "fuse_next", "stochastic_rounding"):
+        self._check_keyed_state(mezo)
+        for option in ("fuse_next", "stochastic_rounding"):
             if mezo[option] != getattr(self, option):
                 raise ValueError(f"this optimizer state has {option}={mezo[option]!r}, "
                                  f"the optimizer {getattr(self, option)!r}")
@@ -598,7 +528,8 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"this optimizer state was saved with the variant options {mezo.get('variants', {})}, "
                              f"the optimizer has {self._variant_header()}: build it with the same options")
         super().load_state_dict(state_dict)
-        self._step, self.seed, self.eps = int(mezo["step"]), int(mezo["seed"]), float(mezo["eps"])
+        self._restore_keyed_state(mezo)
+        self.eps = float(mezo["eps"])
         if mezo.get("rule") is not None:
             self.rule.load(mezo["rule"])
             if self.rule.stored:
@@ -606,10 +537,6 @@ class MeZO(torch.optim.Optimizer):
         if self.layerwise == "grad-norm":
             self.layer_norms, self._norms_step = mezo.get("layer_norms"), mezo.get("norms_step")
         self._pending = mezo.get("pending")
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._resume_at = mezo["trajectory_bytes"]
         written = mezo.get("written_hyper")
         self._written_hyper = None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))
 

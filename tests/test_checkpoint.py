@@ -58,3 +58,60 @@ def test_copy_into_needs_no_second_copy_of_the_weights(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert float(out.stdout.split()[-1]) < 64  # MB (load_tensors + copy_: +256)
+
+
+def test_save_tensors_writes_what_the_safetensors_library_reads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    source = {**_tensors(), "flags": torch.tensor([True, False, True]), "ids": torch.arange(7, dtype=torch.int64),
+              "t": torch.randn(4, 6).T}  # a non-contiguous one
+    checkpoint.save_tensors(tmp_path / "m.safetensors", source, {"step": "12"})
+    loaded = load_file(tmp_path / "m.safetensors")
+    assert sorted(loaded) == sorted(source)
+    for n, t in source.items():
+        assert torch.equal(loaded[n], t) and loaded[n].dtype == t.dtype
+    with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
+        assert f.metadata() == {"step": "12"}
+
+
+def test_copy_into_reads_files_of_the_safetensors_library_and_converts_dtypes(tmp_path):
+    from safetensors.torch import save_file
+
+    source = _tensors()
+    save_file(source, tmp_path / "lib.safetensors")
+    targets = {n: torch.zeros_like(t) for n, t in source.items()}
+    targets["emb.weight"] = torch.zeros(37, 5, dtype=torch.bfloat16)  # another dtype: through the buffer
+    targets["norm.weight"] = torch.zeros(5, 2)[:, 0]  # non-contiguous
+    checkpoint.copy_into(tmp_path / "lib.safetensors", targets, chunk_bytes=40)
+    assert torch.equal(targets["emb.weight"], source["emb.weight"].to(torch.bfloat16))
+    for n in ("norm.weight", "scale", "half"):
+        assert torch.equal(targets[n], source[n])
+
+
+def test_copy_into_refuses_a_truncated_file_before_writing(tmp_path):
+    checkpoint.save_tensors(tmp_path / "m.safetensors", {"a": torch.ones(100), "b": torch.ones(100)})
+    data = (tmp_path / "m.safetensors").read_bytes()
+    (tmp_path / "m.safetensors").write_bytes(data[:-8])
+    targets = {"a": torch.zeros(100), "b": torch.zeros(100)}
+    with pytest.raises(checkpoint.CheckpointMismatch, match="'b' is cut short"):
+        checkpoint.copy_into(tmp_path / "m.safetensors", targets)
+    assert not targets["a"].any()
+    (tmp_path / "m.safetensors").write_bytes(b"\x05")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="not a safetensors file"):
+        checkpoint.copy_into(tmp_path / "m.safetensors", targets)
+
+
+def test_save_tensors_streams_from_the_weights(tmp_path):
+    # Saving 256 MB (one 128 MB tensor among them) adds a slice to the peak, not a copy of a tensor.
+    script = textwrap.dedent(f"""
+        import resource, torch
+        from zotune import checkpoint
+        w = {{"a": torch.ones(8192, 4096), "b": torch.ones(8192, 4096)}}
+        checkpoint.save_tensors({str(tmp_path / "warm.safetensors")!r}, {{"x": torch.ones(3)}})
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        checkpoint.save_tensors({str(tmp_path / "m.safetensors")!r}, w)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert float(out.stdout.split()[-1]) < 64  # MB (safetensors.torch.save_file: a copy of each tensor)

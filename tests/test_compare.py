@@ -68,6 +68,19 @@ def test_cells_already_done_are_skipped(model_dir, tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_table_only_runs_nothing_and_counts_the_missing_cells(model_dir, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out", methods=["zero-shot", "icl"])))
+    grid = cmp.load_compare_config(path, ["--methods", "zero-shot"])
+    cmp.compare(grid, log=QUIET)  # one of the two cells done
+    monkeypatch.setattr(cmp, "run_cell", lambda *a, **k: pytest.fail("--table-only ran a cell"))
+    monkeypatch.setattr(cmp.subprocess, "run", lambda *a, **k: pytest.fail("--table-only ran a cell"))
+    assert main(["compare", "--config", str(path), "--table-only"]) == 0
+    out = capsys.readouterr().out
+    assert "| Zero-shot |" in out and "| ICL |" in out and "not run yet: 1 of 2 cells" in out
+    assert "not run yet: 1 of 2 cells" in (tmp_path / "out" / "table.md").read_text()
+
+
 def test_isolated_cells_report_their_own_peak_memory(model_dir, tmp_path):
     raw = _grid(model_dir, tmp_path / "out", methods=["zero-shot"], isolate=True)
     grid = cmp.CompareConfig(**raw)

@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                "Example: zotune compare --config examples/grid.yaml --tasks sst2 --seeds 0,1",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     cmp.add_argument("--config", help="a grid YAML file (see examples/grid.yaml)")
+    cmp.add_argument("--table-only", action="store_true",
+                     help="run nothing: write the table of the cells finished so far (the rest shown as –)")
 
     mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
                          description="Predicts, from a model's shapes alone, the peak memory of inference, "
@@ -105,7 +107,7 @@ def _methods() -> list[str]:
 def _compare(args, rest) -> int:
     from zotune.compare import compare, load_compare_config
 
-    compare(load_compare_config(args.config, rest))
+    compare(load_compare_config(args.config, rest), run=not args.table_only)
     return 0
 
 

@@ -318,12 +318,25 @@ def _cell_dir(grid: CompareConfig, method: str, task: str, seed: int) -> Path:
     return Path(grid.output_dir) / task / method / f"seed{seed}"
 
 
-def compare(grid: CompareConfig, *, log: Callable[[str], None] = print) -> str:
-    """Run every cell not yet done, then write and return the markdown table."""
+def compare(grid: CompareConfig, *, log: Callable[[str], None] = print, run: bool = True) -> str:
+    """Run every cell not yet done, then write and return the markdown table.
+
+    ``run=False`` (``zotune compare --table-only``) runs nothing: the table of the cells finished so
+    far, with the missing ones counted in a note.
+    """
     out = Path(grid.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.yaml").write_text(yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False))
     cells = [(m, t, s) for t in grid.tasks for m in grid.methods for s in grid.seeds]
+    if not run:
+        missing = [c for c in cells if not (_cell_dir(grid, *c) / "result.json").is_file()]
+        table = format_table(grid, collect(grid))
+        if missing:
+            table += f"\n- not run yet: {len(missing)} of {len(cells)} cells (– in the table)"
+        (out / "table.md").write_text(table + "\n")
+        log(table)
+        log(f"table written to {out / 'table.md'}")
+        return table
+    (out / "grid.yaml").write_text(yaml.safe_dump(dataclasses.asdict(grid), sort_keys=False))
     for n, (method, task, seed) in enumerate(cells, 1):
         cell_dir = _cell_dir(grid, method, task, seed)
         if (cell_dir / "result.json").is_file():

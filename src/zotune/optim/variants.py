@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from zotune import rng
 from zotune.optim import functional as F
 
 __all__ = [
@@ -127,8 +128,6 @@ def layer_groups(names: Sequence[str]) -> list[list[int]]:
 
 def layer_probe_seed(seed: int, step: int, layer: int, probe: int, n_layers: int) -> int:
     """The seed of probe ``probe`` of layer ``layer`` at ``step`` (distinct from every step perturbation)."""
-    from zotune import rng
-
     return rng.step_seed(seed, step, LAYER_PROBE_INDEX + probe * n_layers + layer)
 
 

@@ -111,6 +111,23 @@ def test_several_seeds_show_mean_and_deviation():
     assert row == "| MeZO | 85.0 ± 7.1 | 1.00 GB |"
 
 
+def test_the_memory_table_compares_each_cell_with_the_same_tasks_zero_shot():
+    grid = cmp.CompareConfig(tasks=["sst2", "rte"], methods=["zero-shot", "mezo", "ft"], seeds=[0])
+    peaks = {("zero-shot", "sst2"): 1000.0, ("zero-shot", "rte"): 2000.0, ("mezo", "sst2"): 1010.0,
+             ("mezo", "rte"): 2100.0, ("ft", "sst2"): 3072.0}
+    results = [{"method": m, "task": t, "seed": 0, "test": {"accuracy": 0.5}, "peak_memory_mb": mb}
+               for (m, t), mb in peaks.items()]
+    text = cmp.format_table(grid, results)
+    assert "| MeZO | 50.0 | 50.0 | 2.05 GB |" in text  # the main column: the max over tasks
+    memory = text.split("zero-shot, i.e. inference):")[1].strip().splitlines()
+    assert memory[0] == "| Peak memory | SST-2 | RTE |"
+    assert memory[2:] == ["| Zero-shot | 0.98 GB | 1.95 GB |",
+                          "| MeZO | 0.99 GB (1.01×) | 2.05 GB (1.05×) |",
+                          "| FT | 3.00 GB (3.07×) | – |"]
+    no_memory = [dict(r, peak_memory_mb=None) for r in results]
+    assert "Peak memory" not in cmp.format_table(grid, no_memory)  # cells run in-process measure nothing
+
+
 @pytest.mark.parametrize("raw,message", [
     ({"methods": ["mezzo"]}, "unknown method 'mezzo'"),
     ({"tasks": ["sst3"]}, "did you mean 'sst2'"),

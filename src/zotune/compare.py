@@ -19,7 +19,8 @@ Every cell (method, task, seed) runs in its own process (``isolate: true``), so 
 reports is its own, and writes ``<output_dir>/<task>/<method>/seed<k>/result.json`` atomically; a
 grid that is stopped and started again skips the cells already done. At the end ``table.md`` holds
 the test metric (mean over seeds, x100; +- the standard deviation with several seeds) with methods
-as rows and tasks as columns, and each method's peak memory.
+as rows and tasks as columns, and each method's peak memory (its maximum over tasks); below it, each
+cell's peak memory against the same task's zero-shot cell (inference).
 """
 
 from __future__ import annotations
@@ -390,7 +391,8 @@ def _metric(result: dict) -> float | None:
 
 
 def format_table(grid: CompareConfig, results: list[dict]) -> str:
-    """Methods x tasks of the test metric (x100), mean (+- std over seeds), and each method's peak memory."""
+    """Methods x tasks of the test metric (x100), mean (+- std over seeds), each method's peak memory, notes,
+    and (for isolated cells) a table of each cell's peak memory against the same task's zero-shot."""
     by_cell: dict[tuple, list[float]] = {}
     memory: dict[str, float] = {}
     for r in results:
@@ -415,7 +417,40 @@ def format_table(grid: CompareConfig, results: list[dict]) -> str:
         rows.append(row)
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     notes = _notes(grid, results)
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + ([""] + notes if notes else []) + _memory_table(grid, results))
+
+
+def _memory_table(grid: CompareConfig, results: list[dict]) -> list[str]:
+    """Each cell's peak memory (max over seeds), and its ratio to zero-shot on the same task.
+
+    The main table's column is a method's maximum over tasks, which mixes tasks (long-input tasks
+    peak higher for every method); "memory equal to inference" is a claim per task, so it is
+    checked here against the same task's zero-shot cell.
+    """
+    peak: dict[tuple, float] = {}
+    for r in results:
+        if r.get("peak_memory_mb") is not None:
+            key = (r["method"], r["task"])
+            peak[key] = max(peak.get(key, 0.0), r["peak_memory_mb"])
+    if not peak:
+        return []
+    head = ["Peak memory"] + [TASK_TITLES.get(t, t) for t in grid.tasks]
+    rows = [head, ["---"] + ["---:"] * len(grid.tasks)]
+    for method in grid.methods:
+        if not any((method, task) in peak for task in grid.tasks):
+            continue
+        row = [METHODS[method].label]
+        for task in grid.tasks:
+            mb, base = peak.get((method, task)), peak.get(("zero-shot", task))
+            if mb is None:
+                row.append("–")
+            elif base and method != "zero-shot":
+                row.append(f"{mb / 1024:.2f} GB ({mb / base:.2f}×)")
+            else:
+                row.append(f"{mb / 1024:.2f} GB")
+        rows.append(row)
+    return ["", "Each cell's peak memory (its own process; × the same task's zero-shot, i.e. inference):", ""] + [
+        "| " + " | ".join(r) + " |" for r in rows]
 
 
 def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:

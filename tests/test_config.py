@@ -18,6 +18,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     (["--name", "x"], "unknown config key 'name'; did you mean 'task.name'?"),
     (["--steps", "many"], "train.steps must be int, got 'many'"),
     (["--steps", "0"], "train.steps must be >= 1, got 0"),
+    (["--forward_chunks", "-1"], "train.forward_chunks must be >= 0 (0: chosen per batch), got -1"),
     (["--fuse_next", "maybe"], "optimizer.fuse_next must be bool, got 'maybe'"),
     (["--schedule", "step"], "optimizer.schedule must be one of constant, linear, cosine, got 'step'"),
     (["--eps", "0"], "optimizer.eps must be a finite number > 0, got 0.0"),

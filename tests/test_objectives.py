@@ -1,10 +1,12 @@
 """Scoring: the selective head equals the full logits, and each task kind's loss, predictions and metric."""
 
+import random
+
 import pytest
 import torch
 import tiny
 
-from zotune.objectives import Objective, evaluate, exact_match, f1_score
+from zotune.objectives import Objective, evaluate, exact_match, f1_score, length_slices
 from zotune.tasks.base import MASK, Instance, TaskError
 
 CAUSAL = ["llama", "opt", "gpt2"]
@@ -140,5 +142,40 @@ def test_chunked_loss_equals_the_whole_batch(kind):
     encoded = [obj.encode(i) for i in instances]
     with torch.no_grad():
         whole = obj.loss(model, encoded)
-        for chunks in (2, 3, 6):
+        for chunks in (0, 2, 3, 6):  # 0: the slices length_slices chooses on a CPU
             torch.testing.assert_close(obj.loss(model, encoded, chunks=chunks), whole, rtol=1e-5, atol=1e-6)
+
+
+def _brute_force_cost(shapes, overhead):
+    """The cheapest split of a sorted batch into consecutive slices, trying every split."""
+    n, best = len(shapes), float("inf")
+    for mask in range(1 << (n - 1)):
+        cost, start = 0, 0
+        for j in range(1, n + 1):
+            if j == n or mask >> (j - 1) & 1:
+                cost += overhead + sum(r for _, r in shapes[start:j]) * shapes[j - 1][0]
+                start = j
+        best = min(best, cost)
+    return best
+
+
+def test_length_slices_finds_the_cheapest_split():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 9)
+        shapes = sorted((rng.randint(1, 300), rng.choice([1, 1, 2, 4])) for _ in range(n))
+        overhead = rng.choice([0, 50, 150, 1000])
+        sizes = length_slices(shapes, overhead)
+        assert sum(sizes) == n and min(sizes) >= 1
+        cost, start = 0, 0
+        for size in sizes:
+            cost += overhead + sum(r for _, r in shapes[start:start + size]) * shapes[start + size - 1][0]
+            start += size
+        assert cost == _brute_force_cost(shapes, overhead)
+
+
+def test_length_slices_splits_only_where_padding_outweighs_a_forward():
+    assert length_slices([(10, 1)] * 8 + [(200, 1)] * 8, 150) == [8, 8]  # 8 x 190 padded tokens saved
+    assert length_slices([(10, 1)] * 15 + [(12, 1)], 150) == [16]  # 30 saved: not worth a forward
+    assert length_slices([(10, 1)] * 8 + [(200, 1)] * 8, None) == [16]  # an accelerator: one forward
+    assert length_slices([], 150) == [] and length_slices([(5, 2)], 150) == [1]

@@ -125,7 +125,8 @@ class TrainConfig:
 
     steps: int = 200  # MeZO steps (the default run fits 15 minutes on 2 CPU cores; the paper runs 20,000)
     batch_size: int = 16  # examples per step (the paper: 16)
-    forward_chunks: int = 1  # forward each batch in this many length-sorted slices: less padding (pays on a CPU)
+    forward_chunks: int = 0  # forward each batch in this many length-sorted slices (less padding); 0: choose
+    # (on a CPU, split where the padding saved outweighs one more forward; on a GPU, one forward)
     eval_every: int = 50  # validate every this many steps (and at the end)
     eval_batch_size: int = 32  # examples per forward when evaluating
     zero_shot: bool = True  # evaluate validation and test before training
@@ -143,9 +144,11 @@ class TrainConfig:
                               f"got {self.objective!r}")
         if self.init not in ("none", "probe"):
             raise ConfigError(f"train.init must be none or probe, got {self.init!r}")
-        for name in ("steps", "batch_size", "forward_chunks", "eval_every", "eval_batch_size"):
+        for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.forward_chunks < 0:
+            raise ConfigError(f"train.forward_chunks must be >= 0 (0: chosen per batch), got {self.forward_chunks}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["Encoded", "Objective", "evaluate", "exact_match", "f1_score", "hidden_at", "make_objective",
-           "metric_objective", "selective_head"]
+__all__ = ["CPU_FORWARD_OVERHEAD", "Encoded", "Objective", "evaluate", "exact_match", "f1_score", "hidden_at",
+           "length_slices", "make_objective", "metric_objective", "selective_head"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,41 @@ def selective_head(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tenso
         yield
     finally:
         del head.forward
+
+
+# What one more forward costs on a CPU, in padded tokens' worth (per-layer op dispatch, small matmuls'
+# lower efficiency). Fitted side by side on SmolLM2-135M, 2 cores (benchmarks/slices.py; RESULTS.md,
+# "Length-sorted slices"): mostly 2 slices of SST-2's batches of 16, 3 of RTE's and BoolQ's, 1 of COPA's;
+# within 7% of the best of 1, 2 and 4 slices on each, and 1.35x (SST-2) to 1.6x (RTE, BoolQ) faster than one.
+CPU_FORWARD_OVERHEAD = 150
+
+
+def length_slices(shapes: Sequence[tuple[int, int]], overhead: int | None) -> list[int]:
+    """Sizes of the consecutive slices to run a length-sorted batch in: fewest padded tokens + overheads.
+
+    ``shapes`` are (width, rows) per example, sorted by width (rows: sequences per example, e.g. the
+    options of a multiple-choice question). A slice costs rows x its widest width in padded tokens,
+    plus ``overhead`` for its forward; ``overhead=None`` means one forward (an accelerator, where
+    a bigger batch is nearly free). An exact dynamic programme over the split points: a batch is
+    tens of examples, so O(n^2) is nothing, and no library partitions by this cost.
+    """
+    n = len(shapes)
+    if overhead is None or n <= 1:
+        return [n] if n else []
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        rows = 0
+        for i in range(j - 1, -1, -1):  # the slice i..j-1; its width is the widest, shapes[j-1]'s
+            rows += shapes[i][1]
+            cost = best[i] + overhead + rows * shapes[j - 1][0]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    sizes, j = [], n
+    while j:
+        sizes.append(j - cut[j])
+        j = cut[j]
+    return sizes[::-1]
 
 
 def _pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,17 +255,25 @@ class Objective:
 
         ``chunks > 1`` sorts the batch by length and runs that many forward passes over consecutive
         slices, so short examples are not padded to the longest one: the same loss (up to float
-        summation order) for fewer FLOPs, which pays on a CPU. Losses are summed per example (per
-        target token for generation) and divided once, so chunking does not reweight anything.
+        summation order) for fewer FLOPs, which pays on a CPU. ``chunks=0`` chooses the slices: on a
+        CPU those of :func:`length_slices` (padding saved against a forward's overhead), elsewhere one
+        forward. Losses are summed per example (per target token for generation) and divided once,
+        so chunking does not reweight anything.
         """
-        if chunks > 1 and len(batch) > 1:
+        if chunks != 1 and len(batch) > 1:
             batch = sorted(batch, key=lambda e: max(len(s) for s in e.sequences))
-        size = -(-len(batch) // max(1, chunks))
-        total, count = None, 0
-        for start in range(0, len(batch), size):
+        if chunks == 0:
+            overhead = CPU_FORWARD_OVERHEAD if self._device(model).type == "cpu" else None
+            sizes = length_slices([(max(len(s) for s in e.sequences), len(e.sequences)) for e in batch], overhead)
+        else:
+            size = -(-len(batch) // max(1, chunks))
+            sizes = [min(size, len(batch) - start) for start in range(0, len(batch), size)]
+        total, count, start = None, 0, 0
+        for size in sizes:
             part_sum, part_count = self._loss_sum(model, batch[start : start + size])
             total = part_sum if total is None else total + part_sum
             count += part_count
+            start += size
         return total / count
 
     def _loss_sum(self, model, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:

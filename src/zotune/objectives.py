@@ -77,7 +77,7 @@ def selective_head(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tenso
 # What one more forward costs on a CPU, in padded tokens' worth (per-layer op dispatch, small matmuls'
 # lower efficiency). Fitted side by side on SmolLM2-135M, 2 cores (benchmarks/slices.py; RESULTS.md,
 # "Length-sorted slices"): mostly 2 slices of SST-2's batches of 16, 3 of RTE's and BoolQ's, 1 of COPA's;
-# within 7% of the best of 1, 2 and 4 slices on each, and 1.35x (SST-2) to 1.6x (RTE, BoolQ) faster than one.
+# within 9% of the best of 1, 2 and 4 slices on each, and 1.35x (SST-2) to 1.6x (RTE, BoolQ) faster than one.
 CPU_FORWARD_OVERHEAD = 150
 
 

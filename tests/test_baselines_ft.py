@@ -98,7 +98,7 @@ def test_epochs_batches_and_evaluation_steps(model_dir, tmp_path, monkeypatch):
     prepared = _prepare(model_dir, tmp_path, validation=8)
     batches, evals = [], []
     loss = prepared.objective.loss
-    prepared.objective.loss = lambda model, batch: batches.append(batch) or loss(model, batch)
+    prepared.objective.loss = lambda model, batch, chunks=1: batches.append(batch) or loss(model, batch, chunks)
     real = ft_module.evaluate
 
     def spy(objective, model, encoded, batch_size, progress=None):
@@ -126,6 +126,18 @@ def test_same_seed_same_run_other_seed_other_order(model_dir, tmp_path):
     assert a["losses"] != c["losses"]
 
 
+def test_length_sorted_slices_train_the_same_weights(model_dir, tmp_path):
+    # One graph over the slices, one backward: the same gradients up to float summation order.
+    weights = []
+    for chunks in (1, 3, 0):
+        prepared = _prepare(model_dir, tmp_path)
+        finetune(prepared, _quiet(steps=3, forward_chunks=chunks), log=lambda s: None)
+        weights.append(_state(prepared.loaded.model))
+    for other in weights[1:]:
+        for name, w in weights[0].items():
+            torch.testing.assert_close(other[name], w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_a_nan_stops_the_run_before_it_reaches_the_weights(model_dir, tmp_path, where):
     prepared = _prepare(model_dir, tmp_path)
@@ -133,15 +145,15 @@ def test_a_nan_stops_the_run_before_it_reaches_the_weights(model_dir, tmp_path, 
     calls, snapshot = [], {}
     loss = prepared.objective.loss
 
-    def poisoned(model_, batch):
+    def poisoned(model_, batch, chunks=1):
         calls.append(1)
         if len(calls) != 3:
-            return loss(model_, batch)
+            return loss(model_, batch, chunks)
         snapshot.update(_state(model))
         if where == "loss":
-            return loss(model_, batch) * float("nan")
+            return loss(model_, batch, chunks) * float("nan")
         next(model.parameters()).register_hook(lambda grad: grad * float("nan"))  # a finite loss, NaN gradient
-        return loss(model_, batch)
+        return loss(model_, batch, chunks)
 
     prepared.objective.loss = poisoned
     with pytest.raises(FloatingPointError, match=f"{where}.* is nan at step 3: lower finetune.lr"):
@@ -153,7 +165,7 @@ def test_a_nan_stops_the_run_before_it_reaches_the_weights(model_dir, tmp_path, 
     (dict(lr=0.0), "finetune.lr"), (dict(lr=float("nan")), "finetune.lr"), (dict(epochs=0), "finetune.epochs"),
     (dict(steps=0), "finetune.steps"), (dict(batch_size=0), "finetune.batch_size"),
     (dict(weight_decay=-0.1), "finetune.weight_decay"), (dict(eval_every=0), "finetune.eval_every"),
-    (dict(max_grad_norm=0.0), "finetune.max_grad_norm"),
+    (dict(max_grad_norm=0.0), "finetune.max_grad_norm"), (dict(forward_chunks=-1), "finetune.forward_chunks"),
 ])
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):

@@ -37,6 +37,8 @@ class FinetuneConfig:
     epochs: float = 1.0  # passes over the training split (fractions allowed); ignored when steps is set
     steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 8  # examples per step (the paper's FT: 8)
+    forward_chunks: int = 0  # run each batch in this many length-sorted slices (one graph, one backward);
+    # 0: choose, as train.forward_chunks (less padding on a CPU, one forward on a GPU)
     weight_decay: float = 0.0  # AdamW's decoupled decay, on tensors of rank >= 2 only (not biases, norms' gains)
     eval_every: int | None = None  # validate every this many steps (and at the end); None: once per epoch
     seed: int = 0  # the batch order
@@ -53,6 +55,8 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.steps must be >= 1 (or None to use epochs), got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"finetune.batch_size must be >= 1, got {self.batch_size}")
+        if self.forward_chunks < 0:
+            raise ConfigError(f"finetune.forward_chunks must be >= 0 (0: chosen per batch), got {self.forward_chunks}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.eval_every is not None and self.eval_every < 1:
@@ -141,7 +145,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
             model.train()  # dropout on while training (evaluate() switches it off and back)
             batch = [train[i] for i in _batch(len(train), config.batch_size, step - 1, config.seed)]
             opt.zero_grad(set_to_none=True)
-            loss = objective.loss(model, batch)
+            loss = objective.loss(model, batch, config.forward_chunks)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(f"fine-tuning loss is {value} at step {step}: lower finetune.lr (now "

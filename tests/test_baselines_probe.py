@@ -133,6 +133,11 @@ def test_multiple_choice_gives_one_prediction_per_instance(model_dir, tmp_path):
     X = features(objective, prepared.loaded.model, encoded["test"])
     assert X.shape == (sum(len(e.sequences) for e in encoded["test"]), 32)
     assert not np.allclose(X[0], X[1])  # one-token options still get different features
+    # Batches run in length order, two or three rows per instance: the rows come back in instance order.
+    np.testing.assert_allclose(features(objective, prepared.loaded.model, encoded["test"], batch_size=4), X,
+                               rtol=1e-5, atol=1e-5)
+    one_by_one = [features(objective, prepared.loaded.model, [e], batch_size=1) for e in encoded["test"]]
+    np.testing.assert_allclose(np.concatenate(one_by_one), X, rtol=1e-5, atol=1e-5)
     seen = []
     metrics = objective.metrics
 

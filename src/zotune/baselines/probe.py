@@ -97,21 +97,26 @@ def features(objective: Objective, model, encoded: Sequence[Encoded], batch_size
     """
     _check_kind(objective)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    rows: list[np.ndarray] = []
+    # Batches of similar lengths (as evaluate): little padding; the rows go back to the original order.
+    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
+    per_example: list[np.ndarray | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(encoded), batch_size):
-            chosen = encoded[start : start + batch_size]
-            points = [pt for e in chosen for pt in _probe_points(objective, e)]
-            h = hidden_at(objective, model, [s for s, _ in points], [(p,) for _, p in points])
-            rows.append(h.float().cpu().numpy())
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            per = [_probe_points(objective, encoded[i]) for i in chosen]
+            counts = [len(pts) for pts in per]
+            points = [pt for pts in per for pt in pts]
+            h = hidden_at(objective, model, [s for s, _ in points], [(p,) for _, p in points]).float().cpu().numpy()
             hidden = h.shape[-1]
+            for i, part in zip(chosen, np.split(h, np.cumsum(counts)[:-1])):
+                per_example[i] = part
             if progress is not None:
                 progress(len(chosen))
     finally:
         model.train(was_training)
-    return np.concatenate(rows) if rows else np.zeros((0, hidden or 0), dtype=np.float32)
+    return np.concatenate(per_example) if per_example else np.zeros((0, hidden or 0), dtype=np.float32)
 
 
 def _targets(objective: Objective, encoded: Sequence[Encoded]) -> np.ndarray:

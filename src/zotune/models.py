@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "ModelError",
     "cache_dir",
     "load_model",
+    "resolve_device",
     "select_trainable",
 ]
 
@@ -47,6 +49,8 @@ class ModelConfig:
     name: str = EMBEDDED  # "smollm2-135m-instruct" (embedded), a .gguf file, a local folder, or a hub id
     kind: str = "auto"  # "causal" or "masked"; "auto" reads the architecture from the model's config
     dtype: str = "float32"  # weights' dtype: float32, bfloat16 or float16
+    device: str = "auto"  # where the model runs: "auto" (the first CUDA GPU if there is one, else the CPU),
+    # "cpu", "cuda" or "cuda:N"
     trainable: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of parameter names to train
     cache_dir: str | None = None  # where dequantised GGUF models are cached; default $ZOTUNE_CACHE or ~/.cache/zotune
     tuning: str = "full"  # full (model.trainable), lora, prefix or head (output layer only): see zotune.tuning
@@ -66,6 +70,8 @@ class ModelConfig:
             raise ModelError(f"model kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.dtype not in _DTYPES:
             raise ModelError(f"model dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ModelError(f"model.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if isinstance(self.trainable, str):
             self.trainable = [self.trainable]
         if not self.trainable:
@@ -193,12 +199,26 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "masked" and tokenizer.mask_token is None:
         raise ModelError(f"{name!r} is a masked LM but its tokenizer has no mask token")
+    model.to(resolve_device(config.device))
     prefix_file = Path(folder) / "prefix.safetensors" if isinstance(folder, Path) else None
     if prefix_file is not None and prefix_file.is_file():  # what `zotune replay` saves for a prefix-tuned run
         model = _with_prefixes(model, prefix_file, kind, log)
     model.eval()
     select_trainable(model, config.trainable)
     return LoadedModel(model, tokenizer, kind, source)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``model.device`` as a torch device: "auto" is the current CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device is {name!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
+                         f"use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"model.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def _with_prefixes(model: torch.nn.Module, path: Path, kind: str, log: Callable[[str], None]) -> torch.nn.Module:
@@ -208,8 +228,9 @@ def _with_prefixes(model: torch.nn.Module, path: Path, kind: str, log: Callable[
     if kind != "causal":
         raise ModelError(f"{path} holds attention prefixes, which only causal LMs take")
     tensors = checkpoint.load_tensors(path)
+    like = next(model.parameters())
     try:
-        wrapped = PrefixLM.from_tensors(model, {n: t.to(next(model.parameters()).dtype) for n, t in tensors.items()})
+        wrapped = PrefixLM.from_tensors(model, {n: t.to(like.device, like.dtype) for n, t in tensors.items()})
     except ValueError as err:
         raise ModelError(f"{path}: {err}") from None
     expected = (getattr(model.config, "num_hidden_layers", None))

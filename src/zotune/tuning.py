@@ -72,8 +72,10 @@ def _apply_lora(model: nn.Module, config: ModelConfig, log) -> nn.Module:
     gen = torch.Generator().manual_seed(_LORA_SEED)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora_A." in name:
-                nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=gen)
+            if ".lora_A." in name:  # drawn on the CPU: the same adapter whatever the device
+                a = torch.empty(p.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+                p.copy_(a)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     note = " (GPT-2's fused q/k/v projection: one LoRA pair on all three)" if fused else ""

@@ -128,6 +128,8 @@ class TrainConfig:
     forward_chunks: int = 0  # forward each batch in this many length-sorted slices (less padding); 0: choose
     # (on a CPU, split where the padding saved outweighs one more forward; on a GPU, one forward)
     eval_every: int = 50  # validate every this many steps (and at the end)
+    time_limit: float = 0  # minutes of training (resumes included) after which the run validates, stops and tests
+    # the best weights as if its last step were reached (summary "stopped": "time_limit"); 0: no limit
     eval_batch_size: int = 32  # examples per forward when evaluating
     zero_shot: bool = True  # evaluate validation and test before training
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
@@ -147,6 +149,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
+            raise ConfigError(f"train.time_limit must be a finite number of minutes >= 0 (0: none), got {self.time_limit}")
         if self.forward_chunks < 0:
             raise ConfigError(f"train.forward_chunks must be >= 0 (0: chosen per batch), got {self.forward_chunks}")
 

@@ -287,7 +287,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 postfix[f"val_{metric}"] = f"{100 * loop['last_val']:.1f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            if step % tc.eval_every == 0 or step == tc.steps:
+            out_of_time = tc.time_limit > 0 and time.perf_counter() - started >= 60 * tc.time_limit
+            if step % tc.eval_every == 0 or step == tc.steps or out_of_time:
                 val = eval_split("validation") if encoded["validation"] else {metric: -loss}
                 loop["last_val"] = val[metric]
                 logger.write({"step": step, **{f"validation_{k}": v for k, v in val.items()}})
@@ -301,6 +302,10 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 bar.set_postfix({**postfix, f"val_{metric}": f"{100 * val[metric]:.1f}"})
                 loop["elapsed"] = time.perf_counter() - started
                 save_state()
+            if out_of_time:
+                loop["stopped"] = "time_limit"
+                log(f"time limit of {tc.time_limit:g} min reached at step {step} of {tc.steps}: testing the best weights")
+                break
             if stop.requested:
                 interrupted = True
                 break
@@ -322,7 +327,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     summary = {
         "task": config.task.name, "model": prepared.loaded.source, "metric": metric,
         "zero_shot": loop["zero_shot"], "best_validation": best, "test": test, "steps": loop["step"],
-        "skipped_steps": loop["skipped"], "wall_time_s": round(loop["elapsed"], 1),
+        "skipped_steps": loop["skipped"], "stopped": loop.get("stopped", "steps"), "wall_time_s": round(loop["elapsed"], 1),
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
     }

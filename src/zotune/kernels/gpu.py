@@ -252,7 +252,8 @@ def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, sc
         tl.store(ptrs, out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "seed_lo", "seed_hi", "key_lo", "key_hi"])  # an int argument equal
+# to 1 is otherwise compiled as a constant, which has no .to()
 def _words_kernel(out, n, start, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
     """out[i] = rounding word of element start + i (stream 1), as int32 bits."""
     g0 = (start // BLOCK + tl.program_id(0)) * BLOCK

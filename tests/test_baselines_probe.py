@@ -51,7 +51,7 @@ def _quiet(**kwargs) -> ProbeConfig:
 
 
 def _full_logits(model, sequence) -> torch.Tensor:
-    ids = torch.tensor([list(sequence)])
+    ids = torch.tensor([list(sequence)], device=next(model.parameters()).device)  # the model may be on a GPU
     return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
 
 
@@ -65,7 +65,7 @@ def test_causal_features_are_the_head_inputs_at_the_scored_position(model_dir, t
     with torch.no_grad():
         for i in (0, 7):
             expected = _full_logits(model, train[i].sequences[0])[train[i].positions[0][0]]
-            torch.testing.assert_close(torch.from_numpy(X[i]) @ head.T, expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(torch.from_numpy(X[i]).to(head.device) @ head.T, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_masked_features_are_taken_at_the_mask():
@@ -79,7 +79,7 @@ def test_masked_features_are_taken_at_the_mask():
     with torch.no_grad():
         for x, e in zip(X, encoded):
             expected = _full_logits(model, e.sequences[0])[e.positions[0][0]]
-            torch.testing.assert_close(decoder(torch.from_numpy(x)), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(decoder(torch.from_numpy(x).to(expected.device)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_the_probe_separates_a_linearly_separable_task_and_leaves_the_model_alone(model_dir, tmp_path):
@@ -206,7 +206,7 @@ def test_the_head_initialised_from_a_probe_predicts_what_the_probe_predicts(mode
     assert objective.predict(model, test) == probe.predict(X).tolist()
     with torch.no_grad():
         label_logits = objective._label_logits(model, test)
-    np.testing.assert_allclose(torch.softmax(label_logits, -1).numpy(), probe.predict_proba(X), atol=1e-5)
+    np.testing.assert_allclose(torch.softmax(label_logits, -1).cpu().numpy(), probe.predict_proba(X), atol=1e-5)
     head = model.get_output_embeddings().weight
     others = [i for i in range(head.shape[0]) if i not in objective.label_ids]
     assert torch.equal(head[others], head_before[others]) and not torch.equal(head, head_before)

@@ -4,6 +4,7 @@ import json
 import re
 
 import pytest
+import torch
 import yaml
 
 from zotune import compare as cmp
@@ -86,7 +87,11 @@ def test_isolated_cells_report_their_own_peak_memory(model_dir, tmp_path):
     grid = cmp.CompareConfig(**raw)
     table = cmp.compare(grid, log=QUIET)
     result = json.loads((tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").read_text())
-    assert result["peak_memory_mb"] > 50  # a whole Python process with torch loaded
+    peak = result["peak_memory_mb"]
+    if torch.cuda.is_available():  # the cell's model ran on the GPU: the CUDA allocator's peak, small for a tiny model
+        assert peak > 0
+    else:
+        assert peak > 50  # the cell process's peak RSS: a whole Python process with torch loaded
     assert table.splitlines()[2].endswith(" GB |")
 
 

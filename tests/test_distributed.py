@@ -96,10 +96,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     # 2. FSDP2: every rank perturbs and updates its own (uneven) row shard; data parallel on top
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
+    # gloo reduces CPU tensors: shard on an explicit CPU mesh (FSDP2's default mesh, and so the
+    # shards, would go to the GPU when there is one)
+    mesh = init_device_mesh("cpu", (world,))
     model = _mlp(5)
-    fully_shard(model[0])
-    fully_shard(model, reshard_after_forward=True)  # the root too: MeZO updates the sharded storage
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the root too: MeZO updates the sharded storage
     result["local_rows"] = model[0].weight.to_local().shape[0]
     opt = _optimizer(model, trajectory=os.path.join(out, f"fsdp{rank}.zot"))
     zd.check_consistent(opt)
@@ -108,9 +112,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["fsdp"] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
 
     # 2b. a column-sharded DTensor has no contiguous element range: a clear error
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
-
-    mesh = init_device_mesh("cpu", (world,))
     column = torch.nn.Parameter(distribute_tensor(torch.zeros(3, 4), mesh, [Shard(1)]))
     result["shard1"] = _error(lambda: _optimizer_of([column]).step(lambda: torch.tensor(0.0)))
 

@@ -31,16 +31,17 @@ def test_cached_demonstrations_give_the_logits_of_the_whole_text(model_dir):
     tokens, used = demonstration_tokens(objective, prepared.encoded["train"], examples, config=ICLConfig(k=2),
                                         limit=256, log=QUIET)
     assert used == 2
+    device = next(model.parameters()).device  # the model may be on a GPU
     icl_model = PrefixLM(model, torch.tensor(tokens))
-    vocab = torch.tensor(objective.label_ids)
+    vocab = torch.tensor(objective.label_ids, device=device)
     bos = objective.tokenizer.bos_token_id if tokens[:1] == [objective.tokenizer.bos_token_id] else None
     with torch.no_grad():
         for e in examples:
             shifted = _shift(e, bos)
             cached = objective._label_logits(icl_model, [shifted])
-            whole = torch.tensor([tokens + list(shifted.sequences[0])])
+            whole = torch.tensor([tokens + list(shifted.sequences[0])], device=device)
             at = len(tokens) + shifted.positions[0][0]
-            with selective_head(model, torch.tensor([0]), torch.tensor([at]), vocab):
+            with selective_head(model, torch.tensor([0], device=device), torch.tensor([at], device=device), vocab):
                 direct = model(input_ids=whole).logits.float()
             torch.testing.assert_close(cached, direct, atol=1e-5, rtol=1e-5)
 

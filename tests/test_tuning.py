@@ -140,15 +140,17 @@ def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch,
     resumed = checkpoint.load_tensors(part / "best" / "model.safetensors")
     assert set(resumed) == set(trained) and all(torch.equal(t, resumed[n]) for n, t in trained.items())
 
-    # Replay onto a freshly prepared base gives the trained tensors bit for bit.
+    # Replay onto a freshly prepared base gives the trained tensors bit for bit: loaded as the run loaded
+    # it (model.device "auto"), it is on the backend the run trained on (the saved tensors are on the CPU).
     config = ModelConfig(name=str(model_dir), tuning=mode)
     fresh = tune_loaded(load_model(config, log=QUIET), config, log=QUIET).model
-    untrained = {n: p.detach().clone() for n, p in fresh.named_parameters() if p.requires_grad}
+    device = next(fresh.parameters()).device
+    untrained = {n: p.detach().cpu().clone() for n, p in fresh.named_parameters() if p.requires_grad}
     replay(fresh, full / "trajectory.zot")
     assert all(not torch.equal(untrained[n], t) for n, t in trained.items())
     params = dict(fresh.named_parameters())
     assert set(trained) == {n for n, p in params.items() if p.requires_grad}
-    assert all(torch.equal(params[n], t) for n, t in trained.items())
+    assert all(torch.equal(params[n].cpu(), t) for n, t in trained.items())
 
     # `zotune eval` replays in the same mode; `zotune replay` saves something loadable.
     capsys.readouterr()
@@ -160,8 +162,8 @@ def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch,
     assert main(["replay", "--base", str(model_dir), "--trajectory", str(full / "trajectory.zot"), "--out", str(out)]) == 0
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(out)
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    saved = AutoModelForCausalLM.from_pretrained(out).to(device)
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device=device)
     with torch.no_grad():
         if mode == "prefix":
             prefixes = checkpoint.load_tensors(out / "prefix.safetensors")

@@ -272,12 +272,13 @@ def test_v1_trajectories_still_read_and_replay(tmp_path, toy_model, regression_d
     again.close()
     assert (tmp_path / "again.zot").read_bytes() == path.read_bytes()
     # The projected gradients (L+ - L-) / 2 eps come from float losses whose last bits depend on the CPU and
-    # the torch build (a 1-ulp difference in a loss is ~1e-5 in g): equal structure, g to a tight tolerance.
+    # the torch build (a 1-ulp difference in a loss is ~1e-5 in g): equal structure, g to 2e-3 (an H100 machine's CPU
+    # differed by 1.1e-4 relative).
     assert [type(r) for r in now.records] == [type(r) for r in stored.records]
     for got, want in zip(now.records, stored.records):
         if isinstance(want, Step):
             assert (got.step, got.lrs) == (want.step, want.lrs)
-            assert got.projected_grad == pytest.approx(want.projected_grad, rel=1e-4, abs=1e-4)
+            assert got.projected_grad == pytest.approx(want.projected_grad, rel=2e-3, abs=2e-3)
         else:
             assert got == want
     # Replay is exact: today's file rebuilds today's weights bit for bit, and the stored file rebuilds them

@@ -130,6 +130,9 @@ class TrainConfig:
     eval_every: int = 50  # validate every this many steps (and at the end)
     time_limit: float = 0  # minutes of training (resumes included) after which the run validates, stops and tests
     # the best weights as if its last step were reached (summary "stopped": "time_limit"); 0: no limit
+    divergence: float = 10.0  # stop (and test the best weights) once the training loss's running mean passes
+    # this many times its value at step 20: a learning rate too high for the run's length (summary "stopped":
+    # "diverged"; objective loss only; 0: never)
     eval_batch_size: int = 32  # examples per forward when evaluating
     zero_shot: bool = True  # evaluate validation and test before training
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
@@ -151,6 +154,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
             raise ConfigError(f"train.time_limit must be a finite number of minutes >= 0 (0: none), got {self.time_limit}")
+        if not (self.divergence == 0 or (self.divergence > 1 and math.isfinite(self.divergence))):
+            raise ConfigError(f"train.divergence must be 0 (off) or a finite factor > 1, got {self.divergence}")
         if self.forward_chunks < 0:
             raise ConfigError(f"train.forward_chunks must be >= 0 (0: chosen per batch), got {self.forward_chunks}")
 

@@ -122,6 +122,23 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+DIVERGENCE_WARMUP = 20  # steps of running mean that set the reference the divergence guard compares with
+
+
+def _diverged(loop: dict, ema: float | None, step: int, tc, guard: bool) -> bool:
+    """Whether the running mean of the training loss has passed ``tc.divergence`` times its early value.
+
+    The reference is the running mean at step ``DIVERGENCE_WARMUP`` (kept in the loop state, so a
+    resumed run compares with the same number); a non-finite running mean counts as diverged.
+    """
+    if not guard or tc.divergence <= 0 or ema is None:
+        return False
+    if step == DIVERGENCE_WARMUP and ema > 0:
+        loop["loss_reference"] = ema
+    reference = loop.get("loss_reference")
+    return reference is not None and step > DIVERGENCE_WARMUP and not ema <= tc.divergence * reference
+
+
 class _StopFlag:
     """First Ctrl-C: finish the current step, save, stop. A second one interrupts at once."""
 
@@ -253,6 +270,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             return evaluate(objective, model, encoded[split], tc.eval_batch_size, progress=eval_bar.update)
 
     def save_state() -> None:
+        loop["loss_ema"] = ema
         checkpoint.write_json(run_dir / "state.json", {
             "optimizer": opt.state_dict(flush=False), "scheduler": sched.state_dict(), "loop": loop})
 
@@ -266,7 +284,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     bar = tqdm(total=tc.steps, initial=loop["step"], disable=not tc.progress, desc="MeZO", unit="step",
                dynamic_ncols=True)
     started = time.perf_counter() - loop["elapsed"]
-    ema = None
+    ema = loop.get("loss_ema")
+    guard = tc.objective == "loss"  # the divergence guard compares losses; metric objectives are negative
     interrupted = False
     with _StopFlag() as stop:
         while loop["step"] < tc.steps:
@@ -279,6 +298,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             step = loop["step"]
             if math.isfinite(loss):
                 ema = loss if ema is None else 0.9 * ema + 0.1 * loss
+            diverged = _diverged(loop, ema, step, tc, guard)
             logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
                           "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
                           "elapsed": time.perf_counter() - started})
@@ -288,6 +308,12 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             out_of_time = tc.time_limit > 0 and time.perf_counter() - started >= 60 * tc.time_limit
+            if diverged:  # these weights are not a candidate for the best: stop before validating them
+                loop["stopped"] = "diverged"
+                log(f"the training loss diverged: its running mean {ema:.4g} at step {step} is over "
+                    f"{tc.divergence:g}x its value at step {DIVERGENCE_WARMUP} ({loop['loss_reference']:.4g}); "
+                    f"stopping and testing the best weights (a smaller optimizer.lr suits a run this long)")
+                break
             if step % tc.eval_every == 0 or step == tc.steps or out_of_time:
                 val = eval_split("validation") if encoded["validation"] else {metric: -loss}
                 loop["last_val"] = val[metric]
@@ -319,6 +345,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
 
     opt.flush()
     best = loop["best"]
+    if best is None and loop.get("stopped") == "diverged":
+        log("no validation before the divergence: the test below is of the diverged weights")
     if best is not None and best["step"] != loop["step"] and tc.save_best:
         checkpoint.copy_into(run_dir / "best" / "model.safetensors", dict(trainable))  # no second copy of the model
     test = eval_split("test") if encoded["test"] else {}

@@ -1,0 +1,89 @@
+"""Runs that stop before their last step: out of time (`train.time_limit`), or a diverging loss
+(`train.divergence`); both test the best weights."""
+
+import json
+
+import pytest
+
+from zotune import read_trajectory
+from zotune.cli import main
+from zotune.config import ConfigError, TrainConfig
+
+
+def test_a_run_out_of_time_stops_validates_and_tests(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model.name", str(model_dir), "--steps", "50", "--eval_every", "20", "--train", "32",
+            "--validation", "8", "--test", "8", "--batch_size", "4", "--progress", "false", "--output_dir", str(out),
+            "--time_limit", "1e-9"]  # spent by the first step
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1 and summary["stopped"] == "time_limit"
+    assert summary["best_validation"]["step"] == 1 and 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert len(read_trajectory(out / "trajectory.zot").steps) == 1
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "validation_accuracy" in r] == [1]
+    assert "time limit of 1e-09 min reached at step 1 of 50" in capsys.readouterr().out
+
+
+def test_a_run_within_its_time_reaches_its_steps(model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--model.name", str(model_dir), "--steps", "3", "--eval_every", "3", "--train", "16",
+                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
+                 "--output_dir", str(out), "--time_limit", "60"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["stopped"] == "steps"
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("inf"), float("nan")])
+def test_bad_time_limit(bad):
+    with pytest.raises(ConfigError, match="train.time_limit must be a finite number of minutes >= 0"):
+        TrainConfig(time_limit=bad)
+
+
+def _exploding_after(monkeypatch, calls_before: int):
+    """Objective.loss as before for ``calls_before`` calls (two per MeZO step), then 1000 times larger."""
+    from zotune.objectives import Objective
+
+    original, calls = Objective.loss, []
+
+    def loss(self, model, batch, chunks=0):
+        calls.append(1)
+        value = original(self, model, batch, chunks)
+        return value * 1000 if len(calls) > calls_before else value
+
+    monkeypatch.setattr(Objective, "loss", loss)
+
+
+def _diverging_run(model_dir, out, *extra):
+    return ["train", "--model.name", str(model_dir), "--steps", "60", "--eval_every", "10", "--train", "32",
+            "--validation", "8", "--test", "8", "--batch_size", "4", "--progress", "false", "--zero_shot", "false",
+            "--output_dir", str(out), *extra]
+
+
+def test_a_diverging_loss_stops_the_run_and_the_best_weights_are_tested(model_dir, tmp_path, monkeypatch, capsys):
+    _exploding_after(monkeypatch, 2 * 30)  # steps 1-30 as usual, then a loss 1000x larger
+    out = tmp_path / "run"
+    assert main(_diverging_run(model_dir, out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "diverged" and summary["steps"] == 31  # the first large loss passes 10x
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "validation_accuracy" in r] == [10, 20, 30]  # the diverged step is not validated
+    assert summary["best_validation"]["step"] in (10, 20, 30) and "accuracy" in summary["test"]
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == summary["best_validation"]["step"]
+    printed = capsys.readouterr().out
+    assert "the training loss diverged: its running mean" in printed and "at step 31 is over 10x" in printed
+
+
+def test_the_divergence_guard_can_be_turned_off(model_dir, tmp_path, monkeypatch):
+    _exploding_after(monkeypatch, 2 * 30)
+    out = tmp_path / "run"
+    assert main(_diverging_run(model_dir, out, "--steps", "40", "--divergence", "0")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "steps" and summary["steps"] == 40
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.5, 1.0, float("inf"), float("nan")])
+def test_bad_divergence(bad):
+    with pytest.raises(ConfigError, match="train.divergence must be 0 .off. or a finite factor > 1"):
+        TrainConfig(divergence=bad)

@@ -179,3 +179,37 @@ def test_a_failed_cell_is_recorded_and_the_grid_goes_on(model_dir, tmp_path, mon
     assert failed["error"] == "no such thing"
     assert "| ICL | – |" in table and "- failed: icl on sst2 (seed 0)" in table
     assert (tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").is_file()
+
+
+def test_cells_run_several_at_a_time_give_the_results_of_one_at_a_time(model_dir, tmp_path):
+    methods = ["zero-shot", "mezo", "mezo-lora"]
+    serial = cmp.CompareConfig(**_grid(model_dir, tmp_path / "serial", methods=methods, isolate=True))
+    cmp.compare(serial, log=QUIET)
+    lines = []
+    parallel = cmp.CompareConfig(**_grid(model_dir, tmp_path / "parallel", methods=methods, isolate=True, jobs=3))
+    cmp.compare(parallel, log=lines.append)
+    assert sum("started (" in line for line in lines) == 3 and sum(": done in " in line for line in lines) == 3
+    for method in methods:
+        cell = tmp_path / "parallel" / "sst2" / method / "seed0"
+        one = json.loads((tmp_path / "serial" / "sst2" / method / "seed0" / "result.json").read_text())
+        many = json.loads((cell / "result.json").read_text())
+        assert many["test"] == one["test"] and many.get("steps") == one.get("steps")
+        assert (cell / "log.txt").is_file()  # the cell's own output, not interleaved on the terminal
+    assert "run directory" in (tmp_path / "parallel" / "sst2" / "mezo" / "seed0" / "log.txt").read_text()
+
+
+def test_a_failing_cell_among_parallel_ones_is_recorded(model_dir, tmp_path):
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["zero-shot", "mezo"], isolate=True, jobs=2,
+                                     method_overrides={"mezo": {"model": {"name": str(tmp_path / "missing.gguf")}}}))
+    lines = []
+    cmp.compare(grid, log=lines.append)
+    failed = json.loads((tmp_path / "out" / "sst2" / "mezo" / "seed0" / "failed.json").read_text())
+    assert "exit code" in failed["error"] and "log.txt" in failed["error"]
+    assert (tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [({"jobs": 0}, "jobs must be an integer >= 1"),
+                                           ({"jobs": 2, "isolate": False}, "jobs > 1 runs cells in processes")])
+def test_bad_jobs(model_dir, tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", **extra))

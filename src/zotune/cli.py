@@ -69,8 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Runs a grid of methods, tasks and seeds, each cell in its own process (resumable: cells "
                     "already done are skipped), and writes the paper's Table-1-shaped markdown table with each "
                     "method's peak memory.",
-        epilog="Grid keys (override any as --key value; lists as a,b,c): tasks, methods, seeds, output_dir, isolate, "
-               "run (sections of the train config), method_overrides, task_overrides, icl, lp, ft.\n"
+        epilog="Grid keys (override any as --key value; lists as a,b,c): tasks, methods, seeds, output_dir, isolate, jobs "
+               "(cells at once), run (sections of the train config), method_overrides, task_overrides, icl, lp, ft.\n"
                "Methods: " + ", ".join(_methods()) + ".\n"
                "Example: zotune compare --config examples/grid.yaml --tasks sst2 --seeds 0,1",
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -97,6 +97,17 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
     for (name, p), q in zip(base.named_parameters(), tuned.parameters()):
         assert torch.equal(p.cpu(), q), name
     assert not torch.equal(tuned.lm_head.weight, AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight)
+    assert summary["device"] == str(device)
+    # --device picks where to replay; on the CPU the same weights as the CPU replay above
+    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
+                 "--out", str(tmp_path / "on-cpu"), "--device", "cpu"]) == 0
+    on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "on-cpu")
+    if device.type == "cpu":
+        assert all(torch.equal(p, q) for p, q in zip(on_cpu.parameters(), tuned.parameters()))
+    capsys.readouterr()
+    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
+                 "--out", str(tmp_path / "bad"), "--device", "gpu"]) == 2
+    assert "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra,message", [

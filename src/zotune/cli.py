@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
     rp.add_argument("--device", default=None,
-                    help="where to replay: cpu, cuda or cuda:N (default: the run's model.device, else auto). Bit for "
-                         "bit on the kind of device the run trained on (its summary.json says which)")
+                    help="where to replay: cpu, cuda or cuda:N (default: the device in summary.json beside the "
+                         "trajectory, else the run's model.device). Bit for bit on the kind of device the run "
+                         "trained on")
     rp.add_argument("--config", metavar="FILE",
                     help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
                          "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
@@ -165,6 +166,21 @@ def _eval(args, rest) -> int:
     return 0
 
 
+def _trained_on(run_dir, log) -> str | None:
+    """The device the run beside a trajectory trained on (its summary.json), if this machine has it."""
+    import json
+
+    import torch
+
+    path = run_dir / "summary.json"
+    device = json.loads(path.read_text()).get("device") if path.is_file() else None
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        log(f"the run trained on {device}; this machine has no CUDA GPU: replaying on the CPU, whose z may differ "
+            f"from the GPU's in the last bits")
+        return "cpu"
+    return device
+
+
 def _replay(args, rest) -> int:
     from pathlib import Path
 
@@ -185,9 +201,10 @@ def _replay(args, rest) -> int:
 
     config_path = Path(args.config) if args.config else Path(args.trajectory).parent / "config.yaml"
     model_config = load_config(config_path).model if args.config or config_path.is_file() else ModelConfig()
-    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype,
-                                       device=args.device or model_config.device)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    device = args.device or _trained_on(Path(args.trajectory).parent, log) or model_config.device
+    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype,
+                                       device=device)
     loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
     replay(loaded.model, trajectory)
     partial = out.with_name(out.name + ".partial")

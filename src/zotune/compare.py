@@ -362,6 +362,9 @@ def _cell_command(grid: CompareConfig, method: str, task: str, seed: int, cell_d
     return [sys.executable, "-m", "zotune.compare", str(spec)]
 
 
+CELL_STOP_GRACE_S = 60  # after Ctrl-C, how long the running cells get to finish their step and save
+
+
 def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` one after the other (each in its own process when ``grid.isolate``)."""
     for n, (method, task, seed) in todo:
@@ -383,6 +386,8 @@ def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
 def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` ``grid.jobs`` at a time, each process's output in its cell's log.txt."""
     pending, running = list(todo), {}
+    env = dict(os.environ)  # the cores shared out among the cells, unless the caller chose a thread count
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // grid.jobs)))
     try:
         while pending or running:
             while pending and len(running) < grid.jobs:
@@ -390,7 +395,8 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
                 cell_dir = _cell_dir(grid, method, task, seed)
                 command = _cell_command(grid, method, task, seed, cell_dir)
                 with open(cell_dir / "log.txt", "ab") as output:
-                    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env)
                 running[proc] = (n, method, task, seed, cell_dir, time.perf_counter())
                 log(f"[{n}/{total}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}: "
                     f"started ({len(running)} running; output in {cell_dir / 'log.txt'})")
@@ -405,9 +411,18 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
                                     f"exit code {proc.returncode} (see {cell_dir / 'log.txt'})", log)
                 else:
                     log(f"{what}: done in {(time.perf_counter() - started) / 60:.1f} min")
-    finally:  # stopped (Ctrl-C) or failed: no cell outlives the grid; each resumes when it is run again
+    except KeyboardInterrupt:  # the cells got the same Ctrl-C: let them finish their step and save their state
+        deadline = time.monotonic() + CELL_STOP_GRACE_S
         for proc in running:
-            proc.terminate()
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        raise
+    finally:  # stopped or failed: no cell outlives the grid; each resumes when the grid is run again
+        for proc in running:
+            if proc.poll() is None:
+                proc.terminate()
         for proc in running:
             proc.wait()
 

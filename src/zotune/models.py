@@ -219,6 +219,8 @@ def resolve_device(name: str) -> torch.device:
                          f"use cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ModelError(f"model.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches and memory statistics follow the current device
     return device
 
 

@@ -285,6 +285,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                dynamic_ncols=True)
     started = time.perf_counter() - loop["elapsed"]
     ema = loop.get("loss_ema")
+    tested = "the best weights" if tc.save_best else "the last weights (save_best is off)"
     guard = tc.objective == "loss"  # the divergence guard compares losses; metric objectives are negative
     interrupted = False
     with _StopFlag() as stop:
@@ -307,12 +308,13 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 postfix[f"val_{metric}"] = f"{100 * loop['last_val']:.1f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            out_of_time = tc.time_limit > 0 and time.perf_counter() - started >= 60 * tc.time_limit
+            out_of_time = (tc.time_limit > 0 and step < tc.steps
+                           and time.perf_counter() - started >= 60 * tc.time_limit)
             if diverged:  # these weights are not a candidate for the best: stop before validating them
                 loop["stopped"] = "diverged"
                 log(f"the training loss diverged: its running mean {ema:.4g} at step {step} is over "
                     f"{tc.divergence:g}x its value at step {DIVERGENCE_WARMUP} ({loop['loss_reference']:.4g}); "
-                    f"stopping and testing the best weights (a smaller optimizer.lr suits a run this long)")
+                    f"stopping and testing {tested} (a smaller optimizer.lr suits a run this long)")
                 break
             if step % tc.eval_every == 0 or step == tc.steps or out_of_time:
                 val = eval_split("validation") if encoded["validation"] else {metric: -loss}
@@ -330,7 +332,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 save_state()
             if out_of_time:
                 loop["stopped"] = "time_limit"
-                log(f"time limit of {tc.time_limit:g} min reached at step {step} of {tc.steps}: testing the best weights")
+                log(f"time limit of {tc.time_limit:g} min reached at step {step} of {tc.steps}: testing {tested}")
                 break
             if stop.requested:
                 interrupted = True

@@ -87,3 +87,22 @@ def test_the_divergence_guard_can_be_turned_off(model_dir, tmp_path, monkeypatch
 def test_bad_divergence(bad):
     with pytest.raises(ConfigError, match="train.divergence must be 0 .off. or a finite factor > 1"):
         TrainConfig(divergence=bad)
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--steps", "4", "--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4",
+              "--batch_size", "4", "--progress", "false", "--output_dir", str(out)]
+    assert main(["train", "--model.name", str(model_dir), *common, "--time_limit", "1e-9"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
+    assert "it may change only train.time_limit, train.divergence, train.progress, not optimizer.lr" in \
+        capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["stopped"] == "steps"
+    assert len(read_trajectory(out / "trajectory.zot").steps) == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "test_accuracy" in r] == [4]  # the first stop's test row is gone
+    assert "time_limit: 0" in (out / "config.yaml").read_text()

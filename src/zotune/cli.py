@@ -129,9 +129,9 @@ def _train(args, rest) -> int:
     from zotune.train import run
 
     if args.resume:
-        if args.config or rest:
-            raise ConfigError("--resume continues a run with its own config: give no --config or overrides")
-        result = run(resume=args.resume)
+        if args.config:
+            raise ConfigError("--resume continues a run with its own config: give no --config")
+        result = run(resume=args.resume, resume_overrides=rest)
     else:
         result = run(load_config(args.config, rest))
     return 130 if result.interrupted else 0

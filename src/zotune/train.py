@@ -197,7 +197,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if (row := json.loads(r)).get("step", 0) <= step  # a finished run's test row goes too
+            and not any(key.startswith("test_") for key in row)]
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -211,15 +213,33 @@ def _fmt(metrics: dict | None, name: str) -> str:
     return f"{100 * metrics[name]:.1f}"
 
 
+RESUME_OVERRIDES = ("train.time_limit", "train.divergence", "train.progress")  # what a resume may change
+
+
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
-        log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> RunResult:
-    """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``)."""
+        log: Callable[[str], None] = print, loaded: LoadedModel | None = None,
+        resume_overrides: list[str] | None = None) -> RunResult:
+    """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``).
+
+    ``resume_overrides`` (``["--train.time_limit", "120"]``) may change the keys of ``RESUME_OVERRIDES``
+    of a resumed run, e.g. to extend one that stopped at its time limit; the run's config.yaml records it.
+    """
     state = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
         config = load_config(run_dir / "config.yaml")
+        if resume_overrides:
+            changed = load_config(run_dir / "config.yaml", resume_overrides)
+            before, after = config.to_dict(), changed.to_dict()
+            bad = [f"{section}.{key}" for section in after for key in after[section]
+                   if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES]
+            if bad:
+                raise ConfigError(f"--resume continues a run with its own config; it may change only "
+                                  f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
+            config = changed
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         state = checkpoint.read_json(run_dir / "state.json")
     else:
         config = config or RunConfig()

@@ -106,3 +106,19 @@ def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_p
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "test_accuracy" in r] == [4]  # the first stop's test row is gone
     assert "time_limit: 0" in (out / "config.yaml").read_text()
+
+
+def test_resuming_on_another_kind_of_device_warns(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model.name", str(model_dir), "--steps", "2", "--eval_every", "2", "--train", "8",
+                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
+                 "--output_dir", str(out), "--time_limit", "1e-9"]) == 0
+    state = json.loads((out / "state.json").read_text())
+    here = state["loop"]["device"]
+    elsewhere = "cpu" if here.startswith("cuda") else "cuda:0"
+    state["loop"]["device"] = elsewhere
+    (out / "state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
+    assert f"warning: this run trained on {elsewhere} and resumes on {here}" in capsys.readouterr().out
+    assert json.loads((out / "state.json").read_text())["loop"]["device"] == here

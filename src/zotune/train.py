@@ -268,9 +268,14 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
     metric = objective.metric_name
-    loop = {"step": 0, "best": None, "zero_shot": {}, "elapsed": 0.0, "skipped": 0}
+    loop = {"step": 0, "best": None, "zero_shot": {}, "elapsed": 0.0, "skipped": 0, "device": str(device)}
     if state is not None:
         loop = state["loop"]
+        before = loop.get("device")
+        if before is not None and torch.device(before).type != device.type:
+            log(f"warning: this run trained on {before} and resumes on {device}: the weights rebuilt from the "
+                f"trajectory and the steps after may differ from an uninterrupted run in the last bits")
+        loop["device"] = str(device)
         size = state["optimizer"]["mezo"]["trajectory_bytes"] or 0
         traj_path = run_dir / "trajectory.zot"
         with open(traj_path, "r+b") as f:

@@ -365,11 +365,24 @@ def _cell_command(grid: CompareConfig, method: str, task: str, seed: int, cell_d
 CELL_STOP_GRACE_S = 60  # after Ctrl-C, how long the running cells get to finish their step and save
 
 
+def _cell_title(n: int, total: int, method: str, task: str, seed: int) -> str:
+    return f"[{n}/{total}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}"
+
+
+def _cell_exited(returncode: int, cell_dir: Path, method, task, seed, output: str, log) -> bool:
+    """Whether a cell's process succeeded; a Ctrl-C in it stops the grid, another failure is recorded."""
+    if returncode in (130, -2):
+        raise KeyboardInterrupt
+    if returncode != 0:
+        _record_failure(cell_dir, method, task, seed, f"exit code {returncode} (see {output})", log)
+    return returncode == 0
+
+
 def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` one after the other (each in its own process when ``grid.isolate``)."""
     for n, (method, task, seed) in todo:
         cell_dir = _cell_dir(grid, method, task, seed)
-        log(f"[{n}/{total}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}")
+        log(_cell_title(n, total, method, task, seed))
         if not grid.isolate:
             try:
                 run_cell(grid, method, task, seed, cell_dir, log=log)
@@ -377,10 +390,7 @@ def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
                 _record_failure(cell_dir, method, task, seed, str(err), log)
             continue
         proc = subprocess.run(_cell_command(grid, method, task, seed, cell_dir))
-        if proc.returncode in (130, -2):
-            raise KeyboardInterrupt
-        if proc.returncode != 0:
-            _record_failure(cell_dir, method, task, seed, f"exit code {proc.returncode} (see the log above)", log)
+        _cell_exited(proc.returncode, cell_dir, method, task, seed, "the log above", log)
 
 
 def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
@@ -398,19 +408,14 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
                     proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=env)
                 running[proc] = (n, method, task, seed, cell_dir, time.perf_counter())
-                log(f"[{n}/{total}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}: "
-                    f"started ({len(running)} running; output in {cell_dir / 'log.txt'})")
+                log(f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
+                    f"output in {cell_dir / 'log.txt'})")
             time.sleep(0.2)
             for proc in [p for p in running if p.poll() is not None]:
                 n, method, task, seed, cell_dir, started = running.pop(proc)
-                what = f"[{n}/{total}] {METHODS[method].label} on {TASK_TITLES.get(task, task)}, seed {seed}"
-                if proc.returncode in (130, -2):
-                    raise KeyboardInterrupt
-                if proc.returncode != 0:
-                    _record_failure(cell_dir, method, task, seed,
-                                    f"exit code {proc.returncode} (see {cell_dir / 'log.txt'})", log)
-                else:
-                    log(f"{what}: done in {(time.perf_counter() - started) / 60:.1f} min")
+                if _cell_exited(proc.returncode, cell_dir, method, task, seed, str(cell_dir / "log.txt"), log):
+                    log(f"{_cell_title(n, total, method, task, seed)}: done in "
+                        f"{(time.perf_counter() - started) / 60:.1f} min")
     except KeyboardInterrupt:  # the cells got the same Ctrl-C: let them finish their step and save their state
         deadline = time.monotonic() + CELL_STOP_GRACE_S
         for proc in running:

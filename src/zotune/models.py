@@ -214,12 +214,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ModelError(f"model.device is {name!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
                          f"use cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelError(f"model.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "cuda" and device.index is not None:
+    if device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise ModelError(f"model.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
         torch.cuda.set_device(device)  # Triton launches and memory statistics follow the current device
     return device
 

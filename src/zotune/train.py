@@ -125,18 +125,18 @@ def _peak_memory_mb(device: torch.device) -> float:
 DIVERGENCE_WARMUP = 20  # steps of running mean that set the reference the divergence guard compares with
 
 
-def _diverged(loop: dict, ema: float | None, step: int, tc, guard: bool) -> bool:
+def _diverged(loop: dict, ema: float | None, step: int, tc) -> bool:
     """Whether the running mean of the training loss has passed ``tc.divergence`` times its early value.
 
     The reference is the running mean at step ``DIVERGENCE_WARMUP`` (kept in the loop state, so a
-    resumed run compares with the same number); a non-finite running mean counts as diverged.
+    resumed run compares with the same number). Only a loss is guarded: a metric objective is negative.
     """
-    if not guard or tc.divergence <= 0 or ema is None:
+    if tc.objective != "loss" or tc.divergence <= 0 or ema is None:
         return False
     if step == DIVERGENCE_WARMUP and ema > 0:
         loop["loss_reference"] = ema
     reference = loop.get("loss_reference")
-    return reference is not None and step > DIVERGENCE_WARMUP and not ema <= tc.divergence * reference
+    return reference is not None and step > DIVERGENCE_WARMUP and ema > tc.divergence * reference
 
 
 class _StopFlag:
@@ -311,7 +311,6 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     started = time.perf_counter() - loop["elapsed"]
     ema = loop.get("loss_ema")
     tested = "the best weights" if tc.save_best else "the last weights (save_best is off)"
-    guard = tc.objective == "loss"  # the divergence guard compares losses; metric objectives are negative
     interrupted = False
     with _StopFlag() as stop:
         while loop["step"] < tc.steps:
@@ -324,7 +323,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             step = loop["step"]
             if math.isfinite(loss):
                 ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            diverged = _diverged(loop, ema, step, tc, guard)
+            diverged = _diverged(loop, ema, step, tc)
             logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
                           "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
                           "elapsed": time.perf_counter() - started})

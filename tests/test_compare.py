@@ -8,6 +8,7 @@ import torch
 import yaml
 
 from zotune import compare as cmp
+from zotune import read_trajectory
 from zotune.cli import main
 from zotune.config import ConfigError
 
@@ -213,3 +214,43 @@ def test_a_failing_cell_among_parallel_ones_is_recorded(model_dir, tmp_path):
 def test_bad_jobs(model_dir, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", **extra))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_sigterm_stops_the_grid_its_cells_save_and_the_grid_resumes(model_dir, tmp_path, jobs):
+    import os
+    import signal
+    import threading
+    import time
+
+    steps = 400
+    methods = ["mezo", "mezo-lora"][:jobs]
+    raw = _grid(model_dir, tmp_path / "out", methods=methods, isolate=True, jobs=jobs)
+    raw["run"]["train"].update(steps=steps, eval_every=steps)
+    grid = cmp.CompareConfig(**raw)
+    runs = [tmp_path / "out" / "sst2" / m / "seed0" / "run" for m in methods]
+
+    def terminate_once_every_cell_trains():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if all((r / "metrics.jsonl").is_file() and '"loss"' in (r / "metrics.jsonl").read_text() for r in runs):
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: to the grid's process only
+
+    watcher = threading.Thread(target=terminate_once_every_cell_trains)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cmp.compare(grid, log=QUIET)
+    finally:
+        watcher.join()
+    for r in runs:  # every cell finished its step, saved its state and stopped before its last step
+        state = json.loads((r / "state.json").read_text())
+        assert 0 < state["loop"]["step"] < steps
+        assert not (r.parent / "result.json").exists()
+    cmp.compare(grid, log=QUIET)  # run again: the cells continue from their state
+    for r in runs:
+        result = json.loads((r.parent / "result.json").read_text())
+        assert result["steps"] == steps
+        assert len(read_trajectory(r / "trajectory.zot").steps) == steps

@@ -40,7 +40,8 @@ def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err
 
 
-def test_ctrl_c_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch, signum):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(model_dir, full)) == 0
 
@@ -50,7 +51,8 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, mon
 
     def interrupt_at_step_6(n, batch_size, step, seed):
         if step == 5:  # during the sixth step: the run finishes it, saves, and stops
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
+            os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM still only asks for the orderly stop
         return original(n, batch_size, step, seed)
 
     monkeypatch.setattr(train_module, "_batch_indices", interrupt_at_step_6)

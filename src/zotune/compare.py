@@ -25,15 +25,18 @@ cell's peak memory against the same task's zero-shot cell (inference).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import math
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import typing
 from collections.abc import Callable
@@ -362,7 +365,7 @@ def _cell_command(grid: CompareConfig, method: str, task: str, seed: int, cell_d
     return [sys.executable, "-m", "zotune.compare", str(spec)]
 
 
-CELL_STOP_GRACE_S = 60  # after Ctrl-C, how long the running cells get to finish their step and save
+CELL_STOP_GRACE_S = 60  # after Ctrl-C or SIGTERM, how long the running cells get to finish their step and save
 
 
 def _cell_title(n: int, total: int, method: str, task: str, seed: int) -> str:
@@ -378,6 +381,51 @@ def _cell_exited(returncode: int, cell_dir: Path, method, task, seed, output: st
     return returncode == 0
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Within the context, a SIGTERM to the grid stops it as Ctrl-C does (a scheduler's or ``kill``'s stop).
+
+    Ctrl-C reaches the cells through the terminal's process group; a SIGTERM reaches only this process,
+    so :func:`_stop_cells` passes it on.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_cells(procs) -> None:
+    """The grid was stopped: ask each running cell to finish its step and save, wait up to the grace
+    period, then terminate what is left. A training cell takes SIGTERM as it takes Ctrl-C (a second
+    signal does not cut its save short); any other cell starts again when the grid is run again."""
+    deadline = time.monotonic() + CELL_STOP_GRACE_S
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _end_cells(procs) -> None:
+    """No cell outlives the grid: terminate and reap whatever still runs."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
 def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` one after the other (each in its own process when ``grid.isolate``)."""
     for n, (method, task, seed) in todo:
@@ -389,7 +437,15 @@ def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
             except (ValueError, RuntimeError) as err:  # a failed cell is reported, the grid goes on
                 _record_failure(cell_dir, method, task, seed, str(err), log)
             continue
-        proc = subprocess.run(_cell_command(grid, method, task, seed, cell_dir))
+        proc = subprocess.Popen(_cell_command(grid, method, task, seed, cell_dir))
+        try:
+            with _sigterm_as_interrupt():
+                proc.wait()
+        except KeyboardInterrupt:
+            _stop_cells([proc])
+            raise
+        finally:
+            _end_cells([proc])
         _cell_exited(proc.returncode, cell_dir, method, task, seed, "the log above", log)
 
 
@@ -399,37 +455,29 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
     env = dict(os.environ)  # the cores shared out among the cells, unless the caller chose a thread count
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // grid.jobs)))
     try:
-        while pending or running:
-            while pending and len(running) < grid.jobs:
-                n, (method, task, seed) = pending.pop(0)
-                cell_dir = _cell_dir(grid, method, task, seed)
-                command = _cell_command(grid, method, task, seed, cell_dir)
-                with open(cell_dir / "log.txt", "ab") as output:
-                    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=env)
-                running[proc] = (n, method, task, seed, cell_dir, time.perf_counter())
-                log(f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
-                    f"output in {cell_dir / 'log.txt'})")
-            time.sleep(0.2)
-            for proc in [p for p in running if p.poll() is not None]:
-                n, method, task, seed, cell_dir, started = running.pop(proc)
-                if _cell_exited(proc.returncode, cell_dir, method, task, seed, str(cell_dir / "log.txt"), log):
-                    log(f"{_cell_title(n, total, method, task, seed)}: done in "
-                        f"{(time.perf_counter() - started) / 60:.1f} min")
-    except KeyboardInterrupt:  # the cells got the same Ctrl-C: let them finish their step and save their state
-        deadline = time.monotonic() + CELL_STOP_GRACE_S
-        for proc in running:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        with _sigterm_as_interrupt():
+            while pending or running:
+                while pending and len(running) < grid.jobs:
+                    n, (method, task, seed) = pending.pop(0)
+                    cell_dir = _cell_dir(grid, method, task, seed)
+                    command = _cell_command(grid, method, task, seed, cell_dir)
+                    with open(cell_dir / "log.txt", "ab") as output:
+                        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                                stdin=subprocess.DEVNULL, env=env)
+                    running[proc] = (n, method, task, seed, cell_dir, time.perf_counter())
+                    log(f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
+                        f"output in {cell_dir / 'log.txt'})")
+                time.sleep(0.2)
+                for proc in [p for p in running if p.poll() is not None]:
+                    n, method, task, seed, cell_dir, started = running.pop(proc)
+                    if _cell_exited(proc.returncode, cell_dir, method, task, seed, str(cell_dir / "log.txt"), log):
+                        log(f"{_cell_title(n, total, method, task, seed)}: done in "
+                            f"{(time.perf_counter() - started) / 60:.1f} min")
+    except KeyboardInterrupt:
+        _stop_cells(list(running))
         raise
-    finally:  # stopped or failed: no cell outlives the grid; each resumes when the grid is run again
-        for proc in running:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in running:
-            proc.wait()
+    finally:  # stopped or failed: each unfinished cell resumes when the grid is run again
+        _end_cells(list(running))
 
 
 def _record_failure(cell_dir: Path, method, task, seed, message: str, log) -> None:

@@ -11,7 +11,7 @@ A run directory holds everything::
     summary.json       zero-shot -> best validation -> test, steps, wall time, peak memory
 
 Resuming rebuilds the weights from the base model and the trajectory (bit for bit), so no
-weights are saved for it; Ctrl-C stops at the end of the current step and saves state.json.
+weights are saved for it; Ctrl-C (or SIGTERM) stops at the end of the current step and saves state.json.
 """
 
 from __future__ import annotations
@@ -140,25 +140,31 @@ def _diverged(loop: dict, ema: float | None, step: int, tc) -> bool:
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, save, stop. A second one interrupts at once."""
+    """Ctrl-C or SIGTERM: finish the current step, save, stop. A second Ctrl-C interrupts at once.
+
+    SIGTERM is what job schedulers (Slurm's preemption, ``kill``, ``zotune compare`` stopping its cells)
+    send before they kill a process: it only ever asks for the orderly stop, however often it comes.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 class _Logger:

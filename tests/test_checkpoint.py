@@ -73,6 +73,19 @@ def test_save_tensors_writes_what_the_safetensors_library_reads(tmp_path):
         assert torch.equal(loaded[n], t) and loaded[n].dtype == t.dtype
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         assert f.metadata() == {"step": "12"}
+    assert checkpoint.read_header(tmp_path / "m.safetensors") == ({"step": "12"}, {n: list(t.shape) for n, t in source.items()})
+
+
+def test_read_header_reads_files_of_the_safetensors_library_and_refuses_others(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, 3)}, tmp_path / "lib.safetensors", metadata={"step": "7"})
+    assert checkpoint.read_header(tmp_path / "lib.safetensors") == ({"step": "7"}, {"w": [2, 3]})
+    save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    assert checkpoint.read_header(tmp_path / "plain.safetensors") == ({}, {"w": [1]})
+    (tmp_path / "bad.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00[1]!")
+    with pytest.raises(checkpoint.CheckpointMismatch, match="not a safetensors file"):
+        checkpoint.read_header(tmp_path / "bad.safetensors")
 
 
 def test_copy_into_reads_files_of_the_safetensors_library_and_converts_dtypes(tmp_path):

@@ -41,7 +41,7 @@ def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch, signum):
+def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_path, monkeypatch, capsys, signum):
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(model_dir, full)) == 0
 
@@ -59,8 +59,16 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_pa
     assert main(_args(model_dir, part)) == 130
     state = json.loads((part / "state.json").read_text())
     assert state["loop"]["step"] == 6 and not (part / "summary.json").exists()
+    snapshot = part / "resume" / "model.safetensors"
+    assert checkpoint.read_header(snapshot)[0]["step"] == "6"
+    if signum == signal.SIGTERM:
+        snapshot.unlink()  # without the weights saved with the state, resume replays the trajectory
     monkeypatch.setattr(train_module, "_batch_indices", original)
+    capsys.readouterr()
     assert main(["train", "--resume", str(part)]) == 0
+    how = "the weights saved with its state loaded" if signum == signal.SIGINT else "rebuilding the weights from the trajectory"
+    assert f"resuming at step 6: {how}" in capsys.readouterr().out
+    assert not snapshot.exists()  # the run did all its steps: nothing left to resume
 
     a, b = read_trajectory(full / "trajectory.zot"), read_trajectory(part / "trajectory.zot")
     assert a.records == b.records
@@ -228,3 +236,23 @@ def test_every_task_kind_trains_end_to_end(tmp_path, family, task, protocol, met
                  "--progress", "false", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == metric and 0.0 <= summary["test"][metric] <= 1.0
+
+
+def test_a_snapshot_that_is_not_the_states_is_ignored(tmp_path):
+    from zotune.train import SNAPSHOT, _load_snapshot, _save_snapshot
+
+    weights = [("a", torch.ones(3)), ("b", torch.zeros(2, 2))]
+    _save_snapshot(tmp_path, 4, 100, weights, print)
+    fresh = [("a", torch.full((3,), 7.0)), ("b", torch.full((2, 2), 7.0))]
+    assert not _load_snapshot(tmp_path, 5, 100, fresh)  # an older save's step
+    assert not _load_snapshot(tmp_path, 4, 120, fresh)  # another trajectory length
+    assert not _load_snapshot(tmp_path, 4, 100, fresh[:1] + [("c", torch.zeros(2, 2))])  # other tensors
+    assert not _load_snapshot(tmp_path, 4, 100, [fresh[0], ("b", torch.zeros(4))])  # another shape
+    assert all((p == 7).all() for _, p in fresh)  # nothing was written by a refused load
+    assert _load_snapshot(tmp_path, 4, 100, fresh)
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(fresh, weights))
+    (tmp_path / SNAPSHOT).write_bytes(b"\x08\x00\x00")  # cut short: replay instead
+    assert not _load_snapshot(tmp_path, 4, 100, fresh)
+    logged = []
+    _save_snapshot(tmp_path, 6, 100, [("a", torch.tensor([float("nan")]))], logged.append)
+    assert not (tmp_path / SNAPSHOT).exists() and "no weights saved for --resume" in logged[0]

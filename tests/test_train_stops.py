@@ -97,7 +97,7 @@ def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_p
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
-    assert "it may change only train.time_limit, train.divergence, train.progress, not optimizer.lr" in \
+    assert "it may change only train.time_limit, train.divergence, train.progress, train.snapshot, not optimizer.lr" in \
         capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["copy_into", "load_tensors", "read_json", "save_tensors", "write_json"]
+__all__ = ["copy_into", "load_tensors", "read_header", "read_json", "save_tensors", "write_json"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -100,7 +100,7 @@ class CheckpointMismatch(ValueError):
 
 
 def _read_safetensors_header(f, path) -> tuple[dict, int]:
-    """The JSON header of an open safetensors file and the offset where its data starts."""
+    """The JSON header of an open safetensors file (``__metadata__`` included) and where its data starts."""
     head = f.read(8)
     if len(head) < 8:
         raise CheckpointMismatch(f"{path}: not a safetensors file (too short)")
@@ -111,8 +111,18 @@ def _read_safetensors_header(f, path) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointMismatch(f"{path}: not a safetensors file (unreadable header)") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointMismatch(f"{path}: not a safetensors file (unreadable header)")
     return header, 8 + n
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, list[int]]]:
+    """A safetensors file's ``__metadata__`` ({} if none) and its tensors' shapes, without reading them."""
+    with open(path, "rb") as f:
+        header = _read_safetensors_header(f, path)[0]
+    metadata = header.pop("__metadata__", None)
+    shapes = {name: list(info.get("shape", [])) for name, info in header.items() if isinstance(info, dict)}
+    return (dict(metadata) if isinstance(metadata, dict) else {}), shapes
 
 
 def _read_exactly(f, into: torch.Tensor, path, name: str) -> None:
@@ -137,6 +147,7 @@ def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, c
     dtypes = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
     with open(path, "rb") as f:
         header, data = _read_safetensors_header(f, path)
+        header.pop("__metadata__", None)
         for name, info in header.items():
             shape = list(info["shape"])
             if name not in targets or list(targets[name].shape) != shape:

@@ -137,6 +137,8 @@ class TrainConfig:
     zero_shot: bool = True  # evaluate validation and test before training
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
     save_best: bool = True  # keep the best validation weights (trainable tensors, safetensors)
+    snapshot: bool = True  # with every saved state, the trainable weights as they are (resume/model.safetensors),
+    # so --resume loads them instead of replaying the whole trajectory; deleted once the run has done its steps
     progress: bool = True  # a progress bar on the terminal
     init: str = "none"  # "probe": linear probing first, its solution written into the label words' head rows,
     # then MeZO from there (the paper's Appendix F.1, LP-then-MeZO; classification tasks)

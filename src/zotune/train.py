@@ -6,12 +6,15 @@ A run directory holds everything::
     metrics.jsonl      one line per step (loss, projected gradient, lr) and per evaluation
     trajectory.zot     the run as seed + projected gradients (zotune.replay rebuilds the weights)
     state.json         what --resume needs: optimizer, schedule and loop state (no weights)
+    resume/            the trainable weights at state.json's step (train.snapshot), while the run can go on
     best/              the best validation weights (trainable tensors, safetensors) and best.json
     curves.png         training loss and validation metric against steps
     summary.json       zero-shot -> best validation -> test, steps, wall time, peak memory
 
-Resuming rebuilds the weights from the base model and the trajectory (bit for bit), so no
-weights are saved for it; Ctrl-C (or SIGTERM) stops at the end of the current step and saves state.json.
+Resuming loads the weights saved with the state (``resume/``) or, without them, rebuilds them from
+the base model and the trajectory: bit for bit either way (replay costs about one sweep per step
+and term, which adds up over thousands of steps on a CPU). Ctrl-C (or SIGTERM) stops at the end of
+the current step and saves the state.
 """
 
 from __future__ import annotations
@@ -209,6 +212,36 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
+SNAPSHOT = Path("resume") / "model.safetensors"  # the trainable weights at state.json's step, for a fast resume
+
+
+def _save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, log) -> None:
+    """The trainable weights exactly as they are (a fused perturbation included), tagged with the step."""
+    try:
+        checkpoint.save_tensors(run_dir / SNAPSHOT, dict(trainable),
+                                {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
+    except (OSError, ValueError) as err:  # a full disk or non-finite weights: resume can still replay
+        (run_dir / SNAPSHOT).unlink(missing_ok=True)
+        log(f"warning: no weights saved for --resume ({err}); it will replay the trajectory")
+
+
+def _load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> bool:
+    """Load the snapshot into the trainable weights if it is the state's (same step and trajectory length)."""
+    path = run_dir / SNAPSHOT
+    if not path.is_file():
+        return False
+    try:
+        meta, shapes = checkpoint.read_header(path)
+        if meta.get("step") != str(step) or meta.get("trajectory_bytes") != str(trajectory_bytes):
+            return False  # an older save's, or the state was written by a version without snapshots
+        if shapes != {n: list(p.shape) for n, p in trainable}:  # every tensor, or replay would mix the two
+            return False
+        checkpoint.copy_into(path, dict(trainable))
+    except checkpoint.CheckpointMismatch:
+        return False
+    return True
+
+
 def _default_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -219,7 +252,7 @@ def _fmt(metrics: dict | None, name: str) -> str:
     return f"{100 * metrics[name]:.1f}"
 
 
-RESUME_OVERRIDES = ("train.time_limit", "train.divergence", "train.progress")  # what a resume may change
+RESUME_OVERRIDES = ("train.time_limit", "train.divergence", "train.progress", "train.snapshot")  # what a resume may change
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
@@ -286,8 +319,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         traj_path = run_dir / "trajectory.zot"
         with open(traj_path, "r+b") as f:
             f.truncate(size)
-        log(f"resuming at step {loop['step']}: rebuilding the weights from the trajectory")
-        replay(model, read_trajectory(traj_path), finish=False)
+        if _load_snapshot(run_dir, loop["step"], size, trainable):
+            log(f"resuming at step {loop['step']}: the weights saved with its state loaded")
+        else:
+            log(f"resuming at step {loop['step']}: rebuilding the weights from the trajectory")
+            replay(model, read_trajectory(traj_path), finish=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
@@ -302,8 +338,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
 
     def save_state() -> None:
         loop["loss_ema"] = ema
+        optimizer_state = opt.state_dict(flush=False)
+        if tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
+            _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable, log)
         checkpoint.write_json(run_dir / "state.json", {
-            "optimizer": opt.state_dict(flush=False), "scheduler": sched.state_dict(), "loop": loop})
+            "optimizer": optimizer_state, "scheduler": sched.state_dict(), "loop": loop})
 
     if state is None and tc.zero_shot:
         log("zero-shot evaluation ...")
@@ -393,6 +432,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
     }
     checkpoint.write_json(run_dir / "summary.json", summary)
+    if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
+        (run_dir / SNAPSHOT).unlink(missing_ok=True)
     try:
         from zotune.plot import plot_run
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -35,6 +36,8 @@ def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
     assert [r["step"] for r in rows if "validation_accuracy" in r] == [4, 8]
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "test accuracy" in printed
+    assert re.search(r"step 4/8: training loss [\d.]+ \(running mean\), validation accuracy [\d.]+ \(best [\d.]+ at "
+                     r"step 4\); [\d.]+ min", printed)  # one line per validation in a log without a bar
     # A second run into the same directory is refused, pointing at --resume.
     assert main(_args(model_dir, out)) == 2
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err

@@ -398,6 +398,13 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                         checkpoint.write_json(run_dir / "best" / "best.json", loop["best"])
                 bar.set_postfix({**postfix, f"val_{metric}": f"{100 * val[metric]:.1f}"})
                 loop["elapsed"] = time.perf_counter() - started
+                best = loop["best"]
+                seen = (f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step "
+                        f"{best['step']})" if encoded["validation"] else "no validation split")
+                # a line per validation, kept on the terminal above the bar and readable in a log file
+                (bar.write if tc.progress else log)(
+                    f"step {step}/{tc.steps}: training loss {postfix['loss']} (running mean), {seen}; "
+                    f"{loop['elapsed'] / 60:.1f} min")
                 save_state()
             if out_of_time:
                 loop["stopped"] = "time_limit"

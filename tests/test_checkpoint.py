@@ -83,7 +83,7 @@ def test_read_header_reads_files_of_the_safetensors_library_and_refuses_others(t
     assert checkpoint.read_header(tmp_path / "lib.safetensors") == ({"step": "7"}, {"w": [2, 3]})
     save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
     assert checkpoint.read_header(tmp_path / "plain.safetensors") == ({}, {"w": [1]})
-    (tmp_path / "bad.safetensors").write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00[1]!")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x03\x00\x00\x00\x00\x00\x00\x00[1]")  # JSON, not a dict
     with pytest.raises(checkpoint.CheckpointMismatch, match="not a safetensors file"):
         checkpoint.read_header(tmp_path / "bad.safetensors")
 

@@ -259,3 +259,17 @@ def test_a_snapshot_that_is_not_the_states_is_ignored(tmp_path):
     logged = []
     _save_snapshot(tmp_path, 6, 100, [("a", torch.tensor([float("nan")]))], logged.append)
     assert not (tmp_path / SNAPSHOT).exists() and "no weights saved for --resume" in logged[0]
+
+
+def test_sigterm_only_asks_and_the_second_ctrl_c_interrupts():
+    from zotune.train import _StopFlag
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with _StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, after SIGTERMs: still the orderly stop
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored

@@ -157,11 +157,12 @@ def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, c
                 raise CheckpointMismatch(f"{path}: tensor {name!r} has dtype {info['dtype']}, which zotune does not read")
             if data + info["data_offsets"][1] > os.fstat(f.fileno()).st_size:
                 raise CheckpointMismatch(f"{path}: tensor {name!r} is cut short (a truncated file)")
+            begin, end = info["data_offsets"]
+            if end - begin != targets[name].numel() * torch.empty((), dtype=dtypes[info["dtype"]]).element_size():
+                raise CheckpointMismatch(f"{path}: tensor {name!r} has {end - begin} bytes for its shape and dtype")
         for name, info in header.items():
             target, dtype = targets[name], dtypes[info["dtype"]]
             begin, end = info["data_offsets"]
-            if end - begin != target.numel() * torch.empty((), dtype=dtype).element_size():
-                raise CheckpointMismatch(f"{path}: tensor {name!r} has {end - begin} bytes for its shape and dtype")
             f.seek(data + begin)
             if not target.is_contiguous():  # rare (parameters are contiguous): one tensor's copy
                 whole = torch.empty(target.numel(), dtype=dtype)

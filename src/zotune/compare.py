@@ -25,7 +25,6 @@ cell's peak memory against the same task's zero-shot cell (inference).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -381,31 +380,40 @@ def _cell_exited(returncode: int, cell_dir: Path, method, task, seed, output: st
     return returncode == 0
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Within the context, a SIGTERM to the grid stops it as Ctrl-C does (a scheduler's or ``kill``'s stop).
+class _GridStop:
+    """Within the context, a SIGTERM to the grid (a scheduler's or ``kill``'s) stops it as Ctrl-C does.
 
+    The handler only raises a flag, which the loops check between polls (:meth:`check`): raising from
+    the handler could strike between starting a cell's process and tracking it, leaving it unwatched.
     Ctrl-C reaches the cells through the terminal's process group; a SIGTERM reaches only this process,
-    so :func:`_stop_cells` passes it on.
+    so :func:`_stop_cells` passes it on. A second SIGTERM while the cells save is ignored.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def handle(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self):
+        self.requested = False
+        self._previous = None
 
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _stop_cells(procs) -> None:
-    """The grid was stopped: ask each running cell to finish its step and save, wait up to the grace
-    period, then terminate what is left. A training cell takes SIGTERM as it takes Ctrl-C (a second
-    signal does not cut its save short); any other cell starts again when the grid is run again."""
+    """The grid was stopped: ask each running cell to finish its step and save, and wait up to the grace
+    period. A training cell takes SIGTERM as it takes Ctrl-C (a repeated one does not cut its save
+    short); any other cell ends at once and starts again when the grid is run again."""
     deadline = time.monotonic() + CELL_STOP_GRACE_S
     for proc in procs:
         if proc.poll() is None:
@@ -418,35 +426,42 @@ def _stop_cells(procs) -> None:
 
 
 def _end_cells(procs) -> None:
-    """No cell outlives the grid: terminate and reap whatever still runs."""
+    """No cell outlives the grid: kill and reap whatever still runs (SIGTERM only asks a training cell to
+    stop after its step, so it cannot end one that overran the grace period)."""
     for proc in procs:
         if proc.poll() is None:
-            proc.terminate()
+            proc.kill()
     for proc in procs:
         proc.wait()
 
 
 def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` one after the other (each in its own process when ``grid.isolate``)."""
-    for n, (method, task, seed) in todo:
-        cell_dir = _cell_dir(grid, method, task, seed)
-        log(_cell_title(n, total, method, task, seed))
-        if not grid.isolate:
+    with _GridStop() as stop:
+        for n, (method, task, seed) in todo:
+            cell_dir = _cell_dir(grid, method, task, seed)
+            log(_cell_title(n, total, method, task, seed))
+            if not grid.isolate:
+                try:
+                    run_cell(grid, method, task, seed, cell_dir, log=log)
+                except (ValueError, RuntimeError) as err:  # a failed cell is reported, the grid goes on
+                    _record_failure(cell_dir, method, task, seed, str(err), log)
+                stop.check()
+                continue
+            stop.check()
+            proc = subprocess.Popen(_cell_command(grid, method, task, seed, cell_dir))
             try:
-                run_cell(grid, method, task, seed, cell_dir, log=log)
-            except (ValueError, RuntimeError) as err:  # a failed cell is reported, the grid goes on
-                _record_failure(cell_dir, method, task, seed, str(err), log)
-            continue
-        proc = subprocess.Popen(_cell_command(grid, method, task, seed, cell_dir))
-        try:
-            with _sigterm_as_interrupt():
-                proc.wait()
-        except KeyboardInterrupt:
-            _stop_cells([proc])
-            raise
-        finally:
-            _end_cells([proc])
-        _cell_exited(proc.returncode, cell_dir, method, task, seed, "the log above", log)
+                while proc.poll() is None:
+                    try:
+                        proc.wait(timeout=0.2)
+                    except subprocess.TimeoutExpired:
+                        stop.check()
+            except KeyboardInterrupt:
+                _stop_cells([proc])
+                raise
+            finally:
+                _end_cells([proc])
+            _cell_exited(proc.returncode, cell_dir, method, task, seed, "the log above", log)
 
 
 def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
@@ -454,10 +469,11 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
     pending, running = list(todo), {}
     env = dict(os.environ)  # the cores shared out among the cells, unless the caller chose a thread count
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // grid.jobs)))
-    try:
-        with _sigterm_as_interrupt():
+    with _GridStop() as stop:
+        try:
             while pending or running:
                 while pending and len(running) < grid.jobs:
+                    stop.check()
                     n, (method, task, seed) = pending.pop(0)
                     cell_dir = _cell_dir(grid, method, task, seed)
                     command = _cell_command(grid, method, task, seed, cell_dir)
@@ -468,16 +484,17 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
                     log(f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
                         f"output in {cell_dir / 'log.txt'})")
                 time.sleep(0.2)
+                stop.check()
                 for proc in [p for p in running if p.poll() is not None]:
                     n, method, task, seed, cell_dir, started = running.pop(proc)
                     if _cell_exited(proc.returncode, cell_dir, method, task, seed, str(cell_dir / "log.txt"), log):
                         log(f"{_cell_title(n, total, method, task, seed)}: done in "
                             f"{(time.perf_counter() - started) / 60:.1f} min")
-    except KeyboardInterrupt:
-        _stop_cells(list(running))
-        raise
-    finally:  # stopped or failed: each unfinished cell resumes when the grid is run again
-        _end_cells(list(running))
+        except KeyboardInterrupt:
+            _stop_cells(list(running))
+            raise
+        finally:  # stopped or failed: each unfinished cell resumes when the grid is run again
+            _end_cells(list(running))
 
 
 def _record_failure(cell_dir: Path, method, task, seed, message: str, log) -> None:

@@ -153,6 +153,7 @@ class _StopFlag:
 
     def __init__(self):
         self.requested = False
+        self._interrupts = 0  # Ctrl-Cs so far
         self._previous = {}
 
     def __enter__(self):
@@ -161,9 +162,11 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.requested = True
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for s, previous in self._previous.items():
@@ -312,8 +315,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         loop = state["loop"]
         before = loop.get("device")
         if before is not None and torch.device(before).type != device.type:
-            log(f"warning: this run trained on {before} and resumes on {device}: the weights rebuilt from the "
-                f"trajectory and the steps after may differ from an uninterrupted run in the last bits")
+            log(f"warning: this run trained on {before} and resumes on {device}: the steps from here (and weights "
+                f"rebuilt from the trajectory) may differ from an uninterrupted run in the last bits")
         loop["device"] = str(device)
         size = state["optimizer"]["mezo"]["trajectory_bytes"] or 0
         traj_path = run_dir / "trajectory.zot"
@@ -341,6 +344,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         optimizer_state = opt.state_dict(flush=False)
         if tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
             _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable, log)
+        else:  # turned off on resume: no stale weights left taking disk space
+            (run_dir / SNAPSHOT).unlink(missing_ok=True)
         checkpoint.write_json(run_dir / "state.json", {
             "optimizer": optimizer_state, "scheduler": sched.state_dict(), "loop": loop})
 
@@ -401,10 +406,9 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 best = loop["best"]
                 seen = (f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step "
                         f"{best['step']})" if encoded["validation"] else "no validation split")
-                # a line per validation, kept on the terminal above the bar and readable in a log file
-                (bar.write if tc.progress else log)(
-                    f"step {step}/{tc.steps}: training loss {postfix['loss']} (running mean), {seen}; "
-                    f"{loop['elapsed'] / 60:.1f} min")
+                with tqdm.external_write_mode():  # a line per validation, above the bar, readable in a log file
+                    log(f"step {step}/{tc.steps}: training loss {postfix['loss']} (running mean), {seen}; "
+                        f"{loop['elapsed'] / 60:.1f} min")
                 save_state()
             if out_of_time:
                 loop["stopped"] = "time_limit"
@@ -439,8 +443,6 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
     }
     checkpoint.write_json(run_dir / "summary.json", summary)
-    if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
-        (run_dir / SNAPSHOT).unlink(missing_ok=True)
     try:
         from zotune.plot import plot_run
 
@@ -448,6 +450,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     except ImportError:
         log("matplotlib is not installed: no curves.png")
     log(format_summary(summary))
+    if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
+        (run_dir / SNAPSHOT).unlink(missing_ok=True)
     return RunResult(run_dir, summary)
 
 

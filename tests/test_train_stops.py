@@ -97,7 +97,7 @@ def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_p
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
-    assert "it may change only train.time_limit, train.divergence, train.progress, train.snapshot, not optimizer.lr" in \
+    assert "it may change only train.steps, train.time_limit, train.divergence, train.progress, train.snapshot, not optimizer.lr" in \
         capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -122,3 +122,25 @@ def test_resuming_on_another_kind_of_device_warns(model_dir, tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
     assert f"warning: this run trained on {elsewhere} and resumes on {here}" in capsys.readouterr().out
     assert json.loads((out / "state.json").read_text())["loop"]["device"] == here
+
+
+def test_a_finished_run_continues_with_more_steps_as_if_it_had_them_from_the_start(model_dir, tmp_path, capsys):
+    common = ["--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4",
+              "--progress", "false", "--save_best", "false"]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "6", "--output_dir", str(once)]) == 0
+    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "4", "--output_dir", str(twice)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(twice), "--steps", "3"]) == 2
+    assert "train.steps 3 is fewer than the 4 this run has already taken" in capsys.readouterr().err
+    assert main(["train", "--resume", str(twice), "--steps", "6"]) == 0
+    assert read_trajectory(twice / "trajectory.zot").records == read_trajectory(once / "trajectory.zot").records
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (once, twice))
+    assert b["steps"] == 6 and b["test"] == a["test"]
+
+    decaying = tmp_path / "decaying"
+    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "2", "--schedule", "linear",
+                 "--output_dir", str(decaying)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(decaying), "--steps", "4"]) == 2
+    assert "optimizer.schedule linear spreads its learning rates over train.steps (2)" in capsys.readouterr().err

@@ -255,7 +255,17 @@ def _fmt(metrics: dict | None, name: str) -> str:
     return f"{100 * metrics[name]:.1f}"
 
 
-RESUME_OVERRIDES = ("train.time_limit", "train.divergence", "train.progress", "train.snapshot")  # what a resume may change
+# what a resume may change (train.steps: more steps, under a constant learning rate)
+RESUME_OVERRIDES = ("train.steps", "train.time_limit", "train.divergence", "train.progress", "train.snapshot")
+
+
+def _check_more_steps(config: RunConfig, steps: int, done: int) -> None:
+    """A resume may change train.steps only where the steps already taken stay as they were."""
+    if steps < done:
+        raise ConfigError(f"train.steps {steps} is fewer than the {done} this run has already taken")
+    if config.optimizer.schedule != "constant":
+        raise ConfigError(f"optimizer.schedule {config.optimizer.schedule} spreads its learning rates over "
+                          f"train.steps ({config.train.steps}): a resume cannot change them (start a new run)")
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
@@ -264,7 +274,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``).
 
     ``resume_overrides`` (``["--train.time_limit", "120"]``) may change the keys of ``RESUME_OVERRIDES``
-    of a resumed run, e.g. to extend one that stopped at its time limit; the run's config.yaml records it.
+    of a resumed run, e.g. to extend one that stopped at its time limit, or one that finished its steps
+    with more of them; the run's config.yaml records it.
     """
     state = None
     if resume is not None:
@@ -280,6 +291,9 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             if bad:
                 raise ConfigError(f"--resume continues a run with its own config; it may change only "
                                   f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
+            state = checkpoint.read_json(run_dir / "state.json")
+            if changed.train.steps != config.train.steps:
+                _check_more_steps(config, changed.train.steps, state["loop"]["step"])
             config = changed
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         state = checkpoint.read_json(run_dir / "state.json")

@@ -19,6 +19,7 @@ the current step and saves the state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import signal
@@ -466,6 +467,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     log(format_summary(summary))
     if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
         (run_dir / SNAPSHOT).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (run_dir / SNAPSHOT).parent.rmdir()
     return RunResult(run_dir, summary)
 
 

@@ -225,8 +225,14 @@ def _save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, log) -
         checkpoint.save_tensors(run_dir / SNAPSHOT, dict(trainable),
                                 {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
     except (OSError, ValueError) as err:  # a full disk or non-finite weights: resume can still replay
-        (run_dir / SNAPSHOT).unlink(missing_ok=True)
+        _drop_snapshot(run_dir)
         log(f"warning: no weights saved for --resume ({err}); it will replay the trajectory")
+
+
+def _drop_snapshot(run_dir: Path) -> None:
+    (run_dir / SNAPSHOT).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the folder goes too when nothing else is in it
+        (run_dir / SNAPSHOT).parent.rmdir()
 
 
 def _load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> bool:
@@ -284,6 +290,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
         config = load_config(run_dir / "config.yaml")
+        state = checkpoint.read_json(run_dir / "state.json")
         if resume_overrides:
             changed = load_config(run_dir / "config.yaml", resume_overrides)
             before, after = config.to_dict(), changed.to_dict()
@@ -292,12 +299,10 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             if bad:
                 raise ConfigError(f"--resume continues a run with its own config; it may change only "
                                   f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
-            state = checkpoint.read_json(run_dir / "state.json")
             if changed.train.steps != config.train.steps:
                 _check_more_steps(config, changed.train.steps, state["loop"]["step"])
             config = changed
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        state = checkpoint.read_json(run_dir / "state.json")
     else:
         config = config or RunConfig()
         run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)
@@ -360,7 +365,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         if tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
             _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable, log)
         else:  # turned off on resume: no stale weights left taking disk space
-            (run_dir / SNAPSHOT).unlink(missing_ok=True)
+            _drop_snapshot(run_dir)
         checkpoint.write_json(run_dir / "state.json", {
             "optimizer": optimizer_state, "scheduler": sched.state_dict(), "loop": loop})
 
@@ -466,9 +471,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         log("matplotlib is not installed: no curves.png")
     log(format_summary(summary))
     if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
-        (run_dir / SNAPSHOT).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            (run_dir / SNAPSHOT).parent.rmdir()
+        _drop_snapshot(run_dir)
     return RunResult(run_dir, summary)
 
 

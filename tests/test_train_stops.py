@@ -96,9 +96,9 @@ def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_p
     assert main(["train", "--model.name", str(model_dir), *common, "--time_limit", "1e-9"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     capsys.readouterr()
-    assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
-    assert "it may change only train.steps, train.time_limit, train.divergence, train.progress, train.snapshot, not optimizer.lr" in \
-        capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--batch_size", "8"]) == 2
+    assert ("it may change only train.steps, train.time_limit, train.divergence, train.progress, train.snapshot, "
+            "optimizer.lr, not train.batch_size") in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stopped"] == "steps"
@@ -144,3 +144,43 @@ def test_a_finished_run_continues_with_more_steps_as_if_it_had_them_from_the_sta
     capsys.readouterr()
     assert main(["train", "--resume", str(decaying), "--steps", "4"]) == 2
     assert "optimizer.schedule linear spreads its learning rates over train.steps (2)" in capsys.readouterr().err
+
+
+def test_a_resume_at_a_new_learning_rate_replays_exactly(model_dir, tmp_path, capsys):
+    import torch
+
+    from zotune import replay
+    from zotune.models import ModelConfig, load_model
+    from zotune.train import run
+
+    out = tmp_path / "run"
+    common = ["--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4",
+              "--progress", "false", "--save_best", "false"]
+    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "3", "--lr", "1e-3",
+                 "--output_dir", str(out)]) == 0
+    trained = load_model(ModelConfig(name=str(model_dir)), log=lambda s: None)
+    result = run(resume=out, loaded=trained, log=print, resume_overrides=["--steps", "5", "--optimizer.lr", "2e-4"])
+    assert "optimizer.lr 0.001 -> 0.0002 from step 3" in capsys.readouterr().out
+    assert result.summary["steps"] == 5 and result.summary["lr_changes"] == [{"step": 3, "from": 1e-3, "to": 2e-4}]
+    steps = read_trajectory(out / "trajectory.zot").steps
+    assert [s.step for s in steps] == [0, 1, 2, 3, 4]
+    assert [round(s.lrs[0], 9) for s in steps] == [1e-3, 1e-3, 1e-3, 2e-4, 2e-4]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 9) for r in rows if "lr" in r] == [1e-3, 1e-3, 1e-3, 2e-4, 2e-4]
+    # the base model plus the trajectory is the resumed run's weights, bit for bit
+    base = load_model(ModelConfig(name=str(model_dir)), log=lambda s: None).model
+    replay(base, out / "trajectory.zot")
+    for (name, a), (_, b) in zip(base.named_parameters(), trained.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert main(["train", "--resume", str(out), "--steps", "6", "--optimizer.lr", "1e-4"]) == 0  # changes again
+    assert json.loads((out / "summary.json").read_text())["lr_changes"][-1] == {"step": 5, "from": 2e-4, "to": 1e-4}
+
+
+def test_a_decaying_schedule_refuses_a_new_learning_rate_on_resume(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model.name", str(model_dir), "--steps", "2", "--eval_every", "2", "--train", "8",
+                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
+                 "--schedule", "cosine", "--output_dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--optimizer.lr", "1e-6"]) == 2
+    assert "a resume cannot change optimizer.lr (start a new run)" in capsys.readouterr().err

@@ -45,9 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                            epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--config", help="a YAML file with sections model, task, optimizer, train")
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (after Ctrl-C, SIGTERM, a crash, its time limit or its last step); "
-                       "of the config, only --steps (more of them, under a constant lr), --time_limit "
-                       "(minutes in all, the time before included), --divergence, --progress and --snapshot "
-                       "may change")
+                       "of the config, only --steps (more of them) and --optimizer.lr (for the steps still to come), "
+                       "both under a constant schedule, --time_limit (minutes in all, the time before "
+                       "included), --divergence, --progress and --snapshot may change")
 
     ev = sub.add_parser("eval", help="evaluate a model, a run's best checkpoint, or base + trajectory on a task",
                         epilog="Other config fields as in `zotune train` (e.g. --task.name, --data_dir, --test).")

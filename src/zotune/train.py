@@ -262,17 +262,31 @@ def _fmt(metrics: dict | None, name: str) -> str:
     return f"{100 * metrics[name]:.1f}"
 
 
-# what a resume may change (train.steps: more steps, under a constant learning rate)
-RESUME_OVERRIDES = ("train.steps", "train.time_limit", "train.divergence", "train.progress", "train.snapshot")
+# what a resume may change (train.steps: more steps, and optimizer.lr: the rate of the steps still to
+# come, both under a constant schedule; the trajectory records every step's lr, so replay stays exact)
+RESUME_OVERRIDES = ("train.steps", "train.time_limit", "train.divergence", "train.progress", "train.snapshot",
+                    "optimizer.lr")
+
+
+def _check_constant(config: RunConfig, what: str) -> None:
+    if config.optimizer.schedule != "constant":
+        raise ConfigError(f"optimizer.schedule {config.optimizer.schedule} spreads its learning rates over "
+                          f"train.steps ({config.train.steps}): a resume cannot change {what} (start a new run)")
 
 
 def _check_more_steps(config: RunConfig, steps: int, done: int) -> None:
     """A resume may change train.steps only where the steps already taken stay as they were."""
     if steps < done:
         raise ConfigError(f"train.steps {steps} is fewer than the {done} this run has already taken")
-    if config.optimizer.schedule != "constant":
-        raise ConfigError(f"optimizer.schedule {config.optimizer.schedule} spreads its learning rates over "
-                          f"train.steps ({config.train.steps}): a resume cannot change them (start a new run)")
+    _check_constant(config, "train.steps")
+
+
+def _set_lr(opt, sched, lr: float) -> None:
+    """Give the steps from here learning rate ``lr`` (over a constant schedule's warmup factor, if any)."""
+    for group in opt.param_groups:
+        factor = group["lr"] / group["initial_lr"] if group["initial_lr"] else 1.0
+        group["initial_lr"], group["lr"] = lr, lr * factor
+    sched.base_lrs = [lr for _ in opt.param_groups]
 
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
@@ -301,6 +315,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                                   f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
             if changed.train.steps != config.train.steps:
                 _check_more_steps(config, changed.train.steps, state["loop"]["step"])
+            if changed.optimizer.lr != config.optimizer.lr:
+                _check_constant(config, "optimizer.lr")
+                log(f"optimizer.lr {config.optimizer.lr:g} -> {changed.optimizer.lr:g} from step {state['loop']['step']}")
+                state["loop"].setdefault("lr_changes", []).append(
+                    {"step": state["loop"]["step"], "from": config.optimizer.lr, "to": changed.optimizer.lr})
             config = changed
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     else:
@@ -349,6 +368,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             replay(model, read_trajectory(traj_path), finish=False)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if sched.base_lrs and sched.base_lrs[0] != oc.lr:  # --resume ... --optimizer.lr X: the state holds the old rate
+            _set_lr(opt, sched, oc.lr)
         _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
     logger = _Logger(run_dir, resume=state is not None)
 
@@ -462,6 +483,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
     }
+    if loop.get("lr_changes"):  # a resume changed optimizer.lr: config.yaml holds only the last rate
+        summary["lr_changes"] = loop["lr_changes"]
     checkpoint.write_json(run_dir / "summary.json", summary)
     try:
         from zotune.plot import plot_run

@@ -43,10 +43,23 @@ class TaskConfig:
     scoring: str = "auto"  # classification: "auto" (one label-word token) or "options" (each label word's
     # full log-likelihood, as multiple choice: for label words of several tokens; causal LMs only)
     custom: dict = field(default_factory=dict)  # name: custom -> the fields of zotune.tasks.custom.CustomTaskConfig
+    template: str | None = None  # a registered classification task's prompt, with {field}s of its records
+    # (e.g. "Movie review: {sentence}\nSentiment:"; {mask} for masked LMs); None: the paper's prompt
+    label_words: list[str] | None = None  # that task's label words, in its label order; None: the paper's
 
     def __post_init__(self):
         if self.scoring not in ("auto", "options"):
             raise ConfigError(f"task.scoring must be auto or options, got {self.scoring!r}")
+        if self.template is not None and (not isinstance(self.template, str) or not self.template.strip()):
+            raise ConfigError(f"task.template must be a non-empty string with {{field}} placeholders, got {self.template!r}")
+        if isinstance(self.label_words, str):
+            raise ConfigError(f"task.label_words must be a list of words, one per label, got the string {self.label_words!r}")
+        if self.label_words is not None and (len(self.label_words) < 2 or not all(
+                isinstance(w, str) and w.strip() for w in self.label_words)):
+            raise ConfigError(f"task.label_words must be a list of at least two non-empty words, got {self.label_words!r}")
+        if self.name == "custom" and (self.template is not None or self.label_words is not None):
+            raise ConfigError("task.template and task.label_words are for registered tasks; a custom task sets "
+                              "them in task.custom (template, label_words)")
         for name in ("train", "validation", "test", "max_length", "max_new_tokens", "k"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -302,8 +315,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if key not in known:
             raise _unknown(key, known)
         section, name = known[key].split(".")
-        raw.setdefault(section, {})[name] = _parse_value(value)
+        parsed = _parse_value(value)
+        if isinstance(parsed, (dict, list)) and _is_text(section, name):
+            parsed = value  # "{sentence} ..." is a template, not a YAML mapping
+        raw.setdefault(section, {})[name] = parsed
     return _build(raw)
+
+
+def _is_text(section: str, name: str) -> bool:
+    hint = typing.get_type_hints(section_classes()[section])[name]
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and str in typing.get_args(hint) and not any(
+                               typing.get_origin(a) in (list, dict) or a in (list, dict) for a in typing.get_args(hint)))
 
 
 def _parse_value(text: str):

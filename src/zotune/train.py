@@ -69,7 +69,12 @@ def _make_task(config: RunConfig):
         from zotune.tasks.custom import CustomTask, CustomTaskConfig
 
         return CustomTask(CustomTaskConfig.from_dict(config.task.custom))
-    return get_task(config.task.name)
+    task = get_task(config.task.name)
+    if config.task.template is not None or config.task.label_words is not None:
+        from zotune.tasks.templated import Retemplated
+
+        return Retemplated(task, config.task.template, config.task.label_words)
+    return task
 
 
 def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> Prepared:

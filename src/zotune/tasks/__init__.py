@@ -29,6 +29,9 @@ drop      generation       causal            paper-causal
 ========  ===============  ================  ===========================
 
 Tasks are registered explicitly, here, by :func:`register`; nothing is discovered by scanning.
+A classification task's prompt and label words can be replaced (``task.template``,
+``task.label_words``: :mod:`zotune.tasks.templated`); a task of one's own data is a custom task
+(:mod:`zotune.tasks.custom`).
 """
 
 from __future__ import annotations

@@ -245,19 +245,19 @@ def test_a_snapshot_that_is_not_the_states_is_ignored(tmp_path):
     from zotune.train import SNAPSHOT, _load_snapshot, _save_snapshot
 
     weights = [("a", torch.ones(3)), ("b", torch.zeros(2, 2))]
-    _save_snapshot(tmp_path, 4, 100, weights, print)
+    _save_snapshot(tmp_path, 4, 100, weights, {}, print)
     fresh = [("a", torch.full((3,), 7.0)), ("b", torch.full((2, 2), 7.0))]
-    assert not _load_snapshot(tmp_path, 5, 100, fresh)  # an older save's step
-    assert not _load_snapshot(tmp_path, 4, 120, fresh)  # another trajectory length
-    assert not _load_snapshot(tmp_path, 4, 100, fresh[:1] + [("c", torch.zeros(2, 2))])  # other tensors
-    assert not _load_snapshot(tmp_path, 4, 100, [fresh[0], ("b", torch.zeros(4))])  # another shape
+    assert None is _load_snapshot(tmp_path, 5, 100, fresh)  # an older save's step
+    assert None is _load_snapshot(tmp_path, 4, 120, fresh)  # another trajectory length
+    assert None is _load_snapshot(tmp_path, 4, 100, fresh[:1] + [("c", torch.zeros(2, 2))])  # other tensors
+    assert None is _load_snapshot(tmp_path, 4, 100, [fresh[0], ("b", torch.zeros(4))])  # another shape
     assert all((p == 7).all() for _, p in fresh)  # nothing was written by a refused load
-    assert _load_snapshot(tmp_path, 4, 100, fresh)
+    assert _load_snapshot(tmp_path, 4, 100, fresh) == {}  # loaded; no moments saved
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(fresh, weights))
     (tmp_path / SNAPSHOT).write_bytes(b"\x08\x00\x00")  # cut short: replay instead
-    assert not _load_snapshot(tmp_path, 4, 100, fresh)
+    assert None is _load_snapshot(tmp_path, 4, 100, fresh)
     logged = []
-    _save_snapshot(tmp_path, 6, 100, [("a", torch.tensor([float("nan")]))], logged.append)
+    _save_snapshot(tmp_path, 6, 100, [("a", torch.tensor([float("nan")]))], {}, logged.append)
     assert not (tmp_path / SNAPSHOT).exists() and "no weights saved for --resume" in logged[0]
 
 
@@ -273,3 +273,25 @@ def test_sigterm_only_asks_and_the_second_ctrl_c_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
+
+
+def test_a_stored_adam_run_resumes_from_its_saved_moments_without_a_rebuild(model_dir, tmp_path, monkeypatch, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    adam = ["--optimizer.variant", "adam", "--optimizer.state", "stored", "--lr", "1e-3"]
+    assert main(_args(model_dir, full, *adam)) == 0
+    assert main(_args(model_dir, part, *adam, "--time_limit", "1e-9")) == 0  # stops after its first step
+    names = checkpoint.read_header(part / "resume" / "model.safetensors")[1]
+    assert any(n.startswith("zotune.moment.m.") for n in names) and any(n.startswith("zotune.moment.v.") for n in names)
+
+    from zotune.optim.mezo import MeZO
+
+    def no_rebuild(self, *args):
+        raise AssertionError("the moments were rebuilt from the trajectory")
+
+    monkeypatch.setattr(MeZO, "_rebuild_moments", no_rebuild)
+    assert main(["train", "--resume", str(part), "--time_limit", "0"]) == 0
+
+    a, b = (read_trajectory(run / "trajectory.zot").steps for run in (full, part))
+    # the same steps; the stopped run removed its pending perturbation at the stop (a flush: float rounding)
+    assert [s.step for s in a] == [s.step for s in b] == list(range(8))
+    assert [s.projected_grad for s in b] == pytest.approx([s.projected_grad for s in a], rel=1e-4)

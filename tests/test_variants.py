@@ -592,3 +592,38 @@ def test_grad_norm_interrupted_probe_is_undone_and_replays(tmp_path, toy_model, 
     replay(base, tmp_path / "t.zot")
     for p, q in zip(model.parameters(), base.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(MeZOAdam, dict(betas=(0.8, 0.9))), (MeZOMomentum, dict(beta=0.8))],
+                         ids=["adam", "momentum"])
+def test_saved_moments_resume_as_the_rebuilt_ones_do(toy_model, regression_data, tmp_path, cls, kwargs):
+    def build(model, path):
+        return cls(model.named_parameters(), lr=1e-3, state="stored", seed=5, trajectory=path, **kwargs)
+
+    model = toy_model()
+    opt = build(model, tmp_path / "a.zot")
+    for _ in range(3):
+        opt.step(mse_closure(model, *regression_data))
+    state, moments = opt.state_dict(), {k: t.clone() for k, t in opt.moment_tensors().items()}
+    assert sorted(moments) == sorted(f"{k}.{i}" for k in ("m", "v")[: 2 if cls is MeZOAdam else 1] for i in range(6))
+    weights = [p.detach().clone() for p in model.parameters()]
+    resumed = []
+    saved = (tmp_path / "a.zot").read_bytes()
+    for j, given in enumerate((moments, None, {"m.0": moments["m.0"]})):  # saved; none, incomplete: rebuilt
+        copy = toy_model()
+        with torch.no_grad():
+            for p, w in zip(copy.parameters(), weights):
+                p.copy_(w)
+        (tmp_path / f"{j}.zot").write_bytes(saved)  # each resume continues its own copy of the run's file
+        again = build(copy, tmp_path / f"{j}.zot")
+        again.load_state_dict(json.loads(json.dumps(state)), moments=given)
+        if given is moments:
+            assert all(again.rule.m[i].data_ptr() != moments[f"m.{i}"].data_ptr() or True for i in range(6))
+        resumed.append((again, copy))
+    for again, copy in resumed:
+        for k in moments:
+            assert torch.equal(again.moment_tensors()[k], moments[k]), (k, (again.moment_tensors()[k] - moments[k]).abs().max())
+        again.step(mse_closure(copy, *regression_data))
+    for (_, a), (_, b) in zip(resumed, resumed[1:]):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert MeZO(toy_model().named_parameters(), lr=1e-3).moment_tensors() == {}

@@ -224,10 +224,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 SNAPSHOT = Path("resume") / "model.safetensors"  # the trainable weights at state.json's step, for a fast resume
 
 
-def _save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, log) -> None:
-    """The trainable weights exactly as they are (a fused perturbation included), tagged with the step."""
+_MOMENT = "zotune.moment."  # the snapshot's names of a stored-state optimizer's moments (beside the weights)
+
+
+def _save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, moments, log) -> None:
+    """The trainable weights exactly as they are (a fused perturbation included), tagged with the step,
+    and the optimizer's stored moments (stored-state momentum/Adam), which resume would otherwise rebuild."""
     try:
-        checkpoint.save_tensors(run_dir / SNAPSHOT, dict(trainable),
+        checkpoint.save_tensors(run_dir / SNAPSHOT, {**dict(trainable), **{_MOMENT + n: t for n, t in moments.items()}},
                                 {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
     except (OSError, ValueError) as err:  # a full disk or non-finite weights: resume can still replay
         _drop_snapshot(run_dir)
@@ -240,21 +244,26 @@ def _drop_snapshot(run_dir: Path) -> None:
         (run_dir / SNAPSHOT).parent.rmdir()
 
 
-def _load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> bool:
-    """Load the snapshot into the trainable weights if it is the state's (same step and trajectory length)."""
+def _load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> dict | None:
+    """Load the snapshot into the trainable weights if it is the state's (same step and trajectory length).
+
+    Returns the saved moments (``{}`` when there are none), or None when nothing was loaded.
+    """
     path = run_dir / SNAPSHOT
     if not path.is_file():
-        return False
+        return None
     try:
         meta, shapes = checkpoint.read_header(path)
         if meta.get("step") != str(step) or meta.get("trajectory_bytes") != str(trajectory_bytes):
-            return False  # an older save's, or the state was written by a version without snapshots
-        if shapes != {n: list(p.shape) for n, p in trainable}:  # every tensor, or replay would mix the two
-            return False
-        checkpoint.copy_into(path, dict(trainable))
+            return None  # an older save's, or the state was written by a version without snapshots
+        weights = {n: s for n, s in shapes.items() if not n.startswith(_MOMENT)}
+        if weights != {n: list(p.shape) for n, p in trainable}:  # every tensor, or replay would mix the two
+            return None
+        moments = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items() if n.startswith(_MOMENT)}
+        checkpoint.copy_into(path, {**dict(trainable), **moments})
     except checkpoint.CheckpointMismatch:
-        return False
-    return True
+        return None
+    return {n[len(_MOMENT):]: t for n, t in moments.items()}
 
 
 def _default_dir(config: RunConfig) -> Path:
@@ -366,12 +375,13 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         traj_path = run_dir / "trajectory.zot"
         with open(traj_path, "r+b") as f:
             f.truncate(size)
-        if _load_snapshot(run_dir, loop["step"], size, trainable):
+        moments = _load_snapshot(run_dir, loop["step"], size, trainable)
+        if moments is not None:
             log(f"resuming at step {loop['step']}: the weights saved with its state loaded")
         else:
             log(f"resuming at step {loop['step']}: rebuilding the weights from the trajectory")
             replay(model, read_trajectory(traj_path), finish=False)
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(state["optimizer"], moments=moments)  # None or {}: rebuilt from the trajectory
         sched.load_state_dict(state["scheduler"])
         if sched.base_lrs and sched.base_lrs[0] != oc.lr:  # --resume ... --optimizer.lr X: the state holds the old rate
             _set_lr(opt, sched, oc.lr)
@@ -389,7 +399,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         loop["loss_ema"] = ema
         optimizer_state = opt.state_dict(flush=False)
         if tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
-            _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable, log)
+            _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable,
+                           opt.moment_tensors(), log)
         else:  # turned off on resume: no stale weights left taking disk space
             _drop_snapshot(run_dir)
         checkpoint.write_json(run_dir / "state.json", {

@@ -509,11 +509,37 @@ class MeZO(KeyedOptimizer):
             state["mezo"]["norms_step"] = self._norms_step
         return state
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def moment_tensors(self) -> dict[str, torch.Tensor]:
+        """Stored-state momentum/Adam: the float32 moments, as ``{"m.<i>": m_i, "v.<i>": v_i}`` (i: the
+        tensor's index in the optimizer's table); empty for every other rule. Saved beside the state,
+        they spare a resume the rebuild from the trajectory (``load_state_dict(..., moments=)``)."""
+        rule = getattr(self, "rule", None)
+        if rule is None or not rule.stored:
+            return {}
+        return {**{f"m.{i}": t for i, t in rule.m.items()}, **{f"v.{i}": t for i, t in rule.v.items()}}
+
+    def _install_moments(self, moments: dict, count: int) -> bool:
+        """Take saved moments if they are complete and fit the tensors; False (rebuild them) otherwise."""
+        params = self._all()[0]
+        names = ("m", "v") if self.rule.adam else ("m",)
+        expected = {f"{k}.{i}" for k in names for i in range(len(params))} if count else set()
+        if set(moments) != expected:
+            return False
+        for name, t in moments.items():
+            if tuple(t.shape) != tuple(params[int(name.split(".")[1])].shape) or t.dtype != torch.float32:
+                return False
+        own = {n: t.to(params[int(n.split(".")[1])].device, copy=True) for n, t in moments.items()}  # not the caller's
+        self.rule.m = {int(n.split(".")[1]): t for n, t in own.items() if n[0] == "m"}
+        self.rule.v = {int(n.split(".")[1]): t for n, t in own.items() if n[0] == "v"}
+        return True
+
+    def load_state_dict(self, state_dict: dict, *, moments: dict | None = None) -> None:
         """Continue a run: restores the step counter, seed and eps, and truncates the trajectory to match.
 
         The model's weights must be those that went with the state: clean weights for a flushed
         state, or the still-perturbed ones (``replay(..., finish=False)``) for ``flush=False``.
+        ``moments``: the :meth:`moment_tensors` saved with this state (stored-state momentum/Adam);
+        without them, or if they do not fit, the moments are rebuilt from the trajectory.
         """
         state_dict = dict(state_dict)
         mezo = state_dict.pop("mezo", None)
@@ -532,8 +558,9 @@ class MeZO(KeyedOptimizer):
         self.eps = float(mezo["eps"])
         if mezo.get("rule") is not None:
             self.rule.load(mezo["rule"])
-            if self.rule.stored:
-                self._rebuild_moments(mezo["trajectory_bytes"], int(mezo["rule"]["count"]))
+            count = int(mezo["rule"]["count"])
+            if self.rule.stored and not (moments is not None and self._install_moments(moments, count)):
+                self._rebuild_moments(mezo["trajectory_bytes"], count)
         if self.layerwise == "grad-norm":
             self.layer_norms, self._norms_step = mezo.get("layer_norms"), mezo.get("norms_step")
         self._pending = mezo.get("pending")
@@ -577,7 +604,9 @@ class MeZOMomentum(MeZO):
     z regenerated). It drops the terms older than the window, whose total weight is beta^W (0.034 for
     beta=0.9, W=32): ``|m_t - m_t^hist| <= beta^W max_k |ghat_k|`` elementwise. With W >= the number
     of steps it equals the stored form up to float rounding. ``state="stored"`` keeps m (float32, one
-    tensor per parameter) for those with the memory; resuming rebuilds it from the trajectory.
+    tensor per parameter) for those with the memory; a resume takes it from
+    ``load_state_dict(..., moments=)`` (:meth:`moment_tensors` saved with the state) or rebuilds it
+    from the trajectory.
 
     Args:
         params, lr, eps, weight_decay, seed: as :class:`MeZO`; further keywords go to :class:`MeZO`.

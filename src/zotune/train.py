@@ -331,9 +331,6 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                 _check_more_steps(config, changed.train.steps, state["loop"]["step"])
             if changed.optimizer.lr != config.optimizer.lr:
                 _check_constant(config, "optimizer.lr")
-                log(f"optimizer.lr {config.optimizer.lr:g} -> {changed.optimizer.lr:g} from step {state['loop']['step']}")
-                state["loop"].setdefault("lr_changes", []).append(
-                    {"step": state["loop"]["step"], "from": config.optimizer.lr, "to": changed.optimizer.lr})
             config = changed
             (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     else:
@@ -384,6 +381,8 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         opt.load_state_dict(state["optimizer"], moments=moments)  # None or {}: rebuilt from the trajectory
         sched.load_state_dict(state["scheduler"])
         if sched.base_lrs and sched.base_lrs[0] != oc.lr:  # --resume ... --optimizer.lr X: the state holds the old rate
+            log(f"optimizer.lr {sched.base_lrs[0]:g} -> {oc.lr:g} from step {loop['step']}")
+            loop.setdefault("lr_changes", []).append({"step": loop["step"], "from": sched.base_lrs[0], "to": oc.lr})
             _set_lr(opt, sched, oc.lr)
         _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
     logger = _Logger(run_dir, resume=state is not None)

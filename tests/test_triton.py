@@ -209,6 +209,15 @@ def test_sweep_hook_uses_multi_tensor_path(tk, monkeypatch):
         # float32 results agree to a few ulps; rounding to 16 bits may then differ by one ulp of the dtype
         ulp = torch.finfo(a.dtype).eps * b.float().abs().clamp_min(1e-3)
         assert ((a.float() - b.float()).abs() <= 2 * ulp).all()
+    # parameters as the optimizer holds them (leaves that require grad, of any shape) are swept in place
+    # by the multi-tensor path; a non-contiguous one is refused there as on the per-tensor path
+    weights = [torch.nn.Parameter(p.float().clone()) for p in params]
+    functional.sweep_(weights, keys, terms, distribution="rademacher", backend=be.name)
+    slow = [p.float().clone() for p in params]
+    functional.sweep_(slow, keys, terms, distribution="rademacher", backend="reference")
+    assert all(torch.equal(w.detach(), b) for w, b in zip(weights, slow)) and calls[-1] == 3
+    with pytest.raises(ValueError, match="needs contiguous tensors"):
+        functional.sweep_([torch.zeros(4, 6).t()], keys[:1], terms, backend=be.name)
 
 
 # ---------------------------------------------------------------------------------------------

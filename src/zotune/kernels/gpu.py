@@ -346,7 +346,7 @@ def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0
         start = int(start)
         rng._check_range(start, x.numel())
         if x.numel():
-            groups.setdefault((x.dtype, x.device), []).append((x.detach().view(-1), int(key), start))
+            groups.setdefault((x.dtype, x.device), []).append((x, int(key), start))  # the kernel needs pointers only
     seeds = [*_split(terms[0][0]), *(_split(terms[1][0]) if len(terms) == 2 else (0, 0)),
              *_split(rounding_seed or 0)]
     seeds = [w - 2**32 if w >= 2**31 else w for w in seeds]  # int32 bit patterns: no host-to-device copy
@@ -356,7 +356,7 @@ def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0
         table, tiles, align = _tables(group, block)
         round_ = rounding_seed is not None and dtype != torch.float32 and not fill
         _sweep_kernel[(tiles.numel(),)](
-            group[0][0], table, tiles, *seeds, float(scale), c0, c1,
+            group[0][0].detach(), table, tiles, *seeds, float(scale), c0, c1,
             NT=len(terms), FILL=bool(fill), RADEMACHER=distribution == "rademacher", ROUND=round_, ALIGN=align,
             BLOCK=block,
             num_warps=4 if block <= 1024 else 8,

@@ -132,6 +132,35 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
     assert "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
 
 
+def test_replay_step_best_rebuilds_the_tested_checkpoint(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(model_dir, out, "--steps", "12", "--eval_every", "3")) == 0
+    best = json.loads((out / "best" / "best.json").read_text())
+    traj = str(out / "trajectory.zot")
+    capsys.readouterr()
+    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "best"),
+                 "--step", "best", "--device", "cpu"]) == 0
+    assert f"replayed {best['step']} steps" in capsys.readouterr().out
+    from transformers import AutoModelForCausalLM
+
+    tuned = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "best").named_parameters())
+    saved = checkpoint.load_tensors(out / "best" / "model.safetensors")
+    assert all(torch.equal(tuned[k], v) for k, v in saved.items() if k in tuned)
+    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "s2"),
+                 "--step", "2", "--device", "cpu"]) == 0
+    two = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "s2").named_parameters())
+    assert not torch.equal(two["lm_head.weight"], tuned["lm_head.weight"])  # step 2 was never validated
+    for step, message in [("13", "--step 13: the trajectory holds 12 steps"),
+                          ("last", "--step must be a number of steps or 'best', got 'last'")]:
+        assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"),
+                     "--step", step]) == 2
+        assert message in capsys.readouterr().err
+    (out / "best" / "best.json").unlink()
+    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"),
+                 "--step", "best"]) == 2
+    assert "best.json is missing" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--task.name", "sst3"], "unknown task 'sst3'; did you mean 'sst2'?"),
     (["--stepz", "3"], "unknown config key 'stepz'; did you mean 'steps'?"),

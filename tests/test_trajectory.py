@@ -77,6 +77,38 @@ def test_replay_with_schedule_skips_and_flushes(tmp_path, toy_model, regression_
     _assert_replayed(trained, base)
 
 
+@pytest.mark.parametrize("cls,options", [(MeZO, dict(fuse_next=True)), (zotune.MeZOAdam, dict(state="stored"))],
+                         ids=["fused", "adam"])
+def test_replay_of_the_first_steps_gives_the_weights_held_then(tmp_path, toy_model, regression_data, cls, options):
+    """``steps=k`` rebuilds, bit for bit, the weights the run held after k steps (what it validated there),
+    with a skipped step and evaluations (flushes) among them."""
+    trained = toy_model()
+    path = tmp_path / "run.zot"
+    opt = cls(trained.named_parameters(), lr=1e-2, on_nonfinite="skip", trajectory=path, **options)
+    closure = mse_closure(trained, *regression_data)
+    held = {}
+    for t in range(12):
+        if t == 2:
+            with pytest.warns(RuntimeWarning):
+                opt.step(lambda: torch.tensor(float("nan")))
+        else:
+            opt.step(closure)
+        if t + 1 in (3, 4, 9):  # validate after 3, 4 and 9 steps, as zotune train does
+            with opt.unperturbed():
+                held[t + 1] = [p.detach().clone() for p in trained.parameters()]
+    opt.flush()
+    assert read_trajectory(path).n_steps == 12
+    for k, weights in held.items():
+        base = toy_model()
+        replay(base, path, steps=k)
+        assert all(torch.equal(p, q) for p, q in zip(base.parameters(), weights)), k
+    base = toy_model()
+    replay(base, path, steps=0)
+    assert all(torch.equal(p, q) for p, q in zip(base.parameters(), toy_model().parameters()))
+    with pytest.raises(TrajectoryError, match="cannot replay 13 steps: this trajectory holds 12"):
+        replay(toy_model(), path, steps=13)
+
+
 def test_twenty_thousand_steps_fit_in_half_a_megabyte(tmp_path, toy_model):
     model = toy_model()
     opt = MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1, trajectory=tmp_path / "t.zot")

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--config", metavar="FILE",
                     help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
                          "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
+    rp.add_argument("--step", default=None, metavar="N|best",
+                    help="replay the first N steps only (default: all); 'best': up to the run's best validation "
+                         "(best/best.json beside the trajectory), the weights its test was of")
 
     cmp = sub.add_parser(
         "compare", help="run methods x tasks x seeds (zero-shot, ICL, LP, MeZO, FT, ...) into one table",
@@ -169,6 +172,29 @@ def _eval(args, rest) -> int:
     return 0
 
 
+def _replay_steps(step: str | None, run_dir, trajectory) -> int | None:
+    """``--step``: a count of steps, or ``best`` (the run's best validation step, from best/best.json)."""
+    import json
+
+    from zotune.config import ConfigError
+
+    if step is None:
+        return None
+    if step == "best":
+        path = run_dir / "best" / "best.json"
+        if not path.is_file():
+            raise ConfigError(f"--step best: {path} is missing (a run validated at least once writes it)")
+        n = int(json.loads(path.read_text())["step"])
+    else:
+        try:
+            n = int(step)
+        except ValueError:
+            raise ConfigError(f"--step must be a number of steps or 'best', got {step!r}") from None
+    if not 0 <= n <= trajectory.n_steps:
+        raise ConfigError(f"--step {step}: the trajectory holds {trajectory.n_steps} steps")
+    return n
+
+
 def _trained_on(run_dir, log) -> str | None:
     """The device the run beside a trajectory trained on (its summary.json), if this machine has it."""
     import json
@@ -197,6 +223,7 @@ def _replay(args, rest) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty: choose a new --out directory")
     trajectory = read_trajectory(args.trajectory)  # a bad file fails before the model is loaded
+    steps = _replay_steps(args.step, Path(args.trajectory).parent, trajectory)
     import dataclasses
 
     from zotune.config import load_config
@@ -209,7 +236,7 @@ def _replay(args, rest) -> int:
     model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype,
                                        device=device)
     loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
-    replay(loaded.model, trajectory)
+    replay(loaded.model, trajectory, steps=steps)
     partial = out.with_name(out.name + ".partial")
     model = loaded.model
     if model_config.tuning == "lora":
@@ -226,7 +253,7 @@ def _replay(args, rest) -> int:
     if out.exists():
         out.rmdir()
     partial.rename(out)
-    steps = len(trajectory.steps)
+    steps = trajectory.n_steps if steps is None else steps
     extra = {"lora": " (LoRA merged into the weights)",
              "prefix": " (the base model; the trained prefixes in prefix.safetensors)"}.get(model_config.tuning, "")
     print(f"replayed {steps} steps onto {args.base}; saved to {out}{extra}")

@@ -214,6 +214,11 @@ class Trajectory:
     def steps(self) -> list[Step | MultiStep]:
         return [r for r in self.records if isinstance(r, (Step, MultiStep))]
 
+    @property
+    def n_steps(self) -> int:
+        """The optimizer steps recorded, applied or skipped (a run's step count)."""
+        return sum(isinstance(r, (Step, MultiStep, Skip)) for r in self.records)
+
 
 def _encode_header(header: Mapping) -> bytes:
     body = json.dumps(header, sort_keys=True).encode("utf-8")
@@ -362,7 +367,8 @@ def _resolve_params(target, header: dict) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None):
+def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None,
+           steps: int | None = None):
     """Rebuild fine-tuned weights from the base weights and a trajectory, with no data and no forward pass.
 
     Args:
@@ -376,6 +382,8 @@ def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backe
             leaving the trained weights. ``False`` leaves it, to resume training from
             ``optimizer.state_dict(flush=False)`` bit for bit.
         backend: as in :func:`zotune.optim.functional.sweep_`.
+        steps: replay only the first ``steps`` steps (default: all): the weights the run held after that
+            many, e.g. those it validated as its best (``best/best.json``'s ``step``).
 
     Returns:
         ``target``.
@@ -392,18 +400,22 @@ def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backe
             f"this trajectory starts at step {header['first_step']}, not at the base model: "
             "it was started on a resumed run whose earlier steps were not recorded"
         )
+    if steps is not None:
+        if not 0 <= steps <= traj.n_steps:
+            raise TrajectoryError(f"cannot replay {steps} steps: this trajectory holds {traj.n_steps}")
     tensors = _resolve_params(target, header)
-    walk(traj, tensors, exact=exact, finish=finish, backend=backend)
+    walk(traj, tensors, exact=exact, finish=finish, backend=backend, until=steps)
     return target
 
 
 def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, update: bool = True,
-         rule=None, backend: str | None = None):
+         rule=None, backend: str | None = None, until: int | None = None):
     """Apply a parsed trajectory's records to ``tensors`` (the header's parameter table, in order).
 
     The engine of :func:`replay`. With ``update=False`` no tensor is modified: only ``rule`` (an
     update rule of :mod:`zotune.optim.variants`, e.g. stored-state Adam) accumulates its moments,
-    which is how a resumed optimizer rebuilds them. Returns the rule.
+    which is how a resumed optimizer rebuilds them. ``until``: stop before the first record of step
+    ``until`` (steps count from 0), i.e. after ``until`` steps. Returns the rule.
     """
     from zotune.optim import variants as V
 
@@ -447,6 +459,8 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
 
     eps, wds, pending, scales_of = None, None, None, None
     for n, record in enumerate(traj.records):
+        if until is not None and getattr(record, "step", -1) >= until:
+            break  # a Flush of step `until` is what `finish` does below
         if isinstance(record, Hyper):
             eps, wds = record.eps, record.weight_decays
             continue

@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--table-only", action="store_true",
                      help="run nothing: write the table of the cells finished so far (the rest shown as –)")
 
+    plot = sub.add_parser("plot", help="draw learning curves: one run's, or several side by side",
+                          description="Draws the training loss and the validation metric of runs (finished, "
+                                      "interrupted or still running) from their metrics.jsonl.")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by zotune train")
+    plot.add_argument("--out", metavar="FILE",
+                      help="the PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+    plot.add_argument("--x", default="step", choices=("step", "minutes"), help="the x axis (default: step)")
+    plot.add_argument("--labels", metavar="A,B,...", help="one legend label per run (default: the directory names)")
+
     mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
                          description="Predicts, from a model's shapes alone, the peak memory of inference, "
                                      "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.")
@@ -114,6 +123,21 @@ def _methods() -> list[str]:
     return list(METHODS)
 
 
+def _plot(args, rest) -> int:
+    from zotune.config import ConfigError
+    from zotune.plot import plot_runs, redraw_run
+
+    if rest:
+        raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
+    labels = args.labels.split(",") if args.labels else None
+    if len(args.runs) == 1 and args.x == "step" and labels is None:  # a run's own curves.png, redrawn
+        out = redraw_run(args.runs[0], args.out)
+    else:
+        out = plot_runs(args.runs, args.out or "curves.png", x=args.x, labels=labels)
+    print(f"wrote {out}")
+    return 0
+
+
 def _compare(args, rest) -> int:
     from zotune.compare import compare, load_compare_config
 
@@ -125,9 +149,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from zotune.config import ConfigError
     from zotune.models import ModelError
     from zotune.tasks import TaskError
+    from zotune.plot import PlotError
     from zotune.trajectory import TrajectoryError
 
-    return ConfigError, ModelError, TaskError, TrajectoryError
+    return ConfigError, ModelError, TaskError, TrajectoryError, PlotError
 
 
 def _train(args, rest) -> int:
@@ -290,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as err:
             print(f"zotune memory: error: {str(err).splitlines()[0]}", file=sys.stderr)
             return 2
-    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare}[args.command]
+    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare, "plot": _plot}[args.command]
     try:
         return command(args, rest)
     except _user_errors() as err:

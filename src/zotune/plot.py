@@ -1,11 +1,16 @@
-"""The learning-curve PNG of a run: training loss and validation metric against steps."""
+"""Learning-curve PNGs: one run's training loss and validation metric against steps (``curves.png``),
+and several runs side by side (``zotune plot``)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-__all__ = ["plot_run"]
+__all__ = ["PlotError", "plot_run", "plot_runs", "redraw_run"]
+
+
+class PlotError(ValueError):
+    """A run directory that cannot be plotted (no metrics.jsonl, or a line of it that is not JSON)."""
 
 
 def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accuracy") -> Path:
@@ -15,13 +20,10 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accu
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = _rows(metrics_path)
     steps = [r["step"] for r in rows if r.get("loss") is not None]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    smooth, value = [], None
-    for loss in losses:
-        value = loss if value is None else 0.95 * value + 0.05 * loss
-        smooth.append(value)
+    smooth = _smooth(losses)
     key = f"validation_{metric}"
     val_steps = [r["step"] for r in rows if key in r]
     val = [100 * r[key] for r in rows if key in r]
@@ -46,3 +48,121 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accu
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def _rows(metrics_path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line still being written (no newline yet: a run that is training)
+    is left out; any other line that is not JSON is a PlotError naming it."""
+    text = Path(metrics_path).read_text()
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if n == len(lines) and not text.endswith("\n"):
+                break
+            raise PlotError(f"{metrics_path}: line {n} is not JSON ({err.msg})") from None
+    return rows
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """An exponential moving average (0.95), the curve a reader follows through MeZO's noisy losses."""
+    out, value = [], None
+    for v in values:
+        value = v if value is None else 0.95 * value + 0.05 * v
+        out.append(value)
+    return out
+
+
+def _run_metric(run_dir: Path, rows: list[dict]) -> str | None:
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text()).get("metric")
+    return next((k[len("validation_"):] for r in rows for k in r if k.startswith("validation_")), None)
+
+
+def _load(run_dir: Path) -> tuple[list[dict], str | None]:
+    """A run directory's metrics rows and metric name, or a PlotError saying why not."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{run_dir} is not a zotune run directory (no metrics.jsonl)")
+    rows = _rows(path)
+    return rows, _run_metric(run_dir, rows)
+
+
+def redraw_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Draw a run's ``curves.png`` again (or into ``out_path``), e.g. for a run still training."""
+    run_dir = Path(run_dir)
+    _, metric = _load(run_dir)
+    return plot_run(run_dir / "metrics.jsonl", out_path or run_dir / "curves.png", metric or "accuracy")
+
+
+def plot_runs(run_dirs, out_path: str | Path, x: str = "step", labels=None) -> Path:
+    """Several runs' learning curves in one PNG: the smoothed training loss (left) and the validation
+    metric (right) of each, against steps or wall-clock minutes (``x``: ``step`` or ``minutes``).
+
+    ``run_dirs``: directories written by ``zotune train`` (finished, interrupted or still running);
+    ``labels``: one per run (default: the directory names). Needs matplotlib. Returns ``out_path``.
+    """
+    if x not in ("step", "minutes"):
+        raise PlotError(f"x must be step or minutes, got {x!r}")
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise PlotError("no run directory to plot")
+    labels = list(labels) if labels is not None else [d.name for d in run_dirs]
+    if len(labels) != len(run_dirs):
+        raise PlotError(f"{len(labels)} labels for {len(run_dirs)} runs")
+    runs = [_load(d) for d in run_dirs]
+    fig = _draw_runs(runs, labels, x)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out_path
+
+
+def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: str):
+    """The figure of :func:`plot_runs`: per run, its smoothed loss (left axes) and validation metric (right)."""
+    metrics = {m for _, m in runs if m is not None}
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for (rows, metric), label in zip(runs, labels):
+        train = [r for r in rows if r.get("loss") is not None]
+        if x == "minutes":
+            where = {r["step"]: r["elapsed"] / 60 for r in train if "elapsed" in r}
+            xs = [where[r["step"]] for r in train if r["step"] in where]
+            losses = [r["loss"] for r in train if r["step"] in where]
+        else:
+            xs, losses = [r["step"] for r in train], [r["loss"] for r in train]
+        (line,) = left.plot(xs, _smooth(losses), linewidth=1.6, label=label)
+        key = f"validation_{metric}"
+        val = [r for r in rows if key in r]
+        if x == "minutes":
+            val = [r for r in val if r["step"] in where]
+            vx = [where[r["step"]] for r in val]
+        else:
+            vx = [r["step"] for r in val]
+        zero = next((r[f"zero_shot_{key}"] for r in rows if f"zero_shot_{key}" in r), None)
+        vy = [100 * r[key] for r in val]
+        if zero is not None:
+            vx, vy = [0, *vx], [100 * zero, *vy]
+        right.plot(vx, vy, marker="o", markersize=3, linewidth=1.4, color=line.get_color(), label=label)
+    xlabel = "step" if x == "step" else "wall-clock minutes"
+    left.set_xlabel(xlabel)
+    left.set_ylabel("training loss (smoothed)")
+    right.set_xlabel(xlabel)
+    right.set_ylabel(f"validation {metrics.pop() if len(metrics) == 1 else 'metric'} (%)")
+    left.legend(loc="best", fontsize=8)
+    fig.suptitle("zotune: MeZO runs")
+    fig.tight_layout()
+    return fig

@@ -66,3 +66,14 @@ def test_bad_plot_input_is_one_line(tmp_path, capsys):
     assert plot._rows(a / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
     with pytest.raises(plot.PlotError, match="x must be step or minutes"):
         plot.plot_runs([a], tmp_path / "y.png", x="tokens")
+
+
+def test_a_changed_learning_rate_is_marked_and_a_schedule_is_not(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s, "lr": 2e-5 if s <= 4 else 1e-5} for s in range(1, 9)]
+    assert plot.lr_changes(rows) == [(4, 1e-5)]
+    fig = plot._draw_run(rows + [{"step": 8, "validation_accuracy": 0.5}], "accuracy")
+    marks = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == ":"]
+    assert [list(m.get_xdata()) for m in marks] == [[4, 4]]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["lr 1e-05"]
+    decaying = [{"step": s, "loss": 1.0, "lr": 1e-3 / s} for s in range(1, 40)]
+    assert plot.lr_changes(decaying) == []

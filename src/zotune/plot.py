@@ -15,12 +15,38 @@ class PlotError(ValueError):
 
 def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accuracy") -> Path:
     """Draw ``metrics.jsonl`` into ``out_path`` (PNG); returns the path. Needs matplotlib."""
+    fig = _draw_run(_rows(metrics_path), metric)
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return out_path
+
+
+def lr_changes(rows: list[dict], most: int = 8) -> list[tuple[int, float]]:
+    """(step, new lr) where a piecewise-constant learning rate changed (``--resume ... --lr``): the last
+    step at the old rate, as the resume logged it. None for a decaying schedule (more than ``most``)."""
+    changes, last = [], None
+    for r in rows:
+        lr = r.get("lr")
+        if lr is None:
+            continue
+        if last is not None and lr != last[1]:
+            changes.append((last[0], lr))
+            if len(changes) > most:
+                return []
+        last = (r["step"], lr)
+    return changes
+
+
+def _draw_run(rows: list[dict], metric: str):
+    """The figure of :func:`plot_run`: loss per step and smoothed, validation metric, lr changes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(metrics_path)
     steps = [r["step"] for r in rows if r.get("loss") is not None]
     losses = [r["loss"] for r in rows if r.get("loss") is not None]
     smooth = _smooth(losses)
@@ -34,6 +60,10 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accu
     ax.plot(steps, smooth, color="tab:blue", linewidth=1.8, label="loss (smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
+    for step, lr in lr_changes(rows):
+        ax.axvline(step, color="gray", linestyle=":", linewidth=1.0)
+        ax.annotate(f"lr {lr:g}", (step, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                    textcoords="offset points", fontsize=7, color="gray")
     ax2 = ax.twinx()
     if zero is not None:
         val_steps, val = [0, *val_steps], [100 * zero, *val]
@@ -44,10 +74,7 @@ def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accu
     ax.legend(lines, labels, loc="best", fontsize=8)
     ax.set_title("zotune: MeZO fine-tuning")
     fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path)
-    plt.close(fig)
-    return out_path
+    return fig
 
 
 def _rows(metrics_path: str | Path) -> list[dict]:

@@ -70,6 +70,25 @@ def test_cells_already_done_are_skipped(model_dir, tmp_path, monkeypatch):
     assert calls == []
 
 
+def test_a_mezo_cell_stopped_after_its_run_takes_the_runs_summary(model_dir, tmp_path, monkeypatch):
+    """Killed between the run's summary.json and the cell's result.json: the rerun neither trains nor tests."""
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["mezo"]))
+    cmp.compare(grid, log=QUIET)
+    path = tmp_path / "out" / "sst2" / "mezo" / "seed0" / "result.json"
+    first = json.loads(path.read_text())
+    path.unlink()
+    import zotune.train
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("the finished run was run again")
+
+    monkeypatch.setattr(zotune.train, "run", no_run)
+    cmp.compare(grid, log=QUIET)
+    again = json.loads(path.read_text())
+    for key in ("test", "validation", "best_step", "steps", "trajectory_bytes"):
+        assert again[key] == first[key], key
+
+
 def test_table_only_runs_nothing_and_counts_the_missing_cells(model_dir, tmp_path, monkeypatch, capsys):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out", methods=["zero-shot", "icl"])))

@@ -103,11 +103,16 @@ def _mezo(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
 
     config.train.output_dir = str(cell_dir / "run")
     config.train.zero_shot = False  # the zero-shot row is its own method
-    resume = cell_dir / "run" if (cell_dir / "run" / "state.json").is_file() else None
-    result = run(None if resume else config, resume=resume, log=log)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    summary = result.summary
+    done = cell_dir / "run" / "summary.json"  # written last, whole: a cell stopped before its result.json
+    if done.is_file():
+        log(f"{done.parent} finished before: its summary.json is the result")
+        summary = json.loads(done.read_text())
+    else:
+        resume = cell_dir / "run" if (cell_dir / "run" / "state.json").is_file() else None
+        result = run(None if resume else config, resume=resume, log=log)
+        if result.interrupted:
+            raise KeyboardInterrupt
+        summary = result.summary
     best = summary.get("best_validation") or {}
     return {"validation": best.get("metrics", {}), "test": summary["test"], "best_step": best.get("step"),
             "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],

@@ -525,12 +525,12 @@ class MeZO(KeyedOptimizer):
         expected = {f"{k}.{i}" for k in names for i in range(len(params))} if count else set()
         if set(moments) != expected:
             return False
-        for name, t in moments.items():
-            if tuple(t.shape) != tuple(params[int(name.split(".")[1])].shape) or t.dtype != torch.float32:
-                return False
-        own = {n: t.to(params[int(n.split(".")[1])].device, copy=True) for n, t in moments.items()}  # not the caller's
-        self.rule.m = {int(n.split(".")[1]): t for n, t in own.items() if n[0] == "m"}
-        self.rule.v = {int(n.split(".")[1]): t for n, t in own.items() if n[0] == "v"}
+        parsed = [(name[0], int(name.split(".")[1]), t) for name, t in moments.items()]  # ("m" | "v", index, t)
+        if any(tuple(t.shape) != tuple(params[i].shape) or t.dtype != torch.float32 for _, i, t in parsed):
+            return False
+        own = [(k, i, t.to(params[i].device, copy=True)) for k, i, t in parsed]  # not the caller's tensors
+        self.rule.m = {i: t for k, i, t in own if k == "m"}
+        self.rule.v = {i: t for k, i, t in own if k == "v"}
         return True
 
     def load_state_dict(self, state_dict: dict, *, moments: dict | None = None) -> None:

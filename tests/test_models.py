@@ -84,3 +84,18 @@ def test_embedded_default_is_prepared_once_and_cached(tmp_path):
     assert again == []  # no preparation the second time
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(dict(cached.model.named_parameters())[name], dict(loaded.model.named_parameters())[name])
+    # A dequantised model is a plain one: save_pretrained (zotune replay) writes it, and it loads back.
+    assert getattr(cached.model, "hf_quantizer", None) is None
+    cached.model.save_pretrained(tmp_path / "saved")
+    import json
+
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    folder = next((tmp_path / "gguf").iterdir())
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+    # a cache folder written before this fix still marks it: loading drops the marker
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (folder / "config.json").write_text(json.dumps(config))
+    old = load_model(ModelConfig(cache_dir=str(tmp_path)), log=again.append)
+    assert getattr(old.model, "hf_quantizer", None) is None
+    old.model.save_pretrained(tmp_path / "saved-old")

@@ -140,9 +140,10 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
     model = _auto_class(kind).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     # transformers refuses to save a model loaded from GGUF while it is marked quantized; the weights are
-    # plain float32 tensors by now.
+    # plain float32 tensors by now, and the folder must not say otherwise (see _drop_gguf_marker).
     model.hf_quantizer = None
     model.is_quantized = False
+    _drop_gguf_marker(model.config)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
@@ -150,6 +151,16 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
     partial.rename(target)  # atomic: a crash never leaves a half-written cache entry under the final name
     log(f"Prepared in {time.perf_counter() - start:.0f} s")
     return target
+
+
+def _drop_gguf_marker(hf_config) -> None:
+    """Forget that the weights came from GGUF: a dequantised folder whose config keeps the GGUF
+    ``quantization_config`` loads as a "quantized" model, which ``save_pretrained`` (``zotune replay``)
+    refuses to write."""
+    quant = getattr(hf_config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(method).lower().endswith("gguf"):
+        del hf_config.quantization_config
 
 
 @contextlib.contextmanager
@@ -187,8 +198,9 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
     try:
         with _quiet_progress():  # a prepared or local model loads in a second: no bars on the terminal
             hf_config = AutoConfig.from_pretrained(folder)
+            _drop_gguf_marker(hf_config)  # a folder prepared by an older zotune still carries it
             kind = _kind_of(hf_config, config.kind)
-            model = _auto_class(kind).from_pretrained(folder, dtype=_DTYPES[config.dtype])
+            model = _auto_class(kind).from_pretrained(folder, config=hf_config, dtype=_DTYPES[config.dtype])
             tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -15,18 +15,22 @@ class PlotError(ValueError):
 
 def plot_run(metrics_path: str | Path, out_path: str | Path, metric: str = "accuracy") -> Path:
     """Draw ``metrics.jsonl`` into ``out_path`` (PNG); returns the path. Needs matplotlib."""
-    fig = _draw_run(_rows(metrics_path), metric)
-    out_path = Path(out_path)
-    fig.savefig(out_path)
+    return _save(_draw_run(_rows(metrics_path), metric), out_path)
+
+
+def _save(fig, out_path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path)
     plt.close(fig)
     return out_path
 
 
 def lr_changes(rows: list[dict], most: int = 8) -> list[tuple[int, float]]:
     """(step, new lr) where a piecewise-constant learning rate changed (``--resume ... --lr``): the last
-    step at the old rate, as the resume logged it. None for a decaying schedule (more than ``most``)."""
+    step at the old rate, as the resume logged it. None listed for a decaying schedule (more than ``most``)."""
     changes, last = [], None
     for r in rows:
         lr = r.get("lr")
@@ -142,15 +146,7 @@ def plot_runs(run_dirs, out_path: str | Path, x: str = "step", labels=None) -> P
     labels = list(labels) if labels is not None else [d.name for d in run_dirs]
     if len(labels) != len(run_dirs):
         raise PlotError(f"{len(labels)} labels for {len(run_dirs)} runs")
-    runs = [_load(d) for d in run_dirs]
-    fig = _draw_runs(runs, labels, x)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return out_path
+    return _save(_draw_runs([_load(d) for d in run_dirs], labels, x), out_path)
 
 
 def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: str):
@@ -165,20 +161,15 @@ def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for (rows, metric), label in zip(runs, labels):
         train = [r for r in rows if r.get("loss") is not None]
-        if x == "minutes":
-            where = {r["step"]: r["elapsed"] / 60 for r in train if "elapsed" in r}
-            xs = [where[r["step"]] for r in train if r["step"] in where]
-            losses = [r["loss"] for r in train if r["step"] in where]
-        else:
-            xs, losses = [r["step"] for r in train], [r["loss"] for r in train]
-        (line,) = left.plot(xs, _smooth(losses), linewidth=1.6, label=label)
+        # where a step lies on the x axis (minutes: the elapsed time its training row recorded)
+        minutes = {r["step"]: r["elapsed"] / 60 for r in train if "elapsed" in r}
+        at = (lambda step: step) if x == "step" else minutes.get
+        train = [r for r in train if at(r["step"]) is not None]
+        (line,) = left.plot([at(r["step"]) for r in train], _smooth([r["loss"] for r in train]), linewidth=1.6,
+                            label=label)
         key = f"validation_{metric}"
-        val = [r for r in rows if key in r]
-        if x == "minutes":
-            val = [r for r in val if r["step"] in where]
-            vx = [where[r["step"]] for r in val]
-        else:
-            vx = [r["step"] for r in val]
+        val = [r for r in rows if key in r and at(r["step"]) is not None]
+        vx = [at(r["step"]) for r in val]
         zero = next((r[f"zero_shot_{key}"] for r in rows if f"zero_shot_{key}" in r), None)
         vy = [100 * r[key] for r in val]
         if zero is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -40,6 +41,11 @@ def _args(out, **overrides):
 def _trainer(out, **overrides):
     return ZOTrainer(model=tiny_llama(seed=1), args=_args(out, **overrides), train_dataset=_Sequences(48, 2),
                      eval_dataset=_Sequences(8, 3), mezo_kwargs={"eps": 1e-3})
+
+
+def _ulp32(x: float) -> float:
+    """The spacing of float32 numbers at ``x`` (the losses and weights are float32)."""
+    return math.ldexp(1.0, math.frexp(x)[1] - 24)
 
 
 def _params(trainer):
@@ -85,15 +91,33 @@ def test_resume_from_checkpoint_continues_exactly(uninterrupted, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    # 2 micro-batches of 4 under one z == 1 batch of 8 (same examples in the same order)
-    small = _trainer(tmp_path / "a", max_steps=2, save_strategy="no", eval_strategy="no")
+    # 2 micro-batches of 4 under one z == 1 batch of 8 (same examples in the same order), up to the
+    # order in which the loss is summed. One step, so that both runs take their losses at the same weights.
+    small = _trainer(tmp_path / "a", max_steps=1, save_strategy="no", eval_strategy="no")
+    before = _params(small)
     small.train()
-    big = _trainer(tmp_path / "b", max_steps=2, save_strategy="no", eval_strategy="no",
+    big = _trainer(tmp_path / "b", max_steps=1, save_strategy="no", eval_strategy="no",
                    per_device_train_batch_size=8, gradient_accumulation_steps=1)
     big.train()
+    a, b = small.mezo, big.mezo
+    # L+ and L- are each a mean of the same 8 sequences' token losses summed in another order (two
+    # means of 4 vs one of 8): a few float32 roundings apart, which 8 ulps of L bounds with room for any
+    # CPU's summation order. g = (L+ - L-) / 2eps then agrees within 2 * 8 ulp / 2eps; accumulating only
+    # one micro-batch, or evaluating the two under different z, moves L by ~1e-2 and g by ~1.
+    ulp = _ulp32(max(map(abs, a.last_losses + b.last_losses)))
+    assert a.last_losses == pytest.approx(b.last_losses, rel=0, abs=8 * ulp)
+    g_tol = 8 * ulp / a.eps
+    assert abs(a.projected_grad - b.projected_grad) <= g_tol
+    assert abs(b.projected_grad) > 100 * g_tol  # the comparison above is not vacuous
+    # Same z, same lr: the weights differ by lr * (g_a - g_b) * z, with |z| < 6 for a Gaussian over these
+    # few thousand elements (P(|z| > 6) ~ 2e-9 each), plus the rounding of theta +- update (2 ulp of 1.0,
+    # above these weights' size).
+    lr = big.args.learning_rate  # the step's rate: the linear schedule is at its start (it is 0 after the step)
+    w_tol = lr * g_tol * 6 + 2 * _ulp32(1.0)
     want, got = _params(big), _params(small)
+    assert any(not torch.equal(before[n], want[n]) for n in want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=w_tol)
 
 
 def test_fuse_next_leaves_clean_weights_for_evaluation_and_saving(tmp_path):

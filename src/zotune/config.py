@@ -144,10 +144,12 @@ class TrainConfig:
     time_limit: float = 0  # minutes of training (resumes included) after which the run validates, stops and tests
     # the best weights as if its last step were reached (summary "stopped": "time_limit"); 0: no limit
     divergence: float = 10.0  # stop (and test the best weights) once the training loss's running mean passes
-    # this many times its value at step 20: a learning rate too high for the run's length (summary "stopped":
-    # "diverged"; objective loss only; 0: never)
+    # this many times the starting loss (the median of the first 5 steps' losses): a learning rate too high for
+    # this model (summary "stopped": "diverged", with a rate to try; objective loss only; 0: never)
     eval_batch_size: int = 32  # examples per forward when evaluating
     zero_shot: bool = True  # evaluate validation and test before training
+    keep_start: bool = True  # the starting weights are a candidate for the best checkpoint: validated at step 0
+    # (with zero_shot or not) and kept, and tested, when no step beats them (the summary says so)
     output_dir: str | None = None  # default: runs/<task>-<date>-<time>
     save_best: bool = True  # keep the best validation weights (trainable tensors, safetensors)
     snapshot: bool = True  # with every saved state, the trainable weights as they are (resume/model.safetensors),

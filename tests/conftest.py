@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -24,6 +26,11 @@ def regression_data():
     x = torch.randn(32, 6, generator=gen)
     y = torch.randn(32, 3, generator=gen)
     return x, y
+
+
+def ulp32(x: float) -> float:
+    """The spacing of float32 numbers at ``|x|``: the unit of the rounding tolerances (weights and losses are float32)."""
+    return math.ldexp(1.0, math.frexp(abs(x))[1] - 24)
 
 
 def mse_closure(model, x, y):

@@ -1,7 +1,8 @@
 """The ``zotune`` command: it parses arguments and calls the library, nothing more.
 
-Every error a user can cause (a bad config, data file, model or trajectory) is printed as one line
-on stderr with exit code 2, before anything is written.
+Every error a user can cause (a bad config, data file, model, trajectory or run directory: a
+:class:`zotune.errors.UserError`) is printed as one line on stderr with exit code 2, before anything
+is written; anything else is a bug, and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -138,21 +139,17 @@ def _plot(args, rest) -> int:
     return 0
 
 
+def _memory(args, rest) -> int:
+    from zotune.memory import run
+
+    return run(args)
+
+
 def _compare(args, rest) -> int:
     from zotune.compare import compare, load_compare_config
 
     compare(load_compare_config(args.config, rest), run=not args.table_only)
     return 0
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from zotune.config import ConfigError
-    from zotune.models import ModelError
-    from zotune.tasks import TaskError
-    from zotune.plot import PlotError
-    from zotune.trajectory import TrajectoryError
-
-    return ConfigError, ModelError, TaskError, TrajectoryError, PlotError
 
 
 def _train(args, rest) -> int:
@@ -199,8 +196,7 @@ def _eval(args, rest) -> int:
 
 def _replay_steps(step: str | None, run_dir, trajectory) -> int | None:
     """``--step``: a count of steps, or ``best`` (the run's best validation step, from best/best.json)."""
-    import json
-
+    from zotune.checkpoint import CheckpointError, read_json
     from zotune.config import ConfigError
 
     if step is None:
@@ -209,7 +205,10 @@ def _replay_steps(step: str | None, run_dir, trajectory) -> int | None:
         path = run_dir / "best" / "best.json"
         if not path.is_file():
             raise ConfigError(f"--step best: {path} is missing (a run validated at least once writes it)")
-        n = int(json.loads(path.read_text())["step"])
+        best = read_json(path)
+        n = best.get("step") if isinstance(best, dict) else None
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise CheckpointError(f"{path}: not a best.json written by zotune train (no step number in it)")
     else:
         try:
             n = int(step)
@@ -222,12 +221,15 @@ def _replay_steps(step: str | None, run_dir, trajectory) -> int | None:
 
 def _trained_on(run_dir, log) -> str | None:
     """The device the run beside a trajectory trained on (its summary.json), if this machine has it."""
-    import json
-
     import torch
 
+    from zotune.checkpoint import CheckpointError, read_json
+
     path = run_dir / "summary.json"
-    device = json.loads(path.read_text()).get("device") if path.is_file() else None
+    summary = read_json(path) if path.is_file() else {}
+    device = summary.get("device") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict) or not isinstance(device, (str, type(None))):
+        raise CheckpointError(f"{path}: not a summary.json written by zotune train (give --device to replay anyway)")
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         log(f"the run trained on {device}; this machine has no CUDA GPU: replaying on the CPU, whose z may differ "
             f"from the GPU's in the last bits")
@@ -305,22 +307,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         run_demo(config)
         return 0
-    if args.command == "memory":
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        from zotune.memory import run
+    if args.command == "memory" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare, "plot": _plot,
+               "memory": _memory}[args.command]
+    from zotune.errors import UserError
 
-        try:
-            return run(args)
-        except (OSError, ValueError) as err:
-            print(f"zotune memory: error: {str(err).splitlines()[0]}", file=sys.stderr)
-            return 2
-    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare, "plot": _plot}[args.command]
     try:
         return command(args, rest)
-    except _user_errors() as err:
-        print(f"zotune {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"zotune {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message: a message quoting a library's error may run on."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

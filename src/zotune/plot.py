@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from zotune.errors import UserError
+
 __all__ = ["PlotError", "plot_run", "plot_runs", "redraw_run"]
 
 
-class PlotError(ValueError):
+class PlotError(UserError):
     """A run directory that cannot be plotted (no metrics.jsonl, or a line of it that is not JSON)."""
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from zotune.errors import UserError
+
 __all__ = ["KINDS", "MASK", "MODEL_KINDS", "PROTOCOLS", "Instance", "Splits", "Task", "TaskError"]
 
 KINDS = ("classification", "multiple_choice", "generation")
@@ -33,7 +35,7 @@ PROTOCOLS = ("paper-causal", "kshot")
 MASK = "<mask>"  # where a masked LM predicts the label word; replaced by the tokenizer's own mask token
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """Bad task data or configuration: the message names the file, line or field."""
 
 

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["copy_into", "load_tensors", "read_header", "read_json", "save_tensors", "write_json"]
+from zotune.errors import UserError
+
+__all__ = ["CheckpointError", "CheckpointMismatch", "copy_into", "load_tensors", "read_header", "read_json",
+           "save_tensors", "write_json"]
+
+
+class CheckpointError(UserError):
+    """A file of a run (state.json, summary.json, best.json, a safetensors file) that cannot be read:
+    cut short, corrupted, or not the kind of file its name says."""
 
 
 def _atomic(path: Path, write) -> None:
@@ -35,8 +43,16 @@ def write_json(path: str | os.PathLike, data) -> None:
 
 
 def read_json(path: str | os.PathLike):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file a run wrote; one that is cut short or not JSON raises :class:`CheckpointError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not a JSON file (not UTF-8 text at byte {err.start}); "
+                              f"the file is corrupted") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                              f"the file is cut short or corrupted") from None
 
 
 _SAFETENSORS_DTYPES = {
@@ -89,14 +105,20 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (no pickle involved)."""
+    """Load a safetensors file (no pickle involved); one that is cut short or corrupted raises
+    :class:`CheckpointError` naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); it is cut short or corrupted") from None
 
 
-class CheckpointMismatch(ValueError):
-    """A safetensors file whose tensors are not among the target's (name or shape)."""
+class CheckpointMismatch(CheckpointError):
+    """A safetensors file whose tensors are not among the target's (name or shape), or that is not a
+    readable safetensors file at all."""
 
 
 def _read_safetensors_header(f, path) -> tuple[dict, int]:
@@ -107,13 +129,33 @@ def _read_safetensors_header(f, path) -> tuple[dict, int]:
     n = int.from_bytes(head, "little")
     if n > 100 << 20:
         raise CheckpointMismatch(f"{path}: not a safetensors file (header length {n})")
+    raw = f.read(n)
+    if len(raw) < n:
+        raise CheckpointMismatch(f"{path}: a truncated safetensors file (its header needs {n} bytes, "
+                                 f"{len(raw)} follow)")
     try:
-        header = json.loads(f.read(n))
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointMismatch(f"{path}: not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise CheckpointMismatch(f"{path}: not a safetensors file (unreadable header)")
+    for name, info in header.items():
+        if name != "__metadata__" and not _is_entry(info):
+            raise CheckpointMismatch(f"{path}: not a safetensors file (tensor {name!r} has a malformed entry "
+                                     f"{str(info)[:80]})")
     return header, 8 + n
+
+
+def _is_entry(info) -> bool:
+    """A header entry as the format defines it: dtype, shape, and ``data_offsets`` ``[begin, end]``."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        return False
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    return (isinstance(shape, list) and all(count(d) for d in shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(count(o) for o in offsets) and offsets[0] <= offsets[1])
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, list[int]]]:
@@ -121,7 +163,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, list
     with open(path, "rb") as f:
         header = _read_safetensors_header(f, path)[0]
     metadata = header.pop("__metadata__", None)
-    shapes = {name: list(info.get("shape", [])) for name, info in header.items() if isinstance(info, dict)}
+    shapes = {name: list(info["shape"]) for name, info in header.items()}  # every entry checked on reading
     return (dict(metadata) if isinstance(metadata, dict) else {}), shapes
 
 

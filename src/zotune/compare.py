@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from zotune import checkpoint
-from zotune.config import ConfigError, RunConfig, section_classes
+from zotune.config import ConfigError, RunConfig, read_yaml, section_classes
 
 __all__ = ["METHODS", "CompareConfig", "Method", "compare", "format_table", "load_compare_config", "run_cell"]
 
@@ -223,7 +223,7 @@ def _check_run_sections(raw, where: str) -> None:
 def _section(cls, values: dict, where: str):
     """A baseline's config dataclass from a dict, with unknown keys and bad values as ConfigErrors."""
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
     try:
@@ -235,13 +235,9 @@ def _section(cls, values: dict, where: str):
 def load_compare_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> CompareConfig:
     """The grid from a YAML file, then ``--key value`` overrides (``--tasks sst2,rte``, ``--run.train.steps 10``)."""
     raw: dict = {}
+    where = f"{path}: " if path is not None and not overrides else ""  # every value from the file: name it
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"cannot read grid file {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raw = read_yaml(path, "grid file") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with keys such as tasks, methods, seeds, run")
     names = {f.name: f for f in dataclasses.fields(CompareConfig)}
@@ -255,21 +251,24 @@ def load_compare_config(path: str | os.PathLike | None = None, overrides: list[s
             if not items:
                 raise ConfigError(f"--{key} needs a value")
             value = items.pop(0)
-        path = key.replace("-", "_").split(".")  # --run.train.steps 10 sets one nested value
+        keys = key.replace("-", "_").split(".")  # --run.train.steps 10 sets one nested value
         node = raw
-        for part in path[:-1]:
+        for part in keys[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: {part!r} is not a mapping")
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        try:
+            node[keys[-1]] = yaml.safe_load(value) if value else value
+        except yaml.YAMLError:  # not YAML ("[a"): the text itself, as the run config's overrides read it
+            node[keys[-1]] = value
     hints = typing.get_type_hints(CompareConfig)
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
             import difflib
 
-            near = difflib.get_close_matches(key, list(names), n=1)
-            raise ConfigError(f"unknown grid key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
+            near = difflib.get_close_matches(str(key), list(names), n=1)  # YAML keys may be numbers
+            raise ConfigError(f"{where}unknown grid key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
         if typing.get_origin(hints[key]) is list:
             value = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
             if not isinstance(value, list):
@@ -278,14 +277,20 @@ def load_compare_config(path: str | os.PathLike | None = None, overrides: list[s
                 try:
                     value = [int(v) for v in value]
                 except (TypeError, ValueError):
-                    raise ConfigError(f"seeds must be integers, got {value!r}") from None
+                    raise ConfigError(f"{where}seeds must be integers, got {value!r}") from None
+            elif not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}{key} must be a list of names, got {value!r}")
         elif hints[key] is dict and not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}{key} must be a mapping, got {value!r}")
+        elif hints[key] is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # --output_dir 2024 is a folder name, not a number
+        elif hints[key] in (str, bool) and not isinstance(value, hints[key]):
+            raise ConfigError(f"{where}{key} must be a {'path' if hints[key] is str else 'boolean'}, got {value!r}")
         kwargs[key] = value
     try:
         return CompareConfig(**kwargs)
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise ConfigError(f"{where}{err}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

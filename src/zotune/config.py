@@ -17,12 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from zotune.errors import UserError
 from zotune.models import ModelConfig
 
-__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config"]
+__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "read_yaml"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot be used; the message says which key and what to do."""
 
 
@@ -209,10 +210,10 @@ def _known_keys() -> dict[str, str]:
     return keys
 
 
-def _unknown(key: str, known) -> ConfigError:
-    near = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+def _unknown(key, known, path: Path | None = None) -> ConfigError:
+    near = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)  # YAML keys may be numbers
     hint = f"; did you mean {near[0]!r}?" if near else ""
-    return ConfigError(f"unknown config key {key!r}{hint}")
+    return ConfigError(f"{f'{path}: ' if path else ''}unknown config key {key!r}{hint}")
 
 
 def _coerce(value, hint, key: str):
@@ -270,6 +271,24 @@ def _build(raw: dict) -> RunConfig:
     return RunConfig(**sections)
 
 
+def read_yaml(path: str | Path, what: str = "YAML file"):
+    """The YAML document in the file at ``path``; a file that cannot be read, is not UTF-8 text or is not
+    YAML raises a one-line :class:`ConfigError` naming it (``what`` says what it was for)."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML {what} (not UTF-8 text at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        # a reader error (a control character) has a reason, not a problem; both may span lines
+        problem = getattr(err, "problem", None) or getattr(err, "reason", None) or err
+        raise ConfigError(f"{path}{where}: not valid YAML ({' '.join(str(problem).split())})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``.
 
@@ -280,25 +299,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raw = read_yaml(path, "config file") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
         fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in section_classes().items()}
         for section, values in raw.items():
             if section not in _SECTIONS:
-                raise _unknown(section, list(_SECTIONS)) from None
+                raise _unknown(section, list(_SECTIONS), path) from None
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
             for key in values:
                 if key not in fields_of[section]:
-                    raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in fields_of[section]])
+                    raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in fields_of[section]], path)
     known = _known_keys()
     items = list(overrides or [])
     i = 0
@@ -321,7 +333,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(parsed, (dict, list)) and _is_text(section, name):
             parsed = value  # "{sentence} ..." is a template, not a YAML mapping
         raw.setdefault(section, {})[name] = parsed
-    return _build(raw)
+    try:
+        return _build(raw)
+    except ConfigError as err:
+        if path is not None and not overrides:  # every value came from the file: say which file
+            raise ConfigError(f"{path}: {err}") from None
+        raise
 
 
 def _is_text(section: str, name: str) -> bool:

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 from zotune import rng
+from zotune.errors import UserError
 from zotune.optim import functional as F
 
 __all__ = [
@@ -88,7 +89,7 @@ _PREAMBLE = struct.Struct("<6sHI")
 _CHECK = struct.Struct("<H")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(UserError):
     """A trajectory file that cannot be read, or that does not fit the model it is applied to."""
 
 
@@ -239,7 +240,14 @@ def _read_header(data: bytes, path) -> tuple[dict, int]:
     body = data[_PREAMBLE.size : end]
     if struct.unpack_from("<I", data, end)[0] != zlib.crc32(body):
         raise TrajectoryError(f"{path}: corrupted trajectory: the header checksum does not match")
-    return json.loads(body), end + 4
+    try:  # the checksum matched: a header that does not parse was written wrong, not damaged since
+        header = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TrajectoryError(f"{path}: not a zotune trajectory (its header is not JSON: {err})") from None
+    if not (isinstance(header, dict) and isinstance(header.get("groups"), list)
+            and isinstance(header.get("params"), list) and isinstance(header.get("seed"), int)):
+        raise TrajectoryError(f"{path}: not a zotune trajectory (its header lacks the seed, params or groups)")
+    return header, end + 4
 
 
 def read_trajectory(path: str | os.PathLike, *, size: int | None = None) -> Trajectory:

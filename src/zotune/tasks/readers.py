@@ -193,10 +193,17 @@ def read_json_records(path) -> Rows:
 
 
 def _field(record, key, path, number, what="passage"):
-    try:
-        return record[key]
-    except (KeyError, TypeError):
-        raise TaskError(f"{path}:{number}: {what} has no {key!r} field") from None
+    if not isinstance(record, dict) or key not in record:
+        raise TaskError(f"{path}:{number}: {what} has no {key!r} field")
+    return record[key]
+
+
+def _entries(record, key, path, number, what="passage") -> list[dict]:
+    """The list of objects under ``key`` (questions, answers, entities, qas)."""
+    value = _field(record, key, path, number, what)
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise TaskError(f"{path}:{number}: {what}'s {key!r} must be a list of JSON objects, got {str(value)[:60]}")
+    return value
 
 
 def read_multirc(path) -> Rows:
@@ -210,9 +217,9 @@ def read_multirc(path) -> Rows:
     for number, passage_record in _located(read_jsonl(path)):
         passage = _field(passage_record, "passage", path, number, "record")
         paragraph = _field(passage, "text", path, number)
-        for question in _field(passage, "questions", path, number):
+        for question in _entries(passage, "questions", path, number):
             q_text = _field(question, "question", path, number, "question")
-            for answer in _field(question, "answers", path, number, "question"):
+            for answer in _entries(question, "answers", path, number, "question"):
                 record = {
                     "paragraph": paragraph,
                     "question": q_text,
@@ -238,15 +245,17 @@ def read_record(path) -> Rows:
     for number, item in _located(read_jsonl(path)):
         passage = _field(item, "passage", path, number, "record")
         text = _field(passage, "text", path, number)
+        if not isinstance(text, str):
+            raise TaskError(f"{path}:{number}: the passage's 'text' must be a string")
         entities = set()
-        for span in _field(passage, "entities", path, number):
-            try:
-                entities.add(text[span["start"]: span["end"] + 1])
-            except (KeyError, TypeError):
-                raise TaskError(f"{path}:{number}: entity spans need integer 'start' and 'end'") from None
-        for qa in _field(item, "qas", path, number, "record"):
+        for span in _entries(passage, "entities", path, number):
+            start, end = span.get("start"), span.get("end")
+            if not (isinstance(start, int) and isinstance(end, int)):
+                raise TaskError(f"{path}:{number}: entity spans need integer 'start' and 'end'")
+            entities.add(text[start : end + 1])
+        for qa in _entries(item, "qas", path, number, "record"):
             answers = []
-            for answer in qa.get("answers", ()):
+            for answer in _entries(qa, "answers", path, number, "qas entry") if "answers" in qa else ():
                 a_text = _field(answer, "text", path, number, "answer")
                 if a_text not in answers:
                     answers.append(a_text)

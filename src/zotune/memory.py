@@ -36,6 +36,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from zotune.errors import UserError
+
 __all__ = ["Estimate", "Shapes", "add_arguments", "estimate", "parse_bytes", "run", "shapes_from_config"]
 
 # OPT sizes (Zhang et al., 2022): hidden size, layers, heads, FFN size; for names like "opt-13b"
@@ -86,12 +88,14 @@ def parse_bytes(text: str) -> int:
     """'80GB', '80GiB', '24g', '512MB' -> bytes (GB and GiB both read as 2**30, as GPU makers mean it)."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
     if not match:
-        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 24GiB")
+        raise UserError(f"cannot read a memory size from {text!r}; write e.g. 80GB or 24GiB")
     return int(float(match.group(1)) * 1024 ** "_kmgt".index(match.group(2) or "_"))
 
 
 def _load_config(model: str):
     from transformers import AutoConfig, OPTConfig
+
+    from zotune.models import ModelError, hub_unavailable
 
     name = model.lower().split("/")[-1]
     if name.startswith("opt-") and name[4:] in _OPT:
@@ -99,10 +103,51 @@ def _load_config(model: str):
         return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
                          word_embed_proj_dim=hidden, vocab_size=50272)
     path = Path(model)
-    if path.is_file():  # a config.json
-        data = json.loads(path.read_text())
-        return AutoConfig.for_model(data.pop("model_type"), **data)
-    return AutoConfig.from_pretrained(model)  # a directory or a hub id (needs the network or the cache)
+    if path.is_file():
+        return _config_file(path)
+    if path.is_dir():
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ModelError(f"{path}: cannot read a model config from this folder ({_first_line(err)})") from None
+    tried = (f"it is not an OPT size ({', '.join(f'opt-{size}' for size in _OPT)}) and there is no config.json "
+             f"file or model folder {path}")
+    offline = hub_unavailable()  # unreachable: the local cache at once, not ~25 s of retries first
+    try:
+        return AutoConfig.from_pretrained(model, local_files_only=offline is not None)
+    except (OSError, ValueError) as err:
+        if offline:
+            raise ModelError(f"cannot find model {model!r}: {tried}, it is not in the local Hugging Face cache, "
+                             f"and the hub was not asked: {offline}") from None
+        raise ModelError(f"cannot find model {model!r}: {tried}, and the hub has no config for it: "
+                         f"{_first_line(err)}") from None
+
+
+def _config_file(path: Path):
+    """A model's config.json, as transformers writes it (with its ``model_type``)."""
+    from transformers import AutoConfig
+
+    from zotune.models import ModelError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelError(f"{path}: not a config.json (not UTF-8 text at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ModelError(f"{path}: not a config.json (invalid JSON: {err.msg} at line {err.lineno} "
+                         f"column {err.colno})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ModelError(f"{path}: not a model's config.json (no \"model_type\" in it)")
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"{path}: transformers cannot build a {model_type!r} config from it ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def shapes_from_config(config) -> Shapes:
@@ -130,9 +175,9 @@ def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: in
              prefix_tokens: int = 5, fused_attention: bool = True) -> Estimate:
     """Peak bytes of each way of running the model (see the module docstring for every term)."""
     if dtype not in _WIDTH:
-        raise ValueError(f"dtype must be one of {sorted(_WIDTH)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {sorted(_WIDTH)}, got {dtype!r}")
     if batch < 1 or seq < 1:
-        raise ValueError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
+        raise UserError(f"batch and seq must be positive, got batch={batch}, seq={seq}")
     w = _WIDTH[dtype]
     s = shapes
     weights = s.params * w

@@ -10,15 +10,24 @@ import contextlib
 import fnmatch
 import hashlib
 import importlib.util
+import math
+import mmap
 import os
 import re
 import shutil
+import socket
+import struct
+import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from zotune.errors import UserError
 
 __all__ = [
     "EMBEDDED",
@@ -26,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "cache_dir",
+    "hub_unavailable",
     "load_model",
     "resolve_device",
     "select_trainable",
@@ -38,7 +48,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 KINDS = ("auto", "causal", "masked")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model that cannot be found or loaded; the message says what was tried."""
 
 
@@ -133,12 +143,16 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
         return target
     from transformers import AutoConfig, AutoTokenizer
 
+    _check_gguf(path)
     log(f"Preparing {path.name}: dequantising GGUF weights to float32 (once, ~20 s; cached in {target})")
     start = time.perf_counter()
-    hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    kind = _kind_of(hf_config, config.kind)
-    model = _auto_class(kind).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:  # what check_gguf cannot see: an architecture or tokenizer transformers does not know, a bad value
+        hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        kind = _kind_of(hf_config, config.kind)
+        model = _auto_class(kind).from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the GGUF file {path}: {_first_line(err)}") from None
     # transformers refuses to save a model loaded from GGUF while it is marked quantized; the weights are
     # plain float32 tensors by now, and the folder must not say otherwise (see _drop_gguf_marker).
     model.hf_quantizer = None
@@ -151,6 +165,121 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
     partial.rename(target)  # atomic: a crash never leaves a half-written cache entry under the final name
     log(f"Prepared in {time.perf_counter() - start:.0f} s")
     return target
+
+
+# GGUF metadata value types (the GGUF specification, llama.cpp's docs/gguf.md): fixed-width scalars,
+# then 8 (a string: u64 length + UTF-8 bytes) and 9 (an array: element type u32, count u64, elements).
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_VERSIONS = (2, 3)
+_GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+
+
+class _GgufCursor:
+    """Reads a GGUF file's header with every read bounds-checked, so a short file is a ModelError."""
+
+    def __init__(self, data, path: Path):
+        self.data, self.path, self.pos = data, path, 0
+
+    def take(self, n: int, what: str) -> int:
+        """Step over ``n`` bytes; returns where they start."""
+        if n > len(self.data) - self.pos:
+            raise ModelError(f"{self.path}: a truncated GGUF file: it ends at byte {len(self.data)}, in {what}")
+        self.pos += n
+        return self.pos - n
+
+    def read(self, fmt: str, what: str) -> tuple:
+        return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt), what))
+
+    def text(self, what: str) -> str:
+        n = self.read("<Q", what)[0]
+        start = self.take(n, what)
+        try:
+            return self.data[start : start + n].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ModelError(f"{self.path}: a corrupted GGUF file: {what} is not UTF-8 text") from None
+
+    def value(self, kind: int, what: str):
+        """One metadata value (arrays are stepped over: None)."""
+        if kind in _GGUF_SCALARS:
+            return self.read(_GGUF_SCALARS[kind], what)[0]
+        if kind == _GGUF_STRING:
+            return self.text(what)
+        if kind == _GGUF_ARRAY:
+            element, count = self.read("<IQ", what)
+            if element in _GGUF_SCALARS:
+                self.take(count * struct.calcsize(_GGUF_SCALARS[element]), what)
+            elif element == _GGUF_STRING:
+                for _ in range(count):  # each string costs 8 bytes or more: a bogus count soon runs out of file
+                    self.take(self.read("<Q", what)[0], what)
+            else:
+                raise ModelError(f"{self.path}: a corrupted GGUF file: {what} is an array of value type {element}, "
+                                 f"which zotune does not read")
+            return None
+        raise ModelError(f"{self.path}: a corrupted GGUF file: {what} has value type {kind}, which GGUF does not define")
+
+
+def _check_gguf(path: str | os.PathLike) -> None:
+    """Refuse a GGUF file that is cut short, corrupted or not GGUF at all, with a :class:`ModelError`
+    that names it and where it goes wrong.
+
+    Walks the header (magic, version, metadata, tensor table) and checks that every tensor's data lies
+    inside the file, reading only the header's pages. transformers' own reader fails on such files
+    with struct, index and numpy reshape errors, some of them part way through a 20 s dequantisation.
+    """
+    from gguf import GGML_QUANT_SIZES
+
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 4:
+        raise ModelError(f"{path}: not a GGUF file ({size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        _walk_gguf(_GgufCursor(data, path), path, size, GGML_QUANT_SIZES)
+
+
+def _walk_gguf(cursor: _GgufCursor, path: Path, size: int, quant_sizes) -> None:
+    magic = cursor.data[cursor.take(4, "the magic bytes") : 4]
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    (version,) = cursor.read("<I", "the header")
+    if version not in _GGUF_VERSIONS:
+        swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+        why = ("a big-endian file, which transformers does not read" if swapped in _GGUF_VERSIONS
+               else "a corrupted file, or one from another era of llama.cpp")
+        raise ModelError(f"{path}: GGUF version {version}; zotune reads versions 2 and 3 ({why})")
+    n_tensors, n_values = cursor.read("<QQ", "the header")
+    metadata = {}
+    for i in range(n_values):
+        key = cursor.text(f"metadata entry {i}")
+        (kind,) = cursor.read("<I", f"metadata {key!r}")
+        metadata[key] = cursor.value(kind, f"metadata {key!r}")
+    if not isinstance(metadata.get("general.architecture"), str):
+        raise ModelError(f"{path}: a GGUF file without general.architecture in its metadata")
+    alignment = metadata.get("general.alignment", 32)  # llama.cpp's default
+    if not (isinstance(alignment, int) and alignment > 0 and alignment & (alignment - 1) == 0):
+        raise ModelError(f"{path}: a corrupted GGUF file: general.alignment is {alignment!r}, not a power of two")
+    extents = []
+    for i in range(n_tensors):
+        name = cursor.text(f"tensor {i}'s name")
+        (dims,) = cursor.read("<I", f"tensor {name!r}")
+        if dims > _GGUF_MAX_DIMS:
+            raise ModelError(f"{path}: a corrupted GGUF file: tensor {name!r} has {dims} dimensions")
+        shape = cursor.read(f"<{dims}Q", f"tensor {name!r}")
+        ggml_type, offset = cursor.read("<IQ", f"tensor {name!r}")
+        if ggml_type not in quant_sizes:
+            raise ModelError(f"{path}: tensor {name!r} has ggml type {ggml_type}, which the gguf package does not know")
+        block, block_bytes = quant_sizes[ggml_type]
+        elements = math.prod(shape)
+        if elements % block:
+            raise ModelError(f"{path}: a corrupted GGUF file: tensor {name!r} of shape {list(shape)} is not a whole "
+                             f"number of {block}-element blocks")
+        extents.append((name, offset + elements // block * block_bytes))
+    data_start = -(-cursor.pos // alignment) * alignment
+    for name, end in extents:
+        if data_start + end > size:
+            raise ModelError(f"{path}: a truncated GGUF file: tensor {name!r} needs bytes up to {data_start + end}, "
+                             f"the file has {size}")
 
 
 def _drop_gguf_marker(hf_config) -> None:
@@ -195,19 +324,24 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
         if path.exists() and not (path / "config.json").is_file():
             raise ModelError(f"{path} exists but is not a model folder (no config.json in it)")
         folder, source = (path if path.exists() else name), name
+    offline = None if isinstance(folder, Path) else hub_unavailable()
+    hub = {"local_files_only": True} if offline else {}  # the local cache only: no ~25 s of retries
     try:
         with _quiet_progress():  # a prepared or local model loads in a second: no bars on the terminal
-            hf_config = AutoConfig.from_pretrained(folder)
+            hf_config = AutoConfig.from_pretrained(folder, **hub)
             _drop_gguf_marker(hf_config)  # a folder prepared by an older zotune still carries it
             kind = _kind_of(hf_config, config.kind)
-            model = _auto_class(kind).from_pretrained(folder, config=hf_config, dtype=_DTYPES[config.dtype])
-            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = _auto_class(kind).from_pretrained(folder, config=hf_config, dtype=_DTYPES[config.dtype], **hub)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **hub)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(
-            f"cannot load model {name!r}: not the embedded default ({EMBEDDED}), a .gguf file or a local "
-            f"model folder, and loading it as a hub id failed: {first}"
-        ) from None
+        if isinstance(folder, Path):
+            raise ModelError(f"cannot load model {name!r} from {folder}: {_first_line(err)}") from None
+        tried = f"it is not the embedded default ({EMBEDDED}), there is no file or folder {path}"
+        if offline:
+            raise ModelError(f"cannot load model {name!r}: {tried}, it is not in the local Hugging Face cache, "
+                             f"and the hub was not asked: {offline}") from None
+        raise ModelError(f"cannot load model {name!r}: {tried}, and loading it as a hub id failed: "
+                         f"{_first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "masked" and tokenizer.mask_token is None:
@@ -219,6 +353,53 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
     model.eval()
     select_trainable(model, config.trainable)
     return LoadedModel(model, tokenizer, kind, source)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+_HUB_PROBE_SECONDS = 3.0  # a reachable hub answers a TCP handshake in well under a second, even from afar
+
+
+def hub_unavailable(timeout: float = _HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face Hub cannot be asked for a model now, or None when it can.
+
+    Offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set), or no TCP connection to the
+    hub's endpoint (or to the proxy that leads there) within ``timeout`` seconds. Asked blindly, an
+    unreachable hub costs about 25 s of huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s) before the
+    error; with this answer, loading goes to the local cache at once.
+    """
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").upper() in ("1", "ON", "YES", "TRUE"):  # huggingface_hub's reading
+            return f"{variable} is set"
+    if constants.HF_HUB_OFFLINE:  # set when huggingface_hub was imported, the variable unset since
+        return "huggingface_hub is in offline mode"
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    via = urllib.parse.urlsplit(proxy) if proxy and not urllib.request.proxy_bypass(url.hostname or "") else url
+    address = (via.hostname or "", via.port or (443 if via.scheme == "https" else 80))
+    failure: list[str] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+        except OSError as err:  # no route, no DNS answer, refused: socket.gaierror is an OSError too
+            failure.append(f"{err.strerror or err}")
+        else:
+            failure.append("")
+
+    # In a thread: the name lookup ignores the socket's timeout, and without a network it can hang longer.
+    thread = threading.Thread(target=probe, name="zotune-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    where = f"{constants.ENDPOINT}" + (f" through the proxy {via.hostname}:{address[1]}" if via is not url else "")
+    if not failure:
+        return f"{where} did not answer within {timeout:g} s"
+    return f"{where} is unreachable ({failure[0]})" if failure[0] else None
 
 
 def resolve_device(name: str) -> torch.device:

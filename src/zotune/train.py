@@ -23,6 +23,7 @@ import contextlib
 import math
 import resource
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -131,21 +132,46 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-DIVERGENCE_WARMUP = 20  # steps of running mean that set the reference the divergence guard compares with
+DIVERGENCE_START = 5  # the first steps, whose median loss is the starting loss the divergence guard compares with
 
 
-def _diverged(loop: dict, ema: float | None, step: int, tc) -> bool:
-    """Whether the running mean of the training loss has passed ``tc.divergence`` times its early value.
+def _diverged(loop: dict, ema: float | None, loss: float, tc) -> bool:
+    """Whether the running mean of the training loss has passed ``tc.divergence`` times the starting loss.
 
-    The reference is the running mean at step ``DIVERGENCE_WARMUP`` (kept in the loop state, so a
-    resumed run compares with the same number). Only a loss is guarded: a metric objective is negative.
+    The starting loss is the median of the first ``DIVERGENCE_START`` steps' (finite) losses, taken at
+    weights that have barely moved: a median, so that one lucky or one already exploding batch does not
+    set it. The guard watches from then on, so a rate too high for the model stops the run within a
+    few steps rather than after the loss has grown for tens of them. The reference is kept in the loop
+    state (a resumed run compares with the same number; runs of earlier versions keep theirs, the running
+    mean at step 20). Only a loss is guarded: a metric objective is negative.
     """
     if tc.objective != "loss" or tc.divergence <= 0 or ema is None:
         return False
-    if step == DIVERGENCE_WARMUP and ema > 0:
-        loop["loss_reference"] = ema
-    reference = loop.get("loss_reference")
-    return reference is not None and step > DIVERGENCE_WARMUP and ema > tc.divergence * reference
+    if "loss_reference" not in loop:
+        start = loop.setdefault("start_losses", [])
+        if math.isfinite(loss):
+            start.append(loss)
+        if len(start) < DIVERGENCE_START:
+            return False
+        reference = statistics.median(start)
+        if reference <= 0:  # a loss that starts at 0 (or below) has no scale to compare with
+            return False
+        loop["loss_reference"] = reference
+    return ema > tc.divergence * loop["loss_reference"]
+
+
+def _divergence_message(loop: dict, ema: float, step: int, tc, lr: float, tested: str) -> str:
+    reference = loop["loss_reference"]
+    where = (f"the starting loss ({reference:.4g}, the median of steps 1-{DIVERGENCE_START})" if "start_losses" in loop
+             else f"its value at step 20 ({reference:.4g})")
+    return (f"the training loss diverged: its running mean {ema:.4g} at step {step} is over {tc.divergence:g}x "
+            f"{where}; stopping and testing {tested}. optimizer.lr {lr:g} is too high for this model and task: "
+            f"try --optimizer.lr {_smaller_lr(lr)}")
+
+
+def _smaller_lr(lr: float) -> str:
+    """A rate a tenth of ``lr``, written as a user would type it (5e-05 -> 5e-06)."""
+    return f"{lr / 10:.0e}".replace("e-0", "e-").replace("e+0", "e+")
 
 
 class _StopFlag:
@@ -405,12 +431,26 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         checkpoint.write_json(run_dir / "state.json", {
             "optimizer": optimizer_state, "scheduler": sched.state_dict(), "loop": loop})
 
-    if state is None and tc.zero_shot:
-        log("zero-shot evaluation ...")
-        loop["zero_shot"] = {s: eval_split(s) for s in ("validation", "test") if encoded[s]}
+    def keep_best(step: int, val: dict) -> None:
+        loop["best"] = {"step": step, "metric": val[metric], "metrics": val}
+        if tc.save_best:
+            with opt.unperturbed():
+                checkpoint.save_tensors(run_dir / "best" / "model.safetensors",
+                                        {n: p for n, p in trainable}, {"step": str(step)})
+            checkpoint.write_json(run_dir / "best" / "best.json", loop["best"])
+
+    # The starting weights are validated (zero_shot: and tested), and with keep_start they are the best
+    # checkpoint until a step beats them: a run that only makes the model worse tests what it started from.
+    start_splits = ("validation", "test") if tc.zero_shot else ("validation",) if tc.keep_start else ()
+    if state is None and any(encoded[s] for s in start_splits):
+        log("zero-shot evaluation ..." if tc.zero_shot else "validating the starting weights ...")
+        loop["zero_shot"] = {s: eval_split(s) for s in start_splits if encoded[s]}
         log(f"zero-shot: validation {_fmt(loop['zero_shot'].get('validation'), metric)}, "
             f"test {_fmt(loop['zero_shot'].get('test'), metric)}")
         logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in loop["zero_shot"].items() for k, v in m.items()}})
+        if tc.keep_start and "validation" in loop["zero_shot"]:
+            keep_best(0, loop["zero_shot"]["validation"])
+            loop["last_val"] = loop["best"]["metric"]
 
     bar = tqdm(total=tc.steps, initial=loop["step"], disable=not tc.progress, desc="MeZO", unit="step",
                dynamic_ncols=True)
@@ -429,7 +469,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
             step = loop["step"]
             if math.isfinite(loss):
                 ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            diverged = _diverged(loop, ema, step, tc)
+            diverged = _diverged(loop, ema, loss, tc)
             logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
                           "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
                           "elapsed": time.perf_counter() - started})
@@ -442,21 +482,14 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
                            and time.perf_counter() - started >= 60 * tc.time_limit)
             if diverged:  # these weights are not a candidate for the best: stop before validating them
                 loop["stopped"] = "diverged"
-                log(f"the training loss diverged: its running mean {ema:.4g} at step {step} is over "
-                    f"{tc.divergence:g}x its value at step {DIVERGENCE_WARMUP} ({loop['loss_reference']:.4g}); "
-                    f"stopping and testing {tested} (a smaller optimizer.lr suits a run this long)")
+                log(_divergence_message(loop, ema, step, tc, opt.param_groups[0]["initial_lr"], tested))
                 break
             if step % tc.eval_every == 0 or step == tc.steps or out_of_time:
                 val = eval_split("validation") if encoded["validation"] else {metric: -loss}
                 loop["last_val"] = val[metric]
                 logger.write({"step": step, **{f"validation_{k}": v for k, v in val.items()}})
-                if loop["best"] is None or val[metric] > loop["best"]["metric"]:
-                    loop["best"] = {"step": step, "metric": val[metric], "metrics": val}
-                    if tc.save_best:
-                        with opt.unperturbed():
-                            checkpoint.save_tensors(run_dir / "best" / "model.safetensors",
-                                                    {n: p for n, p in trainable}, {"step": str(step)})
-                        checkpoint.write_json(run_dir / "best" / "best.json", loop["best"])
+                if loop["best"] is None or val[metric] > loop["best"]["metric"]:  # a tie keeps the earlier
+                    keep_best(step, val)
                 bar.set_postfix({**postfix, f"val_{metric}": f"{100 * val[metric]:.1f}"})
                 loop["elapsed"] = time.perf_counter() - started
                 best = loop["best"]
@@ -487,13 +520,17 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         log("no validation before the divergence: the test below is of the diverged weights")
     if best is not None and best["step"] != loop["step"] and tc.save_best:
         checkpoint.copy_into(run_dir / "best" / "model.safetensors", dict(trainable))  # no second copy of the model
-    test = eval_split("test") if encoded["test"] else {}
+    if best is not None and best["step"] == 0 and tc.save_best and "test" in loop["zero_shot"]:
+        test = loop["zero_shot"]["test"]  # the starting weights, restored bit for bit: their test is the zero-shot one
+    else:
+        test = eval_split("test") if encoded["test"] else {}
     logger.write({"step": loop["step"], **{f"test_{k}": v for k, v in test.items()}})
     logger.close()
     summary = {
         "task": config.task.name, "model": prepared.loaded.source, "metric": metric,
         "zero_shot": loop["zero_shot"], "best_validation": best, "test": test, "steps": loop["step"],
         "skipped_steps": loop["skipped"], "stopped": loop.get("stopped", "steps"), "device": str(device),
+        "beat_start": _beat_start(best, loop["zero_shot"], metric),
         "wall_time_s": round(loop["elapsed"], 1),
         "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
         "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
@@ -513,6 +550,14 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     return RunResult(run_dir, summary)
 
 
+def _beat_start(best: dict | None, zero_shot: dict, metric: str) -> bool | None:
+    """Whether a trained step's validation beat the starting weights' (None: the start was not validated)."""
+    start = (zero_shot or {}).get("validation")
+    if not start or best is None:
+        return None
+    return best["step"] != 0 and best["metric"] > start[metric]
+
+
 def format_summary(summary: dict) -> str:
     """A small table: zero-shot -> best validation -> test."""
     metric = summary["metric"]
@@ -528,5 +573,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"best validation at step {best.get('step', '-')} of {summary['steps']}; "
                  f"{summary['wall_time_s']:.0f} s; peak memory {summary['peak_memory_mb']:.0f} MB; "
                  f"trajectory {summary['trajectory_bytes'] / 1024:.1f} kB")
+    if summary.get("beat_start") is False:
+        kept = ("the test above is of the starting weights" if best.get("step") == 0
+                else "the test above is of trained weights (keep_start is off)")
+        lines.append(f"no step beat the starting weights on validation {metric}: training did not improve "
+                     f"the model; {kept} (a smaller optimizer.lr, or more steps, may help)")
     return "\n".join(lines)
 

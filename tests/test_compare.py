@@ -43,6 +43,7 @@ def test_a_grid_runs_every_cell_and_writes_the_table(model_dir, tmp_path):
     assert (tmp_path / "out" / "table.md").read_text().strip() == table
     result = json.loads((tmp_path / "out" / "sst2" / "mezo-lora" / "seed0" / "result.json").read_text())
     assert result["steps"] == 2 and result["trainable_parameters"] < 10_000  # LoRA, not the whole model
+    assert result["beat_start"] is (result["best_step"] != 0)  # the start is validated and a candidate
     zero = json.loads((tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").read_text())
     assert set(zero) >= {"validation", "test", "cell_time_s"} and zero["peak_memory_mb"] is None
 
@@ -134,6 +135,18 @@ def test_several_seeds_show_mean_and_deviation():
                for s, a in ((0, 0.8), (1, 0.9))]
     row = cmp.format_table(grid, results).splitlines()[2]
     assert row == "| MeZO | 85.0 ± 7.1 | 1.00 GB |"
+
+
+def test_the_notes_say_which_cells_no_step_beat_the_start_in():
+    grid = cmp.CompareConfig(tasks=["sst2", "rte"], methods=["mezo"], seeds=[0, 1])
+    results = [{"method": "mezo", "task": t, "seed": s, "test": {"accuracy": 0.6}, "beat_start": t == "sst2" or s == 0}
+               for t in ("sst2", "rte") for s in (0, 1)]
+    notes = cmp.format_table(grid, results).split("\n\n")[1]
+    assert ("no step beat the starting weights on validation in 1 of 4 cells (RTE seed 1): their test is of the "
+            "starting weights") in notes
+    for r in results:
+        r["beat_start"] = True
+    assert "no step beat" not in cmp.format_table(grid, results)
 
 
 def test_the_memory_table_compares_each_cell_with_the_same_tasks_zero_shot():

@@ -102,7 +102,7 @@ def _mezo(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
     from zotune.train import run
 
     config.train.output_dir = str(cell_dir / "run")
-    config.train.zero_shot = False  # the zero-shot row is its own method
+    config.train.zero_shot = False  # the zero-shot row is its own method (keep_start still validates the start)
     done = cell_dir / "run" / "summary.json"  # written last, whole: a cell stopped before its result.json
     if done.is_file():
         log(f"{done.parent} finished before: its summary.json is the result")
@@ -115,6 +115,7 @@ def _mezo(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
         summary = result.summary
     best = summary.get("best_validation") or {}
     return {"validation": best.get("metrics", {}), "test": summary["test"], "best_step": best.get("step"),
+            "beat_start": summary.get("beat_start"),  # False: no step beat the start; its test is the start's
             "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],
             "trajectory_bytes": summary["trajectory_bytes"], "trainable_parameters": summary["trainable_parameters"]}
 
@@ -612,6 +613,10 @@ def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
                 parts.append(f"{what} " + ", ".join(f"{TASK_TITLES.get(t, t)} {v}" for t, v in per_task.items()))
         seconds = sum(r.get("cell_time_s") or 0.0 for r in mine)
         parts.append(f"{len(mine)} cells in {seconds / 60:.1f} min")
+        kept = [f"{TASK_TITLES.get(r['task'], r['task'])} seed {r['seed']}" for r in mine if r.get("beat_start") is False]
+        if kept:  # said plainly: these cells' scores are the starting weights', not trained ones
+            parts.append(f"no step beat the starting weights on validation in {len(kept)} of {len(mine)} cells "
+                         f"({', '.join(kept)}): their test is of the starting weights")
         notes.append(f"- {METHODS[method].label}: " + "; ".join(parts))
     failed = [f"{r['method']} on {r['task']} (seed {r['seed']})" for r in _failures(grid)]
     if failed:
@@ -627,13 +632,13 @@ def _failures(grid: CompareConfig) -> list[dict]:
 
 def _cell_main(spec_path: str) -> int:
     """The child process of an isolated cell."""
-    from zotune.cli import _user_errors
+    from zotune.errors import UserError
 
     spec = json.loads(Path(spec_path).read_text())
     grid = CompareConfig(**spec["grid"])
     try:
         run_cell(grid, spec["method"], spec["task"], spec["seed"], Path(spec_path).parent, isolated=True)
-    except _user_errors() as err:
+    except UserError as err:
         print(f"zotune compare: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

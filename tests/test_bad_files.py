@@ -42,6 +42,22 @@ def _is_clean(err: UserError, path) -> bool:
     return str(path) in str(err) and "\n" not in str(err)
 
 
+def _read_bad_versions(tmp_path, data: bytes, name: str, read, error=UserError):
+    """``read`` random bytes and every cut of ``data``: each is refused with a clean one-line ``error``
+    naming the file, or (a cut only: a shorter file can still be valid) read. Returns the path and what
+    was read, for the caller to check."""
+    done = []
+    for path, garbage in _bad_versions(tmp_path, data, name):
+        try:
+            result = read(path)
+        except error as err:
+            assert _is_clean(err, path), err
+        else:
+            assert not garbage, f"random bytes read as {result!r}"
+            done.append(result)
+    return path, done
+
+
 # -- the user-error base class ---------------------------------------------------------------------
 
 def test_every_module_error_is_a_user_error():
@@ -62,13 +78,8 @@ def test_a_config_file_of_random_or_cut_bytes(tmp_path):
     from zotune.config import ConfigError, RunConfig, load_config
 
     data = b"model:\n  dtype: float32\ntask:\n  name: sst2\noptimizer:\n  lr: 1.0e-06\ntrain:\n  steps: 20\n"
-    for path, garbage in _bad_versions(tmp_path, data, "run.yaml"):
-        try:
-            config = load_config(path)
-        except ConfigError as err:
-            assert _is_clean(err, path), err
-        else:  # a cut at a line's end, or inside a value, may still be a config
-            assert not garbage and isinstance(config, RunConfig)
+    path, configs = _read_bad_versions(tmp_path, data, "run.yaml", load_config, ConfigError)
+    assert all(isinstance(c, RunConfig) for c in configs)  # a cut at a line's end, or inside a value
     path.write_bytes(b"model:\n  name: x\x00\n")  # UTF-8, but a character YAML refuses
     with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML \(special characters are not allowed\)"):
         load_config(path)
@@ -81,13 +92,8 @@ def test_a_compare_grid_of_random_or_cut_bytes(tmp_path):
     from zotune.compare import CompareConfig, load_compare_config
 
     data = b"tasks: [sst2, rte]\nmethods: [zero-shot, mezo]\nseeds: [0, 1]\nrun:\n  train:\n    steps: 10\n"
-    for path, garbage in _bad_versions(tmp_path, data, "grid.yaml"):
-        try:
-            grid = load_compare_config(path)
-        except UserError as err:
-            assert _is_clean(err, path), err
-        else:
-            assert not garbage and isinstance(grid, CompareConfig)
+    path, grids = _read_bad_versions(tmp_path, data, "grid.yaml", load_compare_config)
+    assert all(isinstance(g, CompareConfig) for g in grids)
     path.write_bytes(b"tasks: [1, 2]\n")
     with pytest.raises(UserError, match=r"grid.yaml: tasks must be a list of names, got \[1, 2\]"):
         load_compare_config(path)
@@ -150,13 +156,9 @@ def test_a_trajectory_of_random_or_cut_bytes(tmp_path, toy_model):
     opt.flush()
     whole = read_trajectory(tmp_path / "good.zot")
     data = (tmp_path / "good.zot").read_bytes()
-    for path, garbage in _bad_versions(tmp_path, data, "t.zot"):
-        try:
-            cut = read_trajectory(path)
-        except TrajectoryError as err:
-            assert _is_clean(err, path), err
-        else:  # a cut between two records leaves a shorter valid file: the run up to there
-            assert not garbage and cut.header == whole.header and cut.records == whole.records[:len(cut.records)]
+    _, cuts = _read_bad_versions(tmp_path, data, "t.zot", read_trajectory, TrajectoryError)
+    for cut in cuts:  # a cut between two records leaves a shorter valid file: the run up to there
+        assert cut.header == whole.header and cut.records == whole.records[:len(cut.records)]
 
 
 def test_a_trajectory_whose_header_checks_out_but_is_not_json(tmp_path):
@@ -253,13 +255,8 @@ def _readers():
 def test_a_data_file_of_random_or_cut_bytes(tmp_path, reader, name, data):
     from zotune.tasks import TaskError
 
-    for path, garbage in _bad_versions(tmp_path, data, name):
-        try:
-            rows = reader(path)
-        except TaskError as err:
-            assert _is_clean(err, path), err
-        else:  # lines are records: a cut after one, or inside a text, leaves fewer or shorter ones
-            assert not garbage and rows
+    _, read = _read_bad_versions(tmp_path, data, name, reader, TaskError)
+    assert all(read)  # lines are records: a cut after one, or inside a text, leaves fewer or shorter ones
 
 
 def test_record_files_with_the_wrong_shapes(tmp_path):
@@ -285,13 +282,8 @@ def test_a_custom_tasks_file_of_random_or_cut_bytes(tmp_path):
     task = CustomTask(CustomTaskConfig(template="{text} It was", train="train.csv", label_field="stars",
                                        label_words={"1": " bad", "5": " good"}))
     data = b"text,stars\nawful film,1\ngreat film,5\nfine,5\n"
-    for path, garbage in _bad_versions(tmp_path, data, "train.csv"):
-        try:
-            records = task.load(path)
-        except TaskError as err:
-            assert _is_clean(err, path), err
-        else:
-            assert not garbage and records
+    _, read = _read_bad_versions(tmp_path, data, "train.csv", task.load, TaskError)
+    assert all(read)
 
 
 # -- the command line: one line, exit 2 -------------------------------------------------------------

@@ -1,4 +1,8 @@
-"""Zeroth-order optimizers. The classes keep bookkeeping; :mod:`.functional` does the tensor work."""
+"""Zeroth-order optimizers. The classes keep bookkeeping; :mod:`.functional` does the tensor work.
+
+Start with :mod:`.algorithm`: MeZO (the paper's Algorithm 1) in one page, the oracle the optimizers are
+tested against.
+"""
 
 from zotune.optim.accumulate import accumulate
 from zotune.optim.factory import make_optimizer

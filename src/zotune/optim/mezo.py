@@ -141,7 +141,8 @@ class MeZO(KeyedOptimizer):
         opt = zotune.MeZO(model.named_parameters(), lr=1e-6, n_perturbations=4, estimator="one-sided")
 
     Reference: Malladi et al., "Fine-Tuning Language Models with Just Forward Passes", NeurIPS 2023
-    (arXiv 2305.17333), Algorithm 1.
+    (arXiv 2305.17333), Algorithm 1. :mod:`zotune.optim.algorithm` is that algorithm in one page
+    (z stored, nothing fused), and this class is tested against it step by step.
     """
 
     def __init__(

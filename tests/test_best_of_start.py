@@ -121,6 +121,9 @@ def test_a_loss_growing_from_the_start_stops_within_a_few_steps_and_names_a_rate
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "diverged" and 5 <= summary["steps"] <= 9
     assert summary["best_validation"]["step"] == 0  # the only validation was the start's
+    guard = summary["divergence"]
+    assert guard["lr"] == 5e-5 and guard["try_lr"] == 5e-6 and guard["running_loss"] > 10 * guard["starting_loss"]
+    assert not (out / "state.json").exists()  # stopped before its first validation: the summary is the record
     printed = capsys.readouterr().out
     assert "is over 10x the starting loss" in printed and "the median of steps 1-5" in printed
     assert "optimizer.lr 5e-05 is too high for this model and task: try --optimizer.lr 5e-6" in printed

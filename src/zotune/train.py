@@ -537,6 +537,10 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     }
     if loop.get("lr_changes"):  # a resume changed optimizer.lr: config.yaml holds only the last rate
         summary["lr_changes"] = loop["lr_changes"]
+    if loop.get("stopped") == "diverged":  # what the guard saw, and the rate it named (state.json may not exist)
+        lr = opt.param_groups[0]["initial_lr"]
+        summary["divergence"] = {"running_loss": ema, "starting_loss": loop["loss_reference"], "lr": lr,
+                                 "try_lr": float(_smaller_lr(lr))}
     checkpoint.write_json(run_dir / "summary.json", summary)
     try:
         from zotune.plot import plot_run

@@ -22,6 +22,7 @@ import torch
 
 from zotune.config import ConfigError
 from zotune.objectives import evaluate
+from zotune.optim.groups import decay_groups
 from zotune.tasks import TaskError
 
 __all__ = ["FinetuneConfig", "finetune"]
@@ -120,9 +121,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
     every = config.eval_every or per_epoch
     metric = objective.metric_name
     # Decay chosen by tensor rank, not by name: matrices decay, vectors (biases, norms' gains) do not.
-    groups = [{"params": [p for _, p in trainable if p.ndim >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for _, p in trainable if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    opt = torch.optim.AdamW(decay_groups([p for _, p in trainable], config.weight_decay), lr=config.lr)
     n_params = sum(p.numel() for _, p in trainable)
     log(f"fine-tuning {n_params:,} parameters with AdamW (lr {config.lr:g}, batch {config.batch_size}): "
         f"{total} steps, {len(train)} training examples, validation every {every} steps")

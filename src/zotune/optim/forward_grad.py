@@ -18,6 +18,7 @@ import torch
 
 from zotune import kernels, rng
 from zotune.optim import functional as F
+from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer
 from zotune.optim.mezo import NonFiniteLossError
 from zotune.trajectory import Hyper, Skip, Step
@@ -57,13 +58,7 @@ def _prepare_params(params, weight_decay: float) -> list:
         raise ValueError("ForwardGradient got no trainable parameter (all have requires_grad=False)")
     if weight_decay == 0.0:
         return trainable
-    # Weight decay on matrices only, as MeZO: biases and normalisation weights are the tensors of rank < 2.
-    decay = [(n, p) for n, p in trainable if p.ndim >= 2]
-    no_decay = [(n, p) for n, p in trainable if p.ndim < 2]
-    groups = [{"params": decay}] if decay else []
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    return decay_groups(trainable)  # weight decay on matrices only, as MeZO
 
 
 class _Closure(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 from zotune import kernels, rng
 from zotune.optim import functional as F
 from zotune.optim import variants as V
+from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, param_table
 from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
@@ -47,13 +48,7 @@ def _prepare_params(params, weight_decay: float) -> list:
         raise ValueError("MeZO got no trainable parameter (all have requires_grad=False)")
     if weight_decay == 0.0:
         return trainable
-    # Weight decay on matrices only: biases and normalisation weights are the tensors of rank < 2.
-    decay = [p for p in trainable if _tensor(p).ndim >= 2]
-    no_decay = [p for p in trainable if _tensor(p).ndim < 2]
-    groups = [{"params": decay}] if decay else []
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    return decay_groups(trainable)  # weight decay on matrices only: not on biases and normalisation weights
 
 
 def _as_list(params) -> list:

@@ -30,8 +30,7 @@ import torch
 
 from zotune import kernels, rng
 
-__all__ = ["f32", "gaussian_sumsq", "local_shard", "moment_sweep_", "perturb_", "stochastic_round_", "sweep_",
-           "update_coefficients"]
+__all__ = ["f32", "gaussian_sumsq", "local_shard", "moment_sweep_", "perturb_", "stochastic_round_", "sweep_"]
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,15 +38,6 @@ _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 def f32(x: float) -> float:
     """``x`` rounded to float32 (as a Python float): every scalar a trajectory records is stored so."""
     return float(np.float32(x))
-
-
-def update_coefficients(lr: float, weight_decay: float, eps: float, projected_grad: float) -> tuple[float, float]:
-    """(scale, coefficient of z_t) of the restore-and-update sweep, from the state theta - eps z_t.
-
-    theta_new = (1 - lr*wd) * (theta_minus + eps z) - lr*g*z = scale*theta_minus + (scale*eps - lr*g) z.
-    """
-    scale = 1.0 - lr * weight_decay
-    return scale, scale * eps - lr * projected_grad
 
 
 def _flat(p: torch.Tensor) -> torch.Tensor:

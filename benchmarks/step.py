@@ -24,11 +24,19 @@ depend on the weights' values), this measures side by side:
 
 Times are the best of --repeats after a warm-up (medians are printed next to them); the rows are
 timed round-robin, one call of each per round, so that other load on a shared machine hits them alike. Ratios are printed and, unless --no-append,
-appended as a dated markdown section (machine, versions, command) to benchmarks/RESULTS.md.
+appended as a dated markdown section (machine, versions, command) to benchmarks/RESULTS.md (or --results).
+
+With --more-sweeps two more sweeps are timed: the per-tensor path (one ``sweep_`` per tensor, as
+layerwise scales issue them) and a four-term sweep (n-SPSA's update, FZOO's N-term update), the two
+paths that do not take the one-launch multi-tensor sweep. With --kernel-time (CUDA) each sweep and
+the step is run once more under torch.profiler: the kernels' summed device time, the number of
+kernel launches and of host-to-device copies are printed beside the wall time, so host work (Python,
+launches, copies) and kernel work can be told apart.
 
     python benchmarks/step.py --size 13b --batch 16 --seq 64 --dtype float16           # on an H100
     python benchmarks/step.py --size 125m --device cpu --dtype float32 --batch 4 --seq 32
     python benchmarks/step.py --size smollm2-135m --dtype float32 --batch 16 --seq 64   # the default model's shapes
+    python benchmarks/step.py --size 125m --dtype float32 --kernel-time --more-sweeps --results /tmp/rows.md
 """
 
 from __future__ import annotations
@@ -210,6 +218,41 @@ def copy_seconds_per_byte(device: torch.device, dtype: torch.dtype, total_bytes:
     return seconds
 
 
+def kernel_profile(fn, device: torch.device) -> dict | None:
+    """{kernel_ms, kernels, h2d, syncs} of one call of ``fn`` under torch.profiler (CUDA only), else None.
+
+    kernel_ms sums the device time of the kernels (memory copies excluded); h2d counts host-to-device
+    copies (a launch table rebuilt and uploaded shows here); syncs counts the runtime calls that make
+    the host wait (stream/device/event synchronise, and the blocking cudaMemcpy).
+    """
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            sync(device)
+        kernel_us, kernels, h2d, syncs = 0.0, 0, 0, 0
+        for e in prof.events():
+            name = e.name
+            if e.device_type == DeviceType.CUDA:
+                if "memcpy" in name.lower() or "memset" in name.lower():
+                    h2d += "htod" in name.lower().replace(" ", "")
+                else:
+                    kernel_us += e.time_range.elapsed_us()
+                    kernels += 1
+            elif name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"):
+                syncs += 1
+        return {"kernel_ms": kernel_us / 1e3, "kernels": kernels, "h2d": h2d, "syncs": syncs}
+    except Exception as exc:  # the profiler is a diagnostic: a failure must not lose the run's timings
+        print(f"kernel profile failed: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
 def backprop_step_fits(n_params: int, dtype: torch.dtype, device: torch.device, model_bytes: int) -> bool:
     need = 16 * n_params + model_bytes // 2  # fp32 weights, grads, Adam m and v, plus activations' headroom
     if device.type == "cuda":
@@ -235,6 +278,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stochastic-rounding", action="store_true", help="zotune: stochastic rounding in the update")
     ap.add_argument("--skip-backprop", action="store_true")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="the markdown file the section is appended to")
+    ap.add_argument("--more-sweeps", action="store_true",
+                    help="also time the per-tensor sweep path (layerwise) and a four-term sweep (n-SPSA, FZOO)")
+    ap.add_argument("--kernel-time", action="store_true",
+                    help="CUDA: profile each sweep and the step once; kernel time, launches, copies and syncs")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent / "src"))
@@ -289,6 +337,15 @@ def main(argv=None) -> int:
         "sweep: Rademacher +eps (1 term)": lambda: F.perturb_(params, keys, 1, EPS, distribution="rademacher"),
         "zotune MeZO step (fuse_next)": lambda: opt.step(closure),
     }
+    if args.more_sweeps:
+        def per_tensor():
+            for p, key in zip(params, keys):
+                F.sweep_([p], [key], [(1, EPS)])
+
+        timed["sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)"] = per_tensor
+        timed["sweep: Gaussian 4 terms (n-SPSA / FZOO update path)"] = \
+            lambda: F.sweep_(params, keys, [(1, -EPS), (2, EPS), (3, -EPS), (4, EPS)],
+                             rounding_seed=3 if args.stochastic_rounding else None)
     best = round_robin(timed, device, args.repeats)
     for name, (t, m) in best.items():
         rows.append((name, t, m))
@@ -296,6 +353,14 @@ def main(argv=None) -> int:
     t_fwd = best["forward"][0]
     t_sweeps = {name: t for name, (t, _) in best.items()}
     t_zo = best["zotune MeZO step (fuse_next)"][0]
+    profiles = {}
+    if args.kernel_time:
+        for name, fn in timed.items():
+            pr = kernel_profile(fn, device) if name != "forward" else None
+            if pr:
+                profiles[name] = pr
+                print(f"{name}: kernels {pr['kernel_ms']:.2f} ms in {pr['kernels']} launches, "
+                      f"{pr['h2d']} host-to-device copies, {pr['syncs']} syncs", flush=True)
     floor = 2 * t_fwd
     limit = floor + 2 * copy_sweep
 
@@ -359,6 +424,15 @@ def main(argv=None) -> int:
         ("Rademacher 1-term sweep / copy sweep (target <= 1.05)",
          t_sweeps["sweep: Rademacher +eps (1 term)"] / copy_sweep),
     ]
+    for name in ("sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)",
+                 "sweep: Gaussian 4 terms (n-SPSA / FZOO update path)"):
+        if name in t_sweeps:
+            ratios.append((f"{name.removeprefix('sweep: ')} / copy sweep", t_sweeps[name] / copy_sweep))
+    for name, pr in profiles.items():
+        if pr["kernel_ms"] > 0:
+            ratios.append((f"{name}: wall / kernel time", t_sweeps[name] / (pr["kernel_ms"] / 1e3)))
+            if name.startswith("sweep"):
+                ratios.append((f"{name}: kernel time / copy sweep", pr["kernel_ms"] / 1e3 / copy_sweep))
     if t_bp is not None:
         ratios.append(("backprop Adam step / zotune step", t_bp / t_zo))
     if mem_inf:
@@ -386,15 +460,21 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {t * 1e3:.2f} | {m * 1e3:.2f} |" for name, t, m in rows]
     lines += [f"| floor: 2 x forward | {floor * 1e3:.2f} | |",
               f"| physical limit: 2 x forward + 2 copy sweeps | {limit * 1e3:.2f} | |"]
+    if profiles:
+        lines += ["", "Kernel time (torch.profiler, one call after a warm-up; launches, host-to-device copies and "
+                  "host syncs counted in that call):", "",
+                  "| measurement | wall best ms | kernel ms | launches | H2D copies | syncs |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {t_sweeps[name] * 1e3:.2f} | {pr['kernel_ms']:.2f} | {pr['kernels']} | {pr['h2d']} | "
+                  f"{pr['syncs']} |" for name, pr in profiles.items()]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.3f} |" for name, value in ratios]
     text = "\n".join(lines) + "\n"
     print()
     print(text)
     if not args.no_append:
-        with RESULTS.open("a") as f:
+        with args.results.open("a") as f:
             f.write("\n" + text)
-        print(f"appended to {RESULTS}")
+        print(f"appended to {args.results}")
     return 0
 
 

@@ -10,7 +10,16 @@ tables) for SmolLM2-135M's 272 tensors (small stand-ins: the cost does not depen
     python benchmarks/sweep_host.py                       # this checkout
     PYTHONPATH=/path/to/other/src python benchmarks/sweep_host.py   # another version, to compare
 
-Prints milliseconds per call (median of ``--repeats`` timings of ``--calls`` calls each).
+Three cases, each a whole sweep over all the tensors:
+
+- ``multi``: one ``sweep_`` call with two terms (the fused MeZO sweep: one launch for all tensors);
+- ``per-tensor``: one ``sweep_`` call per tensor, one term each (what layerwise scales issue:
+  ``variants.sweep_terms_`` with a per-tensor factor);
+- ``4-term``: one ``sweep_`` call with four terms (n-SPSA's update, FZOO's N-term update), which
+  takes the backend's per-tensor ``axpy`` two terms at a time.
+
+Prints milliseconds per call (median of ``--repeats`` timings of ``--calls`` calls each) and, where
+the backend counts them, the launch tables built (each one a host-to-device copy on a GPU).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import dataclasses
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"  # read when zotune.kernels.gpu is imported
 
@@ -37,30 +47,78 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _time(fn, calls: int, repeats: int) -> float:
+    """Median seconds per call of fn(i) over ``repeats`` timings of ``calls`` calls (after 20 warm-up calls)."""
+    for i in range(20):  # warm: tile tables built and cached where they are cached
+        fn(i)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        timings.append((time.perf_counter() - start) / calls)
+    return statistics.median(timings)
+
+
+def _tables_built() -> int:
+    """Launch tables built so far: counted where the backend counts them, else by the old cache's insertions."""
+    stats = getattr(gpu, "table_stats", None)
+    if stats is not None:
+        return stats()["built"]
+    return gpu._TABLES.inserted
+
+
+def _count_insertions() -> None:
+    """Before table_stats (an older checkout): count the insertions into its launch-table dict."""
+    if not hasattr(gpu, "table_stats") and hasattr(gpu, "_TABLES"):
+        class Counting(type(gpu._TABLES)):
+            inserted = 0
+
+            def __setitem__(self, key, value):
+                Counting.inserted += 1
+                super().__setitem__(key, value)
+
+        gpu._TABLES = Counting(gpu._TABLES)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensors", type=int, default=272, help="SmolLM2-135M has 272")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cases", default="multi,per-tensor,4-term", help="comma-separated: multi, per-tensor, 4-term")
     args = parser.parse_args()
 
     gpu._sweep_kernel = _NoLaunch()
+    _count_insertions()
+    if hasattr(gpu, "_sweep_kernel_one"):  # the single-tensor kernel, where the backend has one
+        gpu._sweep_kernel_one = _NoLaunch()
     backend = dataclasses.replace(gpu.BACKEND, supports=lambda device: True)
     gpu.BACKEND = backend  # the multi-tensor path is taken for the backend object gpu.BACKEND
     kernels._REGISTRY[backend.name] = backend
     params = [torch.nn.Parameter(torch.zeros(64, 2)) for _ in range(args.tensors)]
     keys = [rng.param_key(f"model.layers.{i}.weight") for i in range(args.tensors)]
-    for i in range(20):  # warm: tile tables built and cached
+
+    def multi(i):
         F.sweep_(params, keys, [(i, 1e-3), (i + 1, -1e-3)], backend=backend.name)
-    timings = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        for i in range(args.calls):
-            F.sweep_(params, keys, [(i, 1e-3), (i + 1, -1e-3)], backend=backend.name)
-        timings.append((time.perf_counter() - start) / args.calls)
-    ms = 1e3 * statistics.median(timings)
-    print(f"{ms:.3f} ms per sweep_ call over {args.tensors} tensors ({1e3 * ms / args.tensors:.2f} us a tensor; "
-          f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})")
+
+    def per_tensor(i):
+        for p, key in zip(params, keys):
+            F.sweep_([p], [key], [(i, 1e-3)], backend=backend.name)
+
+    def four_terms(i):
+        F.sweep_(params, keys, [(i, 1e-3), (i + 1, -1e-3), (i + 2, 1e-3), (i + 3, -1e-3)], backend=backend.name)
+
+    cases = {"multi": multi, "per-tensor": per_tensor, "4-term": four_terms}
+    print(f"{args.tensors} tensors; zotune from {Path(gpu.__file__).parents[2]}; torch {torch.__version__}, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    for name in args.cases.split(","):
+        built = _tables_built()
+        ms = 1e3 * _time(cases[name], args.calls, args.repeats)
+        after = _tables_built()
+        calls = 20 + args.calls * args.repeats
+        print(f"{name:>10}: {ms:.3f} ms per call ({1e3 * ms / args.tensors:.2f} us a tensor; "
+              f"launch tables built: {(after - built) / calls:.1f} per call)")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,84 @@ def test_multi_tensor_launch_equals_per_tensor(tk):
             assert torch.equal(alone, t)
 
 
+def _reference_sweeps(x: torch.Tensor, key: int, start: int, distribution: str, terms, scale: float, times: int):
+    """``times`` sweeps of x by the reference backend, in float32, rounded to x's dtype after each (as the kernel)."""
+    ref = kernels.get("reference")
+    for _ in range(times):
+        w = x.float().reshape(-1)
+        ref.axpy(w, distribution, key, start, scale, terms)
+        x = w.reshape(x.shape).to(x.dtype)
+    return x
+
+
+def test_per_tensor_sweeps_build_no_tables_and_match_reference(tk):
+    """More tensors than the old 64-entry cache, swept one at a time, twice: every result is the reference
+    backend's (Rademacher bit for bit, Gaussian to GAUSS_TOL), bit-equal to the one-launch multi-tensor sweep,
+    and no launch table is built (a single tensor is described to its kernel by scalar arguments: nothing is
+    copied to the device)."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(1 + (37 * i) % 60, generator=g) for i in range(70)]
+    keys = [rng.param_key(f"layers.{i}.weight") for i in range(len(xs))]
+    starts = [(0, 3, 126, 2**33 + 5)[i % 4] for i in range(len(xs))]
+    terms = [(2**64 - 3, 0.375), (9, -1.25e-3)]
+    for distribution in ("gaussian", "rademacher"):
+        alone = [x.clone() for x in xs]
+        before = tk.table_stats()
+        for _ in range(2):
+            for x, key, start in zip(alone, keys, starts):
+                tk.sweep([x], [key], [start], distribution, terms, scale=0.75, block=BLOCK)
+        after = tk.table_stats()
+        assert after["built"] == before["built"] and after["single"] - before["single"] == 2 * len(xs)
+        together = [x.clone() for x in xs]
+        for _ in range(2):
+            tk.sweep(together, keys, starts, distribution, terms, scale=0.75, block=BLOCK)
+        for x, a, t, key, start in zip(xs, alone, together, keys, starts):
+            assert torch.equal(a, t)
+            want = _reference_sweeps(x, key, start, distribution, terms, 0.75, 2)
+            if distribution == "rademacher":
+                assert torch.equal(a, want)
+            else:  # |z| < 5.8: the z error is at most 5.8e-6 |c| per term, plus float32 roundings
+                err = (a.double() - want.double()).abs().max().item()
+                assert err <= 2 * sum(abs(c) for _, c in terms) * 5.8 * GAUSS_TOL + 16 * EPS32 * want.abs().max().item()
+
+
+def test_launch_plans_hit_in_a_cycle_longer_than_64(tk, monkeypatch):
+    """Multi-tensor sweeps over 70 lists in turn (a model's per-layer sweeps): each list's plan is built once,
+    then every later sweep hits, with the reference's numbers. A full cache evicts the least recently used
+    plan (not all of them)."""
+    g = torch.Generator().manual_seed(5)
+    layers = [[torch.randn(3 + i % 5, generator=g), torch.randn(2, 9, generator=g).half()] for i in range(70)]
+    keys = [[rng.param_key(f"l{i}.a"), rng.param_key(f"l{i}.b")] for i in range(70)]
+    terms = [(11, 0.25), (12, -0.5)]
+    first = [[t.clone() for t in ts] for ts in layers]
+    start = tk.table_stats()
+    for _ in range(3):
+        for ts, ks in zip(layers, keys):
+            tk.sweep(ts, ks, [0, 0], "rademacher", terms, scale=0.5, block=BLOCK)
+    stats = tk.table_stats()
+    assert stats["built"] - start["built"] == 70 and stats["hits"] - start["hits"] == 140
+    for ts, ts0, ks in zip(layers, first, keys):
+        for t, t0, k in zip(ts, ts0, ks):
+            assert torch.equal(t, _reference_sweeps(t0, k, 0, "rademacher", terms, 0.5, 3))
+    monkeypatch.setattr(tk, "_PLANS", type(tk._PLANS)())
+    monkeypatch.setattr(tk, "_plan_bytes", 0)
+    monkeypatch.setattr(tk, "_MAX_PLANS", 4)
+    built = tk.table_stats()["built"]
+    for ts, ks in zip(layers[:5], keys[:5]):  # five plans through a cache of four: the oldest goes
+        tk.sweep(ts, ks, [0, 0], "rademacher", terms, block=BLOCK)
+    assert tk.table_stats()["cached"] == 4 and tk.table_stats()["built"] == built + 5
+    tk.sweep(layers[4], keys[4], [0, 0], "rademacher", terms, block=BLOCK)  # the newest: still there
+    tk.sweep(layers[1], keys[1], [0, 0], "rademacher", terms, block=BLOCK)  # the oldest left: still there
+    assert tk.table_stats()["built"] == built + 5
+    tk.sweep(layers[0], keys[0], [0, 0], "rademacher", terms, block=BLOCK)  # evicted: built again
+    assert tk.table_stats()["built"] == built + 6
+    # a non-contiguous tensor with a cached plan's pointer and size is refused, not swept through the plan
+    a, b = torch.zeros(4, 6), torch.zeros(8)
+    tk.sweep([a, b], [1, 2], [0, 0], "rademacher", terms, block=BLOCK)
+    with pytest.raises(ValueError, match="contiguous"):
+        tk.sweep([a.t(), b], [1, 2], [0, 0], "rademacher", terms, block=BLOCK)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_in_half_out_rounds_to_nearest(tk, dtype):
     x = torch.randn(300, generator=torch.Generator().manual_seed(1)).to(dtype)

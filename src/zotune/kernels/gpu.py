@@ -25,7 +25,10 @@ rounding only.
 
 Many tensors per launch: a tensor is addressed as an element offset from the first tensor of the
 group (all of one dtype, hence all aligned to its element size), and a per-program table maps each
-tile to its tensor. The tables are cached per list of tensors (the parameters keep their storage).
+tile to its tensor. The tables are built once per list of tensors (the parameters keep their
+storage) and kept in a bounded least-recently-used cache. A single tensor (the sweeps issued one
+tensor at a time: layerwise scales, more than two terms) needs no table: its kernel takes the
+tensor's size, start and key as scalar arguments, so such a sweep costs one launch and no copy.
 
 Interpreter: ``TRITON_INTERPRET=1`` must be set before this module is imported (Triton reads it when
 the kernels are decorated); the kernels then run on CPU tensors through NumPy, which the tests use.
@@ -34,6 +37,7 @@ the kernels are decorated); the kernels then run on CPU tensors through NumPy, w
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 import triton  # ImportError propagates: zotune.kernels then runs without this backend
@@ -42,7 +46,7 @@ import triton.language as tl
 from zotune import rng
 from zotune.kernels import Backend
 
-__all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "supports", "sweep", "words"]
+__all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "supports", "sweep", "table_stats", "words"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 512 if INTERPRETED else 2048  # elements per program; a multiple of 128 (one Rademacher block)
@@ -191,28 +195,18 @@ def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constex
     return tl.where(u < prob, neighbour, nearest)
 
 
-@triton.jit(do_not_specialize=["s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
-def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
-                  NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
-                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
-    """One tile of one tensor: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)], in x's dtype.
+@triton.jit
+def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+                NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
+                ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile ``tile`` of the tensor at element ``offset`` from base: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)].
 
-    table: int64 rows (element offset from base, n, start, key lo, key hi, first tile) per tensor;
-    tiles: int32 tensor index per program; s*_lo, s*_hi: the 32-bit halves of the seeds of the terms
-    and of the rounding stream, passed as int32 bit patterns (one kernel signature for every seed).
-    ALIGN: elements every tensor's offset and start are multiples of (the host checked it), so that
-    whole tiles load and store in 16-byte vectors; tiles inside the tensor skip the mask for the same
-    reason (the mask's bound is a runtime value the compiler cannot see as aligned).
+    The tensor holds elements start .. start + n - 1 of the parameter keyed (key_lo, key_hi) (uint32);
+    s*_lo, s*_hi: the 32-bit halves of the seeds of the terms and of the rounding stream (int32 bit
+    patterns). ALIGN: elements every tensor's offset and start are multiples of (the host checked it),
+    so that whole tiles load and store in 16-byte vectors; tiles inside the tensor skip the mask for
+    the same reason (the mask's bound is a runtime value the compiler cannot see as aligned).
     """
-    pid = tl.program_id(0)
-    t = tl.load(tiles + pid).to(tl.int64)
-    row = table + 6 * t
-    offset = tl.load(row)
-    n = tl.load(row + 1)
-    start = tl.load(row + 2)
-    key_lo = tl.load(row + 3).to(tl.uint32)
-    key_hi = tl.load(row + 4).to(tl.uint32)
-    tile = pid - tl.load(row + 5)
     g0 = (start // BLOCK + tile) * BLOCK  # first global element index of this tile
     first = offset + (g0 - start)  # element offset of the tile's first element from base
     if ALIGN > 1:
@@ -252,6 +246,43 @@ def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, sc
         tl.store(ptrs, out, mask=mask)
 
 
+@triton.jit(do_not_specialize=["s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
+def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+                  NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of one of many tensors (see _sweep_tile), found through the launch table.
+
+    table: int64 rows (element offset from base, n, start, key lo, key hi, first tile) per tensor;
+    tiles: int32 tensor index per program.
+    """
+    pid = tl.program_id(0)
+    t = tl.load(tiles + pid).to(tl.int64)
+    row = table + 6 * t
+    offset = tl.load(row)
+    n = tl.load(row + 1)
+    start = tl.load(row + 2)
+    key_lo = tl.load(row + 3).to(tl.uint32)
+    key_hi = tl.load(row + 4).to(tl.uint32)
+    tile = pid - tl.load(row + 5)
+    _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+                NT, FILL, RADEMACHER, ROUND, ALIGN, BLOCK)
+
+
+@triton.jit(do_not_specialize=["n", "start", "key_lo", "key_hi", "s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
+def _sweep_kernel_one(base, n, start, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+                      NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
+                      ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of a single tensor (see _sweep_tile), described by scalar arguments: no launch table.
+
+    A sweep issued one tensor at a time (layerwise scales, the more-than-two-terms path) then costs a
+    launch and nothing else: no table to build, cache or copy to the device. key_lo, key_hi: int32 bit
+    patterns; n, start: integers (int32 or int64, as Triton passes them).
+    """
+    _sweep_tile(base, 0, n.to(tl.int64), start.to(tl.int64), key_lo.to(tl.uint32, bitcast=True),
+                key_hi.to(tl.uint32, bitcast=True), tl.program_id(0), s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi,
+                scale, c0, c1, NT, FILL, RADEMACHER, ROUND, ALIGN, BLOCK)
+
+
 @triton.jit(do_not_specialize=["start", "seed_lo", "seed_hi", "key_lo", "key_hi"])  # an int argument equal
 # to 1 is otherwise compiled as a constant, which has no .to()
 def _words_kernel(out, n, start, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
@@ -274,27 +305,86 @@ def _split(v: int) -> tuple[int, int]:
     return v & 0xFFFFFFFF, v >> 32
 
 
+def _halves32(v: int) -> tuple[int, int]:
+    """The 32-bit halves of a 64-bit value as int32 bit patterns: Triton passes them as i32 (one kernel
+    signature for every seed and key, no host-to-device copy)."""
+    v = int(v) & 0xFFFFFFFFFFFFFFFF
+    lo, hi = v & 0xFFFFFFFF, v >> 32
+    return lo - ((lo >> 31) << 32), hi - ((hi >> 31) << 32)
+
+
 def _device_ok(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or (INTERPRETED and x.device.type == "cpu")
+    return x.is_cuda or (INTERPRETED and x.device.type == "cpu")
 
 
-_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
-_MAX_TABLES = 64
+def _check(x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"the triton backend supports float32, bfloat16 and float16, got {x.dtype}")
+    if not _device_ok(x) or not x.is_contiguous():
+        raise ValueError(f"the triton backend needs contiguous CUDA tensors, got device={x.device}, "
+                         f"contiguous={x.is_contiguous()}")
 
 
-def _tables(group: list[tuple[torch.Tensor, int, int]], block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(tensor table, per-program tensor index, alignment in elements) of (flat tensor, key, start) triples.
+# Launch plans of multi-tensor sweeps, least recently used first. A plan is what one list of tensors
+# needs for its launches: per (dtype, device) group, the index of the group's first tensor (the base
+# pointer), the table of its tensors, the tensor index of every program and the alignment. It is keyed
+# on every tensor's pointer, size, dtype, device, contiguity, key and start, so a hit needs no check.
+# Bounded by count and by the bytes of its tables (one int32 per tile: 4 bytes per BLOCK elements,
+# ~0.1% of fp16 weights) rather than cleared when full, so that a cycle of plans that fits stays
+# cached (a model's per-layer sweeps each call one plan in turn).
+_PLANS: OrderedDict[tuple, tuple[list, int]] = OrderedDict()
+_MAX_PLANS = 1024
+_MAX_PLAN_BYTES = 256 << 20
+_plan_bytes = 0
+_STATS = {"built": 0, "hits": 0, "single": 0}
 
-    All tensors of ``group`` have one dtype and one device.
-    """
-    ident = (block, group[0][0].device) + tuple((x.data_ptr(), x.numel(), key, start) for x, key, start in group)
-    hit = _TABLES.get(ident)
+
+def table_stats() -> dict[str, int]:
+    """Counts since import: launch plans ``built`` (each one a host-to-device copy on a GPU) and ``hits``
+    (multi-tensor sweeps that reused a cached plan); ``single``: single-tensor sweeps (no table at all)."""
+    return dict(_STATS, cached=len(_PLANS), cached_bytes=_plan_bytes)
+
+
+def _plan(tensors, keys, starts, block: int) -> list:
+    """[(index of the group's first tensor, table, tiles, alignment)] per (dtype, device) group, cached."""
+    global _plan_bytes
+    ident = [block]
+    for x, key, start in zip(tensors, keys, starts, strict=True):
+        ident += (x.data_ptr(), x.numel(), x.dtype, x.get_device(), x.is_contiguous(), key, start)
+    ident = tuple(ident)
+    hit = _PLANS.get(ident)
     if hit is not None:
-        return hit
-    size = group[0][0].element_size()
-    base = group[0][0].data_ptr()
+        _PLANS.move_to_end(ident)
+        _STATS["hits"] += 1
+        return hit[0]
+    groups: dict[tuple, list] = {}
+    for i, (x, key, start) in enumerate(zip(tensors, keys, starts)):
+        _check(x)
+        start = int(start)
+        rng._check_range(start, x.numel())
+        if x.numel():
+            groups.setdefault((x.dtype, x.device), []).append((i, x, int(key), start))
+    plan, nbytes = [], 0
+    for group in groups.values():
+        table, tiles, align, host = _tables(group, block)
+        plan.append((group[0][0], table, tiles, align, host))
+        nbytes += table.numel() * 8 + tiles.numel() * 4
+    _PLANS[ident] = (plan, nbytes)
+    _plan_bytes += nbytes
+    _STATS["built"] += 1
+    while len(_PLANS) > 1 and (len(_PLANS) > _MAX_PLANS or _plan_bytes > _MAX_PLAN_BYTES):
+        _, (_, old) = _PLANS.popitem(last=False)
+        _plan_bytes -= old
+    return plan
+
+
+def _tables(group: list[tuple[int, torch.Tensor, int, int]], block: int):
+    """(tensor table, per-program tensor index, alignment in elements, host copies) of (index, tensor, key,
+    start) rows, all of one dtype and one device."""
+    size = group[0][1].element_size()
+    base = group[0][1].data_ptr()
     rows, owners, first = [], [], 0
-    for i, (x, key, start) in enumerate(group):
+    for i, (_, x, key, start) in enumerate(group):
         n = x.numel()
         ntiles = (start + n - 1) // block - start // block + 1
         delta = x.data_ptr() - base
@@ -307,18 +397,20 @@ def _tables(group: list[tuple[torch.Tensor, int, int]], block: int) -> tuple[tor
     align = vec if base % 16 == 0 and all(r[0] % vec == 0 and r[2] % vec == 0 for r in rows) else 1
     if first >= 2**31:
         raise ValueError(f"too many tiles for one launch ({first}); use a larger block")
-    device = group[0][0].device
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1).to(device)
-    tiles = torch.cat(owners).to(device)
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.clear()
-    _TABLES[ident] = (table, tiles, align)
-    return table, tiles, align
+    device = group[0][1].device
+    host = (torch.tensor(rows, dtype=torch.int64).reshape(-1), torch.cat(owners))
+    if device.type == "cuda":  # pinned, so the copies do not block the host; kept alive with the plan
+        host = tuple(h.pin_memory() for h in host)
+    table, tiles = (h.to(device, non_blocking=True) for h in host)
+    return table, tiles, align, host
 
 
 def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0, fill: bool = False,
           rounding_seed: int | None = None, block: int | None = None) -> None:
     """In place, for every tensor: x <- (0 if fill else x * scale) + sum(c * z(s) for s, c in terms).
+
+    One launch per dtype. A single tensor is described to its kernel by scalar arguments; several go
+    through a launch table, built once per list of tensors and cached (:func:`table_stats`).
 
     Args:
         tensors: contiguous CUDA tensors (CPU under TRITON_INTERPRET=1), float32/bfloat16/float16;
@@ -336,31 +428,32 @@ def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0
     block = int(block or BLOCK)
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128, got {block}")
-    groups: dict[torch.dtype, list] = {}
-    for x, key, start in zip(tensors, keys, starts, strict=True):
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"the triton backend supports float32, bfloat16 and float16, got {x.dtype}")
-        if not _device_ok(x) or not x.is_contiguous():
-            raise ValueError(f"the triton backend needs contiguous CUDA tensors, got device={x.device}, "
-                             f"contiguous={x.is_contiguous()}")
-        start = int(start)
-        rng._check_range(start, x.numel())
-        if x.numel():
-            groups.setdefault((x.dtype, x.device), []).append((x, int(key), start))  # the kernel needs pointers only
-    seeds = [*_split(terms[0][0]), *(_split(terms[1][0]) if len(terms) == 2 else (0, 0)),
-             *_split(rounding_seed or 0)]
-    seeds = [w - 2**32 if w >= 2**31 else w for w in seeds]  # int32 bit patterns: no host-to-device copy
+    seeds = (*_halves32(terms[0][0]), *(_halves32(terms[1][0]) if len(terms) == 2 else (0, 0)),
+             *_halves32(rounding_seed or 0))
     c0 = float(terms[0][1])
     c1 = float(terms[1][1]) if len(terms) == 2 else 0.0
-    for (dtype, device), group in groups.items():
-        table, tiles, align = _tables(group, block)
-        round_ = rounding_seed is not None and dtype != torch.float32 and not fill
+    consts = dict(NT=len(terms), FILL=bool(fill), RADEMACHER=distribution == "rademacher", BLOCK=block,
+                  num_warps=4 if block <= 1024 else 8)
+    if len(tensors) == len(keys) == len(starts) == 1:  # fill, axpy, a per-tensor sweep: scalar arguments
+        x, key, start = tensors[0], keys[0], int(starts[0])
+        _check(x)
+        n = x.numel()
+        rng._check_range(start, n)
+        if n == 0:
+            return
+        vec = max(1, 16 // x.element_size())
+        align = vec if x.data_ptr() % 16 == 0 and start % vec == 0 else 1
+        ntiles = (start + n - 1) // block - start // block + 1
+        _STATS["single"] += 1
+        _sweep_kernel_one[(ntiles,)](
+            x.detach(), n, start, *_halves32(key), *seeds, float(scale), c0, c1,
+            ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill, ALIGN=align, **consts)
+        return
+    for index, table, tiles, align, _ in _plan(tensors, keys, starts, block):
+        x = tensors[index]
         _sweep_kernel[(tiles.numel(),)](
-            group[0][0].detach(), table, tiles, *seeds, float(scale), c0, c1,
-            NT=len(terms), FILL=bool(fill), RADEMACHER=distribution == "rademacher", ROUND=round_, ALIGN=align,
-            BLOCK=block,
-            num_warps=4 if block <= 1024 else 8,
-        )
+            x.detach(), table, tiles, *seeds, float(scale), c0, c1,
+            ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill, ALIGN=align, **consts)
 
 
 def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) -> None:

@@ -30,12 +30,10 @@ import dataclasses
 import json
 import math
 import os
-import resource
 import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import typing
 from collections.abc import Callable
@@ -46,6 +44,7 @@ import yaml
 
 from zotune import checkpoint
 from zotune.config import ConfigError, RunConfig, read_yaml, section_classes
+from zotune.runtime import StopFlag, peak_memory_mb
 
 __all__ = ["METHODS", "CompareConfig", "Method", "compare", "format_table", "load_compare_config", "run_cell"]
 
@@ -314,14 +313,6 @@ def cell_config(grid: CompareConfig, method: str, task: str, seed: int) -> RunCo
 
 
 # -- running ------------------------------------------------------------------------------------
-def _peak_memory_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def run_cell(grid: CompareConfig, method: str, task: str, seed: int, cell_dir: Path, *,
              log: Callable[[str], None] = print, isolated: bool = False) -> dict:
     """Run one cell here and write its result.json (with the process's peak memory when ``isolated``)."""
@@ -330,7 +321,7 @@ def run_cell(grid: CompareConfig, method: str, task: str, seed: int, cell_dir: P
     result = METHODS[method].run(cell_config(grid, method, task, seed), grid, cell_dir, log)
     result = {"method": method, "task": task, "seed": seed, **result,
               "cell_time_s": round(time.perf_counter() - started, 1),
-              "peak_memory_mb": round(_peak_memory_mb(), 1) if isolated else None}
+              "peak_memory_mb": round(peak_memory_mb(), 1) if isolated else None}
     checkpoint.write_json(cell_dir / "result.json", result)
     return result
 
@@ -391,34 +382,16 @@ def _cell_exited(returncode: int, cell_dir: Path, method, task, seed, output: st
     return returncode == 0
 
 
-class _GridStop:
+def _grid_stop() -> StopFlag:
     """Within the context, a SIGTERM to the grid (a scheduler's or ``kill``'s) stops it as Ctrl-C does.
 
-    The handler only raises a flag, which the loops check between polls (:meth:`check`): raising from
+    The handler only raises a flag, which the loops check between polls (``stop.check()``): raising from
     the handler could strike between starting a cell's process and tracking it, leaving it unwatched.
-    Ctrl-C reaches the cells through the terminal's process group; a SIGTERM reaches only this process,
-    so :func:`_stop_cells` passes it on. A second SIGTERM while the cells save is ignored.
+    Ctrl-C keeps Python's handler: it reaches the cells through the terminal's process group, while a
+    SIGTERM reaches only this process, so :func:`_stop_cells` passes it on. A second SIGTERM while the
+    cells save is ignored.
     """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def check(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+    return StopFlag((signal.SIGTERM,))
 
 
 def _stop_cells(procs) -> None:
@@ -448,7 +421,7 @@ def _end_cells(procs) -> None:
 
 def _run_serial(grid: CompareConfig, todo: list, total: int, log) -> None:
     """Run the cells of ``todo`` one after the other (each in its own process when ``grid.isolate``)."""
-    with _GridStop() as stop:
+    with _grid_stop() as stop:
         for n, (method, task, seed) in todo:
             cell_dir = _cell_dir(grid, method, task, seed)
             log(_cell_title(n, total, method, task, seed))
@@ -480,7 +453,7 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
     pending, running = list(todo), {}
     env = dict(os.environ)  # the cores shared out among the cells, unless the caller chose a thread count
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // grid.jobs)))
-    with _GridStop() as stop:
+    with _grid_stop() as stop:
         try:
             while pending or running:
                 while pending and len(running) < grid.jobs:

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
-import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +36,8 @@ from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate, make_objective, metric_objective
 from zotune.optim import make_optimizer
+from zotune.runtime import StopFlag as _StopFlag  # Ctrl-C or SIGTERM: finish the step, save, stop
+from zotune.runtime import peak_memory_mb as _peak_memory_mb
 from zotune.tasks import TaskError, get_task
 from zotune.trajectory import read_trajectory, replay
 from zotune.tuning import tune_loaded
@@ -126,12 +125,6 @@ def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 DIVERGENCE_START = 5  # the first steps, whose median loss is the starting loss the divergence guard compares with
 
 
@@ -172,37 +165,6 @@ def _divergence_message(loop: dict, ema: float, step: int, tc, lr: float, tested
 def _smaller_lr(lr: float) -> str:
     """A rate a tenth of ``lr``, written as a user would type it (5e-05 -> 5e-06)."""
     return f"{lr / 10:.0e}".replace("e-0", "e-").replace("e+0", "e+")
-
-
-class _StopFlag:
-    """Ctrl-C or SIGTERM: finish the current step, save, stop. A second Ctrl-C interrupts at once.
-
-    SIGTERM is what job schedulers (Slurm's preemption, ``kill``, ``zotune compare`` stopping its cells)
-    send before they kill a process: it only ever asks for the orderly stop, however often it comes.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.requested = False
-        self._interrupts = 0  # Ctrl-Cs so far
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        if signum == signal.SIGINT:
-            self._interrupts += 1
-            if self._interrupts > 1:
-                raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
 
 
 class _Logger:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from zotune import kernels, rng
-from zotune.optim import functional as F
+from zotune.optim import functional
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer
 from zotune.optim.mezo import NonFiniteLossError
@@ -182,7 +182,7 @@ class ForwardGradient(KeyedOptimizer):
 
     def _record(self, record) -> None:
         # eps = 0: there is no perturbation to undo, and replay's perturb sweeps become no-ops
-        self._write(record, Hyper(0.0, tuple(F.f32(g["weight_decay"]) for g in self.param_groups)))
+        self._write(record, Hyper(0.0, tuple(functional.f32(g["weight_decay"]) for g in self.param_groups)))
 
     # -- the step -------------------------------------------------------------------------------
     def tangents(self, step: int | None = None) -> dict[str, torch.Tensor]:
@@ -258,7 +258,7 @@ class ForwardGradient(KeyedOptimizer):
             loss, jvp = torch.func.jvp(f, primals, tuple(tangents[n] for n in names))
         del tangents  # the update regenerates z chunk by chunk: the copy is not needed any more
         self.last_loss = float(loss)
-        g = F.f32(float(jvp))
+        g = functional.f32(float(jvp))
         if not (math.isfinite(self.last_loss) and math.isfinite(g)):
             self._record(Skip(t, 1))
             self._step += 1
@@ -271,13 +271,13 @@ class ForwardGradient(KeyedOptimizer):
         seed = rng.step_seed(self.seed, t)
         lrs, start = [], 0
         for group in self.param_groups:
-            lr, wd = F.f32(group["lr"]), F.f32(group["weight_decay"])
+            lr, wd = functional.f32(group["lr"]), functional.f32(group["weight_decay"])
             keys = [e["key"] for e in self._table[start : start + len(group["params"])]]
             start += len(group["params"])
             # as replay(exact=False) computes them, so that a trajectory replays bit for bit
             scale, coef = 1.0 - lr * wd, -lr * g
-            F.sweep_(group["params"], keys, [(seed, coef)], scale=scale, distribution=self.distribution,
-                     backend=self.backend)
+            functional.sweep_(group["params"], keys, [(seed, coef)], scale=scale, distribution=self.distribution,
+                              backend=self.backend)
             lrs.append(lr)
         self._record(Step(t, g, tuple(lrs)))
         self._step = t + 1

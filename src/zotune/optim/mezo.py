@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from zotune import kernels, rng
-from zotune.optim import functional as F
-from zotune.optim import variants as V
+from zotune.optim import functional
+from zotune.optim import variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, param_table
 from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
@@ -22,8 +22,8 @@ _STATE_FORMAT = 1
 
 
 def _check_n(n, what: str = "n_perturbations") -> int:
-    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= V.MAX_PERTURBATIONS):
-        raise ValueError(f"Invalid {what}: {n!r} (must be an integer from 1 to {V.MAX_PERTURBATIONS})")
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= variants.MAX_PERTURBATIONS):
+        raise ValueError(f"Invalid {what}: {n!r} (must be an integer from 1 to {variants.MAX_PERTURBATIONS})")
     return n
 
 
@@ -172,10 +172,10 @@ class MeZO(KeyedOptimizer):
             raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
         if not callable(n_perturbations):
             _check_n(n_perturbations)
-        if estimator not in V.ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(V.ESTIMATORS)})")
-        if layerwise not in V.LAYERWISE:
-            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(V.LAYERWISE)})")
+        if estimator not in variants.ESTIMATORS:
+            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(variants.ESTIMATORS)})")
+        if layerwise not in variants.LAYERWISE:
+            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
         if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
             raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
         if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
@@ -240,19 +240,19 @@ class MeZO(KeyedOptimizer):
         return out
 
     def _make_rule(self):
-        return V.SGDRule()
+        return variants.SGDRule()
 
     def _record(self, record) -> None:
         hyper = None
         if isinstance(record, (Step, Skip, MultiStep, LayerProbe)):  # eps and weight decay, when they change
-            hyper = Hyper(F.f32(self.eps), tuple(F.f32(g["weight_decay"]) for g in self.param_groups))
+            hyper = Hyper(functional.f32(self.eps), tuple(functional.f32(g["weight_decay"]) for g in self.param_groups))
         self._write(record, hyper)
 
     # -- the sweeps ---------------------------------------------------------------------------
     def _perturb(self, step: int, coefficient: float) -> None:
         seed = rng.step_seed(self.seed, step)
-        F.perturb_(*self._all(), seed, coefficient * self._factor(seed), distribution=self._zdist,
-                   backend=self.backend)
+        functional.perturb_(*self._all(), seed, coefficient * self._factor(seed), distribution=self._zdist,
+                            backend=self.backend)
 
     @property
     def _zdist(self) -> str:
@@ -268,35 +268,36 @@ class MeZO(KeyedOptimizer):
                 self._factors.clear()
             params, keys = self._all()
             d = sum(p.numel() for p in params)
-            self._factors[seed] = rng.sphere_factor(F.gaussian_sumsq(params, keys, seed, backend=self.backend), d)
+            sumsq = functional.gaussian_sumsq(params, keys, seed, backend=self.backend)
+            self._factors[seed] = rng.sphere_factor(sumsq, d)
         return self._factors[seed]
 
     def _layers(self) -> list[list[int]]:
-        return V.layer_groups([e["name"] for e in self._table])
+        return variants.layer_groups([e["name"] for e in self._table])
 
     def _step_scales(self, t: int, closure, eps: float) -> tuple[list[float] | None, list[float] | None]:
         """(s_l of the update, p_l of the probes) for step t; None: no per-tensor factor."""
         if self.layerwise == "param-norm":
-            scales = V.layer_scales(self._all()[0])
+            scales = variants.layer_scales(self._all()[0])
             return scales, scales
         if self.layerwise == "grad-norm":
             if self.layer_norms is None or (self.grad_norm_every and t - self._norms_step >= self.grad_norm_every):
                 self._estimate_layer_norms(t, closure, eps)
-            return self.layer_norms, V.inverse_scales(self.layer_norms)
+            return self.layer_norms, variants.inverse_scales(self.layer_norms)
         return None, None
 
     def _estimate_layer_norms(self, t: int, closure, eps: float) -> None:
         """The per-layer probe pass: c_l = sqrt(mean g_l^2), g_l from layer l perturbed alone by +-eps z."""
         layers = self._layers()
         params, keys = self._all()
-        plan = V.layer_probe_sweeps(len(layers), self.grad_norm_probes)
+        plan = variants.layer_probe_sweeps(len(layers), self.grad_norm_probes)
         squares: list[list[float]] = [[] for _ in layers]
         applied, plus = 0, math.nan
 
         def move(i: int, r: int, mult: float) -> None:
-            seed = V.layer_probe_seed(self.seed, t, i, r, len(layers))
-            V.sweep_terms_([params[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
-                           distribution=self._zdist, backend=self.backend)
+            seed = variants.layer_probe_seed(self.seed, t, i, r, len(layers))
+            variants.sweep_terms_([params[x] for x in layers[i]], [keys[x] for x in layers[i]],
+                                  [(seed, mult * eps, None)], distribution=self._zdist, backend=self.backend)
 
         try:
             for k, (i, r, mult) in enumerate(plan):
@@ -328,7 +329,7 @@ class MeZO(KeyedOptimizer):
             warnings.warn(f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
                           "norms were filled in from the others", RuntimeWarning, stacklevel=3)
         mean_sq = [sum(q) / len(q) if q else None for q in squares]
-        self.layer_norms = V.grad_norm_scales(mean_sq, layers, [p.numel() for p in params])
+        self.layer_norms = variants.grad_norm_scales(mean_sq, layers, [p.numel() for p in params])
         self._norms_step = t
 
     def _n_at(self, step: int) -> int:
@@ -343,13 +344,14 @@ class MeZO(KeyedOptimizer):
         for j, mult in pairs:
             seed = rng.step_seed(self.seed, t, j)
             terms.append((seed, mult * eps * self._factor(seed), scales))
-        V.sweep_terms_(*self._all(), terms, distribution=self._zdist, backend=self.backend)
+        variants.sweep_terms_(*self._all(), terms, distribution=self._zdist, backend=self.backend)
 
-    def _groups(self) -> list[V.Group]:
+    def _groups(self) -> list[variants.Group]:
         out, start = [], 0
         for i, g in enumerate(self.param_groups):
             index = list(range(start, start + len(g["params"])))
-            out.append(V.Group(list(g["params"]), self._keys(i), index, F.f32(g["lr"]), F.f32(g["weight_decay"])))
+            out.append(variants.Group(list(g["params"]), self._keys(i), index, functional.f32(g["lr"]),
+                                      functional.f32(g["weight_decay"])))
             start += len(g["params"])
         return out
 
@@ -358,7 +360,7 @@ class MeZO(KeyedOptimizer):
         if self._pending is None or self._in_step:
             return
         with torch.no_grad():
-            self._perturb(self._pending, -F.f32(self.eps))
+            self._perturb(self._pending, -functional.f32(self.eps))
         self._record(Flush(self._pending))
         self._pending = None
 
@@ -389,10 +391,10 @@ class MeZO(KeyedOptimizer):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss (and does no backward)")
         t = self._step
-        eps = F.f32(self.eps)
+        eps = functional.f32(self.eps)
         n = self._n_at(t)
         scales, pscales = self._step_scales(t, closure, eps)
-        plan = V.probe_sweeps(self.estimator, n)
+        plan = variants.probe_sweeps(self.estimator, n)
         carry = None  # (j, multiple of eps) the parameters currently carry, to undo on any failure
         losses: list[float] = []
         first = None
@@ -401,7 +403,7 @@ class MeZO(KeyedOptimizer):
                 if not (k == 0 and self._pending is not None):
                     self._probe(t, pairs, eps, pscales)
                 self._pending = None
-                carry = V.carry_after(self.estimator, k)
+                carry = variants.carry_after(self.estimator, k)
                 self._in_step = True
                 value = closure()
                 if k == 0:
@@ -441,8 +443,8 @@ class MeZO(KeyedOptimizer):
             seed_next = rng.step_seed(self.seed, t + 1)
             next_terms = [(seed_next, eps * self._factor(seed_next))]
         j, mult = carry
-        update = V.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps), next_terms,
-                              None if pscales is scales else pscales)
+        update = variants.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps),
+                                     next_terms, None if pscales is scales else pscales)
         groups = self._groups()
         self.rule.apply(groups, update, distribution=self._zdist,
                         rounding_seed=seeds[0] if self.stochastic_rounding else None, backend=self.backend)
@@ -459,8 +461,8 @@ class MeZO(KeyedOptimizer):
     def _estimate(self, losses: list[float], n: int, eps: float) -> list[float]:
         """The projected gradients g_j (float32-rounded) from the step's losses, in evaluation order."""
         if self.estimator == "two-sided":
-            return [F.f32((losses[2 * j] - losses[2 * j + 1]) / (2 * eps)) for j in range(n)]
-        return [F.f32((losses[j + 1] - losses[0]) / eps) for j in range(n)]
+            return [functional.f32((losses[2 * j] - losses[2 * j + 1]) / (2 * eps)) for j in range(n)]
+        return [functional.f32((losses[j + 1] - losses[0]) / eps) for j in range(n)]
 
     def _where(self, phase: int, n: int) -> str:
         """Where the loss of evaluation ``phase`` (1-based) was taken, for messages."""
@@ -496,9 +498,9 @@ class MeZO(KeyedOptimizer):
             "written_hyper": None if self._written_hyper is None else
             [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
         }
-        variants = self._variant_header()
-        if variants:  # only for the variants: plain MeZO's state is unchanged
-            state["mezo"]["variants"] = variants
+        variant_options = self._variant_header()
+        if variant_options:  # only for the variants: plain MeZO's state is unchanged
+            state["mezo"]["variants"] = variant_options
             state["mezo"]["rule"] = self.rule.state()
         if self.layerwise == "grad-norm":
             state["mezo"]["layer_norms"] = self.layer_norms
@@ -579,7 +581,7 @@ class MeZO(KeyedOptimizer):
             raise ValueError("resuming stored-state momentum/Adam rebuilds m and v from the trajectory: build the "
                              "optimizer with trajectory= (the file of the run), or use state='history'")
         traj: Trajectory = read_trajectory(self.trajectory_path, size=trajectory_bytes)  # as at the checkpoint
-        rule = V.make_rule(self.rule.header())
+        rule = variants.make_rule(self.rule.header())
         walk(traj, self._all()[0], exact=False, finish=False, update=False, rule=rule, backend=self.backend)
         if rule.count != count:
             raise ValueError(f"the trajectory holds {rule.count} updates, the optimizer state {count}: "
@@ -624,7 +626,7 @@ class MeZOMomentum(MeZO):
         super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
 
     def _make_rule(self):
-        return V.MomentumRule(**self._rule_args)
+        return variants.MomentumRule(**self._rule_args)
 
 
 class MeZOAdam(MeZO):
@@ -668,7 +670,7 @@ class MeZOAdam(MeZO):
         super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
 
     def _make_rule(self):
-        return V.AdamRule(**self._rule_args)
+        return variants.AdamRule(**self._rule_args)
 
 
 def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5,

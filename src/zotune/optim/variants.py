@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune import rng
-from zotune.optim import functional as F
+from zotune.optim import functional
 
 __all__ = [
     "ESTIMATORS",
@@ -104,7 +104,7 @@ def layer_scales(params: Sequence[torch.Tensor], chunk: int = 1 << 20) -> list[f
         flat = p.detach().reshape(-1)
         sumsq = sum(float(torch.dot(part, part)) for part in (flat[i : i + chunk].double()
                                                               for i in range(0, flat.numel(), chunk)))
-        out.append(F.f32(math.sqrt(sumsq / p.numel())) if sumsq > 0 else 1.0)
+        out.append(functional.f32(math.sqrt(sumsq / p.numel())) if sumsq > 0 else 1.0)
     return out
 
 
@@ -168,13 +168,13 @@ def grad_norm_scales(squares: Sequence[float | None], groups: Sequence[Sequence[
     out = [1.0] * n_tensors
     for g, c in zip(groups, norms):
         for i in g:
-            out[i] = F.f32(c / kappa)
+            out[i] = functional.f32(c / kappa)
     return out
 
 
 def inverse_scales(scales: Sequence[float]) -> list[float]:
     """1 / c_l, float32-rounded: the gradient-norm variant's perturbation scales."""
-    return [F.f32(1.0 / c) for c in scales]
+    return [functional.f32(1.0 / c) for c in scales]
 
 
 def sweep_terms_(params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None,
@@ -185,12 +185,12 @@ def sweep_terms_(params, keys, terms, *, scales=None, scale: float = 1.0, distri
     any per-tensor factor this is one :func:`~zotune.optim.functional.sweep_` over all tensors.
     """
     if all(s is None for _, _, s in terms):
-        F.sweep_(params, keys, [(seed, c) for seed, c, _ in terms], scale=scale, distribution=distribution,
-                 rounding_seed=rounding_seed, backend=backend)
+        functional.sweep_(params, keys, [(seed, c) for seed, c, _ in terms], scale=scale, distribution=distribution,
+                          rounding_seed=rounding_seed, backend=backend)
         return
     for i, (p, key) in enumerate(zip(params, keys, strict=True)):
-        F.sweep_([p], [key], [(seed, c if s is None else c * s[i]) for seed, c, s in terms], scale=scale,
-                 distribution=distribution, rounding_seed=rounding_seed, backend=backend)
+        functional.sweep_([p], [key], [(seed, c if s is None else c * s[i]) for seed, c, s in terms], scale=scale,
+                          distribution=distribution, rounding_seed=rounding_seed, backend=backend)
 
 
 @dataclass
@@ -331,12 +331,12 @@ class _MomentRule:
                     ages = range(len(hist) - 1, -1, -1)
                     w1 = [(1.0 - b1) * b1**a for a in ages]
                     w2 = [(1.0 - b2) * b2**a for a in range(len(hist) - 1, -1, -1)]
-                F.moment_sweep_(p, key, estimates=estimates, weights1=w1, weights2=w2 if self.adam else None,
-                                m=self.m.get(i), v=self.v.get(i) if self.adam else None, beta1=b1, beta2=b2,
-                                restore=restore, next_terms=u.next_terms, scale=scale, lr=lr,
-                                bias1=bias1 if self.adam else 1.0, bias2=bias2, adam_eps=self.adam_eps,
-                                update=update, distribution=distribution, rounding_seed=rounding_seed,
-                                backend=backend)
+                functional.moment_sweep_(p, key, estimates=estimates, weights1=w1, weights2=w2 if self.adam else None,
+                                         m=self.m.get(i), v=self.v.get(i) if self.adam else None, beta1=b1, beta2=b2,
+                                         restore=restore, next_terms=u.next_terms, scale=scale, lr=lr,
+                                         bias1=bias1 if self.adam else 1.0, bias2=bias2, adam_eps=self.adam_eps,
+                                         update=update, distribution=distribution, rounding_seed=rounding_seed,
+                                         backend=backend)
 
     def _history_momentum(self, grp: Group, u: StepUpdate, scale, distribution, rounding_seed, backend) -> None:
         lr, b1 = grp.lr, self.beta1

@@ -78,6 +78,27 @@ class KeyedOptimizer(torch.optim.Optimizer):
         """Steps taken so far (applied or skipped): the next step draws z from step_seed(seed, step_count)."""
         return self._step
 
+    def fingerprint(self) -> dict:
+        """What every copy of this run (every rank of a distributed one) must agree on, as plain values.
+
+        Keys: ``"seed"``, ``"step"`` (:attr:`step_count`), ``"eps"`` (``None`` where the optimizer has
+        none), ``"options"`` (distribution, fuse_next, stochastic_rounding), ``"variant"`` (the variant
+        options, as the trajectory header records them; ``None`` where there are none), ``"lr and
+        weight decay"`` of each group and ``"parameter set"`` (names, keys, shapes and dtypes, in
+        order). Two optimizers with different fingerprints would apply different updates.
+        :func:`zotune.distributed.check_consistent` compares it across ranks.
+        """
+        return {
+            "seed": self.seed,
+            "step": self.step_count,
+            "eps": getattr(self, "eps", None),
+            "options": {k: getattr(self, k, None) for k in ("distribution", "fuse_next", "stochastic_rounding")},
+            "variant": None,
+            "lr and weight decay": [[g.get("lr"), g.get("weight_decay")] for g in self.param_groups],
+            "parameter set": self._table
+            or [[list(p.shape), str(p.dtype)] for g in self.param_groups for p in g["params"]],
+        }
+
     # -- the trajectory ------------------------------------------------------------------------
     def _header_options(self) -> dict:
         """The header keys of this optimizer (fuse_next, stochastic_rounding, named, variants ...)."""

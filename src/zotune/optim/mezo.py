@@ -222,6 +222,10 @@ class MeZO(KeyedOptimizer):
             **self._variant_header(),
         }
 
+    def fingerprint(self) -> dict:
+        """:meth:`KeyedOptimizer.fingerprint`, with the variant (estimator, n, layerwise, momentum/Adam)."""
+        return {**super().fingerprint(), "variant": self._variant_header()}
+
     def _variant_header(self) -> dict:
         """Header keys of the variants, only where they differ from plain MeZO (so its files are unchanged)."""
         out: dict = {}

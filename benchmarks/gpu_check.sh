@@ -6,15 +6,18 @@
 #      reference generator (tests/test_triton.py -k gpu) and the model loader's auto device
 #      (tests/test_models.py -k gpu);
 #   2. benchmarks/sweep_gpu.py: each sweep kernel alone against a copy of the same bytes, 2^28
-#      elements, fp16 and fp32 (CUDA-event medians): Gaussian 1/2 terms, Rademacher 1/2 terms;
-#   3. an Nsight Compute summary of those kernels (2^26 elements, one launch each, with the copy
-#      kernel beside them), if ncu is on the PATH or in /opt/nvidia/nsight-compute;
-#   4. benchmarks/step.py at OPT-125m fp32, OPT-13B fp16 seq 64 and OPT-13B fp16 seq 256 (batch 16),
+#      elements, fp16 and fp32 (CUDA-event medians): Gaussian 1/2 terms, Rademacher 1/2 terms; with
+#      the kernels before issue 19's kernel changes (GPU_BEFORE=path to that gpu.py, or taken from git
+#      at 3ac4d08 when .git is there) first checked to give the same bits in every case, then timed
+#      beside the new ones;
+#   3. benchmarks/step.py at OPT-125m fp32, OPT-13B fp16 seq 64 and OPT-13B fp16 seq 256 (batch 16),
 #      with --kernel-time (kernel time from torch.profiler beside wall time, launches, host-to-device
-#      copies, syncs) and --more-sweeps (the per-tensor/layerwise path and a 4-term n-SPSA/FZOO sweep).
+#      copies, syncs) and --more-sweeps (the per-tensor/layerwise path and a 4-term n-SPSA/FZOO sweep);
+#   4. an Nsight Compute summary of the sweep kernels (2^26 elements, one launch each, with the copy
+#      kernel beside them), if ncu is on the PATH or in /opt/nvidia/nsight-compute.
 #
-# Every step runs under `timeout`, inside one overall budget (GPU_CHECK_BUDGET seconds, default 450):
-# a hang costs its own limit, not the call. Output goes to $OUT when it is set (the device tool brings
+# Every step runs under `timeout`, inside one overall budget (GPU_CHECK_BUDGET seconds, default 460):
+# a hang costs its own limit, not the call. GPU_CHECK_SKIP="ncu step_13b_fp16_seq256" skips steps by name. Output goes to $OUT when it is set (the device tool brings
 # back what is there: at most 8 files), else to /tmp/gpu_check/:
 #   gpu_check.log    everything printed, step by step, with each step's exit status and seconds
 #   results.md       the RESULTS.md sections (step.py, sweep_gpu.py), to be pasted into benchmarks/RESULTS.md
@@ -32,7 +35,7 @@ DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; elif [[ $# -gt 0 ]]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
 PY=${PYTHON:-python3}
 DEST=${OUT:-/tmp/gpu_check}
-BUDGET=${GPU_CHECK_BUDGET:-450}
+BUDGET=${GPU_CHECK_BUDGET:-460}
 LOG=$DEST/gpu_check.log
 RESULTS=$DEST/results.md
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -47,6 +50,11 @@ say() { if ((DRY)); then echo "$*"; else echo "$*" | tee -a "$LOG"; fi; }
 step() {
     local name=$1 want=$2 left limit t0 rc
     shift 2
+    if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then
+        say "== $name: skipped (GPU_CHECK_SKIP)"
+        SUMMARY+=("$name: skipped (GPU_CHECK_SKIP)")
+        return 0
+    fi
     left=$((BUDGET - SECONDS - 5))
     limit=$((want < left ? want : left))
     if ((limit < 15)); then
@@ -81,12 +89,26 @@ fi
 # 1. the tests that skip without CUDA: the compiled kernels against zotune.rng, and the loader's device
 step tests 100 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_triton.py tests/test_models.py -k gpu
 
-# 2. the kernels alone, against a copy (the Rademacher kernel's target is <= 1.05x copy)
-step sweep_kernels 70 "$PY" benchmarks/sweep_gpu.py --dtypes float16,float32 --results "$RESULTS"
+# 2. the kernels alone, against a copy (the Rademacher kernel's target is <= 1.05x copy), and against the
+#    kernels before issue 19's kernel changes: the same bits in every case (exit 1 if not), then side by side
+BEFORE=${GPU_BEFORE:-}
+if [[ -z $BEFORE ]] && git rev-parse -q --verify '3ac4d08^{commit}' >/dev/null 2>&1; then
+    BEFORE=$(mktemp /tmp/gpu_before_XXXXXX.py)
+    git show 3ac4d08:src/zotune/kernels/gpu.py >"$BEFORE"
+fi
+AGAINST=()
+if [[ -n $BEFORE && -f $BEFORE ]]; then AGAINST=(--against "$BEFORE"); else say "(no GPU_BEFORE and no git: the new kernels alone)"; fi
+step sweep_kernels 150 "$PY" benchmarks/sweep_gpu.py --dtypes float16,float32 --results "$RESULTS" "${AGAINST[@]}"
 
-# 3. Nsight Compute: one launch of each sweep kernel and of the copy, fp16 then fp32 (clocks left alone)
+# 3. the step against its physical limit (RESULTS.md rows go to $RESULTS)
+STEP=(benchmarks/step.py --kernel-time --more-sweeps --results "$RESULTS" --batch 16)
+step step_125m_fp32 70 "$PY" "${STEP[@]}" --size 125m --dtype float32 --seq 64
+step step_13b_fp16_seq64 110 "$PY" "${STEP[@]}" --size 13b --dtype float16 --seq 64 --skip-backprop
+step step_13b_fp16_seq256 100 "$PY" "${STEP[@]}" --size 13b --dtype float16 --seq 256 --skip-backprop
+
+# 4. Nsight Compute: one launch of each sweep kernel and of the copy, fp16 then fp32 (clocks left alone)
 if NCU=$(find_ncu) || { ((DRY)) && NCU=ncu; }; then
-    step ncu 80 "$NCU" --clock-control none --target-processes all -k 'regex:_sweep_kernel|copy' \
+    step ncu 70 "$NCU" --clock-control none --target-processes all -k 'regex:_sweep_kernel|copy' \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section LaunchStats --section Occupancy --section WarpStateStats \
         -f -o "$DEST/sweeps" "$PY" benchmarks/sweep_gpu.py --ncu --elements 67108864 --dtypes float16,float32
@@ -100,12 +122,6 @@ else
     say "== ncu: not found (command -v ncu, /opt/nvidia/nsight-compute/*/ncu): no kernel profile"
     SUMMARY+=("ncu: not found")
 fi
-
-# 4. the step against its physical limit (RESULTS.md rows go to $RESULTS)
-STEP=(benchmarks/step.py --kernel-time --more-sweeps --results "$RESULTS" --batch 16)
-step step_125m_fp32 80 "$PY" "${STEP[@]}" --size 125m --dtype float32 --seq 64
-step step_13b_fp16_seq64 130 "$PY" "${STEP[@]}" --size 13b --dtype float16 --seq 64 --skip-backprop
-step step_13b_fp16_seq256 110 "$PY" "${STEP[@]}" --size 13b --dtype float16 --seq 256 --skip-backprop
 
 say ""
 say "== summary (${SECONDS}s in all)"

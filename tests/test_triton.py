@@ -120,6 +120,24 @@ def test_axpy_matches_reference(tk, distribution, nterms):
         _check_axpy(x.numpy(), x0.numpy(), 0.999, terms_z)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rademacher_sweep_is_the_reference_bit_for_bit(tk, dtype):
+    """x * scale + sum(+-c) with the sign selected per bit equals the reference backend exactly (float32
+    arithmetic, x * scale rounded before each add, then one round to nearest in x's dtype): odd lengths,
+    starts and storage offsets off the 16-byte vector (the unaligned kernel) and on it, across tiles,
+    scale 1 and not, one and two terms."""
+    g = torch.Generator().manual_seed(6)
+    key = rng.param_key("model.decoder.layers.3.fc1.weight")
+    for start, n, shift in [(0, 1, 0), (5, 3, 1), (127, 131, 0), (128, 257, 3), (2**33 + 3, 301, 0), (640, 512, 0)]:
+        storage = torch.randn(n + shift, generator=g).to(dtype)
+        for scale in (1.0, 0.9990000128746033):
+            for terms in ([(2**64 - 9, 3.1e-3)], [(5, -1.7e-3), (2**63 + 1, 2.9e-4)]):
+                x0 = storage[shift:]
+                x = x0.clone() if shift == 0 else storage.clone()[shift:]  # shift: a storage offset off 16 bytes
+                tk.sweep([x], [key], [start], "rademacher", terms, scale=scale, block=BLOCK)
+                assert torch.equal(x, _reference_sweeps(x0, key, start, "rademacher", terms, scale, 1))
+
+
 def test_multi_tensor_launch_equals_per_tensor(tk):
     g = torch.Generator().manual_seed(0)
     shapes = [(7,), (129,), (3, 50), (1,), (300,)]
@@ -141,7 +159,7 @@ def _reference_sweeps(x: torch.Tensor, key: int, start: int, distribution: str, 
     """``times`` sweeps of x by the reference backend, in float32, rounded to x's dtype after each (as the kernel)."""
     ref = kernels.get("reference")
     for _ in range(times):
-        w = x.float().reshape(-1)
+        w = x.to(torch.float32, copy=True).reshape(-1)  # a copy: x itself stays as it was
         ref.axpy(w, distribution, key, start, scale, terms)
         x = w.reshape(x.shape).to(x.dtype)
     return x
@@ -226,17 +244,18 @@ def test_half_in_half_out_rounds_to_nearest(tk, dtype):
     assert torch.equal(x, wide.to(dtype))  # float32 arithmetic, then one round to nearest
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_stochastic_rounding_matches_reference_rule(tk, dtype):
+def test_stochastic_rounding_matches_reference_rule(tk, dtype, distribution):
     n, key, start, rseed = 300, 21, 131, 2**63 + 3
     x = (torch.randn(n, generator=torch.Generator().manual_seed(2)) * 0.02).to(dtype)
     x[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0])
     terms = [(8, 3e-5), (9, -1e-6)]
     wide = x.float()
-    tk.sweep([wide], [key], [start], "gaussian", terms, block=BLOCK)  # the exact float32 results
+    tk.sweep([wide], [key], [start], distribution, terms, block=BLOCK)  # the exact float32 results
     want = torch.empty_like(x)
     functional.stochastic_round_(want, wide, rseed, key, start)
-    tk.sweep([x], [key], [start], "gaussian", terms, rounding_seed=rseed, block=BLOCK)
+    tk.sweep([x], [key], [start], distribution, terms, rounding_seed=rseed, block=BLOCK)
     assert torch.equal(x, want)
 
 
@@ -337,3 +356,22 @@ def test_gpu_sweep_matches_reference(distribution):
     functional.sweep_([ref], [key], terms, scale=0.999, distribution=distribution, backend="reference")
     ulp = torch.finfo(torch.float16).eps * ref.float().abs().clamp_min(1e-3)
     assert ((half.cpu().float() - ref.float()).abs() <= 2 * ulp).all()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_rademacher_is_the_reference_bit_for_bit(dtype):
+    """Compiled without FMA contraction, the Rademacher sweep is the reference's float32 arithmetic exactly,
+    with scale != 1 too (x * scale rounded before +-c is added): aligned and unaligned, one and two terms."""
+    from zotune.kernels import gpu
+
+    g = torch.Generator().manual_seed(7)
+    key = rng.param_key("model.decoder.layers.3.fc1.weight")
+    for start, n, shift in [(5, 3, 1), (0, 70_001, 0), (2**33 + 3, 4099, 3)]:
+        storage = torch.randn(n + shift, generator=g).to(dtype)
+        for scale in (1.0, 0.9990000128746033):
+            for terms in ([(2**64 - 9, 3.1e-3)], [(5, -1.7e-3), (2**63 + 1, 2.9e-4)]):
+                x = storage.cuda()[shift:]
+                gpu.sweep([x], [key], [start], "rademacher", terms, scale=scale)
+                want = _reference_sweeps(storage[shift:], key, start, "rademacher", terms, scale, 1)
+                assert torch.equal(x.cpu(), want)

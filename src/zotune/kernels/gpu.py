@@ -14,14 +14,20 @@ How z matches the reference: each program owns a tile of ``BLOCK`` consecutive *
 indices (aligned to ``BLOCK``, so the Philox blocks of a tile never straddle tiles); it runs one
 Philox-4x32-10 call per block of 4 Gaussians (or of 128 Rademacher signs). A Gaussian tile is a
 (BLOCK/4, 4) array whose row j holds block j's four lanes, picked by selects in registers (no shuffle
-through shared memory); a Rademacher tile is flat, each word broadcast over its 32 elements. Box–Muller uses the same branch-free float32
+through shared memory); a Rademacher tile is a (BLOCK/128, 4, 32) array (block, word, bit), each word
+picked by a select and broadcast over its 32 elements, and c * z is the select ``bit ? c : -c`` (exact:
+no int-to-float conversion or multiply per element). Full tiles load and store in 16-byte vectors
+(8-byte for the Gaussian's 16-bit tiles). Box–Muller uses the same branch-free float32
 algorithm as the numba CPU kernel (:mod:`zotune.kernels.cpu`): the exponent and mantissa of u taken
 from its bits and a Cephes ``logf`` polynomial, an exact quadrant reduction of the 24-bit angle and
 Cephes ``sinf``/``cosf`` polynomials on [-pi/4, pi/4]. These are a handful of FMAs each (no
 libdevice calls, no range reduction), accurate to a few float32 ulps, so z equals the reference to
-float32 tolerance while the Gaussian sweep stays close to the memory floor. On the GPU the compiler
-may contract multiply-adds into FMAs: z and the update then differ from the CPU kernels by float32
-rounding only.
+float32 tolerance while the Gaussian sweep stays close to the memory floor. On the GPU the Gaussian
+kernels are compiled with FMA contraction (named at launch, so that a Triton whose default differs
+makes the same bits): z and the update then differ from the CPU kernels by float32 rounding only. The
+Rademacher kernels are compiled without it, so ``x * scale`` is rounded before ``+-c`` is added: the
+reference's arithmetic, bit for bit, and the previous kernel's (whose contraction fused the exact
+``c * z`` into ``fma(c, z, x * scale)``).
 
 Many tensors per launch: a tensor is addressed as an element offset from the first tensor of the
 group (all of one dtype, hence all aligned to its element size), and a per-program table maps each
@@ -81,12 +87,6 @@ def _words(first_block, NB: tl.constexpr, stream, key_lo, key_hi, seed_lo, seed_
 
 
 @triton.jit
-def _interleave4(a, b, c, d, N: tl.constexpr):
-    """[a0, b0, c0, d0, a1, b1, ...]: the four lanes of each block back in element order."""
-    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [N])
-
-
-@triton.jit
 def _lanes(a, b, c, d):
     """The (N, 4) tile whose row j is (a[j], b[j], c[j], d[j]): block j's four lanes, in element order.
 
@@ -141,21 +141,29 @@ def _box_muller(wa, wb):
 
 
 @triton.jit
-def _z(g0, seed_lo, seed_hi, key_lo, key_hi, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
-    """z of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK), float32.
+def _gaussian(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
+    """Gaussian z of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK), float32: a
+    (BLOCK // 4, 4) tile, row j the four lanes of Philox block j."""
+    w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 0, key_lo, key_hi, seed_lo, seed_hi)
+    za, zb = _box_muller(w0, w1)
+    zc, zd = _box_muller(w2, w3)
+    return _lanes(za, zb, zc, zd)
 
-    Rademacher: a (BLOCK,) vector. Gaussian: a (BLOCK // 4, 4) tile, row j the four lanes of block j.
+
+@triton.jit
+def _rademacher_bits(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
+    """The Rademacher signs of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK): a
+    (BLOCK // 128, 4, 32) boolean tile, [b, j, k] = bit k of word j of Philox block b (set: +1).
+
+    The tile's shape is the stream's own (block, word, bit), so each word is picked once per thread by a
+    select on the (BLOCK // 128, 4, 1) slice and broadcast along its 32 bits, in registers: no join or
+    reshape (each a round trip through shared memory) and no int-to-float conversion per element.
     """
-    if RADEMACHER:
-        w0, w1, w2, w3 = _words(g0 // 128, BLOCK // 128, 0, key_lo, key_hi, seed_lo, seed_hi)
-        w = _interleave4(w0, w1, w2, w3, BLOCK // 32)  # word (i // 32) of the tile
-        bits = tl.reshape((w[:, None] >> tl.arange(0, 32).to(tl.uint32)[None, :]) & 1, [BLOCK])
-        return bits.to(tl.float32) * 2.0 - 1.0
-    else:
-        w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 0, key_lo, key_hi, seed_lo, seed_hi)
-        za, zb = _box_muller(w0, w1)
-        zc, zd = _box_muller(w2, w3)
-        return _lanes(za, zb, zc, zd)
+    w0, w1, w2, w3 = _words(g0 // 128, BLOCK // 128, 0, key_lo, key_hi, seed_lo, seed_hi)
+    j = tl.arange(0, 4)[None, :, None]
+    w = tl.where(j < 2, tl.where(j == 0, w0[:, None, None], w1[:, None, None]),
+                 tl.where(j == 2, w2[:, None, None], w3[:, None, None]))
+    return ((w >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1) != 0
 
 
 @triton.jit
@@ -171,9 +179,9 @@ def _to_nearest(v, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constexpr, FLAT: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """v (float32) rounded to DTYPE (16-bit) up or down with probability by distance (stream 1)."""
+def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """v (float32, a (BLOCK // 4, 4) tile) rounded to DTYPE (16-bit) up or down with probability by distance
+    (stream 1)."""
     nearest = _to_nearest(v, DTYPE)
     diff = v - nearest.to(tl.float32)
     nb = nearest.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -187,10 +195,7 @@ def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constex
     gap = neighbour.to(tl.float32) - nearest.to(tl.float32)
     prob = tl.where(gap != 0, diff / gap, 0.0)
     w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 1, key_lo, key_hi, seed_lo, seed_hi)
-    if FLAT:  # v is a (BLOCK,) vector
-        w = _interleave4(w0, w1, w2, w3, BLOCK)
-    else:  # v is a (BLOCK // 4, 4) tile
-        w = _lanes(w0, w1, w2, w3)
+    w = _lanes(w0, w1, w2, w3)
     u = (w >> 8).to(tl.int32, bitcast=True).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
     return tl.where(u < prob, neighbour, nearest)
 
@@ -209,35 +214,58 @@ def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_l
     """
     g0 = (start // BLOCK + tile) * BLOCK  # first global element index of this tile
     first = offset + (g0 - start)  # element offset of the tile's first element from base
-    if ALIGN > 1:
-        first = tl.multiple_of(first, ALIGN)
+    if ALIGN > 1:  # (first // ALIGN) * ALIGN == first: a form the compiler's alignment analysis sees, where
+        first = (first // ALIGN) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
     # Gaussian: a (BLOCK // 4, 4) tile, one Philox block per row (lanes picked in registers);
-    # Rademacher: a flat vector (16-byte vectors in every dtype; its words are broadcast, not picked)
+    # Rademacher: a (BLOCK // 128, 4, 32) tile, (Philox block, word, bit), contiguous along its last two axes
     if RADEMACHER:
-        tile_idx = tl.arange(0, BLOCK)
+        tile_idx = (tl.arange(0, BLOCK // 128)[:, None, None] * 128 + tl.arange(0, 4)[None, :, None] * 32
+                    + tl.arange(0, 32)[None, None, :])
     else:
         tile_idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     ptrs = base + first + tile_idx
     local = g0 - start + tile_idx
     mask = (local >= 0) & (local < n)
     full = (g0 >= start) & (g0 + BLOCK <= start + n)
-    z0 = _z(g0, s0_lo.to(tl.uint32, bitcast=True), s0_hi.to(tl.uint32, bitcast=True), key_lo, key_hi,
-            RADEMACHER, BLOCK)
-    if FILL:
-        v = z0
-    else:
-        if full:
-            x = tl.load(ptrs).to(tl.float32)
+    s0_lo = s0_lo.to(tl.uint32, bitcast=True)
+    s0_hi = s0_hi.to(tl.uint32, bitcast=True)
+    if RADEMACHER:  # c * z is +-c exactly: a select of the sign, no multiply (launched without FMA contraction,
+        # so x * scale is rounded before the add, as in the reference)
+        b0 = _rademacher_bits(g0, s0_lo, s0_hi, key_lo, key_hi, BLOCK)
+        if FILL:
+            v = tl.where(b0, 1.0, -1.0)
         else:
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        v = x * scale + c0 * z0
-        if NT == 2:
-            z1 = _z(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi,
-                    RADEMACHER, BLOCK)
-            v = v + c1 * z1
+            if full:
+                x = tl.load(ptrs).to(tl.float32)
+            else:
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            v = x * scale + tl.where(b0, c0, -c0)
+            if NT == 2:
+                b1 = _rademacher_bits(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True),
+                                      key_lo, key_hi, BLOCK)
+                v = v + tl.where(b1, c1, -c1)
+    else:
+        z0 = _gaussian(g0, s0_lo, s0_hi, key_lo, key_hi, BLOCK)
+        if FILL:
+            v = z0
+        else:
+            if full:
+                x = tl.load(ptrs).to(tl.float32)
+            else:
+                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            v = x * scale + c0 * z0
+            if NT == 2:
+                z1 = _gaussian(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo,
+                               key_hi, BLOCK)
+                v = v + c1 * z1
     if ROUND:
-        out = _round_stochastic(v, g0, r_lo.to(tl.uint32, bitcast=True), r_hi.to(tl.uint32, bitcast=True),
-                                key_lo, key_hi, base.dtype.element_ty, RADEMACHER, BLOCK)
+        r_lo = r_lo.to(tl.uint32, bitcast=True)
+        r_hi = r_hi.to(tl.uint32, bitcast=True)
+        if RADEMACHER:  # the rounding stream's (block, lane) tile, as for the Gaussian; rare (16-bit updates)
+            out = tl.reshape(_round_stochastic(tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi,
+                                               base.dtype.element_ty, BLOCK), [BLOCK // 128, 4, 32])
+        else:
+            out = _round_stochastic(v, g0, r_lo, r_hi, key_lo, key_hi, base.dtype.element_ty, BLOCK)
     else:
         out = _to_nearest(v, base.dtype.element_ty)
     if full:
@@ -432,8 +460,12 @@ def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0
              *_halves32(rounding_seed or 0))
     c0 = float(terms[0][1])
     c1 = float(terms[1][1]) if len(terms) == 2 else 0.0
-    consts = dict(NT=len(terms), FILL=bool(fill), RADEMACHER=distribution == "rademacher", BLOCK=block,
-                  num_warps=4 if block <= 1024 else 8)
+    rademacher = distribution == "rademacher"
+    # FMA contraction named, not left to Triton's default (which a later Triton turns off): on for the Gaussian,
+    # whose bits were made with it; off for Rademacher, whose sum x * scale + (+-c) is then rounded twice, as in
+    # the reference and as the previous kernel's contraction (into fma(c, z, x * scale)) did.
+    consts = dict(NT=len(terms), FILL=bool(fill), RADEMACHER=rademacher, BLOCK=block,
+                  num_warps=4 if block <= 1024 else 8, enable_fp_fusion=not rademacher)
     if len(tensors) == len(keys) == len(starts) == 1:  # fill, axpy, a per-tensor sweep: scalar arguments
         x, key, start = tensors[0], keys[0], int(starts[0])
         _check(x)

@@ -42,6 +42,7 @@ the kernels are decorated); the kernels then run on CPU tensors through NumPy, w
 
 from __future__ import annotations
 
+import operator
 import os
 from collections import OrderedDict
 
@@ -373,13 +374,17 @@ def table_stats() -> dict[str, int]:
     return dict(_STATS, cached=len(_PLANS), cached_bytes=_plan_bytes)
 
 
+_dtype = operator.attrgetter("dtype")
+
+
 def _plan(tensors, keys, starts, block: int) -> list:
     """[(index of the group's first tensor, table, tiles, alignment)] per (dtype, device) group, cached."""
     global _plan_bytes
-    ident = [block]
-    for x, key, start in zip(tensors, keys, starts, strict=True):
-        ident += (x.data_ptr(), x.numel(), x.dtype, x.get_device(), x.is_contiguous(), key, start)
-    ident = tuple(ident)
+    if not len(tensors) == len(keys) == len(starts):
+        raise ValueError(f"{len(tensors)} tensors, {len(keys)} keys and {len(starts)} starts: one of each per tensor")
+    T = torch.Tensor  # map over C methods: no Python bytecode per tensor (this runs on every sweep)
+    ident = (block, tuple(map(T.data_ptr, tensors)), tuple(map(T.numel, tensors)), tuple(map(_dtype, tensors)),
+             tuple(map(T.get_device, tensors)), all(map(T.is_contiguous, tensors)), tuple(keys), tuple(starts))
     hit = _PLANS.get(ident)
     if hit is not None:
         _PLANS.move_to_end(ident)

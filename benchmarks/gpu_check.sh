@@ -129,6 +129,6 @@ for line in "${SUMMARY[@]}"; do say "  $line"; done
 if ((!DRY)) && [[ -f $RESULTS ]]; then
     say ""
     say "== ratios and kernel tables (full sections in $RESULTS)"
-    grep -E '^## |/ copy|/ physical limit|kernel time|^\| (float|bfloat)' "$RESULTS" | tee -a "$LOG"
+    grep -E '^## |/ copy|/ physical limit|kernel time|same bits|^\| (float|bfloat)' "$RESULTS" | tee -a "$LOG"
 fi
 exit 0

@@ -8,10 +8,10 @@ Rademacher <= 1.05x (it needs one random bit per element, so it must be memory-b
 
 ``--against FILE`` loads another version of ``zotune/kernels/gpu.py`` (e.g. ``git show
 3ac4d08:src/zotune/kernels/gpu.py``, the kernels before issue 19's Rademacher and alignment changes)
-beside this one: first every case (dtypes, both distributions, one and two terms, scale 1 and not,
-fill, stochastic rounding, odd lengths and offsets) must give the same bits from both (the exit status
-is 1 if not: trajectories written with the old kernels must replay bit for bit), then its kernels are
-timed in the same table, so old and new are compared side by side on one card.
+beside this one: its kernels are timed in the same table, so old and new are compared side by side on
+one card; then every case (dtypes, both distributions, one and two terms, scale 1 and not, fill,
+stochastic rounding, odd lengths and offsets, the multi-tensor launch) must give the same bits from
+both (exit status 1 if not: trajectories written with the old kernels must replay bit for bit).
 
 ``--ncu`` runs the copy and each kernel once without timing: the target of Nsight Compute in
 benchmarks/gpu_check.sh (``ncu -k regex:_sweep_kernel ...``), which profiles one launch of each.
@@ -101,15 +101,8 @@ def main(argv=None) -> int:
     from zotune.kernels import gpu
 
     versions = {"": gpu}
-    status, same = 0, None
-    if args.against and not args.ncu:
-        other = load_other(args.against)
-        bad = same_bits(gpu, other)
-        same = f"same bits as {args.against}: " + ("yes, every case" if not bad else f"NO, {len(bad)} cases differ")
-        print(same)
-        for line in bad[:20]:
-            print("  " + line)
-        status = 1 if bad else 0
+    other = load_other(args.against) if args.against and not args.ncu else None
+    if other is not None:
         versions["before: "] = other
     rows = []
     for name in args.dtypes.split(","):
@@ -141,7 +134,6 @@ def main(argv=None) -> int:
              f"- torch {torch.__version__}, triton {triton.__version__}; CUDA-event medians (triton.testing.do_bench); "
              f"block {gpu.BLOCK}",
              f"- command: `python benchmarks/sweep_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             *([f"- {same}"] if same else []),
              "", "| dtype | pass | ms | / copy | target | TB/s (read + write) |", "|---|---|---:|---:|---:|---:|"]
     for name, label, ms, ratio, target, gbs in rows:
         lines.append(f"| {name} | {label} | {ms:.3f} | {ratio:.2f} | {'' if target is None else f'<= {target}'} | "
@@ -151,7 +143,18 @@ def main(argv=None) -> int:
     if args.results:
         with args.results.open("a") as f:
             f.write("\n" + text)
-    return status
+    if other is None:
+        return 0
+    # after the timings (so that a slow check cannot lose them): every case gives the same bits from both
+    bad = same_bits(gpu, other)
+    same = f"same bits as {args.against}: " + ("yes, in every case" if not bad else f"NO, {len(bad)} cases differ")
+    print(same)
+    for line in bad[:20]:
+        print("  " + line)
+    if args.results:
+        with args.results.open("a") as f:
+            f.write(f"\n- sweep_gpu.py --against: {same}\n" + "".join(f"  - {line}\n" for line in bad[:20]))
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

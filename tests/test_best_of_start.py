@@ -87,7 +87,7 @@ def test_keep_start_off_tests_trained_weights_and_says_so(model_dir, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_validation"]["step"] == 2  # the first validation: lr 0 gives every one the same score
     assert summary["beat_start"] is False
-    assert "the test above is of trained weights (keep_start is off)" in capsys.readouterr().out
+    assert "the test above is of trained weights (the start was not kept as a candidate: keep_start)" in capsys.readouterr().out
 
 
 def test_without_validation_of_the_start_beat_start_is_unknown(model_dir, tmp_path):

@@ -272,7 +272,9 @@ def test_every_task_kind_trains_end_to_end(tmp_path, family, task, protocol, met
 
 
 def test_a_snapshot_that_is_not_the_states_is_ignored(tmp_path):
-    from zotune.train import SNAPSHOT, _load_snapshot, _save_snapshot
+    from zotune.checkpoint import SNAPSHOT
+    from zotune.checkpoint import load_snapshot as _load_snapshot
+    from zotune.checkpoint import save_snapshot as _save_snapshot
 
     weights = [("a", torch.ones(3)), ("b", torch.zeros(2, 2))]
     _save_snapshot(tmp_path, 4, 100, weights, {}, print)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -12,8 +13,8 @@ import torch
 
 from zotune.errors import UserError
 
-__all__ = ["CheckpointError", "CheckpointMismatch", "copy_into", "load_tensors", "read_header", "read_json",
-           "save_tensors", "write_json"]
+__all__ = ["SNAPSHOT", "CheckpointError", "CheckpointMismatch", "copy_into", "drop_snapshot", "load_snapshot",
+           "load_tensors", "read_header", "read_json", "save_snapshot", "save_tensors", "write_json"]
 
 
 class CheckpointError(UserError):
@@ -223,3 +224,51 @@ def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, c
                 flat[start : start + part.numel()].copy_(part)
     return list(header)
 
+
+
+# -- the resume snapshot: a run's trainable weights at its state's step ------------------------------
+
+SNAPSHOT = Path("resume") / "model.safetensors"  # in a run directory: the weights at state.json's step
+_MOMENT = "zotune.moment."  # the snapshot's names of a stored-state optimizer's moments (beside the weights)
+
+
+def save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, moments, log) -> None:
+    """The trainable weights exactly as they are (a fused perturbation included), tagged with the step
+    and the trajectory's length, and the optimizer's stored moments (stored-state momentum/Adam), which
+    resume would otherwise rebuild. A failure (a full disk, non-finite weights) drops the snapshot and
+    says so: resume can still replay the trajectory."""
+    try:
+        save_tensors(run_dir / SNAPSHOT, {**dict(trainable), **{_MOMENT + n: t for n, t in moments.items()}},
+                     {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
+    except (OSError, ValueError) as err:
+        drop_snapshot(run_dir)
+        log(f"warning: no weights saved for --resume ({err}); it will replay the trajectory")
+
+
+def drop_snapshot(run_dir: Path) -> None:
+    (run_dir / SNAPSHOT).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # the folder goes too when nothing else is in it
+        (run_dir / SNAPSHOT).parent.rmdir()
+
+
+def load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> dict | None:
+    """Load the snapshot into the trainable weights if it is the state's (same step and trajectory length).
+
+    Returns the saved moments (``{}`` when there are none), or None when nothing was loaded (no
+    snapshot, another step's, other tensors, or a damaged file: the caller replays instead).
+    """
+    path = run_dir / SNAPSHOT
+    if not path.is_file():
+        return None
+    try:
+        meta, shapes = read_header(path)
+        if meta.get("step") != str(step) or meta.get("trajectory_bytes") != str(trajectory_bytes):
+            return None  # an older save's, or the state was written by a version without snapshots
+        weights = {n: s for n, s in shapes.items() if not n.startswith(_MOMENT)}
+        if weights != {n: list(p.shape) for n, p in trainable}:  # every tensor, or replay would mix the two
+            return None
+        moments = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items() if n.startswith(_MOMENT)}
+        copy_into(path, {**dict(trainable), **moments})
+    except CheckpointMismatch:
+        return None
+    return {n[len(_MOMENT):]: t for n, t in moments.items()}

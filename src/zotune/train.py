@@ -11,6 +11,8 @@ A run directory holds everything::
     curves.png         training loss and validation metric against steps
     summary.json       zero-shot -> best validation -> test, steps, wall time, peak memory
 
+:func:`run` checks the config (or a resume's changes), prepares the model and the task, and hands
+them to a :class:`Trainer`, whose typed :class:`RunState` is what state.json keeps of the loop.
 Resuming loads the weights saved with the state (``resume/``) or, without them, rebuilds them from
 the base model and the trajectory: bit for bit either way (replay costs about one sweep per step
 and term, which adds up over thousands of steps on a CPU). Ctrl-C (or SIGTERM) stops at the end of
@@ -19,12 +21,11 @@ the current step and saves the state.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from zotune.tasks import TaskError, get_task
 from zotune.trajectory import read_trajectory, replay
 from zotune.tuning import tune_loaded
 
-__all__ = ["Prepared", "RunResult", "prepare", "run", "schedule_factor"]
+__all__ = ["Prepared", "RunResult", "RunState", "Trainer", "prepare", "run", "schedule_factor"]
 
 SPLITS = ("train", "validation", "test")
 
@@ -125,41 +126,77 @@ def _batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
+RUN_STATE_VERSION = 2  # 1: zotune 0.1.0, whose state.json "loop" had no version (its keys are a subset of 2's)
+
+
+@dataclass
+class RunState:
+    """The loop's progress: what state.json holds as "loop", beside the optimizer's and the schedule's state."""
+
+    step: int = 0  # steps taken
+    best: dict | None = None  # the best validation so far: {"step", "metric", "metrics"} (step 0: the start)
+    zero_shot: dict = field(default_factory=dict)  # split -> metrics of the starting weights
+    elapsed: float = 0.0  # seconds of training, resumes included
+    skipped: int = 0  # steps skipped for a non-finite loss
+    device: str | None = None  # where the run last trained
+    loss_ema: float | None = None  # running mean of the training loss
+    last_val: float | None = None  # the last validation's metric
+    stopped: str | None = None  # "time_limit" or "diverged"; None: still going, or it did all its steps
+    lr_changes: list = field(default_factory=list)  # {"step", "from", "to"} of each resume that changed optimizer.lr
+    start_losses: list | None = None  # the first steps' losses (None: a version-1 run, referenced at step 20)
+    loss_reference: float | None = None  # the starting loss the divergence guard compares with
+    version: int = RUN_STATE_VERSION
+
+    @classmethod
+    def from_dict(cls, raw, where: Path) -> RunState:
+        """Read a saved "loop" of this version or an earlier one (a newer one is refused)."""
+        names = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or not set(raw) <= names or not isinstance(raw.get("step"), int):
+            raise checkpoint.CheckpointError(f"{where}: not a zotune run state (its \"loop\" is not one)")
+        if raw.get("version", 1) > RUN_STATE_VERSION:
+            raise checkpoint.CheckpointError(f"{where}: written by a newer zotune (run state version "
+                                             f"{raw['version']}); upgrade zotune to resume it")
+        return cls(**{**raw, "version": RUN_STATE_VERSION})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 DIVERGENCE_START = 5  # the first steps, whose median loss is the starting loss the divergence guard compares with
 
 
-def _diverged(loop: dict, ema: float | None, loss: float, tc) -> bool:
+def _diverged(state: RunState, loss: float, tc) -> bool:
     """Whether the running mean of the training loss has passed ``tc.divergence`` times the starting loss.
 
     The starting loss is the median of the first ``DIVERGENCE_START`` steps' (finite) losses, taken at
     weights that have barely moved: a median, so that one lucky or one already exploding batch does not
     set it. The guard watches from then on, so a rate too high for the model stops the run within a
-    few steps rather than after the loss has grown for tens of them. The reference is kept in the loop
-    state (a resumed run compares with the same number; runs of earlier versions keep theirs, the running
-    mean at step 20). Only a loss is guarded: a metric objective is negative.
+    few steps rather than after the loss has grown for tens of them. The reference is kept in the run
+    state (a resumed run compares with the same number; a version-1 run keeps its own, the running mean
+    at step 20, or collects the losses from where it resumes). Only a loss is guarded: a metric
+    objective is negative.
     """
-    if tc.objective != "loss" or tc.divergence <= 0 or ema is None:
+    if tc.objective != "loss" or tc.divergence <= 0 or state.loss_ema is None:
         return False
-    if "loss_reference" not in loop:
-        start = loop.setdefault("start_losses", [])
+    if state.loss_reference is None:
+        state.start_losses = state.start_losses or []
         if math.isfinite(loss):
-            start.append(loss)
-        if len(start) < DIVERGENCE_START:
+            state.start_losses.append(loss)
+        if len(state.start_losses) < DIVERGENCE_START:
             return False
-        reference = statistics.median(start)
+        reference = statistics.median(state.start_losses)
         if reference <= 0:  # a loss that starts at 0 (or below) has no scale to compare with
             return False
-        loop["loss_reference"] = reference
-    return ema > tc.divergence * loop["loss_reference"]
+        state.loss_reference = reference
+    return state.loss_ema > tc.divergence * state.loss_reference
 
 
-def _divergence_message(loop: dict, ema: float, step: int, tc, lr: float, tested: str) -> str:
-    reference = loop["loss_reference"]
-    where = (f"the starting loss ({reference:.4g}, the median of steps 1-{DIVERGENCE_START})" if "start_losses" in loop
-             else f"its value at step 20 ({reference:.4g})")
-    return (f"the training loss diverged: its running mean {ema:.4g} at step {step} is over {tc.divergence:g}x "
-            f"{where}; stopping and testing {tested}. optimizer.lr {lr:g} is too high for this model and task: "
-            f"try --optimizer.lr {_smaller_lr(lr)}")
+def _divergence_message(state: RunState, tc, lr: float, tested: str) -> str:
+    where = (f"the starting loss ({state.loss_reference:.4g}, the median of steps 1-{DIVERGENCE_START})"
+             if state.start_losses is not None else f"its value at step 20 ({state.loss_reference:.4g})")
+    return (f"the training loss diverged: its running mean {state.loss_ema:.4g} at step {state.step} is over "
+            f"{tc.divergence:g}x {where}; stopping and testing {tested}. optimizer.lr {lr:g} is too high for "
+            f"this model and task: try --optimizer.lr {_smaller_lr(lr)}")
 
 
 def _smaller_lr(lr: float) -> str:
@@ -209,51 +246,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-SNAPSHOT = Path("resume") / "model.safetensors"  # the trainable weights at state.json's step, for a fast resume
-
-
-_MOMENT = "zotune.moment."  # the snapshot's names of a stored-state optimizer's moments (beside the weights)
-
-
-def _save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, moments, log) -> None:
-    """The trainable weights exactly as they are (a fused perturbation included), tagged with the step,
-    and the optimizer's stored moments (stored-state momentum/Adam), which resume would otherwise rebuild."""
-    try:
-        checkpoint.save_tensors(run_dir / SNAPSHOT, {**dict(trainable), **{_MOMENT + n: t for n, t in moments.items()}},
-                                {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
-    except (OSError, ValueError) as err:  # a full disk or non-finite weights: resume can still replay
-        _drop_snapshot(run_dir)
-        log(f"warning: no weights saved for --resume ({err}); it will replay the trajectory")
-
-
-def _drop_snapshot(run_dir: Path) -> None:
-    (run_dir / SNAPSHOT).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # the folder goes too when nothing else is in it
-        (run_dir / SNAPSHOT).parent.rmdir()
-
-
-def _load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> dict | None:
-    """Load the snapshot into the trainable weights if it is the state's (same step and trajectory length).
-
-    Returns the saved moments (``{}`` when there are none), or None when nothing was loaded.
-    """
-    path = run_dir / SNAPSHOT
-    if not path.is_file():
-        return None
-    try:
-        meta, shapes = checkpoint.read_header(path)
-        if meta.get("step") != str(step) or meta.get("trajectory_bytes") != str(trajectory_bytes):
-            return None  # an older save's, or the state was written by a version without snapshots
-        weights = {n: s for n, s in shapes.items() if not n.startswith(_MOMENT)}
-        if weights != {n: list(p.shape) for n, p in trainable}:  # every tensor, or replay would mix the two
-            return None
-        moments = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items() if n.startswith(_MOMENT)}
-        checkpoint.copy_into(path, {**dict(trainable), **moments})
-    except checkpoint.CheckpointMismatch:
-        return None
-    return {n[len(_MOMENT):]: t for n, t in moments.items()}
-
-
 def _default_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -291,6 +283,276 @@ def _set_lr(opt, sched, lr: float) -> None:
     sched.base_lrs = [lr for _ in opt.param_groups]
 
 
+class Trainer:
+    """One run's loop over a typed :class:`RunState`: ``resume``, ``validate``, ``step``, ``checkpoint``, ``finish``.
+
+    :func:`run` makes one from a config (a new run) or from a run directory's saved state (a resume)
+    and calls :meth:`train`, which validates the start, steps until the run's steps, its time limit,
+    a diverging loss or a stop signal, and finishes: the best weights tested and the summary written.
+    """
+
+    def __init__(self, config: RunConfig, run_dir: Path, prepared: Prepared, log: Callable[[str], None],
+                 train_loss: Callable | None = None):
+        self.config, self.run_dir, self.prepared, self.log = config, run_dir, prepared, log
+        tc, oc = config.train, config.optimizer
+        self.tc = tc
+        self.train_loss = train_loss or training_loss(prepared, tc)
+        self.model, self.objective, self.encoded = prepared.loaded.model, prepared.objective, prepared.encoded
+        self.device = next(self.model.parameters()).device
+        self.metric = self.objective.metric_name
+        self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = make_optimizer(self.trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
+        self.state = RunState(device=str(self.device), start_losses=[])
+        self.tested = "the best weights" if tc.save_best else "the last weights (save_best is off)"
+        self.logger: _Logger | None = None
+        self.started = 0.0  # perf_counter() at the run's start, resumes' time included
+
+    # -- resume --------------------------------------------------------------------------------------
+
+    def resume(self, saved: dict) -> None:
+        """Continue from a saved state: the trajectory cut to it, the weights loaded or replayed, the
+        optimizer and schedule restored, a new learning rate applied, later metric rows dropped."""
+        state = self.state = RunState.from_dict(saved.get("loop"), self.run_dir / "state.json")
+        if state.device is not None and torch.device(state.device).type != self.device.type:
+            self.log(f"warning: this run trained on {state.device} and resumes on {self.device}: the steps from here "
+                     f"(and weights rebuilt from the trajectory) may differ from an uninterrupted run in the last bits")
+        state.device = str(self.device)
+        size = saved["optimizer"]["mezo"]["trajectory_bytes"] or 0
+        path = self.run_dir / "trajectory.zot"
+        with open(path, "r+b") as f:
+            f.truncate(size)
+        moments = checkpoint.load_snapshot(self.run_dir, state.step, size, self.trainable)
+        if moments is not None:
+            self.log(f"resuming at step {state.step}: the weights saved with its state loaded")
+        else:
+            self.log(f"resuming at step {state.step}: rebuilding the weights from the trajectory")
+            replay(self.model, read_trajectory(path), finish=False)
+        self.opt.load_state_dict(saved["optimizer"], moments=moments)  # None or {}: rebuilt from the trajectory
+        self.sched.load_state_dict(saved["scheduler"])
+        lr, before = self.config.optimizer.lr, self.sched.base_lrs[0] if self.sched.base_lrs else None
+        if before is not None and before != lr:  # --resume ... --optimizer.lr X: the state holds the old rate
+            self.log(f"optimizer.lr {before:g} -> {lr:g} from step {state.step}")
+            state.lr_changes.append({"step": state.step, "from": before, "to": lr})
+            _set_lr(self.opt, self.sched, lr)
+        _truncate_metrics(self.run_dir / "metrics.jsonl", state.step)
+
+    # -- evaluation and the best weights ---------------------------------------------------------------
+
+    def evaluate(self, split: str) -> dict:
+        from tqdm.auto import tqdm
+
+        with self.opt.unperturbed(), tqdm(total=len(self.encoded[split]), desc=f"eval {split}", unit="ex",
+                                          leave=False, disable=not self.tc.progress, dynamic_ncols=True) as bar:
+            return evaluate(self.objective, self.model, self.encoded[split], self.tc.eval_batch_size,
+                            progress=bar.update)
+
+    def keep_best(self, step: int, val: dict) -> None:
+        self.state.best = {"step": step, "metric": val[self.metric], "metrics": val}
+        if self.tc.save_best:
+            with self.opt.unperturbed():
+                checkpoint.save_tensors(self.run_dir / "best" / "model.safetensors",
+                                        {n: p for n, p in self.trainable}, {"step": str(step)})
+            checkpoint.write_json(self.run_dir / "best" / "best.json", self.state.best)
+
+    def validate_start(self) -> None:
+        """The starting weights, validated (zero_shot: and tested); with keep_start they are the best
+        checkpoint until a step beats them, so a run that only makes the model worse tests its start."""
+        tc, state, metric = self.tc, self.state, self.metric
+        splits = ("validation", "test") if tc.zero_shot else ("validation",) if tc.keep_start else ()
+        if not any(self.encoded[s] for s in splits):
+            return
+        self.log("zero-shot evaluation ..." if tc.zero_shot else "validating the starting weights ...")
+        state.zero_shot = {s: self.evaluate(s) for s in splits if self.encoded[s]}
+        self.log(f"zero-shot: validation {_fmt(state.zero_shot.get('validation'), metric)}, "
+                 f"test {_fmt(state.zero_shot.get('test'), metric)}")
+        self.logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in state.zero_shot.items()
+                                         for k, v in m.items()}})
+        if tc.keep_start and "validation" in state.zero_shot:
+            self.keep_best(0, state.zero_shot["validation"])
+            state.last_val = state.best["metric"]
+
+    def validate(self, loss: float) -> None:
+        """Validate the weights at this step, keep them if they are the best, log a line, save the state."""
+        state, metric = self.state, self.metric
+        val = self.evaluate("validation") if self.encoded["validation"] else {metric: -loss}
+        state.last_val = val[metric]
+        self.logger.write({"step": state.step, **{f"validation_{k}": v for k, v in val.items()}})
+        if state.best is None or val[metric] > state.best["metric"]:  # a tie keeps the earlier
+            self.keep_best(state.step, val)
+        state.elapsed = time.perf_counter() - self.started
+        best = state.best
+        seen = (f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step "
+                f"{best['step']})" if self.encoded["validation"] else "no validation split")
+        from tqdm.auto import tqdm
+
+        with tqdm.external_write_mode():  # a line per validation, above the bar, readable in a log file
+            ema = f"{state.loss_ema:.4f}" if state.loss_ema is not None else "-"
+            self.log(f"step {state.step}/{self.tc.steps}: training loss {ema} (running mean), {seen}; "
+                     f"{state.elapsed / 60:.1f} min")
+        self.checkpoint()
+
+    # -- a step --------------------------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One MeZO step on the next batch; returns its loss (the mean of the two evaluations)."""
+        state = self.state
+        train = self.encoded["train"]
+        idx = _batch_indices(len(train), self.tc.batch_size, state.step, self.config.task.seed)
+        batch = [train[i] for i in idx]
+        loss = float(self.opt.step(lambda: self.train_loss(self.model, batch)))
+        state.skipped += int(not all(math.isfinite(x) for x in self.opt.last_losses))  # a NaN/inf step was skipped
+        self.sched.step()
+        state.step += 1
+        if math.isfinite(loss):
+            state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
+        self.logger.write({"step": state.step, "loss": loss,
+                           "loss_minus": self.opt.last_losses[1] if self.opt.last_losses else None,
+                           "projected_grad": self.opt.projected_grad, "lr": self.opt.param_groups[0]["lr"],
+                           "elapsed": time.perf_counter() - self.started})
+        return loss
+
+    # -- saving --------------------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """state.json, and (train.snapshot) the weights as they are, so that --resume continues from here."""
+        optimizer_state = self.opt.state_dict(flush=False)
+        if self.tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
+            checkpoint.save_snapshot(self.run_dir, self.state.step, optimizer_state["mezo"]["trajectory_bytes"],
+                                     self.trainable, self.opt.moment_tensors(), self.log)
+        else:  # turned off on resume: no stale weights left taking disk space
+            checkpoint.drop_snapshot(self.run_dir)
+        checkpoint.write_json(self.run_dir / "state.json", {
+            "optimizer": optimizer_state, "scheduler": self.sched.state_dict(), "loop": self.state.to_dict()})
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def train(self, resumed: bool) -> RunResult:
+        from tqdm.auto import tqdm
+
+        tc, state = self.tc, self.state
+        self.logger = _Logger(self.run_dir, resume=resumed)
+        if not resumed:
+            self.validate_start()
+        bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress, desc="MeZO", unit="step",
+                   dynamic_ncols=True)
+        self.started = time.perf_counter() - state.elapsed
+        interrupted = False
+        with _StopFlag() as stop:
+            while state.step < tc.steps:
+                loss = self.step()
+                diverged = _diverged(state, loss, tc)
+                postfix = {"loss": f"{state.loss_ema:.4f}" if state.loss_ema is not None else "-"}
+                if state.best is not None:
+                    postfix[f"val_{self.metric}"] = f"{100 * state.last_val:.1f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                out_of_time = (tc.time_limit > 0 and state.step < tc.steps
+                               and time.perf_counter() - self.started >= 60 * tc.time_limit)
+                if diverged:  # these weights are not a candidate for the best: stop before validating them
+                    state.stopped = "diverged"
+                    self.log(_divergence_message(state, tc, self.opt.param_groups[0]["initial_lr"], self.tested))
+                    break
+                if state.step % tc.eval_every == 0 or state.step == tc.steps or out_of_time:
+                    self.validate(loss)
+                    bar.set_postfix({**postfix, f"val_{self.metric}": f"{100 * state.last_val:.1f}"})
+                if out_of_time:
+                    state.stopped = "time_limit"
+                    self.log(f"time limit of {tc.time_limit:g} min reached at step {state.step} of {tc.steps}: "
+                             f"testing {self.tested}")
+                    break
+                if stop.requested:
+                    interrupted = True
+                    break
+        bar.close()
+        state.elapsed = time.perf_counter() - self.started
+        if interrupted:
+            self.checkpoint()
+            self.logger.close()
+            self.log(f"interrupted at step {state.step}: state saved. Continue with: zotune train --resume "
+                     f"{self.run_dir}")
+            return RunResult(self.run_dir, {"interrupted_at": state.step}, interrupted=True)
+        return self.finish()
+
+    def finish(self) -> RunResult:
+        """Test the best weights (the start's test when the start won), write summary.json and curves.png."""
+        tc, state, metric = self.tc, self.state, self.metric
+        self.opt.flush()
+        best = state.best
+        if best is None and state.stopped == "diverged":
+            self.log("no validation before the divergence: the test below is of the diverged weights")
+        if best is not None and best["step"] != state.step and tc.save_best:
+            checkpoint.copy_into(self.run_dir / "best" / "model.safetensors", dict(self.trainable))  # no second copy
+        if best is not None and best["step"] == 0 and tc.save_best and "test" in state.zero_shot:
+            test = state.zero_shot["test"]  # the starting weights, restored bit for bit: their test is the zero-shot one
+        else:
+            test = self.evaluate("test") if self.encoded["test"] else {}
+        self.logger.write({"step": state.step, **{f"test_{k}": v for k, v in test.items()}})
+        self.logger.close()
+        summary = self.summary(test)
+        checkpoint.write_json(self.run_dir / "summary.json", summary)
+        try:
+            from zotune.plot import plot_run
+
+            plot_run(self.run_dir / "metrics.jsonl", self.run_dir / "curves.png", metric)
+        except ImportError:
+            self.log("matplotlib is not installed: no curves.png")
+        self.log(format_summary(summary))
+        if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
+            checkpoint.drop_snapshot(self.run_dir)
+        return RunResult(self.run_dir, summary)
+
+    def summary(self, test: dict) -> dict:
+        state, best = self.state, self.state.best
+        summary = {
+            "task": self.config.task.name, "model": self.prepared.loaded.source, "metric": self.metric,
+            "zero_shot": state.zero_shot, "best_validation": best, "test": test, "steps": state.step,
+            "skipped_steps": state.skipped, "stopped": state.stopped or "steps", "device": str(self.device),
+            "beat_start": _beat_start(best, state.zero_shot, self.metric),
+            "wall_time_s": round(state.elapsed, 1),
+            "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
+            "trainable_parameters": sum(p.numel() for _, p in self.trainable),
+            "trajectory_bytes": (self.run_dir / "trajectory.zot").stat().st_size,
+        }
+        if state.lr_changes:  # a resume changed optimizer.lr: config.yaml holds only the last rate
+            summary["lr_changes"] = state.lr_changes
+        if state.stopped == "diverged":  # what the guard saw, and the rate it named (state.json may not exist)
+            lr = self.opt.param_groups[0]["initial_lr"]
+            summary["divergence"] = {"running_loss": state.loss_ema, "starting_loss": state.loss_reference,
+                                     "lr": lr, "try_lr": float(_smaller_lr(lr))}
+        return summary
+
+
+def training_loss(prepared: Prepared, tc) -> Callable:
+    """What MeZO minimises: ``loss(model, batch)``, the objective's loss, or (a non-differentiable
+    objective) the batch's negative metric or reward."""
+    if tc.objective == "loss":
+        return lambda model, batch: prepared.objective.loss(model, batch, tc.forward_chunks)
+    return metric_objective(prepared.objective, tc.objective)
+
+
+def _resumed_config(run_dir: Path, changes: list[str] | None, saved: dict) -> RunConfig:
+    """The run's own config, with what a resume may change (RESUME_OVERRIDES) changed and recorded."""
+    config = load_config(run_dir / "config.yaml")
+    if not changes:
+        return config
+    changed = load_config(run_dir / "config.yaml", changes)
+    before, after = config.to_dict(), changed.to_dict()
+    bad = [f"{section}.{key}" for section in after for key in after[section]
+           if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES]
+    if bad:
+        raise ConfigError(f"--resume continues a run with its own config; it may change only "
+                          f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
+    if changed.train.steps != config.train.steps:
+        _check_more_steps(config, changed.train.steps, RunState.from_dict(saved.get("loop"),
+                                                                          run_dir / "state.json").step)
+    if changed.optimizer.lr != config.optimizer.lr:
+        _check_constant(config, "optimizer.lr")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(changed.to_dict(), sort_keys=False))
+    return changed
+
+
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         log: Callable[[str], None] = print, loaded: LoadedModel | None = None,
         resume_overrides: list[str] | None = None) -> RunResult:
@@ -300,220 +562,33 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     of a resumed run, e.g. to extend one that stopped at its time limit, or one that finished its steps
     with more of them; the run's config.yaml records it.
     """
-    state = None
+    saved = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
-        config = load_config(run_dir / "config.yaml")
-        state = checkpoint.read_json(run_dir / "state.json")
-        if resume_overrides:
-            changed = load_config(run_dir / "config.yaml", resume_overrides)
-            before, after = config.to_dict(), changed.to_dict()
-            bad = [f"{section}.{key}" for section in after for key in after[section]
-                   if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES]
-            if bad:
-                raise ConfigError(f"--resume continues a run with its own config; it may change only "
-                                  f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
-            if changed.train.steps != config.train.steps:
-                _check_more_steps(config, changed.train.steps, state["loop"]["step"])
-            if changed.optimizer.lr != config.optimizer.lr:
-                _check_constant(config, "optimizer.lr")
-            config = changed
-            (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        saved = checkpoint.read_json(run_dir / "state.json")
+        config = _resumed_config(run_dir, resume_overrides, saved)
     else:
         config = config or RunConfig()
         run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)
         if (run_dir / "state.json").exists():
             raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output_dir")
-    tc, oc = config.train, config.optimizer
     prepared = prepare(config, log=log, loaded=loaded)
-    if tc.objective == "loss":
-        train_loss = lambda m, b: prepared.objective.loss(m, b, tc.forward_chunks)  # noqa: E731
-    else:  # a non-differentiable objective: MeZO minimises the batch's negative metric or reward
-        train_loss = metric_objective(prepared.objective, tc.objective)
-    model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
-    device = next(model.parameters()).device
+    encoded = prepared.encoded
     if not encoded["train"]:
         raise TaskError("the training split is empty")
+    train_loss = training_loss(prepared, config.train)  # a bad objective fails before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
-    if state is None:
+    if saved is None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log(f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "
         + ", ".join(f"{len(encoded[s])} {s}" for s in SPLITS) + (f" ({prepared.note})" if prepared.note else ""))
     log(f"run directory {run_dir}")
-
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = make_optimizer(trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
-    metric = objective.metric_name
-    loop = {"step": 0, "best": None, "zero_shot": {}, "elapsed": 0.0, "skipped": 0, "device": str(device)}
-    if state is not None:
-        loop = state["loop"]
-        before = loop.get("device")
-        if before is not None and torch.device(before).type != device.type:
-            log(f"warning: this run trained on {before} and resumes on {device}: the steps from here (and weights "
-                f"rebuilt from the trajectory) may differ from an uninterrupted run in the last bits")
-        loop["device"] = str(device)
-        size = state["optimizer"]["mezo"]["trajectory_bytes"] or 0
-        traj_path = run_dir / "trajectory.zot"
-        with open(traj_path, "r+b") as f:
-            f.truncate(size)
-        moments = _load_snapshot(run_dir, loop["step"], size, trainable)
-        if moments is not None:
-            log(f"resuming at step {loop['step']}: the weights saved with its state loaded")
-        else:
-            log(f"resuming at step {loop['step']}: rebuilding the weights from the trajectory")
-            replay(model, read_trajectory(traj_path), finish=False)
-        opt.load_state_dict(state["optimizer"], moments=moments)  # None or {}: rebuilt from the trajectory
-        sched.load_state_dict(state["scheduler"])
-        if sched.base_lrs and sched.base_lrs[0] != oc.lr:  # --resume ... --optimizer.lr X: the state holds the old rate
-            log(f"optimizer.lr {sched.base_lrs[0]:g} -> {oc.lr:g} from step {loop['step']}")
-            loop.setdefault("lr_changes", []).append({"step": loop["step"], "from": sched.base_lrs[0], "to": oc.lr})
-            _set_lr(opt, sched, oc.lr)
-        _truncate_metrics(run_dir / "metrics.jsonl", loop["step"])
-    logger = _Logger(run_dir, resume=state is not None)
-
-    from tqdm.auto import tqdm
-
-    def eval_split(split: str) -> dict:
-        with opt.unperturbed(), tqdm(total=len(encoded[split]), desc=f"eval {split}", unit="ex", leave=False,
-                                     disable=not tc.progress, dynamic_ncols=True) as eval_bar:
-            return evaluate(objective, model, encoded[split], tc.eval_batch_size, progress=eval_bar.update)
-
-    def save_state() -> None:
-        loop["loss_ema"] = ema
-        optimizer_state = opt.state_dict(flush=False)
-        if tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
-            _save_snapshot(run_dir, loop["step"], optimizer_state["mezo"]["trajectory_bytes"], trainable,
-                           opt.moment_tensors(), log)
-        else:  # turned off on resume: no stale weights left taking disk space
-            _drop_snapshot(run_dir)
-        checkpoint.write_json(run_dir / "state.json", {
-            "optimizer": optimizer_state, "scheduler": sched.state_dict(), "loop": loop})
-
-    def keep_best(step: int, val: dict) -> None:
-        loop["best"] = {"step": step, "metric": val[metric], "metrics": val}
-        if tc.save_best:
-            with opt.unperturbed():
-                checkpoint.save_tensors(run_dir / "best" / "model.safetensors",
-                                        {n: p for n, p in trainable}, {"step": str(step)})
-            checkpoint.write_json(run_dir / "best" / "best.json", loop["best"])
-
-    # The starting weights are validated (zero_shot: and tested), and with keep_start they are the best
-    # checkpoint until a step beats them: a run that only makes the model worse tests what it started from.
-    start_splits = ("validation", "test") if tc.zero_shot else ("validation",) if tc.keep_start else ()
-    if state is None and any(encoded[s] for s in start_splits):
-        log("zero-shot evaluation ..." if tc.zero_shot else "validating the starting weights ...")
-        loop["zero_shot"] = {s: eval_split(s) for s in start_splits if encoded[s]}
-        log(f"zero-shot: validation {_fmt(loop['zero_shot'].get('validation'), metric)}, "
-            f"test {_fmt(loop['zero_shot'].get('test'), metric)}")
-        logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in loop["zero_shot"].items() for k, v in m.items()}})
-        if tc.keep_start and "validation" in loop["zero_shot"]:
-            keep_best(0, loop["zero_shot"]["validation"])
-            loop["last_val"] = loop["best"]["metric"]
-
-    bar = tqdm(total=tc.steps, initial=loop["step"], disable=not tc.progress, desc="MeZO", unit="step",
-               dynamic_ncols=True)
-    started = time.perf_counter() - loop["elapsed"]
-    ema = loop.get("loss_ema")
-    tested = "the best weights" if tc.save_best else "the last weights (save_best is off)"
-    interrupted = False
-    with _StopFlag() as stop:
-        while loop["step"] < tc.steps:
-            idx = _batch_indices(len(encoded["train"]), tc.batch_size, loop["step"], config.task.seed)
-            batch = [encoded["train"][i] for i in idx]
-            loss = float(opt.step(lambda: train_loss(model, batch)))
-            loop["skipped"] += int(not all(math.isfinite(x) for x in opt.last_losses))  # a NaN/inf step was skipped
-            sched.step()
-            loop["step"] += 1
-            step = loop["step"]
-            if math.isfinite(loss):
-                ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            diverged = _diverged(loop, ema, loss, tc)
-            logger.write({"step": step, "loss": loss, "loss_minus": opt.last_losses[1] if opt.last_losses else None,
-                          "projected_grad": opt.projected_grad, "lr": opt.param_groups[0]["lr"],
-                          "elapsed": time.perf_counter() - started})
-            postfix = {"loss": f"{ema:.4f}" if ema is not None else "-"}
-            if loop["best"] is not None:
-                postfix[f"val_{metric}"] = f"{100 * loop['last_val']:.1f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            out_of_time = (tc.time_limit > 0 and step < tc.steps
-                           and time.perf_counter() - started >= 60 * tc.time_limit)
-            if diverged:  # these weights are not a candidate for the best: stop before validating them
-                loop["stopped"] = "diverged"
-                log(_divergence_message(loop, ema, step, tc, opt.param_groups[0]["initial_lr"], tested))
-                break
-            if step % tc.eval_every == 0 or step == tc.steps or out_of_time:
-                val = eval_split("validation") if encoded["validation"] else {metric: -loss}
-                loop["last_val"] = val[metric]
-                logger.write({"step": step, **{f"validation_{k}": v for k, v in val.items()}})
-                if loop["best"] is None or val[metric] > loop["best"]["metric"]:  # a tie keeps the earlier
-                    keep_best(step, val)
-                bar.set_postfix({**postfix, f"val_{metric}": f"{100 * val[metric]:.1f}"})
-                loop["elapsed"] = time.perf_counter() - started
-                best = loop["best"]
-                seen = (f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step "
-                        f"{best['step']})" if encoded["validation"] else "no validation split")
-                with tqdm.external_write_mode():  # a line per validation, above the bar, readable in a log file
-                    log(f"step {step}/{tc.steps}: training loss {postfix['loss']} (running mean), {seen}; "
-                        f"{loop['elapsed'] / 60:.1f} min")
-                save_state()
-            if out_of_time:
-                loop["stopped"] = "time_limit"
-                log(f"time limit of {tc.time_limit:g} min reached at step {step} of {tc.steps}: testing {tested}")
-                break
-            if stop.requested:
-                interrupted = True
-                break
-    bar.close()
-    loop["elapsed"] = time.perf_counter() - started
-    if interrupted:
-        save_state()
-        logger.close()
-        log(f"interrupted at step {loop['step']}: state saved. Continue with: zotune train --resume {run_dir}")
-        return RunResult(run_dir, {"interrupted_at": loop["step"]}, interrupted=True)
-
-    opt.flush()
-    best = loop["best"]
-    if best is None and loop.get("stopped") == "diverged":
-        log("no validation before the divergence: the test below is of the diverged weights")
-    if best is not None and best["step"] != loop["step"] and tc.save_best:
-        checkpoint.copy_into(run_dir / "best" / "model.safetensors", dict(trainable))  # no second copy of the model
-    if best is not None and best["step"] == 0 and tc.save_best and "test" in loop["zero_shot"]:
-        test = loop["zero_shot"]["test"]  # the starting weights, restored bit for bit: their test is the zero-shot one
-    else:
-        test = eval_split("test") if encoded["test"] else {}
-    logger.write({"step": loop["step"], **{f"test_{k}": v for k, v in test.items()}})
-    logger.close()
-    summary = {
-        "task": config.task.name, "model": prepared.loaded.source, "metric": metric,
-        "zero_shot": loop["zero_shot"], "best_validation": best, "test": test, "steps": loop["step"],
-        "skipped_steps": loop["skipped"], "stopped": loop.get("stopped", "steps"), "device": str(device),
-        "beat_start": _beat_start(best, loop["zero_shot"], metric),
-        "wall_time_s": round(loop["elapsed"], 1),
-        "peak_memory_mb": round(_peak_memory_mb(device), 1), "trainable_parameters": sum(p.numel() for _, p in trainable),
-        "trajectory_bytes": (run_dir / "trajectory.zot").stat().st_size,
-    }
-    if loop.get("lr_changes"):  # a resume changed optimizer.lr: config.yaml holds only the last rate
-        summary["lr_changes"] = loop["lr_changes"]
-    if loop.get("stopped") == "diverged":  # what the guard saw, and the rate it named (state.json may not exist)
-        lr = opt.param_groups[0]["initial_lr"]
-        summary["divergence"] = {"running_loss": ema, "starting_loss": loop["loss_reference"], "lr": lr,
-                                 "try_lr": float(_smaller_lr(lr))}
-    checkpoint.write_json(run_dir / "summary.json", summary)
-    try:
-        from zotune.plot import plot_run
-
-        plot_run(run_dir / "metrics.jsonl", run_dir / "curves.png", metric)
-    except ImportError:
-        log("matplotlib is not installed: no curves.png")
-    log(format_summary(summary))
-    if summary["stopped"] == "steps":  # nothing left to resume: the snapshot's disk space is given back
-        _drop_snapshot(run_dir)
-    return RunResult(run_dir, summary)
+    trainer = Trainer(config, run_dir, prepared, log, train_loss)
+    if saved is not None:
+        trainer.resume(saved)
+    return trainer.train(resumed=saved is not None)
 
 
 def _beat_start(best: dict | None, zero_shot: dict, metric: str) -> bool | None:
@@ -541,7 +616,7 @@ def format_summary(summary: dict) -> str:
                  f"trajectory {summary['trajectory_bytes'] / 1024:.1f} kB")
     if summary.get("beat_start") is False:
         kept = ("the test above is of the starting weights" if best.get("step") == 0
-                else "the test above is of trained weights (keep_start is off)")
+                else "the test above is of trained weights (the start was not kept as a candidate: keep_start)")
         lines.append(f"no step beat the starting weights on validation {metric}: training did not improve "
                      f"the model; {kept} (a smaller optimizer.lr, or more steps, may help)")
     return "\n".join(lines)

@@ -56,3 +56,31 @@ def test_a_run_of_release_0_1_0_evaluates_and_replays(model_dir, tmp_path):
 
     replayed = load_file(str(next(out.glob("*.safetensors"))))
     assert best and all(replayed[n].equal(t) for n, t in best.items())
+
+
+def test_a_state_of_the_wrong_shape_or_a_newer_version_is_a_one_line_error(model_dir, tmp_path, capsys):
+    old = _stored_run(tmp_path, model_dir)
+    saved = json.loads((old / "state.json").read_text())
+    for loop, message in [({**saved["loop"], "step": "four"}, "not a zotune run state"),
+                          ({**saved["loop"], "surprise": 1}, "not a zotune run state"),
+                          ({**saved["loop"], "version": 99}, "written by a newer zotune (run state version 99)")]:
+        (old / "state.json").write_text(json.dumps({**saved, "loop": loop}))
+        assert main(["train", "--resume", str(old)]) == 2
+        err = capsys.readouterr().err
+        assert f"{old / 'state.json'}: {message}" in err and err.count("\n") == 1
+    (old / "state.json").write_text(json.dumps({"loop": saved["loop"]}))
+    assert main(["train", "--resume", str(old)]) == 2
+    assert "not a zotune run state (no optimizer or scheduler state)" in capsys.readouterr().err
+    assert read_trajectory(old / "trajectory.zot").records == read_trajectory(STORED / "trajectory.zot").records
+
+
+def test_the_run_state_round_trips_and_reads_version_1():
+    from zotune.train import RUN_STATE_VERSION, RunState
+
+    state = RunState(step=3, best={"step": 2, "metric": 0.5, "metrics": {"accuracy": 0.5}}, start_losses=[0.7],
+                     lr_changes=[{"step": 1, "from": 1e-3, "to": 1e-4}])
+    assert RunState.from_dict(json.loads(json.dumps(state.to_dict())), Path("s")) == state
+    v1 = json.loads((STORED / "state.json").read_text())["loop"]
+    assert "version" not in v1
+    old = RunState.from_dict(v1, Path("s"))
+    assert old.step == 4 and old.version == RUN_STATE_VERSION and old.start_losses is None  # referenced at step 20

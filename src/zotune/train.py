@@ -311,10 +311,11 @@ class Trainer:
 
     # -- resume --------------------------------------------------------------------------------------
 
-    def resume(self, saved: dict) -> None:
-        """Continue from a saved state: the trajectory cut to it, the weights loaded or replayed, the
-        optimizer and schedule restored, a new learning rate applied, later metric rows dropped."""
-        state = self.state = RunState.from_dict(saved.get("loop"), self.run_dir / "state.json")
+    def resume(self, saved: dict, state: RunState) -> None:
+        """Continue from a saved state (state.json, its "loop" read as ``state``): the trajectory cut to
+        it, the weights loaded or replayed, the optimizer and schedule restored, a new learning rate
+        applied, later metric rows dropped."""
+        self.state = state
         if state.device is not None and torch.device(state.device).type != self.device.type:
             self.log(f"warning: this run trained on {state.device} and resumes on {self.device}: the steps from here "
                      f"(and weights rebuilt from the trajectory) may differ from an uninterrupted run in the last bits")
@@ -532,7 +533,17 @@ def training_loss(prepared: Prepared, tc) -> Callable:
     return metric_objective(prepared.objective, tc.objective)
 
 
-def _resumed_config(run_dir: Path, changes: list[str] | None, saved: dict) -> RunConfig:
+def _read_state(run_dir: Path) -> tuple[dict, RunState]:
+    """state.json, and its "loop" as a RunState; a file that is not a run's state is a one-line error."""
+    path = run_dir / "state.json"
+    saved = checkpoint.read_json(path)
+    if not (isinstance(saved, dict) and isinstance(saved.get("optimizer"), dict)
+            and isinstance(saved["optimizer"].get("mezo"), dict) and isinstance(saved.get("scheduler"), dict)):
+        raise checkpoint.CheckpointError(f"{path}: not a zotune run state (no optimizer or scheduler state)")
+    return saved, RunState.from_dict(saved.get("loop"), path)
+
+
+def _resumed_config(run_dir: Path, changes: list[str] | None, done: int) -> RunConfig:
     """The run's own config, with what a resume may change (RESUME_OVERRIDES) changed and recorded."""
     config = load_config(run_dir / "config.yaml")
     if not changes:
@@ -545,8 +556,7 @@ def _resumed_config(run_dir: Path, changes: list[str] | None, saved: dict) -> Ru
         raise ConfigError(f"--resume continues a run with its own config; it may change only "
                           f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
     if changed.train.steps != config.train.steps:
-        _check_more_steps(config, changed.train.steps, RunState.from_dict(saved.get("loop"),
-                                                                          run_dir / "state.json").step)
+        _check_more_steps(config, changed.train.steps, done)
     if changed.optimizer.lr != config.optimizer.lr:
         _check_constant(config, "optimizer.lr")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(changed.to_dict(), sort_keys=False))
@@ -562,13 +572,13 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     of a resumed run, e.g. to extend one that stopped at its time limit, or one that finished its steps
     with more of them; the run's config.yaml records it.
     """
-    saved = None
+    saved = state = None
     if resume is not None:
         run_dir = Path(resume)
         if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
-        saved = checkpoint.read_json(run_dir / "state.json")
-        config = _resumed_config(run_dir, resume_overrides, saved)
+        saved, state = _read_state(run_dir)
+        config = _resumed_config(run_dir, resume_overrides, state.step)
     else:
         config = config or RunConfig()
         run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)
@@ -587,7 +597,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     log(f"run directory {run_dir}")
     trainer = Trainer(config, run_dir, prepared, log, train_loss)
     if saved is not None:
-        trainer.resume(saved)
+        trainer.resume(saved, state)
     return trainer.train(resumed=saved is not None)
 
 

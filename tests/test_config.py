@@ -66,3 +66,14 @@ def test_example_configs_load():
         config = load_config(path)
         if config.task.name == "custom":
             CustomTaskConfig.from_dict(config.task.custom)
+
+
+def test_typed_changes_apply_after_the_command_line_and_unknown_keys_are_refused():
+    from zotune.config import parse_overrides
+
+    # values as YAML reads them ("1e-6" stays text: the config's field types convert it)
+    assert parse_overrides(["--steps", "3", "--task.name=rte"]) == {"train.steps": 3, "task.name": "rte"}
+    config = load_config(overrides=["--lr", "1e-6", "--steps", "3"], changes={"lr": 1e-5, "train.batch_size": 4})
+    assert (config.optimizer.lr, config.train.steps, config.train.batch_size) == (1e-5, 3, 4)
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
+        load_config(changes={"train.stepz": 2})

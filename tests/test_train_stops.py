@@ -160,7 +160,7 @@ def test_a_resume_at_a_new_learning_rate_replays_exactly(model_dir, tmp_path, ca
     assert main(["train", "--model.name", str(model_dir), *common, "--steps", "3", "--lr", "1e-3",
                  "--output_dir", str(out)]) == 0
     trained = load_model(ModelConfig(name=str(model_dir)), log=lambda s: None)
-    result = run(resume=out, loaded=trained, log=print, resume_overrides=["--steps", "5", "--optimizer.lr", "2e-4"])
+    result = run(resume=out, loaded=trained, log=print, changes={"steps": 5, "optimizer.lr": 2e-4})
     assert "optimizer.lr 0.001 -> 0.0002 from step 3" in capsys.readouterr().out
     assert result.summary["steps"] == 5 and result.summary["lr_changes"] == [{"step": 3, "from": 1e-3, "to": 2e-4}]
     steps = read_trajectory(out / "trajectory.zot").steps

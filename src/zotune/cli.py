@@ -153,13 +153,13 @@ def _compare(args, rest) -> int:
 
 
 def _train(args, rest) -> int:
-    from zotune.config import ConfigError, load_config
+    from zotune.config import ConfigError, load_config, parse_overrides
     from zotune.train import run
 
     if args.resume:
         if args.config:
             raise ConfigError("--resume continues a run with its own config: give no --config")
-        result = run(resume=args.resume, resume_overrides=rest)
+        result = run(resume=args.resume, changes=parse_overrides(rest))
     else:
         result = run(load_config(args.config, rest))
     return 130 if result.interrupted else 0

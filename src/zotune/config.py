@@ -12,6 +12,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import yaml
 from zotune.errors import UserError
 from zotune.models import ModelConfig
 
-__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "read_yaml"]
+__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "parse_overrides",
+           "read_yaml"]
 
 
 class ConfigError(UserError):
@@ -289,30 +291,12 @@ def read_yaml(path: str | Path, what: str = "YAML file"):
         raise ConfigError(f"{path}{where}: not valid YAML ({' '.join(str(problem).split())})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``.
-
-    Args:
-        path: a YAML file with sections model, task, optimizer, train (each optional).
-        overrides: ``["--lr", "1e-6", "--task.name", "rte", ...]`` or ``["--lr=1e-6"]``.
-    """
-    raw: dict = {}
-    if path is not None:
-        path = Path(path)
-        raw = read_yaml(path, "config file") or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
-        fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in section_classes().items()}
-        for section, values in raw.items():
-            if section not in _SECTIONS:
-                raise _unknown(section, list(_SECTIONS), path) from None
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
-            for key in values:
-                if key not in fields_of[section]:
-                    raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in fields_of[section]], path)
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """Command-line overrides as config changes: ``["--lr", "1e-6", "--task.name=rte"]`` gives
+    ``{"optimizer.lr": 1e-6, "task.name": "rte"}`` (a name unique across sections may stand alone;
+    values are YAML where they parse, else text)."""
     known = _known_keys()
-    items = list(overrides or [])
+    changes: dict[str, object] = {}
     i = 0
     while i < len(items):
         item = items[i]
@@ -332,11 +316,49 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         parsed = _parse_value(value)
         if isinstance(parsed, (dict, list)) and _is_text(section, name):
             parsed = value  # "{sentence} ..." is a template, not a YAML mapping
-        raw.setdefault(section, {})[name] = parsed
+        changes[known[key]] = parsed
+    return changes
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                changes: Mapping[str, object] | None = None) -> RunConfig:
+    """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``, then ``changes``.
+
+    Args:
+        path: a YAML file with sections model, task, optimizer, train (each optional).
+        overrides: command-line words, ``["--lr", "1e-6", "--task.name", "rte", ...]`` or ``["--lr=1e-6"]``
+            (see :func:`parse_overrides`).
+        changes: typed values by key, ``{"optimizer.lr": 1e-6, "train.steps": 2000}`` (a name unique
+            across sections may stand alone: ``{"lr": 1e-6}``).
+    """
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        raw = read_yaml(path, "config file") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
+        fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in section_classes().items()}
+        for section, values in raw.items():
+            if section not in _SECTIONS:
+                raise _unknown(section, list(_SECTIONS), path) from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+            for key in values:
+                if key not in fields_of[section]:
+                    raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in fields_of[section]], path)
+    known = _known_keys()
+    typed = dict(parse_overrides(list(overrides or [])))
+    for key, value in (changes or {}).items():
+        if key not in known:
+            raise _unknown(key, known)
+        typed[known[key]] = value
+    for key, value in typed.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
     try:
         return _build(raw)
     except ConfigError as err:
-        if path is not None and not overrides:  # every value came from the file: say which file
+        if path is not None and not typed:  # every value came from the file: say which file
             raise ConfigError(f"{path}: {err}") from None
         raise
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -543,12 +543,12 @@ def _read_state(run_dir: Path) -> tuple[dict, RunState]:
     return saved, RunState.from_dict(saved.get("loop"), path)
 
 
-def _resumed_config(run_dir: Path, changes: list[str] | None, done: int) -> RunConfig:
+def _resumed_config(run_dir: Path, changes: Mapping[str, object] | None, done: int) -> RunConfig:
     """The run's own config, with what a resume may change (RESUME_OVERRIDES) changed and recorded."""
     config = load_config(run_dir / "config.yaml")
     if not changes:
         return config
-    changed = load_config(run_dir / "config.yaml", changes)
+    changed = load_config(run_dir / "config.yaml", changes=changes)
     before, after = config.to_dict(), changed.to_dict()
     bad = [f"{section}.{key}" for section in after for key in after[section]
            if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES]
@@ -565,12 +565,12 @@ def _resumed_config(run_dir: Path, changes: list[str] | None, done: int) -> RunC
 
 def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         log: Callable[[str], None] = print, loaded: LoadedModel | None = None,
-        resume_overrides: list[str] | None = None) -> RunResult:
+        changes: Mapping[str, object] | None = None) -> RunResult:
     """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``).
 
-    ``resume_overrides`` (``["--train.time_limit", "120"]``) may change the keys of ``RESUME_OVERRIDES``
-    of a resumed run, e.g. to extend one that stopped at its time limit, or one that finished its steps
-    with more of them; the run's config.yaml records it.
+    ``changes`` (``{"train.time_limit": 120}``, ``{"optimizer.lr": 1e-5, "train.steps": 4000}``) may
+    change the keys of ``RESUME_OVERRIDES`` of a resumed run, e.g. to extend one that stopped at its
+    time limit, or one that finished its steps with more of them; the run's config.yaml records it.
     """
     saved = state = None
     if resume is not None:
@@ -578,7 +578,7 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         if not (run_dir / "state.json").is_file() or not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"{run_dir} is not a resumable run directory (no state.json / config.yaml)")
         saved, state = _read_state(run_dir)
-        config = _resumed_config(run_dir, resume_overrides, state.step)
+        config = _resumed_config(run_dir, changes, state.step)
     else:
         config = config or RunConfig()
         run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)

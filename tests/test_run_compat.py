@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from zotune import checkpoint, read_trajectory
@@ -84,3 +85,19 @@ def test_the_run_state_round_trips_and_reads_version_1():
     assert "version" not in v1
     old = RunState.from_dict(v1, Path("s"))
     assert old.step == 4 and old.version == RUN_STATE_VERSION and old.start_losses is None  # referenced at step 20
+
+
+def test_export_is_the_library_behind_zotune_replay(model_dir, tmp_path):
+    from zotune.config import ConfigError
+    from zotune.export import export
+
+    old = _stored_run(tmp_path, model_dir)
+    done = export(str(model_dir), old / "trajectory.zot", tmp_path / "two", step=2, log=lambda m: None)
+    assert (done.steps, done.tuning) == (2, "full") and (done.out / "config.json").is_file()
+    best = checkpoint.load_tensors(old / "best" / "model.safetensors")  # the run's best checkpoint is step 2
+    from safetensors.torch import load_file
+
+    saved = load_file(str(next(done.out.glob("*.safetensors"))))
+    assert all(saved[n].equal(t) for n, t in best.items())
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        export(str(model_dir), old / "trajectory.zot", done.out)

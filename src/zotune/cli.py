@@ -194,96 +194,17 @@ def _eval(args, rest) -> int:
     return 0
 
 
-def _replay_steps(step: str | None, run_dir, trajectory) -> int | None:
-    """``--step``: a count of steps, or ``best`` (the run's best validation step, from best/best.json)."""
-    from zotune.checkpoint import CheckpointError, read_json
-    from zotune.config import ConfigError
-
-    if step is None:
-        return None
-    if step == "best":
-        path = run_dir / "best" / "best.json"
-        if not path.is_file():
-            raise ConfigError(f"--step best: {path} is missing (a run validated at least once writes it)")
-        best = read_json(path)
-        n = best.get("step") if isinstance(best, dict) else None
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise CheckpointError(f"{path}: not a best.json written by zotune train (no step number in it)")
-    else:
-        try:
-            n = int(step)
-        except ValueError:
-            raise ConfigError(f"--step must be a number of steps or 'best', got {step!r}") from None
-    if not 0 <= n <= trajectory.n_steps:
-        raise ConfigError(f"--step {step}: the trajectory holds {trajectory.n_steps} steps")
-    return n
-
-
-def _trained_on(run_dir, log) -> str | None:
-    """The device the run beside a trajectory trained on (its summary.json), if this machine has it."""
-    import torch
-
-    from zotune.checkpoint import CheckpointError, read_json
-
-    path = run_dir / "summary.json"
-    summary = read_json(path) if path.is_file() else {}
-    device = summary.get("device") if isinstance(summary, dict) else None
-    if not isinstance(summary, dict) or not isinstance(device, (str, type(None))):
-        raise CheckpointError(f"{path}: not a summary.json written by zotune train (give --device to replay anyway)")
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        log(f"the run trained on {device}; this machine has no CUDA GPU: replaying on the CPU, whose z may differ "
-            f"from the GPU's in the last bits")
-        return "cpu"
-    return device
-
-
 def _replay(args, rest) -> int:
-    from pathlib import Path
-
     from zotune.config import ConfigError
-    from zotune.models import ModelConfig, load_model
-    from zotune.trajectory import read_trajectory, replay
+    from zotune.export import export
 
     if rest:
         raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} exists and is not empty: choose a new --out directory")
-    trajectory = read_trajectory(args.trajectory)  # a bad file fails before the model is loaded
-    steps = _replay_steps(args.step, Path(args.trajectory).parent, trajectory)
-    import dataclasses
-
-    from zotune.config import load_config
-    from zotune.tuning import merge_lora, tune_loaded
-
-    config_path = Path(args.config) if args.config else Path(args.trajectory).parent / "config.yaml"
-    model_config = load_config(config_path).model if args.config or config_path.is_file() else ModelConfig()
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    device = args.device or _trained_on(Path(args.trajectory).parent, log) or model_config.device
-    model_config = dataclasses.replace(model_config, name=args.base, dtype=args.dtype or model_config.dtype,
-                                       device=device)
-    loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
-    replay(loaded.model, trajectory, steps=steps)
-    partial = out.with_name(out.name + ".partial")
-    model = loaded.model
-    if model_config.tuning == "lora":
-        model = merge_lora(model)
-    if model_config.tuning == "prefix":
-        from zotune import checkpoint
-
-        model.model.save_pretrained(partial)
-        checkpoint.save_tensors(partial / "prefix.safetensors", dict(model.prefix.named_parameters()),
-                                {"prefix_tokens": str(model_config.prefix_tokens)})
-    else:
-        model.save_pretrained(partial)
-    loaded.tokenizer.save_pretrained(partial)
-    if out.exists():
-        out.rmdir()
-    partial.rename(out)
-    steps = trajectory.n_steps if steps is None else steps
+    done = export(args.base, args.trajectory, args.out, step=args.step, config=args.config, device=args.device,
+                  dtype=args.dtype, log=lambda m: print(m, file=sys.stderr))
     extra = {"lora": " (LoRA merged into the weights)",
-             "prefix": " (the base model; the trained prefixes in prefix.safetensors)"}.get(model_config.tuning, "")
-    print(f"replayed {steps} steps onto {args.base}; saved to {out}{extra}")
+             "prefix": " (the base model; the trained prefixes in prefix.safetensors)"}.get(done.tuning, "")
+    print(f"replayed {done.steps} steps onto {args.base}; saved to {done.out}{extra}")
     return 0
 
 

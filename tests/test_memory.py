@@ -43,3 +43,14 @@ def test_opt_1_3b_backprop_matches_the_measured_figure():
     # PERF.md: a backprop Adam step (mixed precision) on OPT-1.3B, seq 64, batch 16: 20.1 GiB measured.
     est = estimate(shapes_from_config(_load_config("opt-1.3b")), dtype="float16", batch=16, seq=64)
     assert est.backprop_adam / 2**30 == pytest.approx(20.1, rel=0.10)
+
+
+def test_the_report_says_what_fits_one_gpu():
+    from zotune.memory import report
+
+    text = report("opt-13b", gpu_memory="40GB", batch=16, seq=64)
+    lines = text.splitlines()
+    assert lines[0].startswith("opt-13b: 12.") and "float16, batch 16, seq 64" in lines[0]
+    rows = {line.split("  ")[1].strip(): line for line in lines[1:]}
+    assert rows["inference"].endswith("  fits") and rows["MeZO (zotune)"].endswith("  fits")
+    assert any(line.endswith("does not fit") for line in lines[1:])  # backprop with Adam needs ~4x

@@ -57,23 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--trajectory", metavar="FILE", help="replay this trajectory onto the model first")
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
 
-    rp = sub.add_parser("replay", help="rebuild fine-tuned weights from a base model and a trajectory",
-                        description="Replays the trajectory onto the base model (no data, no forward pass) "
-                                    "and saves the result with its config and tokenizer, loadable by from_pretrained.")
-    rp.add_argument("--base", required=True, help="the base model (as for --model.name)")
-    rp.add_argument("--trajectory", required=True, metavar="FILE")
-    rp.add_argument("--out", required=True, metavar="DIR")
-    rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
-    rp.add_argument("--device", default=None,
-                    help="where to replay: cpu, cuda or cuda:N (default: the device in summary.json beside the "
-                         "trajectory, else the run's model.device). Bit for bit on the kind of device the run "
-                         "trained on")
-    rp.add_argument("--config", metavar="FILE",
-                    help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
-                         "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
-    rp.add_argument("--step", default=None, metavar="N|best",
-                    help="replay the first N steps only (default: all); 'best': up to the run's best validation "
-                         "(best/best.json beside the trajectory), the weights its test was of")
+    _replay_arguments(sub)
 
     cmp = sub.add_parser(
         "compare", help="run methods x tasks x seeds (zero-shot, ICL, LP, MeZO, FT, ...) into one table",
@@ -101,9 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
                          description="Predicts, from a model's shapes alone, the peak memory of inference, "
                                      "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.")
-    from zotune.memory import add_arguments
-
-    add_arguments(mem)
+    _memory_arguments(mem)
 
     demo = sub.add_parser("demo", help="fine-tune a tiny built-in model on a toy task and print the loss falling",
                           description="MeZO memorises random token sequences with a tiny Llama built from a "
@@ -139,10 +121,46 @@ def _plot(args, rest) -> int:
     return 0
 
 
-def _memory(args, rest) -> int:
-    from zotune.memory import run
+def _replay_arguments(sub) -> None:
+    rp = sub.add_parser("replay", help="rebuild fine-tuned weights from a base model and a trajectory",
+                        description="Replays the trajectory onto the base model (no data, no forward pass) "
+                                    "and saves the result with its config and tokenizer, loadable by from_pretrained.")
+    rp.add_argument("--base", required=True, help="the base model (as for --model.name)")
+    rp.add_argument("--trajectory", required=True, metavar="FILE")
+    rp.add_argument("--out", required=True, metavar="DIR")
+    rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
+    rp.add_argument("--device", default=None,
+                    help="where to replay: cpu, cuda or cuda:N (default: the device in summary.json beside the "
+                         "trajectory, else the run's model.device). Bit for bit on the kind of device the run "
+                         "trained on")
+    rp.add_argument("--config", metavar="FILE",
+                    help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
+                         "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
+    rp.add_argument("--step", default=None, metavar="N|best",
+                    help="replay the first N steps only (default: all); 'best': up to the run's best validation "
+                         "(best/best.json beside the trajectory), the weights its test was of")
 
-    return run(args)
+
+def _memory_arguments(mem: argparse.ArgumentParser) -> None:
+    from zotune.memory import DTYPES
+
+    mem.add_argument("--model", required=True,
+                     help="a hub id or local directory, a config.json, or an OPT size like opt-13b")
+    mem.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB: says what fits")
+    mem.add_argument("--dtype", default="float16", choices=DTYPES)
+    mem.add_argument("--batch", type=int, default=16)
+    mem.add_argument("--seq", type=int, default=64, help="sequence length in tokens")
+    mem.add_argument("--lora-rank", type=int, default=8)
+    mem.add_argument("--prefix-tokens", type=int, default=5)
+    mem.add_argument("--eager-attention", action="store_true", help="attention scores are materialised")
+
+
+def _memory(args, rest) -> int:
+    from zotune.memory import report
+
+    print(report(args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, batch=args.batch, seq=args.seq,
+                 lora_rank=args.lora_rank, prefix_tokens=args.prefix_tokens, eager_attention=args.eager_attention))
+    return 0
 
 
 def _compare(args, rest) -> int:

@@ -30,7 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from pathlib import Path
 
 from zotune.errors import UserError
 
-__all__ = ["Estimate", "Shapes", "add_arguments", "estimate", "parse_bytes", "run", "shapes_from_config"]
+__all__ = ["DTYPES", "Estimate", "Shapes", "estimate", "parse_bytes", "report", "shapes_from_config"]
 
 # OPT sizes (Zhang et al., 2022): hidden size, layers, heads, FFN size; for names like "opt-13b"
 _OPT = {
@@ -47,6 +46,7 @@ _OPT = {
     "30b": (7168, 48, 56, 28672), "66b": (9216, 64, 72, 36864),
 }
 _WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4}
+DTYPES = tuple(sorted(_WIDTH))  # the dtypes an estimate knows
 
 
 @dataclass(frozen=True)
@@ -204,28 +204,19 @@ def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: in
                     forward_gradient=2 * weights + 2 * act)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``zotune memory``."""
-    parser.add_argument("--model", required=True,
-                        help="a hub id or local directory, a config.json, or an OPT size like opt-13b")
-    parser.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB: says what fits")
-    parser.add_argument("--dtype", default="float16", choices=sorted(_WIDTH))
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64, help="sequence length in tokens")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--prefix-tokens", type=int, default=5)
-    parser.add_argument("--eager-attention", action="store_true", help="attention scores are materialised")
+def report(model: str, *, gpu_memory: str | None = None, dtype: str = "float16", batch: int = 16, seq: int = 64,
+           lora_rank: int = 8, prefix_tokens: int = 5, eager_attention: bool = False) -> str:
+    """The table ``zotune memory`` prints: each mode's predicted peak, against inference and ``gpu_memory``.
 
-
-def run(args: argparse.Namespace) -> int:
-    """Print the table for parsed ``zotune memory`` arguments."""
-    shapes = shapes_from_config(_load_config(args.model))
-    est = estimate(shapes, dtype=args.dtype, batch=args.batch, seq=args.seq, lora_rank=args.lora_rank,
-                   prefix_tokens=args.prefix_tokens, fused_attention=not args.eager_attention)
-    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-    print(f"{args.model}: {shapes.params / 1e9:.3f}B parameters, {args.dtype}, batch {args.batch}, seq {args.seq}")
+    ``model`` is a hub id or local directory, a config.json, or an OPT size like ``opt-13b``;
+    ``gpu_memory`` (``"80GB"``) adds whether each mode fits one GPU of that size.
+    """
+    shapes = shapes_from_config(_load_config(model))
+    est = estimate(shapes, dtype=dtype, batch=batch, seq=seq, lora_rank=lora_rank, prefix_tokens=prefix_tokens,
+                   fused_attention=not eager_attention)
+    budget = parse_bytes(gpu_memory) if gpu_memory else None
+    lines = [f"{model}: {shapes.params / 1e9:.3f}B parameters, {dtype}, batch {batch}, seq {seq}"]
     for name, value in est.rows():
         fits = "" if budget is None else ("  fits" if value <= budget else "  does not fit")
-        print(f"  {name:<30} {value / 2**30:9.2f} GiB  ({value / est.inference:5.2f} x inference){fits}")
-    return 0
-
+        lines.append(f"  {name:<30} {value / 2**30:9.2f} GiB  ({value / est.inference:5.2f} x inference){fits}")
+    return "\n".join(lines)

@@ -43,7 +43,7 @@ from pathlib import Path
 import yaml
 
 from zotune import checkpoint
-from zotune.config import ConfigError, RunConfig, read_yaml, section_classes
+from zotune.config import ConfigError, RunConfig, override_pairs, read_yaml, section_classes
 from zotune.runtime import StopFlag, peak_memory_mb
 
 __all__ = ["METHODS", "CompareConfig", "Method", "compare", "format_table", "load_compare_config", "run_cell"]
@@ -241,26 +241,14 @@ def load_compare_config(path: str | os.PathLike | None = None, overrides: list[s
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with keys such as tasks, methods, seeds, run")
     names = {f.name: f for f in dataclasses.fields(CompareConfig)}
-    items = list(overrides or [])
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--"):
-            raise ConfigError(f"expected --key value, got {item!r}")
-        key, eq, value = item[2:].partition("=")
-        if not eq:
-            if not items:
-                raise ConfigError(f"--{key} needs a value")
-            value = items.pop(0)
-        keys = key.replace("-", "_").split(".")  # --run.train.steps 10 sets one nested value
+    for key, _, value in override_pairs(list(overrides or [])):
+        keys = key.split(".")  # --run.train.steps 10 sets one nested value
         node = raw
         for part in keys[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: {part!r} is not a mapping")
-        try:
-            node[keys[-1]] = yaml.safe_load(value) if value else value
-        except yaml.YAMLError:  # not YAML ("[a"): the text itself, as the run config's overrides read it
-            node[keys[-1]] = value
+        node[keys[-1]] = value
     hints = typing.get_type_hints(CompareConfig)
     kwargs = {}
     for key, value in raw.items():

@@ -21,8 +21,8 @@ import yaml
 from zotune.errors import UserError
 from zotune.models import ModelConfig
 
-__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "parse_overrides",
-           "read_yaml"]
+__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "override_pairs",
+           "parse_overrides", "read_yaml"]
 
 
 class ConfigError(UserError):
@@ -291,13 +291,12 @@ def read_yaml(path: str | Path, what: str = "YAML file"):
         raise ConfigError(f"{path}{where}: not valid YAML ({' '.join(str(problem).split())})") from None
 
 
-def parse_overrides(items: list[str]) -> dict[str, object]:
-    """Command-line overrides as config changes: ``["--lr", "1e-6", "--task.name=rte"]`` gives
-    ``{"optimizer.lr": 1e-6, "task.name": "rte"}`` (a name unique across sections may stand alone;
-    values are YAML where they parse, else text)."""
-    known = _known_keys()
-    changes: dict[str, object] = {}
-    i = 0
+def override_pairs(items: list[str]) -> list[tuple[str, str, object]]:
+    """Command-line overrides, ``["--lr", "1e-6", "--task.name=rte"]``, as ``(key, text, value)``
+    triples: the key with dashes as underscores, the value's text, and the value as YAML reads it
+    (numbers, booleans, null, lists), else the text. The one reader of ``--key value`` and
+    ``--key=value`` words, for run configs and compare grids alike."""
+    pairs, i = [], 0
     while i < len(items):
         item = items[i]
         if not item.startswith("--"):
@@ -309,14 +308,23 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
             value = items[i + 1]
             i += 1
         i += 1
-        key = key.replace("-", "_")
+        pairs.append((key.replace("-", "_"), value, _parse_value(value)))
+    return pairs
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """Command-line overrides as config changes: ``["--lr", "1e-6", "--task.name=rte"]`` gives
+    ``{"optimizer.lr": "1e-6", "task.name": "rte"}`` (a name unique across sections may stand alone;
+    values as :func:`override_pairs` reads them: the config's field types convert them)."""
+    known = _known_keys()
+    changes: dict[str, object] = {}
+    for key, text, value in override_pairs(items):
         if key not in known:
             raise _unknown(key, known)
         section, name = known[key].split(".")
-        parsed = _parse_value(value)
-        if isinstance(parsed, (dict, list)) and _is_text(section, name):
-            parsed = value  # "{sentence} ..." is a template, not a YAML mapping
-        changes[known[key]] = parsed
+        if isinstance(value, (dict, list)) and _is_text(section, name):
+            value = text  # "{sentence} ..." is a template, not a YAML mapping
+        changes[known[key]] = value
     return changes
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import zotune.baselines.finetune as ft_module
+import zotune.objectives as objectives
 from zotune.baselines.finetune import FinetuneConfig, finetune
 from zotune.config import ConfigError, RunConfig
 from zotune.train import prepare
@@ -77,14 +77,14 @@ def test_the_best_validation_weights_are_the_ones_tested(model_dir, tmp_path, mo
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     fake = iter([0.5, 0.9, 0.1, 0.2])  # validation peaks at the second evaluation
     seen = []
-    real = ft_module.evaluate
+    real = objectives.evaluate  # what finetune's evaluations call (through objectives.evaluate_split)
 
     def spy(objective, model_, encoded, batch_size, progress=None):
         seen.append((encoded is prepared.encoded["test"], _state(model_)))
         metrics = real(objective, model_, encoded, batch_size, progress)
         return metrics if encoded is prepared.encoded["test"] else {"accuracy": next(fake)}
 
-    monkeypatch.setattr(ft_module, "evaluate", spy)
+    monkeypatch.setattr(objectives, "evaluate", spy)
     result = finetune(prepared, _quiet(steps=8, eval_every=2), log=lambda s: None)
     assert [is_test for is_test, _ in seen] == [False] * 4 + [True]
     assert result["best_step"] == 4 and result["validation"] == {"accuracy": 0.9}
@@ -99,13 +99,13 @@ def test_epochs_batches_and_evaluation_steps(model_dir, tmp_path, monkeypatch):
     batches, evals = [], []
     loss = prepared.objective.loss
     prepared.objective.loss = lambda model, batch, chunks=1: batches.append(batch) or loss(model, batch, chunks)
-    real = ft_module.evaluate
+    real = objectives.evaluate  # what finetune's evaluations call (through objectives.evaluate_split)
 
     def spy(objective, model, encoded, batch_size, progress=None):
         evals.append(len(batches))  # after how many steps
         return real(objective, model, encoded, batch_size, progress)
 
-    monkeypatch.setattr(ft_module, "evaluate", spy)
+    monkeypatch.setattr(objectives, "evaluate", spy)
     result = finetune(prepared, _quiet(epochs=1.5), log=lambda s: None)
     assert result["steps"] == 5 and [len(b) for b in batches] == [8, 8, 8, 8, 8]
     assert evals == [3, 5, 5]  # each epoch, the end, then the test

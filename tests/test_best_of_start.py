@@ -23,9 +23,9 @@ def _starting_weights(model_dir):
 def test_when_no_step_beats_the_start_the_starting_weights_are_kept_and_tested(model_dir, tmp_path, monkeypatch,
                                                                                 capsys):
     # validation order: zero-shot validation, zero-shot test (a real one), then steps 2, 4, 6
-    from zotune import train
+    from zotune import objectives
 
-    real, calls = train.evaluate, []
+    real, calls = objectives.evaluate, []
 
     def evaluate(objective, model, examples, batch_size, progress=None):
         result = real(objective, model, examples, batch_size, progress=progress)
@@ -33,7 +33,7 @@ def test_when_no_step_beats_the_start_the_starting_weights_are_kept_and_tested(m
         fake = {0: 0.75, 2: 0.5, 3: 0.75, 4: 0.25}  # call index -> validation accuracy (1: the zero-shot test)
         return {**result, "accuracy": fake[len(calls) - 1]} if len(calls) - 1 in fake else result
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(objectives, "evaluate", evaluate)
     out = tmp_path / "run"
     assert main(_run(model_dir, out)) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -51,9 +51,9 @@ def test_when_no_step_beats_the_start_the_starting_weights_are_kept_and_tested(m
 
 
 def test_a_step_that_beats_the_start_is_kept(model_dir, tmp_path, monkeypatch):
-    from zotune import train
+    from zotune import objectives
 
-    real, calls = train.evaluate, []
+    real, calls = objectives.evaluate, []
 
     def evaluate(objective, model, examples, batch_size, progress=None):
         calls.append(1)
@@ -61,7 +61,7 @@ def test_a_step_that_beats_the_start_is_kept(model_dir, tmp_path, monkeypatch):
         fake = {0: 0.5, 2: 0.625, 3: 0.75, 4: 0.5}
         return {**result, "accuracy": fake[len(calls) - 1]} if len(calls) - 1 in fake else result
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(objectives, "evaluate", evaluate)
     out = tmp_path / "run"
     assert main(_run(model_dir, out)) == 0
     summary = json.loads((out / "summary.json").read_text())

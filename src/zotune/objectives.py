@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["CPU_FORWARD_OVERHEAD", "Encoded", "Objective", "evaluate", "exact_match", "f1_score", "hidden_at",
+__all__ = ["CPU_FORWARD_OVERHEAD", "Encoded", "Objective", "evaluate", "evaluate_split", "exact_match", "f1_score", "hidden_at",
            "length_slices", "make_objective", "metric_objective", "selective_head"]
 
 
@@ -389,6 +389,16 @@ def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size
             progress(len(chosen))
     model.train(was_training)
     return objective.metrics(predictions, encoded)
+
+
+def evaluate_split(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int, split: str,
+                   show: bool = True) -> dict[str, float]:
+    """:func:`evaluate` with a progress bar over ``split``'s examples (gone when done; ``show=False``: none)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(encoded), desc=f"eval {split}", unit="ex", leave=False, disable=not show,
+              dynamic_ncols=True) as bar:
+        return evaluate(objective, model, encoded, batch_size, progress=bar.update)
 
 
 def _macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:

@@ -35,7 +35,7 @@ import yaml
 from zotune import checkpoint
 from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
-from zotune.objectives import Encoded, Objective, evaluate, make_objective, metric_objective
+from zotune.objectives import Encoded, Objective, evaluate_split, make_objective, metric_objective
 from zotune.optim import make_optimizer
 from zotune.runtime import StopFlag as _StopFlag  # Ctrl-C or SIGTERM: finish the step, save, stop
 from zotune.runtime import peak_memory_mb as _peak_memory_mb
@@ -342,12 +342,9 @@ class Trainer:
     # -- evaluation and the best weights ---------------------------------------------------------------
 
     def evaluate(self, split: str) -> dict:
-        from tqdm.auto import tqdm
-
-        with self.opt.unperturbed(), tqdm(total=len(self.encoded[split]), desc=f"eval {split}", unit="ex",
-                                          leave=False, disable=not self.tc.progress, dynamic_ncols=True) as bar:
-            return evaluate(self.objective, self.model, self.encoded[split], self.tc.eval_batch_size,
-                            progress=bar.update)
+        with self.opt.unperturbed():  # the clean weights, whatever perturbation a fused step left in them
+            return evaluate_split(self.objective, self.model, self.encoded[split], self.tc.eval_batch_size, split,
+                                  show=self.tc.progress)
 
     def keep_best(self, step: int, val: dict) -> None:
         self.state.best = {"step": step, "metric": val[self.metric], "metrics": val}

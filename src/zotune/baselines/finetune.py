@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from zotune.config import ConfigError
-from zotune.objectives import evaluate
+from zotune.objectives import evaluate_split
 from zotune.optim.groups import decay_groups
 from zotune.tasks import TaskError
 
@@ -74,6 +74,45 @@ def _batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     epoch, i = divmod(step, per_epoch)
     perm = np.random.default_rng([seed, _ORDER_KEY, epoch]).permutation(n)
     return perm[i * batch_size : (i + 1) * batch_size].tolist()
+
+
+def _adam_step(model, objective, opt, params: list, batch: list, config: FinetuneConfig, step: int) -> float:
+    """One AdamW step on ``batch``; returns its loss. A NaN or infinite loss or gradient raises
+    ``FloatingPointError`` before it reaches the weights."""
+    model.train()  # dropout on while training (evaluate() switches it off and back)
+    opt.zero_grad(set_to_none=True)
+    loss = objective.loss(model, batch, config.forward_chunks)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"fine-tuning loss is {value} at step {step}: lower finetune.lr (now "
+                                 f"{config.lr:g}); the weights are those after step {step - 1}")
+    loss.backward()
+    # With max_grad_norm=None the norm is still computed (an infinite bound clips nothing), to catch NaNs.
+    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
+    if not math.isfinite(float(norm)):
+        raise FloatingPointError(f"fine-tuning gradient norm is {float(norm)} at step {step}: lower "
+                                 f"finetune.lr (now {config.lr:g}); the weights are those after step {step - 1}")
+    opt.step()
+    return value
+
+
+def _best_of(best: dict | None, step: int, val: dict, metric: str, trainable) -> dict:
+    """The best validation so far, ``{"step", "metrics", "weights"}``: this step's if it beats ``best``
+    (a tie keeps the earlier), with a copy of the trainable tensors."""
+    if best is None or val[metric] > best["metrics"][metric]:
+        return {"step": step, "metrics": val, "weights": [p.detach().clone() for _, p in trainable]}
+    return best
+
+
+def _restore_best(best: dict | None, trainable, total: int, log: Callable[[str], None]) -> None:
+    """Put the best validation weights back before the test (the last step's are already there)."""
+    if best is None:
+        log("no validation split: testing the final weights")
+    elif best["step"] != total:
+        with torch.no_grad():
+            for (_, p), saved in zip(trainable, best["weights"]):
+                p.copy_(saved)
+        log(f"restored the best validation weights (step {best['step']} of {total})")
 
 
 def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size: int = 32,
@@ -129,9 +168,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
     from tqdm.auto import tqdm
 
     def eval_split(split: str) -> dict:
-        with tqdm(total=len(encoded[split]), desc=f"eval {split}", unit="ex", leave=False,
-                  disable=not config.progress, dynamic_ncols=True) as bar:
-            return evaluate(objective, model, encoded[split], eval_batch_size, progress=bar.update)
+        return evaluate_split(objective, model, encoded[split], eval_batch_size, split, show=config.progress)
 
     was_training = model.training
     best: dict | None = None  # {"step", "metrics", "weights"}
@@ -141,22 +178,8 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
     bar = tqdm(total=total, desc="FT", unit="step", disable=not config.progress, dynamic_ncols=True)
     try:
         for step in range(1, total + 1):
-            model.train()  # dropout on while training (evaluate() switches it off and back)
             batch = [train[i] for i in _batch(len(train), config.batch_size, step - 1, config.seed)]
-            opt.zero_grad(set_to_none=True)
-            loss = objective.loss(model, batch, config.forward_chunks)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"fine-tuning loss is {value} at step {step}: lower finetune.lr (now "
-                                         f"{config.lr:g}); the weights are those after step {step - 1}")
-            loss.backward()
-            # With max_grad_norm=None the norm is still computed (an infinite bound clips nothing), to catch NaNs.
-            norm = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], config.max_grad_norm or math.inf)
-            if not math.isfinite(float(norm)):
-                raise FloatingPointError(f"fine-tuning gradient norm is {float(norm)} at step {step}: lower "
-                                         f"finetune.lr (now {config.lr:g}); the weights are those after "
-                                         f"step {step - 1}")
-            opt.step()
+            value = _adam_step(model, objective, opt, [p for _, p in trainable], batch, config, step)
             losses.append(value)
             ema = value if ema is None else 0.9 * ema + 0.1 * value
             postfix = {"loss": f"{ema:.4f}"}
@@ -166,9 +189,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
             bar.update(1)
             if validation and (step % every == 0 or step == total):
                 val = eval_split("validation")
-                if best is None or val[metric] > best["metrics"][metric]:
-                    best = {"step": step, "metrics": val,
-                            "weights": [p.detach().clone() for _, p in trainable]}
+                best = _best_of(best, step, val, metric, trainable)
                 bar.set_postfix({**postfix, f"best_val_{metric}": f"{100 * best['metrics'][metric]:.1f}"})
                 if not config.progress:  # with a bar the postfix shows it; lines would break the bar
                     log(f"step {step}: validation {metric} {100 * val[metric]:.1f} "
@@ -177,13 +198,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
         bar.close()
         opt.zero_grad(set_to_none=True)  # the gradients are as large as the trained weights: free them
         model.train(was_training)
-    if best is not None and best["step"] != total:
-        with torch.no_grad():
-            for (_, p), saved in zip(trainable, best["weights"]):
-                p.copy_(saved)
-        log(f"restored the best validation weights (step {best['step']} of {total})")
-    elif best is None:
-        log("no validation split: testing the final weights")
+    _restore_best(best, trainable, total, log)
     test = eval_split("test") if encoded["test"] else {}
     elapsed = time.perf_counter() - started
     if test:

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from conftest import mse_closure
+from conftest import mse_closure, ulp32
 
 import zotune
 from zotune import MeZO, TrajectoryError, read_trajectory, replay
@@ -20,12 +20,13 @@ def _train(model, data, steps, path=None, **kwargs):
     return opt
 
 
-def _assert_replayed(trained, replayed, bitwise=True):
+def _assert_replayed(trained, replayed, atol=None):
+    """Bit for bit, or (atol) within rounding."""
     for (name, p), q in zip(trained.named_parameters(), replayed.parameters()):
-        if bitwise:
+        if atol is None:
             assert torch.equal(p, q), name
-        scale = p.detach().abs().max().clamp_min(1e-12)
-        assert float((p - q).detach().abs().max() / scale) <= 1e-6, name
+        else:
+            torch.testing.assert_close(q, p, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("options", [
@@ -48,7 +49,12 @@ def test_fast_replay_is_within_rounding(tmp_path, toy_model, regression_data):
     _train(trained, regression_data, 40, tmp_path / "run.zot", weight_decay=0.1)
     base = toy_model()
     replay(base, tmp_path / "run.zot", exact=False)
-    _assert_replayed(trained, base, bitwise=False)
+    # exact=False applies a step as one float32 sweep theta (1 - lr wd) - lr g z; training took three (+eps z,
+    # -2 eps z, then back and the update), whose roundings it does not repeat: <= 4 half-ulps a step of
+    # |theta| + 2 eps |z| < 2 (|theta| <= 1.31 here), 40 steps: 40 * 2 ulp(1) ~ 1e-5 (measured 6e-7). Decay on
+    # the biases too ends 1.4e-2 off; the first step left out, 3e-3.
+    assert max(float(p.detach().abs().max()) for p in trained.parameters()) < 1.5
+    _assert_replayed(trained, base, atol=40 * 2 * ulp32(1.0))
 
 
 def test_replay_with_schedule_skips_and_flushes(tmp_path, toy_model, regression_data):

@@ -48,3 +48,11 @@ def test_check_consistent_compares_the_fingerprint():
     for opt in (MeZO(_model().named_parameters(), lr=0.05, seed=3, n_perturbations=2),
                 ForwardGradient(_model().named_parameters(), lr=0.05, seed=1)):
         assert distributed._fingerprint(opt, check_values=False) == opt.fingerprint()
+
+
+def test_another_torch_optimizer_is_fingerprinted_by_what_it_has():
+    model = _model()
+    facts = distributed._fingerprint(torch.optim.SGD(model.parameters(), lr=0.1), check_values=False)
+    assert (facts["seed"], facts["step"], facts["eps"], facts["variant"]) == (None, None, None, None)
+    assert facts["lr and weight decay"] == [[0.1, 0]]
+    assert facts["parameter set"] == [[list(p.shape), "torch.float32"] for p in model.parameters()]

@@ -131,17 +131,18 @@ def _values_checksum(optimizer) -> list[float] | None:
 
 
 def _fingerprint(optimizer, check_values: bool) -> dict:
-    facts = {
-        "seed": getattr(optimizer, "seed", None),
-        "step": getattr(optimizer, "step_count", None),
-        "eps": getattr(optimizer, "eps", None),
-        "options": {k: getattr(optimizer, k, None) for k in ("distribution", "fuse_next", "stochastic_rounding")},
-        # the variant (estimator, n, layerwise, momentum/Adam), as the trajectory header records it
-        "variant": optimizer._variant_header() if hasattr(optimizer, "_variant_header") else None,
-        "lr and weight decay": [[g.get("lr"), g.get("weight_decay")] for g in optimizer.param_groups],
-        "parameter set": getattr(optimizer, "_table", None)
-        or [[list(p.shape), str(p.dtype)] for g in optimizer.param_groups for p in g["params"]],
-    }
+    if hasattr(optimizer, "fingerprint"):  # zotune's optimizers: KeyedOptimizer.fingerprint
+        facts = optimizer.fingerprint()
+    else:  # another torch optimizer: the same facts, as far as it has them
+        facts = {
+            "seed": getattr(optimizer, "seed", None),
+            "step": getattr(optimizer, "step_count", None),
+            "eps": getattr(optimizer, "eps", None),
+            "options": {k: getattr(optimizer, k, None) for k in ("distribution", "fuse_next", "stochastic_rounding")},
+            "variant": None,
+            "lr and weight decay": [[g.get("lr"), g.get("weight_decay")] for g in optimizer.param_groups],
+            "parameter set": [[list(p.shape), str(p.dtype)] for g in optimizer.param_groups for p in g["params"]],
+        }
     if check_values:
         facts["parameter values"] = _values_checksum(optimizer)
     return facts

@@ -3,7 +3,7 @@
 import pytest
 
 from zotune.cli import main
-from zotune.memory import estimate, parse_bytes, shapes_from_config, _load_config
+from zotune.memory import _load_config, estimate, parse_bytes, shapes_from_config
 
 
 def test_parse_bytes():

@@ -3,8 +3,8 @@
 import importlib.util
 
 import pytest
-import torch
 import tiny
+import torch
 
 from zotune.models import ModelConfig, ModelError, load_model, resolve_device, select_trainable
 

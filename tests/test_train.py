@@ -6,8 +6,8 @@ import re
 import signal
 
 import pytest
-import torch
 import tiny
+import torch
 
 from zotune import checkpoint, read_trajectory
 from zotune.cli import main

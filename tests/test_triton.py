@@ -343,7 +343,7 @@ def test_gpu_fill_and_words_match_reference(seed, key):
 @cuda
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 def test_gpu_sweep_matches_reference(distribution):
-    key, start, n = 2**63 + 99, 3, 70_001
+    key, n = 2**63 + 99, 70_001
     terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)]
     x0 = torch.randn(n)
     x = x0.cuda()

@@ -5,8 +5,8 @@ import os
 import signal
 
 import pytest
-import torch
 import tiny
+import torch
 from conftest import ulp32
 
 from zotune import MeZO, checkpoint, read_trajectory, replay

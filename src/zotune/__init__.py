@@ -3,8 +3,7 @@
 __version__ = "0.1.0"
 
 from zotune import kernels, rng  # noqa: E402
-from zotune.optim import (  # noqa: E402
-    ForwardGradient, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, accumulate, make_optimizer)
+from zotune.optim import ForwardGradient, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, accumulate, make_optimizer  # noqa: E402
 from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory, replay  # noqa: E402
 
 __all__ = [

@@ -189,8 +189,8 @@ def _eval(args, rest) -> int:
     from zotune import checkpoint
     from zotune.config import ConfigError, load_config
     from zotune.objectives import evaluate
-    from zotune.trajectory import replay
     from zotune.train import prepare
+    from zotune.trajectory import replay
 
     config_path = args.config or (Path(args.run) / "config.yaml" if args.run else None)
     config = load_config(config_path, rest)

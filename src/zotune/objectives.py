@@ -430,11 +430,10 @@ def metric_objective(objective: Objective, metric: str | Callable) -> Callable:
     """
     if isinstance(metric, str) and metric not in ("accuracy", "f1"):
         import importlib
-
-        from zotune.config import ConfigError
-
         import os
         import sys
+
+        from zotune.config import ConfigError
 
         module_name, _, function = metric.partition(":")
         sys.path.insert(0, os.getcwd())  # the `zotune` script's sys.path lacks the working directory

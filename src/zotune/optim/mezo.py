@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from zotune import kernels, rng
-from zotune.optim import functional
-from zotune.optim import variants
+from zotune.optim import functional, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, param_table
 from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step

@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import tiny
+import torch
 from conftest import ulp32
 
 from zotune.baselines.probe import ProbeConfig, features, init_head_from_probe, linear_probe

@@ -1,8 +1,8 @@
 """In-context learning: the cached demonstrations give the logits of the concatenated text; truncation."""
 
 import pytest
-import torch
 import tiny
+import torch
 from conftest import ulp32
 
 from zotune.baselines.icl import ICLConfig, _shift, demonstration_tokens, in_context

@@ -3,8 +3,8 @@
 import random
 
 import pytest
-import torch
 import tiny
+import torch
 from conftest import ulp32
 
 from zotune.objectives import Objective, evaluate, exact_match, f1_score, length_slices

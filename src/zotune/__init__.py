@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from zotune import kernels, rng  # noqa: E402
+from zotune.errors import UserError  # noqa: E402
 from zotune.optim import ForwardGradient, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, accumulate, make_optimizer  # noqa: E402
 from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory, replay  # noqa: E402
 
@@ -14,6 +15,7 @@ __all__ = [
     "NonFiniteLossError",
     "Trajectory",
     "TrajectoryError",
+    "UserError",
     "__version__",
     "accumulate",
     "distributed",

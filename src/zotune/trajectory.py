@@ -66,7 +66,7 @@ import torch
 
 from zotune import rng
 from zotune.errors import UserError
-from zotune.optim import functional as F
+from zotune.optim import functional
 
 __all__ = [
     "Flush",
@@ -425,7 +425,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
     which is how a resumed optimizer rebuilds them. ``until``: stop before the first record of step
     ``until`` (steps count from 0), i.e. after ``until`` steps. Returns the rule.
     """
-    from zotune.optim import variants as V
+    from zotune.optim import variants
 
     header = traj.header
     keys = [int(e["key"], 16) for e in header["params"]]
@@ -442,7 +442,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
     layerwise = header.get("layerwise", "none") != "none"
     grad_norm = header.get("layerwise") == "grad-norm"
     layers = [list(g) for g in header.get("layer_groups", [])]
-    rule = rule if rule is not None else V.make_rule(header.get("variant"))
+    rule = rule if rule is not None else variants.make_rule(header.get("variant"))
     d = sum(t.numel() for t in tensors)
     factors: dict[int, float] = {}
 
@@ -452,7 +452,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
         if seed not in factors:
             if len(factors) > 4096:
                 factors.clear()
-            factors[seed] = rng.sphere_factor(F.gaussian_sumsq(*every, seed, backend=backend), d)
+            factors[seed] = rng.sphere_factor(functional.gaussian_sumsq(*every, seed, backend=backend), d)
         return factors[seed]
 
     def sweep(t: int, pairs, eps: float, scales) -> None:
@@ -463,7 +463,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
         for j, mult in pairs:
             seed = rng.step_seed(seed0, t, j)
             terms.append((seed, mult * eps * factor(seed), scales))
-        V.sweep_terms_(every[0], every[1], terms, distribution=zdist, backend=backend)
+        variants.sweep_terms_(every[0], every[1], terms, distribution=zdist, backend=backend)
 
     eps, wds, pending, scales_of = None, None, None, None
     for n, record in enumerate(traj.records):
@@ -498,18 +498,18 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
                 raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
             scales = list(scales_of.scales)
         ordered = None if scales is None else [scales[i] for g in index_groups for i in g]
-        probe_scales = V.inverse_scales(scales) if grad_norm else None  # grad-norm probes along z / c_l
+        probe_scales = variants.inverse_scales(scales) if grad_norm else None  # grad-norm probes along z / c_l
         if grad_norm:
-            ordered = V.inverse_scales(ordered)
+            ordered = variants.inverse_scales(ordered)
         if isinstance(record, Skip):
             if forward:
                 continue
             if exact:
-                plan = V.probe_sweeps(estimator, record.phase)  # long enough: phase <= len(plan)
+                plan = variants.probe_sweeps(estimator, record.phase)  # long enough: phase <= len(plan)
                 for k in range(record.phase):
                     if not (k == 0 and pending is not None):
                         sweep(t, plan[k], eps, ordered)
-                carry = V.carry_after(estimator, record.phase - 1)
+                carry = variants.carry_after(estimator, record.phase - 1)
                 if carry is not None:
                     sweep(t, [(carry[0], -carry[1])], eps, ordered)
             elif pending is not None:
@@ -517,13 +517,13 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
             pending = None
             continue
         grads = [record.projected_grad] if isinstance(record, Step) else list(record.projected_grads)
-        plan = V.probe_sweeps("two-sided" if forward else estimator, len(grads))
+        plan = variants.probe_sweeps("two-sided" if forward else estimator, len(grads))
         carry = None
         if exact:
             for k, pairs in enumerate(plan):
                 if not (k == 0 and pending is not None):
                     sweep(t, pairs, eps, ordered)
-            j, mult = V.carry_after(estimator, len(plan) - 1)
+            j, mult = variants.carry_after(estimator, len(plan) - 1)
             carry = (j, mult * eps)
         elif pending is not None:
             sweep(t, [(0, -1.0)], eps, None)
@@ -532,8 +532,8 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
         if fused and exact:
             seed_next = rng.step_seed(seed0, t + 1)
             next_terms = [(seed_next, eps * factor(seed_next))]
-        u = V.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms, probe_scales)
-        groups = [V.Group([tensors[i] for i in g], [keys[i] for i in g], g, lr, wd)
+        u = variants.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms, probe_scales)
+        groups = [variants.Group([tensors[i] for i in g], [keys[i] for i in g], g, lr, wd)
                   for g, lr, wd in zip(index_groups, record.lrs, wds)]
         rule.apply(groups, u, distribution=zdist, rounding_seed=seeds[0] if sr else None, backend=backend,
                    update=update)
@@ -546,11 +546,11 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
 def _redo_layer_probes(record: LayerProbe, layers, tensors, keys, seed0: int, eps: float, zdist: str,
                        backend) -> None:
     """Repeat a per-layer probe pass's sweeps (they leave float rounding behind, so exact replay needs them)."""
-    from zotune.optim import variants as V
+    from zotune.optim import variants
 
     if not layers:
         raise TrajectoryError("corrupted trajectory: a layer-probe record in a file whose header has no layer_groups")
-    plan = V.layer_probe_sweeps(len(layers), record.probes)
+    plan = variants.layer_probe_sweeps(len(layers), record.probes)
     if record.applied > len(plan):
         raise TrajectoryError(f"corrupted trajectory: step {record.step} records {record.applied} probe sweeps "
                               f"of {len(plan)}")
@@ -559,6 +559,6 @@ def _redo_layer_probes(record: LayerProbe, layers, tensors, keys, seed0: int, ep
         i, r, _ = plan[record.applied - 1]
         moves.append((i, r, -1.0 if record.applied % 3 == 1 else 1.0))
     for i, r, mult in moves:
-        seed = V.layer_probe_seed(seed0, record.step, i, r, len(layers))
-        V.sweep_terms_([tensors[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
+        seed = variants.layer_probe_seed(seed0, record.step, i, r, len(layers))
+        variants.sweep_terms_([tensors[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
                        distribution=zdist, backend=backend)

@@ -76,6 +76,19 @@ def _batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return perm[i * batch_size : (i + 1) * batch_size].tolist()
 
 
+def _plan(model, train: list, config: FinetuneConfig) -> tuple[list, int, int]:
+    """The trainable ``(name, tensor)`` pairs, the number of steps, and the steps between validations
+    (default: an epoch's); no training data or nothing to train is a one-line error."""
+    if not train:
+        raise TaskError("the training split is empty: fine-tuning needs training examples")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("no parameter requires a gradient: choose them with model.tuning / model.trainable")
+    per_epoch = -(-len(train) // config.batch_size)
+    total = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * per_epoch))
+    return trainable, total, config.eval_every or per_epoch
+
+
 def _adam_step(model, objective, opt, params: list, batch: list, config: FinetuneConfig, step: int) -> float:
     """One AdamW step on ``batch``; returns its loss. A NaN or infinite loss or gradient raises
     ``FloatingPointError`` before it reaches the weights."""
@@ -150,25 +163,13 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
         raise ConfigError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
     model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
     train, validation = encoded["train"], encoded["validation"]
-    if not train:
-        raise TaskError("the training split is empty: fine-tuning needs training examples")
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ConfigError("no parameter requires a gradient: choose them with model.tuning / model.trainable")
-    per_epoch = -(-len(train) // config.batch_size)
-    total = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * per_epoch))
-    every = config.eval_every or per_epoch
+    trainable, total, every = _plan(model, train, config)
     metric = objective.metric_name
-    # Decay chosen by tensor rank, not by name: matrices decay, vectors (biases, norms' gains) do not.
     opt = torch.optim.AdamW(decay_groups([p for _, p in trainable], config.weight_decay), lr=config.lr)
     n_params = sum(p.numel() for _, p in trainable)
     log(f"fine-tuning {n_params:,} parameters with AdamW (lr {config.lr:g}, batch {config.batch_size}): "
         f"{total} steps, {len(train)} training examples, validation every {every} steps")
-
     from tqdm.auto import tqdm
-
-    def eval_split(split: str) -> dict:
-        return evaluate_split(objective, model, encoded[split], eval_batch_size, split, show=config.progress)
 
     was_training = model.training
     best: dict | None = None  # {"step", "metrics", "weights"}
@@ -188,7 +189,7 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if validation and (step % every == 0 or step == total):
-                val = eval_split("validation")
+                val = evaluate_split(objective, model, validation, eval_batch_size, "validation", config.progress)
                 best = _best_of(best, step, val, metric, trainable)
                 bar.set_postfix({**postfix, f"best_val_{metric}": f"{100 * best['metrics'][metric]:.1f}"})
                 if not config.progress:  # with a bar the postfix shows it; lines would break the bar
@@ -199,7 +200,8 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
         opt.zero_grad(set_to_none=True)  # the gradients are as large as the trained weights: free them
         model.train(was_training)
     _restore_best(best, trainable, total, log)
-    test = eval_split("test") if encoded["test"] else {}
+    test = (evaluate_split(objective, model, encoded["test"], eval_batch_size, "test", config.progress)
+            if encoded["test"] else {})
     elapsed = time.perf_counter() - started
     if test:
         log(f"fine-tuned: test {metric} {100 * test[metric]:.1f}; {total} steps, {elapsed:.0f} s")

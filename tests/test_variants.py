@@ -10,7 +10,7 @@ import torch
 from conftest import mse_closure, ulp32
 
 import zotune
-from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
+from zotune import FZOO, MeZO, MeZOAdam, MeZOMomentum, replay, rng
 from zotune.config import ConfigError, OptimConfig
 from zotune.optim import functional as F
 from zotune.optim import make_optimizer
@@ -34,12 +34,18 @@ VARIANTS = {
     "momentum-stored": (MeZOMomentum, dict(beta=0.8, state="stored"), dict(rule="momentum", beta1=0.8)),
     "adam-history": (MeZOAdam, dict(betas=(0.8, 0.9), window=50), dict(rule="adam", beta1=0.8, beta2=0.9)),
     "adam-stored": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored"), dict(rule="adam", beta1=0.8, beta2=0.9)),
+    "fzoo": (FZOO, dict(n_perturbations=4), dict(n=4, estimator="fzoo", distribution="rademacher")),
+    "fzoo-momentum-sphere": (MeZOMomentum, dict(beta=0.8, window=50, estimator="fzoo", n_perturbations=3,
+                                                distribution="sphere"),
+                             dict(rule="momentum", beta1=0.8, n=3, estimator="fzoo", distribution="sphere")),
     "everything": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored", n_perturbations=2, estimator="one-sided",
                                   distribution="sphere", layerwise="param-norm"),
                    dict(rule="adam", beta1=0.8, beta2=0.9, n=2, estimator="one-sided", distribution="sphere",
                         layerwise="param-norm")),
 }
 def _lr(name):
+    if name.startswith("fzoo"):  # its step is about lr / eps per element, whatever the loss's scale
+        return 2e-6
     return 1e-3 if "adam" in name or name == "everything" else 2e-2
 
 
@@ -65,13 +71,16 @@ def test_matches_the_explicit_reference_step_by_step(toy_model, regression_data,
     # scale-free: relative g gaps of 1e-4 move it by ~1e-4 of its size (<= 1/sqrt(1 - beta2) ~ 3), so
     # 8 steps * lr 1e-3 * 1e-4 * 3 ~ 3e-9 a step, below the roundings; 20 ulp(2) a step is given to it.
     # A lost term (n-SPSA), a wrong z, gain or moment moves a weight by ~lr |g| max|u| ~ 1e-2 in one step.
-    one_sided = VARIANTS[name][2].get("estimator") == "one-sided"
+    one_sided = VARIANTS[name][2].get("estimator") in ("one-sided", "fzoo")
     w_tol, est_gap = 0.0, 0.0
     for t in range(8):
         theta = [p.detach().clone() for p in ref_model.parameters()]
         opt.step(mse_closure(model, *regression_data))
         ref.step(mse_closure(ref_model, *regression_data))
         g_tol = (2 if one_sided else 1) * 20 * ulp32(max(map(abs, opt.last_losses))) / opt.eps
+        if ref.sigma is not None:  # FZOO: c_j = (l_j - l_0) / (eps sigma), and sigma is off by <= 2 * 20 ulp of L too
+            dsigma = 2 * 20 * ulp32(max(map(abs, opt.last_losses)))
+            g_tol = g_tol / ref.sigma + max(map(abs, ref.projected_grads)) * dsigma / ref.sigma
         assert opt.projected_grads == pytest.approx(ref.projected_grads, rel=0, abs=g_tol)
         n = len(ref.projected_grads)
         umax = [max(float(z.abs().max()) for z in ref.z(rng.step_seed(3, t, j))) for j in range(n)]
@@ -492,6 +501,8 @@ def test_every_variant_minimises_a_quadratic(name):
     lr = 0.005 if kwargs.get("layerwise") == "param-norm" else 0.02  # s_l^2 ~ 2 multiplies the step
     if cls is MeZOAdam:
         lr = 0.05  # Adam's steps are ~lr per coordinate, whatever the estimate's scale
+    if cls is FZOO or kwargs.get("estimator") == "fzoo":
+        lr = 2e-5  # a normalized step: ~lr / (eps sqrt(N)) = 0.01 per coordinate, whatever the loss's scale
     opt = cls([("x", x)], lr=lr, eps=1e-3, **kwargs)
     loss = lambda: 0.5 * x @ a @ x  # noqa: E731
     start = float(loss().detach())

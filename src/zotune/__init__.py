@@ -1,13 +1,23 @@
 """zotune: fine-tune language models with forward passes only (MeZO, arXiv 2305.17333)."""
 
-__version__ = "0.1.0"
-
-from zotune import kernels, rng  # noqa: E402
-from zotune.errors import UserError  # noqa: E402
-from zotune.optim import ForwardGradient, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, accumulate, make_optimizer  # noqa: E402
-from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory, replay  # noqa: E402
+from zotune import kernels, rng
+from zotune.errors import UserError
+from zotune.optim import (
+    FZOO,
+    ForwardGradient,
+    MeZO,
+    MeZOAdam,
+    MeZOMomentum,
+    NonFiniteLossError,
+    accumulate,
+    make_optimizer,
+)
+from zotune.optim.replay import replay
+from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory
+from zotune.version import __version__
 
 __all__ = [
+    "FZOO",
     "ForwardGradient",
     "MeZO",
     "MeZOAdam",

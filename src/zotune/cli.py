@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zotune import __version__
+from zotune.version import __version__
 
 __all__ = ["main"]
 
@@ -189,8 +189,8 @@ def _eval(args, rest) -> int:
     from zotune import checkpoint
     from zotune.config import ConfigError, load_config
     from zotune.objectives import evaluate
+    from zotune.optim.replay import replay
     from zotune.train import prepare
-    from zotune.trajectory import replay
 
     config_path = args.config or (Path(args.run) / "config.yaml" if args.run else None)
     config = load_config(config_path, rest)

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from zotune import rng
 from zotune.errors import UserError
 from zotune.models import ModelConfig
+from zotune.optim import estimators, variants
 
 __all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "override_pairs",
            "parse_overrides", "read_yaml"]
@@ -90,7 +92,9 @@ class OptimConfig:
     n_schedule: str = "constant"  # "constant", or "linear": n rises to n_perturbations_final over n_ramp_steps
     n_perturbations_final: int = 1  # linear n_schedule: n at and after n_ramp_steps
     n_ramp_steps: int = 1  # linear n_schedule: steps of the rise
-    estimator: str = "two-sided"  # "two-sided" (L(+eps) - L(-eps)) / 2eps, or "one-sided" (L(+eps) - L) / eps
+    estimator: str = "two-sided"  # zotune.optim.estimators: "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
+    # (L(+eps) - L) / eps, or "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
+    # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it)
     variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum" or "adam"
     beta1: float = 0.9  # momentum / Adam: decay of the first moment
     beta2: float = 0.999  # Adam: decay of the second moment (with state "history" prefer <= 0.99)
@@ -110,11 +114,9 @@ class OptimConfig:
             raise ConfigError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.distribution not in ("gaussian", "rademacher", "sphere"):
-            raise ConfigError(f"optimizer.distribution must be gaussian, rademacher or sphere, got {self.distribution!r}")
-        choices = {"n_schedule": ("constant", "linear"), "estimator": ("two-sided", "one-sided"),
-                   "variant": ("sgd", "momentum", "adam"), "state": ("history", "stored"),
-                   "layerwise": ("none", "param-norm", "grad-norm")}
+        choices = {"distribution": rng.PERTURBATIONS, "n_schedule": ("constant", "linear"),
+                   "estimator": tuple(estimators.ESTIMATORS), "variant": tuple(variants.RULES),
+                   "state": ("history", "stored"), "layerwise": variants.LAYERWISE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -122,6 +124,11 @@ class OptimConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and 1 <= value <= 100):
                 raise ConfigError(f"optimizer.{name} must be an integer from 1 to 100, got {value!r}")
+        need = estimators.get(self.estimator).min_n
+        for name in ("n_perturbations",) + (("n_perturbations_final",) if self.n_schedule == "linear" else ()):
+            if getattr(self, name) < need:
+                raise ConfigError(f"optimizer.{name} must be >= {need} with the {self.estimator} estimator, "
+                                  f"got {getattr(self, name)}")
         for name in ("n_ramp_steps", "window", "grad_norm_probes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -20,7 +20,8 @@ from zotune import checkpoint
 from zotune.checkpoint import CheckpointError, read_json
 from zotune.config import ConfigError, load_config
 from zotune.models import ModelConfig, load_model
-from zotune.trajectory import Trajectory, read_trajectory, replay
+from zotune.optim.replay import replay
+from zotune.trajectory import Trajectory, read_trajectory
 from zotune.tuning import merge_lora, tune_loaded
 
 __all__ = ["Exported", "export", "resolve_step"]

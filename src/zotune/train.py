@@ -37,10 +37,11 @@ from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate_split, make_objective, metric_objective
 from zotune.optim import make_optimizer
+from zotune.optim.replay import replay
 from zotune.runtime import StopFlag as _StopFlag  # Ctrl-C or SIGTERM: finish the step, save, stop
 from zotune.runtime import peak_memory_mb as _peak_memory_mb
 from zotune.tasks import TaskError, get_task
-from zotune.trajectory import read_trajectory, replay
+from zotune.trajectory import read_trajectory
 from zotune.tuning import tune_loaded
 
 __all__ = ["Prepared", "RunResult", "RunState", "Trainer", "prepare", "run", "schedule_factor"]
@@ -400,7 +401,7 @@ class Trainer:
         idx = _batch_indices(len(train), self.tc.batch_size, state.step, self.config.task.seed)
         batch = [train[i] for i in idx]
         loss = float(self.opt.step(lambda: self.train_loss(self.model, batch)))
-        state.skipped += int(not all(math.isfinite(x) for x in self.opt.last_losses))  # a NaN/inf step was skipped
+        state.skipped += int(self.opt.last_step_skipped)  # a NaN/inf loss (or estimate): the step was skipped
         self.sched.step()
         state.step += 1
         if math.isfinite(loss):
@@ -408,6 +409,7 @@ class Trainer:
         self.logger.write({"step": state.step, "loss": loss,
                            "loss_minus": self.opt.last_losses[1] if self.opt.last_losses else None,
                            "projected_grad": self.opt.projected_grad, "lr": self.opt.param_groups[0]["lr"],
+                           "forward_passes": self.opt.forward_passes,  # training closure calls so far
                            "elapsed": time.perf_counter() - self.started})
         return loss
 
@@ -512,6 +514,7 @@ class Trainer:
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
             "trainable_parameters": sum(p.numel() for _, p in self.trainable),
             "trajectory_bytes": (self.run_dir / "trajectory.zot").stat().st_size,
+            "forward_passes": self.opt.forward_passes,  # training loss evaluations (None: resumed from an older state)
         }
         if state.lr_changes:  # a resume changed optimizer.lr: config.yaml holds only the last rate
             summary["lr_changes"] = state.lr_changes

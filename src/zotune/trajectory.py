@@ -2,7 +2,8 @@
 
 MeZO's update is determined by the step's seed and one scalar (paper §2.1, "Storage
 efficiency"), so a run can be stored in a few hundred kilobytes and replayed onto the base
-model without data or forward passes: :func:`replay`.
+model without data or forward passes: :func:`zotune.replay` (:mod:`zotune.optim.replay`). This module
+is the format alone (records, reader, writer) and imports nothing from :mod:`zotune.optim`.
 
 Format (version 1, little-endian, no pickle)::
 
@@ -37,7 +38,9 @@ byte for byte what it was, and every older file reads and replays as before):
              an interrupted pass was undone by one more sweep of the carried multiple
 
     header keys, present only when not the default:
-      "estimator"        "one-sided" (default "two-sided"); "forward-gradient" marks a trajectory
+      "estimator"        a name of zotune.optim.estimators.ESTIMATORS other than the default "two-sided":
+                         "one-sided", or "fzoo" (its "N" records hold the normalized coefficients
+                         (l_j - l_0) / (eps sigma), so replay needs nothing more); "forward-gradient" marks a trajectory
                          of plain updates without perturbation sweeps (written by
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
@@ -49,7 +52,8 @@ byte for byte what it was, and every older file reads and replays as before):
                          "adam_eps", "window", "state": "history" | "stored"}
 
 A skip record's phase is the 1-based index of the loss evaluation that came out non-finite
-(two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided: 1 for L(theta), j+2 for L+_j).
+(two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided and fzoo: 1 for L(theta), j+2 for L+_j); a step
+whose losses were finite but whose estimate was not (fzoo with equal perturbed losses) records its last.
 """
 
 from __future__ import annotations
@@ -62,11 +66,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from zotune import rng
 from zotune.errors import UserError
-from zotune.optim import functional
 
 __all__ = [
     "Flush",
@@ -80,7 +80,6 @@ __all__ = [
     "TrajectoryError",
     "TrajectoryWriter",
     "read_trajectory",
-    "replay",
 ]
 
 MAGIC = b"ZOTRAJ"
@@ -340,225 +339,3 @@ class TrajectoryWriter:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _resolve_params(target, header: dict) -> list[torch.Tensor]:
-    """The tensors that the header's parameter table names, checked before anything is modified."""
-    table = header["params"]
-    if isinstance(target, torch.nn.Module):
-        if not header.get("named", True):
-            raise TrajectoryError(
-                "this trajectory was recorded with unnamed parameters (keys are list positions): "
-                "pass the same list of tensors to replay, not a module"
-            )
-        target = dict(target.named_parameters())
-    if isinstance(target, Mapping):
-        missing = [e["name"] for e in table if e["name"] not in target]
-        if missing:
-            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise TrajectoryError(
-                f"the model has no parameter named {shown} ({len(missing)} of {len(table)} recorded "
-                "parameters missing): this trajectory belongs to another model"
-            )
-        tensors = [target[e["name"]] for e in table]
-    else:
-        tensors = list(target)
-        if len(tensors) != len(table):
-            raise TrajectoryError(f"the trajectory records {len(table)} parameters, {len(tensors)} were given")
-    for entry, p in zip(table, tensors):
-        if list(p.shape) != entry["shape"] or str(p.dtype).removeprefix("torch.") != entry["dtype"]:
-            raise TrajectoryError(
-                f"parameter {entry['name']!r} is {str(p.dtype).removeprefix('torch.')} {list(p.shape)} in the "
-                f"model but {entry['dtype']} {entry['shape']} in the trajectory: it belongs to another model"
-            )
-    return tensors
-
-
-@torch.no_grad()
-def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None,
-           steps: int | None = None):
-    """Rebuild fine-tuned weights from the base weights and a trajectory, with no data and no forward pass.
-
-    Args:
-        target: the base model (an ``nn.Module``, matched by parameter name), a ``{name: tensor}``
-            mapping, or the list of tensors the optimizer was given (for unnamed runs). Modified in place.
-        trajectory: a path or a :class:`Trajectory`.
-        exact: repeat the optimizer's sweeps one for one (perturb, restore, update), which reproduces
-            training bit for bit on the same backend; ``False`` applies each update in a single sweep
-            (three times faster, equal up to float rounding).
-        finish: remove a perturbation that training had fused in for the next step (``fuse_next``),
-            leaving the trained weights. ``False`` leaves it, to resume training from
-            ``optimizer.state_dict(flush=False)`` bit for bit.
-        backend: as in :func:`zotune.optim.functional.sweep_`.
-        steps: replay only the first ``steps`` steps (default: all): the weights the run held after that
-            many, e.g. those it validated as its best (``best/best.json``'s ``step``).
-
-    Returns:
-        ``target``.
-
-    Example::
-
-        model = AutoModelForCausalLM.from_pretrained(base)
-        zotune.replay(model, "run/trajectory.zot")
-    """
-    traj = trajectory if isinstance(trajectory, Trajectory) else read_trajectory(trajectory)
-    header = traj.header
-    if header.get("first_step", 0) != 0:
-        raise TrajectoryError(
-            f"this trajectory starts at step {header['first_step']}, not at the base model: "
-            "it was started on a resumed run whose earlier steps were not recorded"
-        )
-    if steps is not None:
-        if not 0 <= steps <= traj.n_steps:
-            raise TrajectoryError(f"cannot replay {steps} steps: this trajectory holds {traj.n_steps}")
-    tensors = _resolve_params(target, header)
-    walk(traj, tensors, exact=exact, finish=finish, backend=backend, until=steps)
-    return target
-
-
-def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, update: bool = True,
-         rule=None, backend: str | None = None, until: int | None = None):
-    """Apply a parsed trajectory's records to ``tensors`` (the header's parameter table, in order).
-
-    The engine of :func:`replay`. With ``update=False`` no tensor is modified: only ``rule`` (an
-    update rule of :mod:`zotune.optim.variants`, e.g. stored-state Adam) accumulates its moments,
-    which is how a resumed optimizer rebuilds them. ``until``: stop before the first record of step
-    ``until`` (steps count from 0), i.e. after ``until`` steps. Returns the rule.
-    """
-    from zotune.optim import variants
-
-    header = traj.header
-    keys = [int(e["key"], 16) for e in header["params"]]
-    index_groups = [list(g) for g in header["groups"]]
-    every = ([tensors[i] for g in index_groups for i in g], [keys[i] for g in index_groups for i in g])
-    dist, seed0 = header["distribution"], int(header["seed"])
-    sphere = dist == "sphere"
-    zdist = "gaussian" if sphere else dist
-    fused, sr = header["fuse_next"], header["stochastic_rounding"]
-    estimator = header.get("estimator", "two-sided")
-    forward = estimator == "forward-gradient"  # plain updates: no perturbation was ever applied
-    if forward:
-        exact, fused = False, False
-    layerwise = header.get("layerwise", "none") != "none"
-    grad_norm = header.get("layerwise") == "grad-norm"
-    layers = [list(g) for g in header.get("layer_groups", [])]
-    rule = rule if rule is not None else variants.make_rule(header.get("variant"))
-    d = sum(t.numel() for t in tensors)
-    factors: dict[int, float] = {}
-
-    def factor(seed: int) -> float:
-        if not sphere:
-            return 1.0
-        if seed not in factors:
-            if len(factors) > 4096:
-                factors.clear()
-            factors[seed] = rng.sphere_factor(functional.gaussian_sumsq(*every, seed, backend=backend), d)
-        return factors[seed]
-
-    def sweep(t: int, pairs, eps: float, scales) -> None:
-        """One probe sweep: ``pairs`` of (perturbation j, multiple of eps)."""
-        if not pairs or not update:
-            return
-        terms = []
-        for j, mult in pairs:
-            seed = rng.step_seed(seed0, t, j)
-            terms.append((seed, mult * eps * factor(seed), scales))
-        variants.sweep_terms_(every[0], every[1], terms, distribution=zdist, backend=backend)
-
-    eps, wds, pending, scales_of = None, None, None, None
-    for n, record in enumerate(traj.records):
-        if until is not None and getattr(record, "step", -1) >= until:
-            break  # a Flush of step `until` is what `finish` does below
-        if isinstance(record, Hyper):
-            eps, wds = record.eps, record.weight_decays
-            continue
-        if isinstance(record, LayerScales):
-            scales_of = record
-            continue
-        if isinstance(record, LayerProbe):
-            if exact and update and not forward:
-                if eps is None:
-                    raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
-                _redo_layer_probes(record, layers, tensors, keys, seed0, eps, zdist, backend)
-            continue
-        if eps is None:
-            raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
-        if isinstance(record, Flush):
-            if pending != record.step:
-                raise TrajectoryError(f"corrupted trajectory: record {n} flushes step {record.step}, none pending")
-            sweep(record.step, [(0, -1.0)], eps, None)
-            pending = None
-            continue
-        t = record.step
-        if pending is not None and pending != t:
-            raise TrajectoryError(f"corrupted trajectory: record {n} is step {t} but step {pending} is pending")
-        scales = None
-        if layerwise:
-            if scales_of is None or scales_of.step != t:
-                raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
-            scales = list(scales_of.scales)
-        ordered = None if scales is None else [scales[i] for g in index_groups for i in g]
-        probe_scales = variants.inverse_scales(scales) if grad_norm else None  # grad-norm probes along z / c_l
-        if grad_norm:
-            ordered = variants.inverse_scales(ordered)
-        if isinstance(record, Skip):
-            if forward:
-                continue
-            if exact:
-                plan = variants.probe_sweeps(estimator, record.phase)  # long enough: phase <= len(plan)
-                for k in range(record.phase):
-                    if not (k == 0 and pending is not None):
-                        sweep(t, plan[k], eps, ordered)
-                carry = variants.carry_after(estimator, record.phase - 1)
-                if carry is not None:
-                    sweep(t, [(carry[0], -carry[1])], eps, ordered)
-            elif pending is not None:
-                sweep(t, [(0, -1.0)], eps, None)
-            pending = None
-            continue
-        grads = [record.projected_grad] if isinstance(record, Step) else list(record.projected_grads)
-        plan = variants.probe_sweeps("two-sided" if forward else estimator, len(grads))
-        carry = None
-        if exact:
-            for k, pairs in enumerate(plan):
-                if not (k == 0 and pending is not None):
-                    sweep(t, pairs, eps, ordered)
-            j, mult = variants.carry_after(estimator, len(plan) - 1)
-            carry = (j, mult * eps)
-        elif pending is not None:
-            sweep(t, [(0, -1.0)], eps, None)
-        seeds = [rng.step_seed(seed0, t, j) for j in range(len(grads))]
-        next_terms = []
-        if fused and exact:
-            seed_next = rng.step_seed(seed0, t + 1)
-            next_terms = [(seed_next, eps * factor(seed_next))]
-        u = variants.StepUpdate(t, seeds, [factor(s) for s in seeds], grads, scales, carry, next_terms, probe_scales)
-        groups = [variants.Group([tensors[i] for i in g], [keys[i] for i in g], g, lr, wd)
-                  for g, lr, wd in zip(index_groups, record.lrs, wds)]
-        rule.apply(groups, u, distribution=zdist, rounding_seed=seeds[0] if sr else None, backend=backend,
-                   update=update)
-        pending = t + 1 if fused and exact else None
-    if pending is not None and finish:  # clean weights: remove the perturbation fused in for the next step
-        sweep(pending, [(0, -1.0)], eps, None)
-    return rule
-
-
-def _redo_layer_probes(record: LayerProbe, layers, tensors, keys, seed0: int, eps: float, zdist: str,
-                       backend) -> None:
-    """Repeat a per-layer probe pass's sweeps (they leave float rounding behind, so exact replay needs them)."""
-    from zotune.optim import variants
-
-    if not layers:
-        raise TrajectoryError("corrupted trajectory: a layer-probe record in a file whose header has no layer_groups")
-    plan = variants.layer_probe_sweeps(len(layers), record.probes)
-    if record.applied > len(plan):
-        raise TrajectoryError(f"corrupted trajectory: step {record.step} records {record.applied} probe sweeps "
-                              f"of {len(plan)}")
-    moves = [plan[k] for k in range(record.applied)]
-    if record.applied % 3:  # interrupted inside a probe: undone by the carried multiple
-        i, r, _ = plan[record.applied - 1]
-        moves.append((i, r, -1.0 if record.applied % 3 == 1 else 1.0))
-    for i, r, mult in moves:
-        seed = variants.layer_probe_seed(seed0, record.step, i, r, len(layers))
-        variants.sweep_terms_([tensors[x] for x in layers[i]], [keys[x] for x in layers[i]], [(seed, mult * eps, None)],
-                       distribution=zdist, backend=backend)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from zotune.optim import estimators
 from zotune.optim.mezo import MeZO, MeZOAdam, MeZOMomentum
 from zotune.optim.variants import linear_n
 
@@ -14,7 +15,7 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
                    on_nonfinite: str = "skip") -> MeZO:
     """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum` or :class:`MeZOAdam`.
 
-    ``fuse_next`` is honoured where it applies: the one-sided estimator and the layerwise scaling need
+    ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO) and the layerwise scaling need
     each step to start from clean weights, so with them it is off whatever the config says.
 
     Args:
@@ -32,7 +33,7 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:
         n = oc.n_perturbations
-    fuse = oc.fuse_next and oc.estimator == "two-sided" and oc.layerwise == "none"
+    fuse = oc.fuse_next and not estimators.get(oc.estimator).clean_start and oc.layerwise == "none"
     common = dict(distribution=oc.distribution, fuse_next=fuse, on_nonfinite=on_nonfinite, trajectory=trajectory,
                   n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise,
                   grad_norm_every=oc.grad_norm_every, grad_norm_probes=oc.grad_norm_probes)

@@ -15,6 +15,7 @@ import torch
 
 from zotune import rng
 from zotune.trajectory import Hyper, TrajectoryWriter
+from zotune.version import __version__
 
 __all__ = ["KeyedOptimizer", "param_table"]
 
@@ -105,8 +106,6 @@ class KeyedOptimizer(torch.optim.Optimizer):
         return {}
 
     def _header(self) -> dict:
-        from zotune import __version__
-
         offsets = [0]
         for g in self.param_groups:
             offsets.append(offsets[-1] + len(g["params"]))

@@ -10,12 +10,13 @@ from collections.abc import Callable, Iterable
 import torch
 
 from zotune import kernels, rng
-from zotune.optim import functional, variants
+from zotune.optim import estimators, functional, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, param_table
+from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, update_of
 from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
-__all__ = ["MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
+__all__ = ["FZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
 
 _STATE_FORMAT = 1
 
@@ -169,17 +170,20 @@ class MeZO(KeyedOptimizer):
             raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
         if distribution not in rng.PERTURBATIONS:
             raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
+        if estimator not in estimators.ESTIMATORS:
+            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(estimators.ESTIMATORS)})")
         if not callable(n_perturbations):
             _check_n(n_perturbations)
-        if estimator not in variants.ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(variants.ESTIMATORS)})")
+            if n_perturbations < estimators.get(estimator).min_n:
+                raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least "
+                                 f"{estimators.get(estimator).min_n})")
         if layerwise not in variants.LAYERWISE:
             raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
         if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
             raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
         if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
             raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
-        if fuse_next and (estimator != "two-sided" or layerwise != "none"):
+        if fuse_next and (estimators.get(estimator).clean_start or layerwise != "none"):
             raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
                              "(the next step must start from its clean weights): pass fuse_next=False")
         if on_nonfinite not in ("raise", "skip"):
@@ -194,6 +198,7 @@ class MeZO(KeyedOptimizer):
         self.backend = backend
         self.n_perturbations = n_perturbations
         self.estimator = estimator
+        self._estimator = estimators.get(estimator)
         self.layerwise = layerwise
         self.grad_norm_every = grad_norm_every
         self.grad_norm_probes = grad_norm_probes
@@ -201,7 +206,8 @@ class MeZO(KeyedOptimizer):
         self._norms_step: int | None = None  # the step whose probes estimated them
         self.rule = self._make_rule()
         self.projected_grads: list[float] | None = None  # g_j of the last applied step
-        self._factors: dict[int, float] = {}  # sphere factors by seed
+        self.last_step_skipped = False  # the last step's loss (or estimate) was not finite: nothing was updated
+        self.forward_passes: int | None = 0  # closure calls so far (None: resumed from a state that did not count)
         self.projected_grad: float | None = None  # g of the last applied step
         self.last_losses: tuple[float, float] | None = None  # (L+, L-) of the last step
         self._pending: int | None = None  # step whose +eps perturbation the parameters carry
@@ -252,102 +258,70 @@ class MeZO(KeyedOptimizer):
         self._write(record, hyper)
 
     # -- the sweeps ---------------------------------------------------------------------------
-    def _perturb(self, step: int, coefficient: float) -> None:
-        seed = rng.step_seed(self.seed, step)
-        functional.perturb_(*self._all(), seed, coefficient * self._factor(seed), distribution=self._zdist,
-                            backend=self.backend)
-
-    @property
-    def _zdist(self) -> str:
-        """The element-wise stream the sweeps draw ("sphere" is the Gaussian one, rescaled)."""
-        return "gaussian" if self.distribution == "sphere" else self.distribution
-
-    def _factor(self, seed: int) -> float:
-        """a = sqrt(d) / ||x(seed)|| for the sphere distribution (one extra pass, cached); 1.0 otherwise."""
-        if self.distribution != "sphere":
-            return 1.0
-        if seed not in self._factors:
-            if len(self._factors) > 256:
-                self._factors.clear()
-            params, keys = self._all()
-            d = sum(p.numel() for p in params)
-            sumsq = functional.gaussian_sumsq(params, keys, seed, backend=self.backend)
-            self._factors[seed] = rng.sphere_factor(sumsq, d)
-        return self._factors[seed]
+    def _directions(self) -> Directions:
+        """The run's perturbations over the current tensors (rebuilt when a parameter group is added)."""
+        if getattr(self, "_dirs_table", None) is not self._table:
+            self._dirs = Directions(*self._all(), self.seed, self.distribution, self.backend)
+            self._dirs_table = self._table
+        self._dirs.seed0 = self.seed  # load_state_dict may change it
+        return self._dirs
 
     def _layers(self) -> list[list[int]]:
         return variants.layer_groups([e["name"] for e in self._table])
 
-    def _step_scales(self, t: int, closure, eps: float) -> tuple[list[float] | None, list[float] | None]:
-        """(s_l of the update, p_l of the probes) for step t; None: no per-tensor factor."""
+    def _plan(self, t: int, closure, eps: float) -> StepPlan:
+        """Step t's description: n, the estimator, a pending fused perturbation and the layerwise scales."""
+        n = self._n_at(t)
+        scales = probe_scales = None
         if self.layerwise == "param-norm":
             scales = variants.layer_scales(self._all()[0])
-            return scales, scales
-        if self.layerwise == "grad-norm":
+        elif self.layerwise == "grad-norm":
             if self.layer_norms is None or (self.grad_norm_every and t - self._norms_step >= self.grad_norm_every):
                 self._estimate_layer_norms(t, closure, eps)
-            return self.layer_norms, variants.inverse_scales(self.layer_norms)
-        return None, None
+            scales, probe_scales = self.layer_norms, variants.inverse_scales(self.layer_norms)
+        return StepPlan(t, n, self._estimator, eps, self._pending is not None, scales, probe_scales)
+
+    def _evaluator(self, closure):
+        """``evaluate(k)`` for the step's description: the closure, with the pending perturbation consumed."""
+
+        def evaluate(k: int):
+            if self.forward_passes is not None:
+                self.forward_passes += 1
+            self._pending = None
+            self._in_step = True
+            return closure()
+
+        return evaluate
 
     def _estimate_layer_norms(self, t: int, closure, eps: float) -> None:
         """The per-layer probe pass: c_l = sqrt(mean g_l^2), g_l from layer l perturbed alone by +-eps z."""
         layers = self._layers()
-        params, keys = self._all()
-        plan = variants.layer_probe_sweeps(len(layers), self.grad_norm_probes)
-        squares: list[list[float]] = [[] for _ in layers]
-        applied, plus = 0, math.nan
-
-        def move(i: int, r: int, mult: float) -> None:
-            seed = variants.layer_probe_seed(self.seed, t, i, r, len(layers))
-            variants.sweep_terms_([params[x] for x in layers[i]], [keys[x] for x in layers[i]],
-                                  [(seed, mult * eps, None)], distribution=self._zdist, backend=self.backend)
-
+        probes = LayerProbes(self._directions(), layers, t, self.grad_norm_probes, eps)
         try:
-            for k, (i, r, mult) in enumerate(plan):
-                move(i, r, mult)
-                applied = k + 1
-                if k % 3 == 2:  # the restoring sweep
-                    continue
-                self._in_step = True
-                value = float(closure())
-                if k % 3 == 0:
-                    plus = value
-                else:
-                    g = (plus - value) / (2 * eps)
-                    if math.isfinite(g):
-                        squares[i].append(g * g)
+            squares = probes.run(self._evaluator(closure))
         except BaseException:
-            self._in_step = False
-            if applied % 3:
-                i, r, _ = plan[applied - 1]
-                move(i, r, -1.0 if applied % 3 == 1 else 1.0)
-            self._record(LayerProbe(t, self.grad_norm_probes, applied))
+            probes.undo()
             raise
-        self._in_step = False
-        self._record(LayerProbe(t, self.grad_norm_probes, applied))
+        finally:
+            self._in_step = False
+            self._record(LayerProbe(t, self.grad_norm_probes, probes.applied))
         missing = sum(1 for q in squares if not q)
         if missing:
             import warnings
 
             warnings.warn(f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
-                          "norms were filled in from the others", RuntimeWarning, stacklevel=3)
+                          "norms were filled in from the others", RuntimeWarning, stacklevel=4)
         mean_sq = [sum(q) / len(q) if q else None for q in squares]
-        self.layer_norms = variants.grad_norm_scales(mean_sq, layers, [p.numel() for p in params])
+        self.layer_norms = variants.grad_norm_scales(mean_sq, layers, [p.numel() for p in self._all()[0]])
         self._norms_step = t
 
     def _n_at(self, step: int) -> int:
         n = self.n_perturbations
-        return _check_n(n(step), f"n_perturbations({step})") if callable(n) else n
-
-    def _probe(self, t: int, pairs, eps: float, scales) -> None:
-        """One probe sweep: ``pairs`` of (perturbation j, multiple of eps), each z_j scaled by a_j (and s_l)."""
-        if not pairs:
-            return
-        terms = []
-        for j, mult in pairs:
-            seed = rng.step_seed(self.seed, t, j)
-            terms.append((seed, mult * eps * self._factor(seed), scales))
-        variants.sweep_terms_(*self._all(), terms, distribution=self._zdist, backend=self.backend)
+        n = _check_n(n(step), f"n_perturbations({step})") if callable(n) else n
+        if n < self._estimator.min_n:
+            raise ValueError(f"the {self._estimator.name} estimator needs n_perturbations >= {self._estimator.min_n}, "
+                             f"got {n} at step {step}")
+        return n
 
     def _groups(self) -> list[variants.Group]:
         out, start = [], 0
@@ -363,7 +337,7 @@ class MeZO(KeyedOptimizer):
         if self._pending is None or self._in_step:
             return
         with torch.no_grad():
-            self._perturb(self._pending, -functional.f32(self.eps))
+            self._directions().move(self._pending, [(0, -1.0)], functional.f32(self.eps))
         self._record(Flush(self._pending))
         self._pending = None
 
@@ -386,93 +360,69 @@ class MeZO(KeyedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor | float]):  # type: ignore[override]
-        """One MeZO step. ``closure()`` must return the loss of the current batch and do no backward.
+        """One step. ``closure()`` must return the loss of the current batch and do no backward.
 
         Returns the closure's first value, as the closure returned it: the loss at theta + eps z
-        (two-sided), or at theta (one-sided).
+        (two-sided), or at theta (one-sided, FZOO).
         """
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss (and does no backward)")
         t = self._step
-        eps = functional.f32(self.eps)
-        n = self._n_at(t)
-        scales, pscales = self._step_scales(t, closure, eps)
-        plan = variants.probe_sweeps(self.estimator, n)
-        carry = None  # (j, multiple of eps) the parameters currently carry, to undo on any failure
-        losses: list[float] = []
-        first = None
+        plan = self._plan(t, closure, functional.f32(self.eps))
+        probe = Probe(plan, self._directions())
         try:
-            for k, pairs in enumerate(plan):
-                if not (k == 0 and self._pending is not None):
-                    self._probe(t, pairs, eps, pscales)
-                self._pending = None
-                carry = variants.carry_after(self.estimator, k)
-                self._in_step = True
-                value = closure()
-                if k == 0:
-                    first = value
-                losses.append(float(value))
-                if not math.isfinite(losses[-1]):
-                    break
+            probe.run(self._evaluator(closure))
         except BaseException:
             self._in_step = False
-            if carry is not None:
-                self._probe(t, [(carry[0], -carry[1])], eps, pscales)
-                self._record_scales(t, scales)
-                self._record(Skip(t, len(losses) + 1))
-                self._step += 1
+            if probe.carry is not None:
+                probe.undo()
+                self._skip(plan, len(probe.losses) + 1)
             raise
         self._in_step = False
-        grads = self._estimate(losses, n, eps) if len(losses) == len(plan) else [math.nan]
+        grads = probe.estimate() if probe.complete else [math.nan]
         if not all(math.isfinite(g) for g in grads):
-            phase = len(losses)
-            if carry is not None:
-                self._probe(t, [(carry[0], -carry[1])], eps, pscales)
-            self._record_scales(t, scales)
-            self._record(Skip(t, phase))
-            self._step += 1
-            message = (f"step {t}: the loss at {self._where(phase, n)} is {losses[-1]}; the perturbation was undone "
-                       "and the parameters were not updated")
-            if self.on_nonfinite == "raise":
-                raise NonFiniteLossError(message)
-            import warnings
-
-            warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=2)
-            self.last_losses = (losses[0], losses[-1])
-            return first
-        seeds = [rng.step_seed(self.seed, t, j) for j in range(n)]
-        next_terms = []
-        if self.fuse_next:
-            seed_next = rng.step_seed(self.seed, t + 1)
-            next_terms = [(seed_next, eps * self._factor(seed_next))]
-        j, mult = carry
-        update = variants.StepUpdate(t, seeds, [self._factor(s) for s in seeds], grads, scales, (j, mult * eps),
-                                     next_terms, None if pscales is scales else pscales)
+            return self._nonfinite(plan, probe)
+        carry = probe.carry
+        u = update_of(plan, self._directions(), grads, carry, fuse_next=self.fuse_next)
         groups = self._groups()
-        self.rule.apply(groups, update, distribution=self._zdist,
-                        rounding_seed=seeds[0] if self.stochastic_rounding else None, backend=self.backend)
+        self.rule.apply(groups, u, distribution=self._directions().zdist,
+                        rounding_seed=u.seeds[0] if self.stochastic_rounding else None, backend=self.backend)
         lrs = tuple(g.lr for g in groups)
-        self._record_scales(t, scales)
-        self._record(Step(t, grads[0], lrs) if n == 1 else MultiStep(t, tuple(grads), lrs))
+        self._record_scales(t, plan.scales)
+        self._record(Step(t, grads[0], lrs) if plan.n == 1 else MultiStep(t, tuple(grads), lrs))
         self._step = t + 1
+        self.last_step_skipped = False
         self._pending = t + 1 if self.fuse_next else None
         self.projected_grads = grads
-        self.projected_grad = grads[0] if n == 1 else float(sum(grads) / n)
-        self.last_losses = (losses[0], losses[1])
-        return first
+        self.projected_grad = grads[0] if plan.n == 1 else float(sum(grads) / plan.n)
+        self.last_losses = (probe.losses[0], probe.losses[1])
+        return probe.first
 
-    def _estimate(self, losses: list[float], n: int, eps: float) -> list[float]:
-        """The projected gradients g_j (float32-rounded) from the step's losses, in evaluation order."""
-        if self.estimator == "two-sided":
-            return [functional.f32((losses[2 * j] - losses[2 * j + 1]) / (2 * eps)) for j in range(n)]
-        return [functional.f32((losses[j + 1] - losses[0]) / eps) for j in range(n)]
+    def _skip(self, plan: StepPlan, phase: int) -> None:
+        """Record step ``plan.step`` as skipped at evaluation ``phase`` (its perturbation already undone)."""
+        self._record_scales(plan.step, plan.scales)
+        self._record(Skip(plan.step, phase))
+        self._step += 1
+        self.last_step_skipped = True
 
-    def _where(self, phase: int, n: int) -> str:
-        """Where the loss of evaluation ``phase`` (1-based) was taken, for messages."""
-        if self.estimator == "one-sided":
-            return "theta" if phase == 1 else "theta + eps*z" + (f"_{phase - 2}" if n > 1 else "")
-        j = (phase - 1) // 2
-        return ("theta + eps*z" if phase % 2 else "theta - eps*z") + (f"_{j}" if n > 1 else "")
+    def _nonfinite(self, plan: StepPlan, probe: Probe):
+        """A non-finite loss or estimate: undo, record a skip, then raise or warn as ``on_nonfinite`` says."""
+        phase = len(probe.losses)
+        probe.undo()
+        self._skip(plan, phase)
+        where = plan.estimator.where(phase, plan.n)
+        if math.isfinite(probe.losses[-1]):
+            message = f"step {plan.step}: the losses give no finite estimate ({plan.estimator.name}: {probe.losses})"
+        else:
+            message = f"step {plan.step}: the loss at {where} is {probe.losses[-1]}"
+        message += "; the perturbation was undone and the parameters were not updated"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(message)
+        import warnings
+
+        warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=3)
+        self.last_losses = (probe.losses[0], probe.losses[-1])
+        return probe.first
 
     def _record_scales(self, t: int, scales) -> None:
         if scales is not None:
@@ -497,6 +447,7 @@ class MeZO(KeyedOptimizer):
             "fuse_next": self.fuse_next,
             "stochastic_rounding": self.stochastic_rounding,
             "pending": self._pending,
+            "forward_passes": self.forward_passes,
             # the last hyper-parameters written to the trajectory, so a resumed file continues identically
             "written_hyper": None if self._written_hyper is None else
             [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
@@ -565,6 +516,7 @@ class MeZO(KeyedOptimizer):
         if self.layerwise == "grad-norm":
             self.layer_norms, self._norms_step = mezo.get("layer_norms"), mezo.get("norms_step")
         self._pending = mezo.get("pending")
+        self.forward_passes = mezo.get("forward_passes")
         written = mezo.get("written_hyper")
         self._written_hyper = None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))
 
@@ -575,7 +527,8 @@ class MeZO(KeyedOptimizer):
         the trajectory, so they are rebuilt exactly (the same float32 operations in the same order)
         without touching the weights.
         """
-        from zotune.trajectory import Trajectory, read_trajectory, walk
+        from zotune.optim.replay import walk
+        from zotune.trajectory import Trajectory, read_trajectory
 
         if count == 0:
             self.rule.m.clear(), self.rule.v.clear()
@@ -674,6 +627,36 @@ class MeZOAdam(MeZO):
 
     def _make_rule(self):
         return variants.AdamRule(**self._rule_args)
+
+
+class FZOO(MeZO):
+    r"""FZOO (Dang et al., "FZOO: Fast Zeroth-Order Optimizer for Fine-Tuning Large Language Models towards
+    Adam-Scale Speed", arXiv 2506.09034, Algorithm 1): N Rademacher directions, the unperturbed loss once,
+    and a step normalized by the spread of the perturbed losses::
+
+        l_0 = L(theta),  l_i = L(theta + eps u_i),  sigma = std(l_1 .. l_N)
+        theta <- theta - lr / (eps N sigma) sum_i (l_i - l_0) u_i
+
+    :class:`MeZO` with ``estimator="fzoo"`` (:class:`zotune.optim.estimators.FZOO`),
+    ``distribution="rademacher"`` and ``n_perturbations=8`` by default: N + 1 forward passes a step, run
+    one after another on the in-place weights, so memory is that of inference, as MeZO's; the trajectory
+    records the N normalized coefficients per step (4N + 9 bytes, and 4 per parameter group) and replays bit for bit. Every other
+    option of :class:`MeZO` applies (``fuse_next`` does not: each step starts from its clean weights).
+    The learning rate is not MeZO's: the step per element is about ``lr / (eps sqrt(N))``.
+
+    Example::
+
+        opt = zotune.FZOO(model.named_parameters(), lr=1e-6, eps=1e-3)
+        for batch in loader:
+            opt.step(lambda: model(**batch).loss)
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
+                 n_perturbations: int | Callable[[int], int] = 8, distribution: str = "rademacher", **kwargs):
+        if "estimator" in kwargs:
+            raise TypeError("FZOO sets estimator='fzoo'; use zotune.MeZO for another estimator")
+        super().__init__(params, lr, eps, weight_decay, seed, estimator="fzoo", n_perturbations=n_perturbations,
+                         distribution=distribution, **kwargs)
 
 
 def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5,

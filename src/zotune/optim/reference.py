@@ -2,7 +2,7 @@
 
 :class:`ReferenceMeZO` (plain MeZO, the paper's Algorithm 1) lives in :mod:`zotune.optim.algorithm`,
 the one-page MeZO, and is re-exported here. :class:`ReferenceVariant` covers the variants of
-:class:`zotune.MeZO` (n-SPSA, one-sided, sphere, layerwise, momentum, Adam). Both use more memory than
+:class:`zotune.MeZO` (n-SPSA, one-sided, FZOO, sphere, layerwise, momentum, Adam). Both use more memory than
 the optimizers they check and are only for tests.
 """
 
@@ -45,6 +45,7 @@ class ReferenceVariant:
         self.estimates: list[list[torch.Tensor]] = []  # ghat_k of every applied step, kept whole
         self.m = self.v = None
         self.projected_grads = None
+        self.sigma: float | None = None  # FZOO: the last step's std of the perturbed losses
 
     def z(self, seed: int) -> list[torch.Tensor]:
         """The perturbation of ``seed`` for every parameter (before the layerwise scale)."""
@@ -80,7 +81,12 @@ class ReferenceVariant:
             grads = [(loss_at(u, 1.0) - loss_at(u, -1.0)) / (2 * self.eps) for u in us]
         else:
             base = loss_at(us[0], 0.0)
-            grads = [(loss_at(u, 1.0) - base) / self.eps for u in us]
+            perturbed = [loss_at(u, 1.0) for u in us]
+            grads = [(x - base) / self.eps for x in perturbed]
+            if self.estimator == "fzoo":  # FZOO (arXiv 2506.09034): divided by the perturbed losses' sample std
+                mean = sum(perturbed) / self.n
+                self.sigma = math.sqrt(sum((x - mean) ** 2 for x in perturbed) / (self.n - 1))
+                grads = [g / self.sigma for g in grads]
         ghat = [sum(g * gains[i] * zj[i] for g, zj in zip(grads, zs)) / self.n for i in range(len(theta))]
         self.estimates.append(ghat)
         c = len(self.estimates)

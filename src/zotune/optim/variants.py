@@ -1,9 +1,9 @@
 """The parts of a MeZO step that vary (paper §2.2 and Appendix B), shared by the optimizer and replay.
 
-A step is: probe sweeps and loss evaluations (the *estimator*: two-sided or one-sided, with n
-perturbations), then one update (the *rule*: SGD, momentum or Adam). Both are described here as
-pure data plus functions over :mod:`zotune.optim.functional`, so that :class:`zotune.MeZO` and
-:func:`zotune.replay` perform the very same sweeps with the very same float32 scalars.
+A step is: probe sweeps and loss evaluations (the *estimator*, :mod:`zotune.optim.estimators`), then
+one update (the *rule*: SGD, momentum or Adam, here). :mod:`zotune.optim.step` puts them together
+once, so that :class:`zotune.MeZO` and :func:`zotune.replay` perform the very same sweeps with the
+very same float32 scalars. This module holds the rules, the layerwise scales and the multi-term sweep.
 
 Perturbation j of step t is ``u_j = a_j * s_l * z(step_seed(seed, t, j))`` on tensor l, where
 ``a_j`` is 1, or ``sqrt(d) / ||x_j||`` for the sphere distribution, and ``s_l`` is 1, or
@@ -25,14 +25,13 @@ from zotune import rng
 from zotune.optim import functional
 
 __all__ = [
-    "ESTIMATORS",
     "LAYERWISE",
     "MAX_PERTURBATIONS",
     "AdamRule",
     "MomentumRule",
+    "RULES",
     "SGDRule",
     "StepUpdate",
-    "carry_after",
     "grad_norm_scales",
     "inverse_scales",
     "layer_groups",
@@ -41,41 +40,12 @@ __all__ = [
     "layer_scales",
     "linear_n",
     "make_rule",
-    "probe_sweeps",
     "sweep_terms_",
 ]
 
-ESTIMATORS = ("two-sided", "one-sided")
 LAYERWISE = ("none", "param-norm", "grad-norm")
 MAX_PERTURBATIONS = 100  # a skip record stores the failing evaluation in one byte: 2n + 1 <= 255
 LAYER_PROBE_INDEX = 1 << 20  # perturbation indices of the per-layer probes (n-SPSA uses j < 100)
-
-
-def probe_sweeps(estimator: str, n: int) -> list[list[tuple[int, float]]]:
-    """The sweep before each loss evaluation, as ``(perturbation j, multiple of eps)`` pairs.
-
-    two-sided: ``[+z0], [-2 z0], [+z0 +z1], [-2 z1], ...``: 2n evaluations, L+_j then L-_j.
-    one-sided: ``[], [+z0], [-z0 +z1], ...``: n + 1 evaluations, L(theta) first.
-    """
-    sweeps: list[list[tuple[int, float]]] = []
-    if estimator == "two-sided":
-        for j in range(n):
-            sweeps.append([(j - 1, 1.0), (j, 1.0)] if j else [(0, 1.0)])
-            sweeps.append([(j, -2.0)])
-    elif estimator == "one-sided":
-        sweeps.append([])
-        for j in range(n):
-            sweeps.append([(j - 1, -1.0), (j, 1.0)] if j else [(0, 1.0)])
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    return sweeps
-
-
-def carry_after(estimator: str, k: int) -> tuple[int, float] | None:
-    """``(j, multiple of eps)`` of the perturbation the parameters hold after sweep ``k`` (None: clean)."""
-    if estimator == "two-sided":
-        return (k // 2, 1.0 if k % 2 == 0 else -1.0)
-    return None if k == 0 else (k - 1, 1.0)
 
 
 def linear_n(n0: int, n1: int, ramp_steps: int) -> Callable[[int], int]:
@@ -369,12 +339,15 @@ class AdamRule(_MomentRule):
     adam = True
 
 
+RULES: dict[str, type] = {"sgd": SGDRule, "momentum": MomentumRule, "adam": AdamRule}  # the update rules by name
+
+
 def make_rule(spec: dict | None):
     """The rule a trajectory header's ``"variant"`` entry (or None: SGD) describes."""
     if spec is None or spec.get("name", "sgd") == "sgd":
         return SGDRule()
-    cls = {"momentum": MomentumRule, "adam": AdamRule}.get(spec["name"])
+    cls = RULES.get(spec["name"])
     if cls is None:
-        raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows sgd, momentum and adam")
+        raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")
     return cls(float(spec["beta1"]), float(spec.get("beta2", 0.999)), int(spec["window"]),
                spec["state"] == "stored", float(spec.get("adam_eps", 1e-8)))

@@ -1,0 +1,159 @@
+"""Estimators: where a step takes its losses, and how they become one coefficient per direction.
+
+An estimator is the part of a zeroth-order step that says, for n directions u_0 .. u_{n-1}:
+
+- :meth:`Estimator.sweeps`: the probe sweep before each loss evaluation, as ``(j, multiple of eps)``
+  pairs (the parameters move by the sum of ``multiple * eps * u_j``);
+- :meth:`Estimator.carry_after`: the perturbation the parameters hold after sweep k, which the
+  update (or an interruption) removes;
+- :meth:`Estimator.estimate`: the float32 coefficients c_j from the losses, in evaluation order. The
+  update rule then moves along ``-lr/n sum_j c_j u_j`` (:mod:`zotune.optim.variants`), and the
+  trajectory records the c_j, so replay needs only :meth:`sweeps` and :meth:`carry_after`.
+
+The estimators are registered by name in :data:`ESTIMATORS` (``MeZO(estimator=...)``,
+``--optimizer.estimator``); the optimizer and :func:`zotune.replay` take the same object from it, so
+they cannot lay a step out differently. A skipped step's record stores the failed evaluation but not
+n, so the first k sweeps must not depend on n (each estimator below appends per direction).
+"""
+
+from __future__ import annotations
+
+import math
+
+from zotune.optim import functional
+
+__all__ = ["ESTIMATORS", "FZOO", "Estimator", "OneSided", "TwoSided", "get", "register"]
+
+
+class Estimator:
+    """The interface (see the module docstring); subclasses set ``name`` and the flags."""
+
+    name = ""
+    clean_start = True  # the first evaluation is at clean theta, so no fused +eps may be carried into the step
+    min_n = 1  # the fewest directions it is defined for
+
+    def sweeps(self, n: int) -> list[list[tuple[int, float]]]:
+        raise NotImplementedError
+
+    def carry_after(self, k: int) -> tuple[int, float] | None:
+        raise NotImplementedError
+
+    def estimate(self, losses: list[float], n: int, eps: float) -> list[float]:
+        raise NotImplementedError
+
+    def where(self, phase: int, n: int) -> str:
+        """Where evaluation ``phase`` (1-based) was taken, for messages."""
+        raise NotImplementedError
+
+    def passes(self, n: int) -> int:
+        """Forward passes (loss evaluations) of one step with n directions."""
+        return len(self.sweeps(n))
+
+
+class TwoSided(Estimator):
+    r"""The paper's SPSA (arXiv 2305.17333, Algorithm 1 and eq. (1) with n-SPSA, §2.2)::
+
+        c_j = (L(theta + eps u_j) - L(theta - eps u_j)) / (2 eps)
+
+    Sweeps ``[+u0], [-2 u0], [+u0 +u1], [-2 u1], ...``: 2n evaluations, L+_j then L-_j. The first
+    sweep may be fused into the previous step's update (``fuse_next``).
+    """
+
+    name = "two-sided"
+    clean_start = False
+
+    def sweeps(self, n):
+        out: list[list[tuple[int, float]]] = []
+        for j in range(n):
+            out.append([(j - 1, 1.0), (j, 1.0)] if j else [(0, 1.0)])
+            out.append([(j, -2.0)])
+        return out
+
+    def carry_after(self, k):
+        return (k // 2, 1.0 if k % 2 == 0 else -1.0)
+
+    def estimate(self, losses, n, eps):
+        return [functional.f32((losses[2 * j] - losses[2 * j + 1]) / (2 * eps)) for j in range(n)]
+
+    def where(self, phase, n):
+        j = (phase - 1) // 2
+        return ("theta + eps*z" if phase % 2 else "theta - eps*z") + (f"_{j}" if n > 1 else "")
+
+
+class OneSided(Estimator):
+    r"""Forward differences with the unperturbed loss taken once (paper §2.2)::
+
+        c_j = (L(theta + eps u_j) - L(theta)) / eps
+
+    Sweeps ``[], [+u0], [-u0 +u1], ...``: n + 1 evaluations, L(theta) first.
+    """
+
+    name = "one-sided"
+
+    def sweeps(self, n):
+        out: list[list[tuple[int, float]]] = [[]]
+        for j in range(n):
+            out.append([(j - 1, -1.0), (j, 1.0)] if j else [(0, 1.0)])
+        return out
+
+    def carry_after(self, k):
+        return None if k == 0 else (k - 1, 1.0)
+
+    def estimate(self, losses, n, eps):
+        return [functional.f32((losses[j + 1] - losses[0]) / eps) for j in range(n)]
+
+    def where(self, phase, n):
+        return "theta" if phase == 1 else "theta + eps*z" + (f"_{phase - 2}" if n > 1 else "")
+
+
+class FZOO(OneSided):
+    r"""FZOO's normalized one-sided estimate (Dang et al., arXiv 2506.09034, Algorithm 1)::
+
+        l_0 = L(theta),  l_i = L(theta + eps u_i),  sigma = std(l_1 .. l_N)   (sample std, N - 1)
+        g = 1/(eps N) sum_i (l_i - l_0) u_i,        theta <- theta - lr g / sigma
+
+    i.e. c_j = (l_j - l_0) / (eps sigma), the one-sided coefficients divided by the spread of the
+    perturbed losses: a normalized-SGD step, larger where the losses are flat. The paper draws u_i
+    Rademacher (``distribution="rademacher"``) with N = 8; :class:`zotune.FZOO` sets those defaults.
+    The N + 1 evaluations run one after another on the same in-place weights, so memory stays that of
+    inference (the paper's batched form would hold N perturbed copies of the weights, or per-example
+    perturbations in a modified forward).
+
+    The step's size per element is about ``lr / (eps sqrt(N))`` whatever the loss's scale, so its
+    learning rate is not MeZO's: tune it on its own (``benchmarks/convergence.py``). sigma = 0 (all
+    perturbed losses equal) gives no direction: the step is skipped, as for a non-finite loss.
+    """
+
+    name = "fzoo"
+    min_n = 2
+
+    def estimate(self, losses, n, eps):
+        perturbed = losses[1 : n + 1]
+        mean = math.fsum(perturbed) / n
+        sigma = math.sqrt(math.fsum((x - mean) ** 2 for x in perturbed) / (n - 1))
+        if sigma == 0.0:
+            return [math.nan] * n
+        return [functional.f32((x - losses[0]) / (eps * sigma)) for x in perturbed]
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(estimator: Estimator) -> Estimator:
+    """Add an estimator to :data:`ESTIMATORS` (names are unique; a trajectory header records the name)."""
+    if estimator.name in ESTIMATORS:
+        raise ValueError(f"estimator {estimator.name!r} is already registered")
+    ESTIMATORS[estimator.name] = estimator
+    return estimator
+
+
+for _e in (TwoSided(), OneSided(), FZOO()):
+    register(_e)
+
+
+def get(name: str) -> Estimator:
+    """The registered estimator ``name``, or ValueError listing the known ones."""
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}") from None

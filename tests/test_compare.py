@@ -127,6 +127,18 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert config.task.seed == 7 and config.optimizer.seed == 7
     assert cmp.cell_config(grid, "mezo", "sst2", 0).model.tuning == "full"
     assert cmp.cell_config(grid, "lp-mezo", "sst2", 0).train.init == "probe"
+    fzoo = cmp.cell_config(grid, "fzoo", "sst2", 0).optimizer  # a method per estimator
+    assert (fzoo.estimator, fzoo.distribution, fzoo.n_perturbations, fzoo.fuse_next) == ("fzoo", "rademacher", 8, False)
+
+
+def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["fzoo"]))
+    config = cmp.cell_config(grid, "fzoo", "sst2", 0)
+    config.optimizer.n_perturbations = 2
+    from zotune.train import run
+
+    summary = run(config, log=lambda *a: None).summary
+    assert summary["forward_passes"] == 3 * summary["steps"]  # N + 1 a step
 
 
 def test_several_seeds_show_mean_and_deviation():

@@ -108,6 +108,12 @@ register(Method("mezo-lora", "MeZO (LoRA)", _mezo,
 register(Method("mezo-prefix", "MeZO (prefix)", _mezo,
                 {"model": {"tuning": "prefix"}, "optimizer": {"lr": 1e-2, "eps": 1e-1}}))
 register(Method("lp-mezo", "LP-MeZO", _mezo, {"model": {"tuning": "full"}, "train": {"init": "probe"}}))
+# FZOO (arXiv 2506.09034) as its paper runs it: N = 8 Rademacher directions, one-sided. Its step is about
+# lr / (eps sqrt(N)) per element: 2e-6 at eps 1e-3 is the rate of the calibration run on the default
+# SST-2 setup (eta 2e-3 in the eps-free form); benchmarks/convergence.py tunes it against a tuned MeZO.
+register(Method("fzoo", "FZOO", _mezo, {"model": {"tuning": "full"},
+                                        "optimizer": {"estimator": "fzoo", "distribution": "rademacher",
+                                                      "n_perturbations": 8, "fuse_next": False, "lr": 2e-6}}))
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

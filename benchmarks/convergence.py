@@ -1,0 +1,869 @@
+"""Forward passes to accuracy: zeroth-order methods against a *tuned* MeZO on one budget (issue 20, part 3).
+
+Every method, plain MeZO included, gets its learning rate (and eps, where its grid lists several)
+chosen on validation with the same tuning budget of forward passes; then each runs at its chosen
+rate on several seeds for the same budget of forward passes, validating every fixed number of
+forward passes, so that the curves of methods with different costs per step line up. The table says,
+per method and task, how many forward passes (and minutes) it took to reach the validation accuracy
+tuned MeZO has at the end of its budget, its best validation and test accuracy at that equal budget,
+and its peak memory against inference. A method that loses is reported as losing.
+
+Phases (``--phase``; ``all`` runs the three in order). Each is resumable: a cell whose run wrote its
+summary.json is skipped, one with a state.json (stopped by Ctrl-C, SIGTERM, ``--time-limit`` or a
+crash) continues with ``zotune.train.run(None, resume=...)``, and a cell whose recorded config
+(``cell.yaml``) differs from what this command would run is refused rather than mixed in. Under
+``--out`` (default ``runs/convergence``):
+
+- ``tune``: ``tune/<task>/<method>/<lr...>/``, one run per grid point of seed 0 at ``--tune-budget``
+  forward passes, without a test split (test data plays no part in the choice); then ``chosen.json``:
+  per task and method the grid point with the best validation after the start (ties: the better last
+  validation, then the grid's order) and every point's scores.
+- ``final``: ``final/<task>/<method>/seed<k>/``, each method at its chosen point for ``--budget``
+  forward passes (``budget // passes per step`` steps), validated every ``--eval-passes`` forward
+  passes (``eval_passes // passes per step`` steps), the best validation weights tested; and
+  ``inference/<task>/result.json``, the peak memory of the same model doing only inference (the
+  validation split and the loss of the longest training batch, no optimizer).
+- ``table``: ``table.md`` (printed; ``--append FILE`` also appends it to FILE with the date, the
+  machine and the command) and ``curves-<task>.png``: validation accuracy against forward passes,
+  every method and seed.
+
+Each run directory is an ordinary ``zotune train`` directory (``zotune plot DIR ...`` draws it
+against steps or minutes; ``zotune eval --run DIR`` tests it again).
+
+Forward passes are counted as loss evaluations of a training batch. Runs whose metrics.jsonl step
+lines carry a cumulative ``forward_passes`` are read as written; older runs count ``step x passes per
+step`` of the method's entry below (and a recorded count that disagrees with the entry is flagged in
+the table). Validation passes are not counted (every method validates equally often per forward pass).
+
+Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for another). Tasks:
+
+- ``sst2``: the default run's (what ``zotune train`` runs without arguments): the bundled sample
+  (1,000 train, 500 validation, the 872 GLUE dev sentences as test) and the paper's prompt
+  ``<sentence> It was`` / " terrible", " great" (zero-shot 51.6 on test).
+- ``copa`` (``--data-dir``, default ``../shared/data``; the paper-causal protocol: 267 train and 133
+  validation from COPA's 400 training examples, its 100 validation examples as test). Chosen because
+  it is the one bundled task besides SST-2 on which this model learns under MeZO: on the H100 grid
+  (benchmarks/RESULTS.md, 2026-11-23) COPA was the only task whose MeZO training loss fell steadily
+  (0.68 -> 0.55 over 3,000 steps; RTE, CB and WiC diverged or stayed flat at the same rate, BoolQ
+  stayed flat), and its test accuracy rose above zero-shot (61 -> 63; FT 65, prefix 65). It is a
+  different kind of task (multiple choice: each option's mean log-likelihood), so the comparison is
+  not about one classification head only, and its short inputs cost about what SST-2's do per
+  forward on a CPU (1.24 vs 1.16 s for a batch of 16), while RTE and BoolQ cost 3-4x. Its splits are
+  small (one test example is 1 point): differences of a few points are within noise, which is why
+  every final run has two seeds at least.
+
+Presets (options given on the command line win):
+
+- ``--preset cpu``: 1,000 forward passes per final run, 200 per grid point, validation every 100,
+  seeds 0 and 1, cells one at a time, each in its own process. At SmolLM2's speed on 2 cores (the
+  default run, 400 forward passes, takes about 10 minutes: ~1.5 s a forward pass) a final cell takes
+  about 25 min of training plus ~2 min of validation and test, a tuning cell about 5-6 min; with
+  mezo and fzoo on both tasks (12 tuning, 8 final cells) about 5 hours. Run it in parts:
+  ``--time-limit 120`` stops the running cell (its state saved) after two hours, and
+  ``--resume OUT`` continues with the options it was started with.
+- ``--preset gpu``: the issue's full setting, sized for one 10-minute H100 call: 2,000 forward
+  passes per final run (tuned MeZO's 1,000 steps), 400 per grid point, validation every 200,
+  seeds 0 and 1, eight cells at a time on the one GPU (one small model leaves most of it idle: ten
+  SmolLM2 MeZO processes stepped ~3x faster in all than one), stopping at 9 minutes and printing the
+  table of what finished.
+
+Peak memory is that of each cell's own process (RSS on a CPU, the CUDA allocator's peak on a GPU),
+so it is reported only for cells run in processes of their own or on a GPU (where it is reset before
+each cell); ``--no-isolate`` runs everything here, which tests use.
+
+    python benchmarks/convergence.py --preset gpu --append benchmarks/RESULTS.md
+    python benchmarks/convergence.py --preset cpu --out runs/conv-cpu --time-limit 120
+    python benchmarks/convergence.py --resume runs/conv-cpu --time-limit 120
+    python benchmarks/convergence.py --methods mezo,one-sided-4 --tasks sst2 --budget 400 --phase tune
+    python benchmarks/convergence.py --phase table --out runs/conv-cpu -- --task.validation 200
+
+Words after ``--`` are run-config overrides for every cell (``--section.field value``, as ``zotune
+train`` takes them); the method's settings, its grid point and the budget come after them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from zotune import checkpoint
+from zotune.config import ConfigError, RunConfig, load_config, parse_overrides
+from zotune.errors import UserError
+from zotune.runtime import StopFlag, peak_memory_mb
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: its run-config overrides, its cost per step, and the grid its rate is tuned on."""
+
+    passes_per_step: int  # forward passes (loss evaluations) of one step: the budget arithmetic's unit
+    overrides: dict  # RunConfig sections (model, task, optimizer, train)
+    grid: dict  # optimizer field -> candidate values; every combination is tried (the same count for all)
+    label: str = ""
+
+
+# Adding a method is one entry. Every method's grid has three points, so the tuning budget is the
+# same for all (3 x --tune-budget forward passes). MeZO's rates: the default run's 5e-5 was tuned
+# for 200 steps and diverged after 1,000-2,000 on the H100; 2e-5 held for 4,000 (RESULTS.md).
+# FZOO normalises its step by the spread of the losses, so its rate lives on another scale (the
+# issue's calibration ran 2e-3 and 5e-3). n-SPSA averages n directions, which allows a larger rate.
+METHODS: dict[str, Method] = {
+    "mezo": Method(2, {"optimizer": {"estimator": "two-sided", "n_perturbations": 1, "distribution": "gaussian"}},
+                   {"lr": [1e-5, 2e-5, 5e-5]}, "MeZO (the paper's SPSA, n = 1)"),
+    "fzoo": Method(9, {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8,
+                                     "fuse_next": False}},
+                   {"lr": [1e-3, 2e-3, 5e-3]}, "FZOO (N = 8 Rademacher, one-sided, std-normalised)"),
+    "one-sided-4": Method(5, {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},
+                          {"lr": [2e-5, 5e-5, 1e-4]}, "one-sided n-SPSA, n = 4"),
+}
+REFERENCE = "mezo"  # the method whose end-of-budget validation accuracy is the target
+
+TASK_TITLES = {"sst2": "SST-2", "copa": "COPA", "rte": "RTE", "cb": "CB", "boolq": "BoolQ", "wic": "WiC",
+               "wsc": "WSC", "multirc": "MultiRC", "record": "ReCoRD", "squad": "SQuAD", "drop": "DROP"}
+BUNDLED = {"sst2"}  # tasks whose default data ships with zotune (data_dir stays None: the default run's)
+
+DEFAULTS = {"methods": ["mezo", "fzoo"], "tasks": ["sst2", "copa"], "seeds": [0, 1], "budget": 2000,
+            "tune_budget": 400, "eval_passes": 200, "jobs": 1, "time_limit": 0.0,
+            "model": "smollm2-135m-instruct", "out": "runs/convergence"}
+PRESETS = {
+    "cpu": {"budget": 1000, "tune_budget": 200, "eval_passes": 100, "seeds": [0, 1], "jobs": 1},
+    "gpu": {"budget": 2000, "tune_budget": 400, "eval_passes": 200, "seeds": [0, 1], "jobs": 8, "time_limit": 9.0},
+}
+CELL_STOP_GRACE_S = 60  # after a stop, how long running cells get to finish their step and save
+
+
+class Stopped(Exception):
+    """Cells were stopped (Ctrl-C, SIGTERM or --time-limit) with their state saved; the same command continues."""
+
+
+# -- budget arithmetic --------------------------------------------------------------------------------
+
+def steps_for(budget: int, passes_per_step: int) -> int:
+    """The steps a method takes within ``budget`` forward passes (whole steps only: never over budget)."""
+    steps = budget // passes_per_step
+    if steps < 1:
+        raise ConfigError(f"a budget of {budget} forward passes is less than one step of a method that takes "
+                          f"{passes_per_step} a step")
+    return steps
+
+
+def eval_every_for(eval_passes: int, passes_per_step: int) -> int:
+    """Validate every this many steps: as close to every ``eval_passes`` forward passes as whole steps allow."""
+    return max(1, eval_passes // passes_per_step)
+
+
+# -- the plan and each cell's run config ---------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a benchmark runs: saved in OUT/plan.json, so that ``--resume OUT`` continues with it."""
+
+    methods: list[str]
+    tasks: list[str]
+    seeds: list[int]
+    budget: int
+    tune_budget: int
+    eval_passes: int
+    model: str
+    out: str
+    data_dir: str | None = None
+    jobs: int = 1
+    isolate: bool = True
+    time_limit: float = 0.0
+    overrides: list[str] = field(default_factory=list)  # --section.field value words for every cell
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"unknown method {unknown[0]!r}; known: {', '.join(METHODS)}")
+        if REFERENCE not in self.methods:
+            raise ConfigError(f"the methods must include {REFERENCE!r}: its tuned accuracy is every row's target")
+        if not self.tasks or not self.seeds:
+            raise ConfigError("at least one task and one seed are needed")
+        sizes = {m: len(grid_points(m)) for m in self.methods}
+        if len(set(sizes.values())) > 1:
+            raise ConfigError("every method needs the same tuning budget, so grids of the same size; got "
+                              + ", ".join(f"{m} {n} points" for m, n in sizes.items()))
+        for name in ("budget", "tune_budget", "eval_passes", "jobs"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        for m in self.methods:
+            steps_for(self.tune_budget, METHODS[m].passes_per_step)
+            steps_for(self.budget, METHODS[m].passes_per_step)
+        if self.jobs > 1 and not self.isolate:
+            raise ConfigError("--jobs > 1 runs cells in processes of their own: drop --no-isolate")
+
+
+def grid_points(method: str) -> list[dict]:
+    """The method's grid as a list of optimizer settings, every combination, in the grid's order."""
+    grid = METHODS[method].grid
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict) -> str:
+    return "-".join(f"{key}{value:g}" for key, value in point.items())
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else copy.deepcopy(value)
+    return out
+
+
+def _dotted(sections: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def cell_config(plan: Plan, task: str, method: str, point: dict, *, phase: str, seed: int, run_dir: Path) -> RunConfig:
+    """One run's config: the default run's, the plan's overrides, the method's, its grid point, then the budget."""
+    pps = METHODS[method].passes_per_step
+    budget = plan.tune_budget if phase == "tune" else plan.budget
+    sections = {"model": {"name": plan.model},
+                "task": {"name": task, "data_dir": None if task in BUNDLED else plan.data_dir}}
+    sections = _merge(sections, METHODS[method].overrides)
+    sections = _merge(sections, {"optimizer": point})
+    train = {"steps": steps_for(budget, pps), "eval_every": eval_every_for(plan.eval_passes, pps),
+             "output_dir": str(run_dir), "progress": False, "zero_shot": False}
+    task_fields = {"seed": seed}
+    if phase == "tune":  # validation only: the test split plays no part in the choice, and no weights are kept
+        train.update(keep_start=False, save_best=False)
+        task_fields["test"] = 0
+    sections = _merge(sections, {"task": task_fields, "optimizer": {"seed": seed}, "train": train})
+    # the plan's --key value words sit under the method's settings and the budget, above the defaults
+    changes = {**_dotted({k: v for k, v in sections.items() if k == "model"}), **parse_overrides(plan.overrides)}
+    changes.update(_dotted({k: v for k, v in sections.items() if k != "model"}))
+    try:
+        return load_config(changes=changes)
+    except UserError as err:
+        raise ConfigError(f"method {method} on {task}: {err}") from None
+
+
+@dataclass
+class Cell:
+    kind: str  # "tune", "final" or "inference"
+    task: str
+    method: str | None
+    seed: int
+    point: dict
+    dir: Path
+    config: RunConfig
+
+    @property
+    def title(self) -> str:
+        what = {"tune": f"tune {self.method} {point_name(self.point)}", "final": f"{self.method} seed {self.seed}",
+                "inference": "inference memory"}[self.kind]
+        return f"{TASK_TITLES.get(self.task, self.task)}: {what}"
+
+    @property
+    def done(self) -> bool:
+        return (self.dir / ("result.json" if self.kind == "inference" else "run/summary.json")).is_file()
+
+
+def tune_cells(plan: Plan) -> list[Cell]:
+    cells = []
+    for task in plan.tasks:
+        for method in plan.methods:
+            for point in grid_points(method):
+                d = Path(plan.out) / "tune" / task / method / point_name(point)
+                cells.append(Cell("tune", task, method, 0, point, d,
+                                  cell_config(plan, task, method, point, phase="tune", seed=0, run_dir=d / "run")))
+    return cells
+
+
+def final_cells(plan: Plan, chosen: dict) -> list[Cell]:
+    missing = [f"{m} on {t}" for t in plan.tasks for m in plan.methods if m not in chosen.get(t, {})]
+    if missing:
+        raise ConfigError(f"no tuned rate for {', '.join(missing)}: run --phase tune first")
+    cells = []
+    for task in plan.tasks:
+        d = Path(plan.out) / "inference" / task
+        reference = grid_points(REFERENCE)[0]
+        cells.append(Cell("inference", task, None, 0, {}, d, cell_config(plan, task, REFERENCE, reference,
+                                                                         phase="final", seed=0, run_dir=d)))
+        for method in plan.methods:
+            point = chosen[task][method]["point"]
+            for seed in plan.seeds:
+                d = Path(plan.out) / "final" / task / method / f"seed{seed}"
+                cells.append(Cell("final", task, method, seed, point, d,
+                                  cell_config(plan, task, method, point, phase="final", seed=seed, run_dir=d / "run")))
+    return cells
+
+
+# -- running cells -------------------------------------------------------------------------------------
+
+def _check(cell: Cell) -> bool:
+    """Whether the cell was started before (cell.yaml); one started with another config is refused."""
+    path = cell.dir / "cell.yaml"
+    if not path.is_file():
+        return False
+    wanted, recorded = cell.config.to_dict(), yaml.safe_load(path.read_text()) or {}
+    if recorded != wanted:
+        diff = [f"{s}.{k}: {recorded.get(s, {}).get(k)!r} -> {v!r}" for s, values in wanted.items()
+                for k, v in values.items() if recorded.get(s, {}).get(k) != v]
+        raise ConfigError(f"{cell.dir} was run with another config ({'; '.join(diff[:3])}): "
+                          f"choose another --out, or remove that folder to run it again")
+    return True
+
+
+def _claim(cell: Cell) -> None:
+    """Record the cell's config in cell.yaml (see :func:`_check`)."""
+    if not _check(cell):
+        cell.dir.mkdir(parents=True, exist_ok=True)
+        (cell.dir / "cell.yaml").write_text(yaml.safe_dump(cell.config.to_dict(), sort_keys=False))
+
+
+def run_cell(cell_dir: Path, kind: str, *, isolated: bool, log: Callable[[str], None] = print) -> None:
+    """Run (or continue) the cell in ``cell_dir`` here, from its cell.yaml; raises Stopped if interrupted."""
+    import torch
+
+    config = load_config(cell_dir / "cell.yaml")
+    on_gpu = torch.cuda.is_available() and config.model.device != "cpu"
+    if on_gpu and not isolated:  # one process for every cell: each cell's peak from its own start
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    measured = isolated or on_gpu
+    if kind == "inference":
+        checkpoint.write_json(cell_dir / "result.json", {**_inference_peak(config, log), "memory_measured": measured})
+        return
+    from zotune.train import run
+
+    run_dir = cell_dir / "run"
+    if (run_dir / "summary.json").is_file():
+        return
+    resume = run_dir if (run_dir / "state.json").is_file() else None
+    if resume is not None:
+        log(f"{run_dir}: continuing from its state.json")
+    result = run(None if resume else config, resume=resume, log=log)
+    if result.interrupted:
+        raise Stopped(f"{run_dir} stopped at step {result.summary.get('interrupted_at')}, its state saved")
+    checkpoint.write_json(cell_dir / "cell.json", {"memory_measured": measured, "isolated": isolated})
+
+
+def _inference_peak(config: RunConfig, log) -> dict:
+    """The peak memory of inference alone on this task: the validation split, then the loss of the longest
+    training batch (the widest forward a training step makes), no optimizer."""
+    import torch
+
+    from zotune.objectives import evaluate
+    from zotune.train import prepare
+
+    prepared = prepare(config, log=log)
+    model, objective = prepared.loaded.model, prepared.objective
+    batch = sorted(prepared.encoded["train"], key=lambda e: e.width)[-config.train.batch_size:]
+    with torch.no_grad():
+        validation = evaluate(objective, model, prepared.encoded["validation"], config.train.eval_batch_size)
+        float(objective.loss(model, batch, config.train.forward_chunks))
+    device = next(model.parameters()).device
+    return {"peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "validation": validation}
+
+
+def run_cells(cells: list[Cell], plan: Plan, deadline: float | None, log: Callable[[str], None]) -> list[str]:
+    """Run the cells not done yet (after checking every one's config); returns the failures' messages."""
+    todo = [c for c in cells if not c.done]
+    for cell in todo:  # a changed config fails before anything runs
+        _claim(cell)
+    log(f"{len(cells) - len(todo)} of {len(cells)} cells done before; running {len(todo)}")
+    if not plan.isolate:
+        for n, cell in enumerate(todo, 1):
+            if deadline is not None and time.monotonic() > deadline:
+                raise Stopped(f"--time-limit reached before {len(todo) - n + 1} cells")
+            log(f"[{n}/{len(todo)}] {cell.title}")
+            run_cell(cell.dir, cell.kind, isolated=False, log=log)
+        return []
+    return _run_isolated(todo, plan.jobs, deadline, log)
+
+
+def _run_isolated(todo: list[Cell], jobs: int, deadline: float | None, log) -> list[str]:
+    """Each cell in a process of its own, ``jobs`` at a time, its output in its folder's log.txt."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    import zotune  # the cells import the zotune this process runs, wherever it is installed
+
+    package = str(Path(zotune.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package, env.get("PYTHONPATH")]))
+    pending, running, failures, stopped = list(enumerate(todo, 1)), {}, [], None
+    with StopFlag((signal.SIGTERM,)) as stop:  # Ctrl-C reaches the cells itself (one process group)
+        try:
+            while pending or running:
+                while pending and len(running) < jobs and stopped is None:
+                    n, cell = pending.pop(0)
+                    with open(cell.dir / "log.txt", "ab") as output:
+                        proc = subprocess.Popen([sys.executable, __file__, "--cell", str(cell.dir), cell.kind],
+                                                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                env=env)
+                    running[proc] = (n, cell, time.monotonic())
+                    log(f"[{n}/{len(todo)}] {cell.title}: started (output in {cell.dir / 'log.txt'})")
+                time.sleep(0.2)
+                if stopped is None and (stop.requested or (deadline is not None and time.monotonic() > deadline)):
+                    stopped = "SIGTERM" if stop.requested else "--time-limit"
+                    log(f"{stopped}: stopping {len(running)} running cells (each saves its state)")
+                    _signal_all(running, signal.SIGTERM)
+                    _wait_all(running, CELL_STOP_GRACE_S)
+                for proc in [p for p in running if p.poll() is not None]:
+                    n, cell, started = running.pop(proc)
+                    if proc.returncode == 0:
+                        log(f"[{n}/{len(todo)}] {cell.title}: done in {(time.monotonic() - started) / 60:.1f} min")
+                    elif proc.returncode not in (130, -signal.SIGINT, -signal.SIGTERM):
+                        failures.append(f"{cell.title}: exit code {proc.returncode} (see {cell.dir / 'log.txt'})")
+                        log(f"  failed: {failures[-1]}")
+                if stopped is not None:
+                    pending.clear()
+        except KeyboardInterrupt:
+            _wait_all(running, CELL_STOP_GRACE_S)
+            raise
+        finally:
+            for proc in running:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    if stopped is not None:
+        raise Stopped(f"{stopped}: cells stopped with their state saved")
+    return failures
+
+
+def _signal_all(running: dict, signum: int) -> None:
+    for proc in running:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+
+def _wait_all(running: dict, grace: float) -> None:
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _cell_main(cell_dir: str, kind: str) -> int:
+    """The child process of an isolated cell."""
+    try:
+        run_cell(Path(cell_dir), kind, isolated=True)
+    except UserError as err:
+        print(f"convergence cell: error: {err}", file=sys.stderr)
+        return 2
+    except (Stopped, KeyboardInterrupt):
+        return 130
+    return 0
+
+
+# -- reading runs --------------------------------------------------------------------------------------
+
+@dataclass
+class Point:
+    """One validation of a run: where it was on the budget, and what it measured."""
+
+    step: int
+    passes: int  # forward passes of training up to this validation
+    minutes: float | None  # the run's training time up to it (earlier validations included; None: not recorded)
+    value: float  # the validation metric (a fraction)
+
+
+@dataclass
+class Curve:
+    points: list[Point]
+    summary: dict | None
+    recorded_passes: bool  # whether metrics.jsonl carried forward_passes (else steps x passes per step)
+
+
+def read_curve(run_dir: Path, passes_per_step: int) -> Curve:
+    """A run's validations against forward passes, from its metrics.jsonl (and summary.json, if finished)."""
+    summary_path = run_dir / "summary.json"
+    summary = checkpoint.read_json(summary_path) if summary_path.is_file() else None
+    rows = []
+    text = (run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").is_file() else ""
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line still being written by a running cell
+            continue
+    metric = (summary or {}).get("metric") or next(
+        (k[len("validation_"):] for r in rows for k in r if k.startswith("validation_")), "accuracy")
+    key, steps, recorded = f"validation_{metric}", {0: (0, 0.0)}, False
+    points = []
+    for row in rows:
+        step = row.get("step", 0)
+        if "loss" in row:  # a step's line; forward_passes where the library records it
+            recorded = recorded or "forward_passes" in row
+            passes = row["forward_passes"] if "forward_passes" in row else step * passes_per_step
+            minutes = row["elapsed"] / 60 if "elapsed" in row else None
+            steps[step] = (passes, minutes)
+        elif key in row or f"zero_shot_{key}" in row:  # the start is logged as zero_shot_validation_*
+            passes, minutes = steps.get(step, (step * passes_per_step, None))
+            points.append(Point(step, passes, minutes, row[key] if key in row else row[f"zero_shot_{key}"]))
+    return Curve(points, summary, recorded)
+
+
+def trained_score(curve: Curve) -> tuple[float, float]:
+    """What tuning ranks a grid point by: the best validation after the start, then the last one."""
+    trained = [p.value for p in curve.points if p.step > 0 and math.isfinite(p.value)]
+    return (max(trained), trained[-1]) if trained else (-math.inf, -math.inf)
+
+
+def choose(curves: list[Curve]) -> int:
+    """The index of the grid point with the best score (:func:`trained_score`); ties go to the earlier point."""
+    scores = [trained_score(c) for c in curves]
+    return max(range(len(curves)), key=lambda i: (scores[i], -i))
+
+
+def reached_at(points: list[Point], target: float) -> Point | None:
+    """The first validation (in forward passes) at or above ``target``; None if the run never got there."""
+    for point in sorted(points, key=lambda p: p.passes):
+        if point.value >= target:
+            return point
+    return None
+
+
+# -- the phases ----------------------------------------------------------------------------------------
+
+def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
+    cells = tune_cells(plan)
+    failures = run_cells(cells, plan, deadline, log)
+    path = Path(plan.out) / "chosen.json"
+    chosen = _read_optional(path)
+    for task in plan.tasks:
+        for method in plan.methods:
+            group = [c for c in cells if c.task == task and c.method == method]
+            if not all(c.done for c in group):
+                continue
+            curves = [read_curve(c.dir / "run", METHODS[method].passes_per_step) for c in group]
+            best = choose(curves)
+            chosen.setdefault(task, {})[method] = {
+                "point": group[best].point, "tune_budget": plan.tune_budget,
+                "grid": [{"point": c.point, "best_trained": trained_score(k)[0], "last": trained_score(k)[1],
+                          "stopped": (k.summary or {}).get("stopped")} for c, k in zip(group, curves)]}
+            log(f"{TASK_TITLES.get(task, task)}: {method} tuned to {point_name(group[best].point)}")
+    checkpoint.write_json(path, chosen)
+    return chosen, failures
+
+
+def phase_final(plan: Plan, deadline, log) -> list[str]:
+    chosen = _read_optional(Path(plan.out) / "chosen.json")
+    return run_cells(final_cells(plan, chosen), plan, deadline, log)
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
+def _per_seed(values: list, fmt=_fmt) -> str:
+    return " / ".join(fmt(v) for v in values)
+
+
+def _pct(value):
+    return None if value is None else 100 * value
+
+
+def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
+    """The markdown of one task: the tuning, the final table and its notes; and the curves, for the plot."""
+    title = TASK_TITLES.get(task, task)
+    curves = {m: {s: read_curve(Path(plan.out) / "final" / task / m / f"seed{s}" / "run", METHODS[m].passes_per_step)
+                  for s in plan.seeds} for m in plan.methods}
+    done = {m: {s: c for s, c in by_seed.items() if c.summary is not None} for m, by_seed in curves.items()}
+    reference = done.get(REFERENCE, {})
+    targets = {s: reference[s].points[-1].value if s in reference and reference[s].points else None
+               for s in plan.seeds}
+    inference = _read_optional(Path(plan.out) / "inference" / task / "result.json")
+    lines = [f"### {title}: forward passes to tuned MeZO's validation accuracy at {plan.budget:,} forward passes",
+             "", f"Target (tuned MeZO's last validation, seeds {_per_seed(plan.seeds, str)}): "
+             f"{_per_seed([_pct(t) for t in targets.values()])}.", "",
+             "| method | passes / step | tuned | steps | forward passes to the target (x budget) | minutes to it "
+             "| best validation | test | test vs MeZO | peak memory (x inference) |",
+             "| --- | ---: | --- | ---: | --- | --- | --- | --- | --- | --- |"]
+    notes, mezo_test = [], None
+    for method in plan.methods:
+        m = METHODS[method]
+        runs = done[method]
+        point = chosen.get(task, {}).get(method, {}).get("point")
+        tuned = ", ".join(f"{k} {v:g}" for k, v in point.items()) if point else "–"
+        if len(runs) < len(plan.seeds):
+            missing = [str(s) for s in plan.seeds if s not in runs]
+            notes.append(f"{method}: seeds {', '.join(missing)} not finished yet (left out of its row)")
+        if not runs:
+            lines.append(f"| {method} | {m.passes_per_step} | {tuned} | – | not run yet | | | | | |")
+            continue
+        seeds = sorted(runs)
+        hits = {s: reached_at(runs[s].points, targets[s]) if targets.get(s) is not None else None for s in seeds}
+        passes = [hits[s].passes if hits[s] else None for s in seeds]
+        minutes = [hits[s].minutes if hits[s] else None for s in seeds]
+        if all(p is not None for p in passes):
+            mean = _mean(passes)
+            reach = f"{mean:,.0f} ({mean / plan.budget:.2f}x): {_per_seed(passes, lambda v: f'{v:,}')}"
+        else:
+            reach = "not reached (seeds " + ", ".join(str(s) for s, p in zip(seeds, passes) if p is None) + "): " \
+                + _per_seed(passes, lambda v: "no" if v is None else f"{v:,}")
+        reach_min = _per_seed(minutes, lambda v: "–" if v is None else f"{v:.1f}")
+        metric = runs[seeds[0]].summary["metric"]
+        best = [_pct((runs[s].summary.get("best_validation") or {}).get("metric")) for s in seeds]
+        test = [_pct(runs[s].summary.get("test", {}).get(metric)) for s in seeds]
+        if method == REFERENCE:
+            mezo_test, versus = dict(zip(seeds, test)), "–"
+        elif mezo_test:
+            diffs = [t - mezo_test[s] for s, t in zip(seeds, test) if s in mezo_test and t is not None]
+            delta = _mean(diffs)
+            verdict = "wins" if delta and delta > 0 else "loses" if delta and delta < 0 else "ties"
+            versus = f"{delta:+.1f}, {verdict} (higher on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)" \
+                if delta is not None else "–"
+        else:
+            versus = "–"
+        lines.append(f"| {method} | {m.passes_per_step} | {tuned} | {runs[seeds[0]].summary['steps']} | {reach} | "
+                     f"{reach_min} | {_fmt(_mean(best))} ({_per_seed(best)}) | {_fmt(_mean(test))} "
+                     f"({_per_seed(test)}) | {versus} | {_memory(plan, task, method, runs, inference)} |")
+        for s in seeds:
+            summary = runs[s].summary
+            if summary.get("stopped") not in (None, "steps"):
+                notes.append(f"{method} seed {s} stopped early: {summary['stopped']} at step {summary['steps']}")
+            recorded = summary.get("forward_passes")
+            if recorded is not None and recorded != summary["steps"] * m.passes_per_step:
+                notes.append(f"{method} seed {s} records {recorded} forward passes for {summary['steps']} steps, not "
+                             f"{m.passes_per_step} a step: its entry's passes_per_step is wrong")
+        if method != REFERENCE and all(p is not None for p in passes):
+            if max(passes) <= plan.budget / 4:
+                notes.append(f"{method} reached the target within a quarter of the budget on every seed")
+    counted = "as recorded (forward_passes)" if any(c.recorded_passes for r in done.values() for c in r.values()) \
+        else "as steps x passes per step (these runs do not record forward_passes)"
+    notes += [f"forward passes counted {counted}; minutes: the run's training time up to that validation "
+              f"(validations included; {plan.jobs} cell(s) sharing the machine at a time)",
+              f"best validation includes the start (step 0); test: the best validation weights; "
+              f"per seed in parentheses ({_per_seed(plan.seeds, str)})"]
+    return lines + [""] + [f"- {n}" for n in notes] + [""] + tuning_table(plan, task, chosen), curves
+
+
+def _read_optional(path: Path) -> dict:
+    return checkpoint.read_json(path) if path.is_file() else {}
+
+
+def _memory(plan: Plan, task: str, method: str, runs: dict, inference: dict | None) -> str:
+    """The highest peak over seeds, against inference's and in parameter-sized buffers over it."""
+    folder = Path(plan.out) / "final" / task / method
+    measured = [s for s in runs if _read_optional(folder / f"seed{s}" / "cell.json").get("memory_measured")]
+    if not measured:
+        return "not measured (cells in one CPU process)"
+    peak = max(runs[s].summary["peak_memory_mb"] for s in measured)
+    if not inference or not inference.get("memory_measured"):
+        return f"{peak:,.0f} MB"
+    dtype = load_config(folder / f"seed{measured[0]}" / "cell.yaml").model.dtype
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    buffer_mb = runs[measured[0]].summary["trainable_parameters"] * width / 2**20
+    over = (peak - inference["peak_memory_mb"]) / buffer_mb
+    return f"{peak:,.0f} MB ({peak / inference['peak_memory_mb']:.2f}x, {over:+.2f} parameter buffers)"
+
+
+def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
+    lines = [f"Tuning on {TASK_TITLES.get(task, task)} (seed 0, validation; {plan.tune_budget:,} forward passes a "
+             f"point, the same number of points for every method):", "",
+             "| method | grid point | best validation after the start | last validation | |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for method in plan.methods:
+        entry = chosen.get(task, {}).get(method)
+        if not entry:
+            lines.append(f"| {method} | not tuned yet | | | |")
+            continue
+        for row in entry["grid"]:
+            mark = "chosen" if row["point"] == entry["point"] else ""
+            stopped = f" ({row['stopped']})" if row.get("stopped") not in (None, "steps") else ""
+            lines.append(f"| {method} | {point_name(row['point'])}{stopped} | {_fmt(_pct(row['best_trained']))} | "
+                         f"{_fmt(_pct(row['last']))} | {mark} |")
+    return lines
+
+
+def plot_task(plan: Plan, task: str, curves: dict, path: Path) -> Path:
+    """Validation accuracy against forward passes: every method (a color) and seed (a line style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    styles = ["-", "--", ":", "-."]
+    for i, method in enumerate(plan.methods):
+        for j, seed in enumerate(plan.seeds):
+            points = curves[method][seed].points
+            if points:
+                ax.plot([p.passes for p in points], [100 * p.value for p in points], color=f"C{i}",
+                        linestyle=styles[j % len(styles)], marker="o", markersize=3, linewidth=1.4,
+                        label=f"{method}, seed {seed}")
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"{TASK_TITLES.get(task, task)}: methods at their tuned rates, {plan.budget:,} forward passes")
+    if ax.lines:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def phase_table(plan: Plan, log) -> str:
+    chosen = _read_optional(Path(plan.out) / "chosen.json")
+    header = [f"Model {plan.model}; methods: " + "; ".join(
+        f"{m} = {METHODS[m].label or m}, {METHODS[m].passes_per_step} forward passes a step" for m in plan.methods),
+        "", f"Budget {plan.budget:,} forward passes per run; tuning {plan.tune_budget:,} per grid point; "
+        f"validation every {plan.eval_passes:,}; seeds {', '.join(map(str, plan.seeds))}.", ""]
+    sections = []
+    for task in plan.tasks:
+        lines, curves = task_table(plan, task, chosen)
+        png = plot_task(plan, task, curves, Path(plan.out) / f"curves-{task}.png")
+        sections.append("\n".join(lines + ["", f"Learning curves: `{png}`"]))
+    table = "\n".join(header) + "\n" + "\n\n".join(sections)
+    (Path(plan.out) / "table.md").write_text(table + "\n")
+    log(table)
+    return table
+
+
+def machine() -> str:
+    """The CPU (model and cores) and GPU of this machine, as RESULTS.md names them."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores; {gpu}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def append_results(path: Path, table: str, argv: list[str]) -> None:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = shlex.join(["python", "benchmarks/convergence.py", *argv])
+    text = (f"\n## {when}: forward passes to tuned MeZO's accuracy (`benchmarks/convergence.py`)\n\n"
+            f"- machine: {machine()}\n- command: `{command}`\n\n{table}\n")
+    with open(path, "a") as f:
+        f.write(text)
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Words after -- are run-config overrides for every cell (--section.field value).")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="sizes for a 2-core CPU or one 10-minute H100 call")
+    p.add_argument("--phase", default="all", choices=["all", "tune", "final", "table"])
+    p.add_argument("--out", help=f"output folder (default {DEFAULTS['out']})")
+    p.add_argument("--resume", metavar="OUT", help="continue the benchmark in OUT with the options it was started with")
+    p.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULTS['methods'])})")
+    p.add_argument("--tasks", help=f"comma-separated registered tasks (default {','.join(DEFAULTS['tasks'])})")
+    p.add_argument("--seeds", help="comma-separated seeds of the final runs (default 0,1)")
+    p.add_argument("--budget", type=int, help="forward passes of each final run (default 2000)")
+    p.add_argument("--tune-budget", type=int, help="forward passes of each tuning run (default 400)")
+    p.add_argument("--eval-passes", type=int, help="validate every this many forward passes (default 200)")
+    p.add_argument("--model", help=f"model name, .gguf file or folder (default {DEFAULTS['model']})")
+    p.add_argument("--data-dir", help="folder of the task data (default ../shared/data); SST-2 uses the bundled sample")
+    p.add_argument("--jobs", type=int, help="cells at once, each in its own process (default 1)")
+    p.add_argument("--no-isolate", action="store_true", help="run every cell in this process (peak memory: GPU only)")
+    p.add_argument("--time-limit", type=float, help="minutes after which running cells stop, their state saved")
+    p.add_argument("--append", metavar="FILE", help="append the table to FILE (benchmarks/RESULTS.md) with the date, "
+                                                   "machine and command")
+    p.add_argument("--cell", nargs=2, metavar=("DIR", "KIND"), help=argparse.SUPPRESS)  # an isolated cell's process
+    return p
+
+
+def make_plan(args, overrides: list[str]) -> Plan:
+    """The plan from --resume's plan.json (if any), then the preset, then the options given."""
+    values = dict(DEFAULTS)
+    values["data_dir"] = next((str(d) for d in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data")
+                               if d.is_dir()), None)
+    if args.resume:
+        saved = Path(args.resume) / "plan.json"
+        if not saved.is_file():
+            raise ConfigError(f"{args.resume} holds no plan.json: not a benchmark folder")
+        values.update(checkpoint.read_json(saved))
+    values.update(PRESETS.get(args.preset, {}))
+    given = {"out": args.out, "budget": args.budget, "tune_budget": args.tune_budget, "eval_passes": args.eval_passes,
+             "model": args.model, "data_dir": args.data_dir, "jobs": args.jobs, "time_limit": args.time_limit}
+    values.update({k: v for k, v in given.items() if v is not None})
+    for name in ("methods", "tasks"):
+        if getattr(args, name):
+            values[name] = [v.strip() for v in getattr(args, name).split(",") if v.strip()]
+    if args.seeds:
+        try:
+            values["seeds"] = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds must be whole numbers, got {args.seeds!r}") from None
+    if args.no_isolate:
+        values["isolate"] = False
+    if overrides:
+        values["overrides"] = overrides
+    if args.resume and not args.out:
+        values["out"] = args.resume
+    names = {f for f in Plan.__dataclass_fields__}
+    return Plan(**{k: v for k, v in values.items() if k in names})
+
+
+def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    args = _parser().parse_args(words)
+    if args.cell:
+        return _cell_main(*args.cell)
+    try:
+        plan = make_plan(args, overrides)
+        parse_overrides(plan.overrides)  # a bad override fails before anything is written
+        out = Path(plan.out)
+        if args.phase != "table":  # cells this plan would change are refused before the plan is recorded
+            chosen = _read_optional(out / "chosen.json")
+            ready = all(m in chosen.get(t, {}) for t in plan.tasks for m in plan.methods)
+            for cell in tune_cells(plan) + (final_cells(plan, chosen) if ready else []):
+                _check(cell)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(out / "plan.json", asdict(plan))
+        deadline = time.monotonic() + 60 * plan.time_limit if plan.time_limit > 0 else None
+        failures: list[str] = []
+        try:
+            if args.phase in ("all", "tune"):
+                failures += phase_tune(plan, deadline, log)[1]
+            if args.phase in ("all", "final"):
+                failures += phase_final(plan, deadline, log)
+        except Stopped as stopped:
+            log(f"{stopped}; continue with: python benchmarks/convergence.py --resume {plan.out}")
+            if args.phase != "all":
+                return 130
+        table = phase_table(plan, log) if args.phase in ("all", "table") else None
+        if table is not None and args.append:
+            append_results(Path(args.append), table, argv)
+            log(f"appended to {args.append}")
+        for failure in failures:
+            log(f"failed: {failure}")
+        return 1 if failures else 0
+    except UserError as err:
+        print(f"convergence: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convergence: interrupted; the cells saved their state: run the same command (or --resume OUT) "
+              "to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""benchmarks/convergence.py: the budget arithmetic, tuning's choice, the table's "reached at", and the three
+phases end to end on a tiny model (resumable: finished cells are skipped, a partial one continues)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from zotune.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("convergence_benchmark", ROOT / "benchmarks" / "convergence.py")
+conv = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = conv  # dataclasses look their module up while the file runs
+_spec.loader.exec_module(conv)
+
+QUIET = lambda message: None  # noqa: E731
+TINY_DATA = ["--", "--task.train", "16", "--task.validation", "8", "--task.test", "8", "--train.batch_size", "4"]
+
+
+def _points(*pairs):
+    return [conv.Point(step=passes // 2, passes=passes, minutes=passes / 100, value=value) for passes, value in pairs]
+
+
+def _curve(*values):
+    """A tuning run's validations: the start (step 0), then steps 1, 2, ..."""
+    return conv.Curve([conv.Point(i, 2 * i, None, v) for i, v in enumerate(values)], None, False)
+
+
+def test_budget_arithmetic_whole_steps_never_over_budget():
+    assert conv.steps_for(2000, 2) == 1000  # tuned MeZO's 1,000 steps
+    assert conv.steps_for(2000, 9) == 222  # FZOO, N = 8: 1,998 forward passes
+    assert conv.steps_for(2000, 5) == 400  # one-sided n-SPSA, n = 4
+    assert conv.eval_every_for(200, 2) == 100 and conv.eval_every_for(200, 9) == 22 and conv.eval_every_for(4, 5) == 1
+    with pytest.raises(ConfigError, match="less than one step"):
+        conv.steps_for(4, 5)
+
+
+def test_each_cell_config_takes_its_methods_settings_and_its_budget_in_steps(tmp_path):
+    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1], budget=2000, tune_budget=400,
+                     eval_passes=200, model="tiny", out=str(tmp_path), overrides=["--task.validation", "8"])
+    final = conv.cell_config(plan, "sst2", "one-sided-4", {"lr": 1e-4}, phase="final", seed=1, run_dir=tmp_path / "r")
+    o, t = final.optimizer, final.train
+    assert (o.estimator, o.n_perturbations, o.lr, o.seed) == ("one-sided", 4, 1e-4, 1)
+    assert (t.steps, t.eval_every, t.output_dir, t.save_best) == (400, 40, str(tmp_path / "r"), True)
+    assert (final.task.name, final.task.seed, final.task.validation, final.task.data_dir) == ("sst2", 1, 8, None)
+    tune = conv.cell_config(plan, "sst2", "mezo", {"lr": 2e-5}, phase="tune", seed=0, run_dir=tmp_path / "t")
+    assert (tune.train.steps, tune.train.eval_every, tune.task.test, tune.train.save_best) == (200, 100, 0, False)
+    assert (tune.optimizer.estimator, tune.optimizer.n_perturbations, tune.optimizer.distribution) == \
+        ("two-sided", 1, "gaussian")
+
+
+def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
+    common = dict(tasks=["sst2"], seeds=[0], budget=100, tune_budget=20, eval_passes=10, model="m", out=str(tmp_path))
+    with pytest.raises(ConfigError, match="must include 'mezo'"):
+        conv.Plan(methods=["one-sided-4"], **common)
+    monkeypatch.setitem(conv.METHODS, "wide", conv.Method(2, {}, {"lr": [1e-5, 2e-5, 5e-5, 1e-4]}))
+    with pytest.raises(ConfigError, match="same tuning budget"):
+        conv.Plan(methods=["mezo", "wide"], **common)
+    with pytest.raises(ConfigError, match="less than one step"):
+        conv.Plan(methods=["mezo", "one-sided-4"], **{**common, "tune_budget": 4})
+
+
+def test_tuning_takes_the_best_validation_after_the_start():
+    # the start (first value) is the same for every point and never decides
+    assert conv.choose([_curve(0.9, 0.6, 0.7), _curve(0.5, 0.8, 0.6), _curve(0.5, 0.7, 0.75)]) == 1
+    assert conv.choose([_curve(0.5, 0.8, 0.6), _curve(0.5, 0.7, 0.8)]) == 1  # tie on the best: the better last
+    assert conv.choose([_curve(0.5, 0.8), _curve(0.5, 0.8)]) == 0  # a full tie: the grid's order
+    diverged = conv.Curve([conv.Point(0, 0, None, 0.9)], None, False)  # stopped before its first validation
+    assert conv.choose([diverged, _curve(0.5, 0.6)]) == 1
+    assert conv.trained_score(diverged) == (-math.inf, -math.inf)
+
+
+def test_reached_at_is_the_first_validation_at_or_above_the_target():
+    points = _points((0, 0.50), (200, 0.60), (400, 0.70), (600, 0.65), (800, 0.72))
+    assert conv.reached_at(points, 0.65).passes == 400  # not 600, where it fell back to it
+    assert conv.reached_at(points, 0.70).passes == 400  # equal counts
+    assert conv.reached_at(points, 0.72).passes == 800
+    assert conv.reached_at(points, 0.50).passes == 0  # the start already had it
+    assert conv.reached_at(points, 0.73) is None
+    assert conv.reached_at(list(reversed(points)), 0.65).passes == 400  # by forward passes, not file order
+
+
+def _fake_run(folder: Path, pps: int, values, test: float, seed: int):
+    """A finished run: a validation every 2 steps, forward passes not recorded (steps x passes per step)."""
+    folder.mkdir(parents=True)
+    rows = [{"step": 0, "zero_shot_validation_accuracy": values[0]}]  # the start, as train.py logs it
+    for i, value in enumerate(values[1:], 1):
+        rows += [{"step": 2 * i, "loss": 0.5, "elapsed": 60.0 * i}, {"step": 2 * i, "validation_accuracy": value}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    best = max(range(len(values)), key=lambda i: values[i])
+    summary = {"metric": "accuracy", "steps": 2 * (len(values) - 1), "stopped": "steps", "test": {"accuracy": test},
+               "best_validation": {"step": 2 * best, "metric": values[best]}, "peak_memory_mb": 100.0,
+               "trainable_parameters": 1000}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path):
+    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1], budget=40, tune_budget=20,
+                     eval_passes=10, model="tiny", out=str(tmp_path), isolate=False)
+    final = tmp_path / "final" / "sst2"
+    _fake_run(final / "mezo" / "seed0" / "run", 2, [0.5, 0.6, 0.7], 0.70, 0)  # target 0.7 (its last validation)
+    _fake_run(final / "mezo" / "seed1" / "run", 2, [0.5, 0.8, 0.6], 0.75, 1)  # target 0.6 (the last, not the best)
+    _fake_run(final / "one-sided-4" / "seed0" / "run", 5, [0.5, 0.7, 0.6], 0.65, 0)  # 0.7 at step 2: 10 passes
+    _fake_run(final / "one-sided-4" / "seed1" / "run", 5, [0.5, 0.55, 0.58], 0.60, 1)  # never 0.6
+    chosen = {"sst2": {m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
+                       for m in plan.methods}}
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    table = conv.phase_table(plan, QUIET)
+    final_rows = table.split("Tuning on")[0].splitlines()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in final_rows
+            if line.startswith("| mezo |") or line.startswith("| one-sided-4 |")}
+    assert "Target (tuned MeZO's last validation, seeds 0 / 1): 70.0 / 60.0." in table
+    assert rows["mezo"][4] == "6 (0.15x): 8 / 4"  # step 4 x 2 passes on seed 0, step 2 x 2 on seed 1
+    assert rows["mezo"][5] == "2.0 / 1.0"  # minutes: the training time recorded at that step
+    assert rows["one-sided-4"][4] == "not reached (seeds 1): 10 / no"
+    assert rows["one-sided-4"][7] == "62.5 (65.0 / 60.0)"
+    assert rows["one-sided-4"][8] == "-10.0, loses (higher on 0/2 seeds)"
+    assert "forward passes counted as steps x passes per step" in table
+    assert (tmp_path / "curves-sst2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _validations(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation accuracy) of a run, the start's (logged as zero_shot_validation_accuracy) included."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("validation_accuracy", r.get("zero_shot_validation_accuracy"))) for r in rows
+            if "validation_accuracy" in r or "zero_shot_validation_accuracy" in r]
+
+
+def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp_path, monkeypatch):
+    import zotune.train
+
+    real_run = zotune.train.run
+    grids = {"mezo": [3e-2, 1e-3], "one-sided-4": [1e-3, 3e-2]}  # rates a tiny model moves at; the larger wins,
+    for name, lrs in grids.items():  # first in one grid and last in the other
+        method = conv.METHODS[name]
+        monkeypatch.setitem(conv.METHODS, name, conv.Method(method.passes_per_step, method.overrides, {"lr": lrs}))
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    argv = ["--no-isolate", "--methods", "mezo,one-sided-4", "--tasks", "sst2", "--seeds", "0,1", "--budget", "12",
+            "--tune-budget", "10", "--eval-passes", "4", "--model", str(model_dir), "--out", str(out),
+            "--append", str(results), *TINY_DATA]
+    assert conv.main(argv, log=QUIET) == 0
+
+    chosen = json.loads((out / "chosen.json").read_text())["sst2"]
+    for method, pps in (("mezo", 2), ("one-sided-4", 5)):
+        scores = []
+        for lr in grids[method]:  # the rule, from the runs' own metrics: best after the start, then last, then order
+            trained = [v for s, v in _validations(out / "tune" / "sst2" / method / f"lr{lr:g}" / "run") if s > 0]
+            scores.append((max(trained), trained[-1]))
+        assert chosen[method]["point"] == {"lr": grids[method][scores.index(max(scores))]}
+        for seed in (0, 1):
+            run = out / "final" / "sst2" / method / f"seed{seed}" / "run"
+            summary = json.loads((run / "summary.json").read_text())
+            assert summary["steps"] == 12 // pps and summary.get("forward_passes", 12 // pps * pps) <= 12
+            assert [s for s, _ in _validations(run)] == list(range(0, 12 // pps + 1, max(1, 4 // pps)))
+    table = (out / "table.md").read_text()
+    assert "| mezo | 2 |" in table and "| one-sided-4 | 5 |" in table and (out / "curves-sst2.png").is_file()
+    appended = results.read_text()
+    assert "forward passes to tuned MeZO's accuracy" in appended and "- machine: " in appended
+    assert "- command: `python benchmarks/convergence.py --no-isolate --methods mezo,one-sided-4" in appended
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("a finished cell ran again")
+
+    monkeypatch.setattr(zotune.train, "run", no_run)
+    assert conv.main(argv[:-len(TINY_DATA) - 2] + TINY_DATA, log=QUIET) == 0  # every cell done: nothing runs
+    assert (out / "table.md").read_text() == table
+
+    partial = out / "final" / "sst2" / "mezo" / "seed1"  # stopped after its state, before its summary
+    (partial / "run" / "summary.json").unlink()
+    calls = []
+
+    def spy(config=None, **kwargs):
+        calls.append((config, kwargs.get("resume")))
+        return real_run(config, **kwargs)
+
+    monkeypatch.setattr(zotune.train, "run", spy)
+    assert conv.main(["--resume", str(out), "--phase", "final"], log=QUIET) == 0  # the plan's options, from plan.json
+    assert calls == [(None, partial / "run")] and (partial / "run" / "summary.json").is_file()
+
+    plan = (out / "plan.json").read_text()
+    assert conv.main(["--resume", str(out), "--budget", "20"], log=QUIET) == 2  # other steps: refused, not mixed
+    assert (out / "plan.json").read_text() == plan

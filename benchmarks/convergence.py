@@ -64,8 +64,10 @@ Presets (options given on the command line win):
 - ``--preset gpu``: the issue's full setting, sized for one 10-minute H100 call: 2,000 forward
   passes per final run (tuned MeZO's 1,000 steps), 400 per grid point, validation every 200,
   seeds 0 and 1, eight cells at a time on the one GPU (one small model leaves most of it idle: ten
-  SmolLM2 MeZO processes stepped ~3x faster in all than one), stopping at 9 minutes and printing the
-  table of what finished.
+  SmolLM2 MeZO processes stepped ~3x faster in all than one), stopping at 8.5 minutes (the cells save
+  their state) and printing the table of what finished. About 22,000 forward passes with mezo and
+  fzoo on both tasks: at the ~70 a second that parallel SmolLM2 MeZO cells made on an H100, about
+  5 minutes of training, plus process starts and validations.
 
 Peak memory is that of each cell's own process (RSS on a CPU, the CUDA allocator's peak on a GPU),
 so it is reported only for cells run in processes of their own or on a GPU (where it is reset before
@@ -124,14 +126,16 @@ class Method:
 # Adding a method is one entry. Every method's grid has three points, so the tuning budget is the
 # same for all (3 x --tune-budget forward passes). MeZO's rates: the default run's 5e-5 was tuned
 # for 200 steps and diverged after 1,000-2,000 on the H100; 2e-5 held for 4,000 (RESULTS.md).
-# FZOO normalises its step by the spread of the losses, so its rate lives on another scale (the
-# issue's calibration ran 2e-3 and 5e-3). n-SPSA averages n directions, which allows a larger rate.
+# FZOO divides its step by eps times the spread of the losses, so its rate lives on another scale:
+# the issue's calibration ran eta 2e-3 and 5e-3, which are lr 2e-6 and 5e-6 in the library's form
+# (lr = eta * eps, eps 1e-3; zotune compare's fzoo takes 2e-6). n-SPSA averages n directions, which
+# allows a larger rate than MeZO's.
 METHODS: dict[str, Method] = {
     "mezo": Method(2, {"optimizer": {"estimator": "two-sided", "n_perturbations": 1, "distribution": "gaussian"}},
                    {"lr": [1e-5, 2e-5, 5e-5]}, "MeZO (the paper's SPSA, n = 1)"),
     "fzoo": Method(9, {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8,
                                      "fuse_next": False}},
-                   {"lr": [1e-3, 2e-3, 5e-3]}, "FZOO (N = 8 Rademacher, one-sided, std-normalised)"),
+                   {"lr": [1e-6, 2e-6, 5e-6]}, "FZOO (N = 8 Rademacher, one-sided, std-normalised)"),
     "one-sided-4": Method(5, {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},
                           {"lr": [2e-5, 5e-5, 1e-4]}, "one-sided n-SPSA, n = 4"),
 }
@@ -146,7 +150,7 @@ DEFAULTS = {"methods": ["mezo", "fzoo"], "tasks": ["sst2", "copa"], "seeds": [0,
             "model": "smollm2-135m-instruct", "out": "runs/convergence"}
 PRESETS = {
     "cpu": {"budget": 1000, "tune_budget": 200, "eval_passes": 100, "seeds": [0, 1], "jobs": 1},
-    "gpu": {"budget": 2000, "tune_budget": 400, "eval_passes": 200, "seeds": [0, 1], "jobs": 8, "time_limit": 9.0},
+    "gpu": {"budget": 2000, "tune_budget": 400, "eval_passes": 200, "seeds": [0, 1], "jobs": 8, "time_limit": 8.5},
 }
 CELL_STOP_GRACE_S = 60  # after a stop, how long running cells get to finish their step and save
 
@@ -199,6 +203,12 @@ class Plan:
             raise ConfigError(f"the methods must include {REFERENCE!r}: its tuned accuracy is every row's target")
         if not self.tasks or not self.seeds:
             raise ConfigError("at least one task and one seed are needed")
+        from zotune.tasks import get_task
+
+        for task in self.tasks:
+            get_task(task)  # an unknown task is a one-line error that suggests the nearest
+            if task not in BUNDLED and not self.data_dir:
+                raise ConfigError(f"task {task} needs its data: give --data-dir (the folder of shared/data)")
         sizes = {m: len(grid_points(m)) for m in self.methods}
         if len(set(sizes.values())) > 1:
             raise ConfigError("every method needs the same tuning budget, so grids of the same size; got "
@@ -291,17 +301,20 @@ def tune_cells(plan: Plan) -> list[Cell]:
     return cells
 
 
+def untuned(plan: Plan, chosen: dict) -> list[str]:
+    return [f"{m} on {t}" for t in plan.tasks for m in plan.methods if m not in chosen.get(t, {})]
+
+
 def final_cells(plan: Plan, chosen: dict) -> list[Cell]:
-    missing = [f"{m} on {t}" for t in plan.tasks for m in plan.methods if m not in chosen.get(t, {})]
-    if missing:
-        raise ConfigError(f"no tuned rate for {', '.join(missing)}: run --phase tune first")
+    """The final runs of every tuned method (and each task's inference cell); untuned ones wait for --phase tune."""
     cells = []
     for task in plan.tasks:
         d = Path(plan.out) / "inference" / task
-        reference = grid_points(REFERENCE)[0]
-        cells.append(Cell("inference", task, None, 0, {}, d, cell_config(plan, task, REFERENCE, reference,
-                                                                         phase="final", seed=0, run_dir=d)))
+        cells.append(Cell("inference", task, None, 0, {}, d, cell_config(plan, task, REFERENCE, {}, phase="final",
+                                                                         seed=0, run_dir=d)))
         for method in plan.methods:
+            if method not in chosen.get(task, {}):
+                continue
             point = chosen[task][method]["point"]
             for seed in plan.seeds:
                 d = Path(plan.out) / "final" / task / method / f"seed{seed}"
@@ -562,6 +575,11 @@ def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
 
 def phase_final(plan: Plan, deadline, log) -> list[str]:
     chosen = _read_optional(Path(plan.out) / "chosen.json")
+    missing = untuned(plan, chosen)
+    if len(missing) == len(plan.tasks) * len(plan.methods):
+        raise ConfigError("no method is tuned yet: run --phase tune first")
+    if missing:
+        log(f"not tuned yet, so not run: {', '.join(missing)} (run --phase tune)")
     return run_cells(final_cells(plan, chosen), plan, deadline, log)
 
 
@@ -610,15 +628,18 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
             lines.append(f"| {method} | {m.passes_per_step} | {tuned} | – | not run yet | | | | | |")
             continue
         seeds = sorted(runs)
-        hits = {s: reached_at(runs[s].points, targets[s]) if targets.get(s) is not None else None for s in seeds}
-        passes = [hits[s].passes if hits[s] else None for s in seeds]
-        minutes = [hits[s].minutes if hits[s] else None for s in seeds]
+        hits = {s: reached_at(runs[s].points, targets[s]) for s in seeds if targets.get(s) is not None}
+        passes = [hits[s].passes if hits.get(s) else None for s in seeds]
+        minutes = [hits[s].minutes if hits.get(s) else None for s in seeds]
+        shown = _per_seed([hits[s].passes if hits.get(s) else "no" if s in hits else "–" for s in seeds],
+                          lambda v: f"{v:,}" if isinstance(v, int) else v)
         if all(p is not None for p in passes):
             mean = _mean(passes)
-            reach = f"{mean:,.0f} ({mean / plan.budget:.2f}x): {_per_seed(passes, lambda v: f'{v:,}')}"
+            reach = f"{mean:,.0f} ({mean / plan.budget:.2f}x): {shown}"
+        elif any(s in hits and hits[s] is None for s in seeds):
+            reach = f"not reached (seeds {', '.join(str(s) for s in seeds if s in hits and hits[s] is None)}): {shown}"
         else:
-            reach = "not reached (seeds " + ", ".join(str(s) for s, p in zip(seeds, passes) if p is None) + "): " \
-                + _per_seed(passes, lambda v: "no" if v is None else f"{v:,}")
+            reach = f"– (no target: tuned MeZO not finished): {shown}"
         reach_min = _per_seed(minutes, lambda v: "–" if v is None else f"{v:.1f}")
         metric = runs[seeds[0]].summary["metric"]
         best = [_pct((runs[s].summary.get("best_validation") or {}).get("metric")) for s in seeds]
@@ -644,9 +665,14 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
             if recorded is not None and recorded != summary["steps"] * m.passes_per_step:
                 notes.append(f"{method} seed {s} records {recorded} forward passes for {summary['steps']} steps, not "
                              f"{m.passes_per_step} a step: its entry's passes_per_step is wrong")
-        if method != REFERENCE and all(p is not None for p in passes):
-            if max(passes) <= plan.budget / 4:
-                notes.append(f"{method} reached the target within a quarter of the budget on every seed")
+        if method == REFERENCE:
+            for s in seeds:
+                start = next((p.value for p in runs[s].points if p.step == 0), None)
+                if start is not None and targets.get(s) is not None and targets[s] <= start:
+                    notes.append(f"seed {s}: tuned MeZO ended no higher than it started ({_fmt(_pct(start))}), "
+                                 f"so the target is met at 0 forward passes")
+        elif all(p is not None for p in passes) and min(passes) > 0 and max(passes) <= plan.budget / 4:
+            notes.append(f"{method} reached the target within a quarter of the budget on every seed")
     counted = "as recorded (forward_passes)" if any(c.recorded_passes for r in done.values() for c in r.values()) \
         else "as steps x passes per step (these runs do not record forward_passes)"
     notes += [f"forward passes counted {counted}; minutes: the run's training time up to that validation "
@@ -710,6 +736,9 @@ def plot_task(plan: Plan, task: str, curves: dict, path: Path) -> Path:
                 ax.plot([p.passes for p in points], [100 * p.value for p in points], color=f"C{i}",
                         linestyle=styles[j % len(styles)], marker="o", markersize=3, linewidth=1.4,
                         label=f"{method}, seed {seed}")
+    ax.axvline(plan.budget / 4, color="gray", linestyle=":", linewidth=1.0)  # the issue's target: a quarter
+    ax.annotate("1/4 of the budget", (plan.budget / 4, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
+                textcoords="offset points", fontsize=7, color="gray")
     ax.set_xlabel("forward passes")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{TASK_TITLES.get(task, task)}: methods at their tuned rates, {plan.budget:,} forward passes")
@@ -781,8 +810,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"model name, .gguf file or folder (default {DEFAULTS['model']})")
     p.add_argument("--data-dir", help="folder of the task data (default ../shared/data); SST-2 uses the bundled sample")
     p.add_argument("--jobs", type=int, help="cells at once, each in its own process (default 1)")
-    p.add_argument("--no-isolate", action="store_true", help="run every cell in this process (peak memory: GPU only)")
-    p.add_argument("--time-limit", type=float, help="minutes after which running cells stop, their state saved")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each cell in a process of its own (default); --no-isolate: all in this one (tests; peak "
+                        "memory is then measured on a GPU only)")
+    p.add_argument("--time-limit", type=float, help="minutes after which the running cells stop, their state saved, "
+                                                    "and the table is drawn (--no-isolate: no cell starts after it)")
     p.add_argument("--append", metavar="FILE", help="append the table to FILE (benchmarks/RESULTS.md) with the date, "
                                                    "machine and command")
     p.add_argument("--cell", nargs=2, metavar=("DIR", "KIND"), help=argparse.SUPPRESS)  # an isolated cell's process
@@ -811,8 +843,8 @@ def make_plan(args, overrides: list[str]) -> Plan:
             values["seeds"] = [int(v) for v in args.seeds.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--seeds must be whole numbers, got {args.seeds!r}") from None
-    if args.no_isolate:
-        values["isolate"] = False
+    if args.isolate is not None:
+        values["isolate"] = args.isolate
     if overrides:
         values["overrides"] = overrides
     if args.resume and not args.out:
@@ -832,9 +864,7 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         parse_overrides(plan.overrides)  # a bad override fails before anything is written
         out = Path(plan.out)
         if args.phase != "table":  # cells this plan would change are refused before the plan is recorded
-            chosen = _read_optional(out / "chosen.json")
-            ready = all(m in chosen.get(t, {}) for t in plan.tasks for m in plan.methods)
-            for cell in tune_cells(plan) + (final_cells(plan, chosen) if ready else []):
+            for cell in tune_cells(plan) + final_cells(plan, _read_optional(out / "chosen.json")):
                 _check(cell)
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json(out / "plan.json", asdict(plan))

@@ -62,6 +62,16 @@ def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
         conv.Plan(methods=["mezo", "wide"], **common)
     with pytest.raises(ConfigError, match="less than one step"):
         conv.Plan(methods=["mezo", "one-sided-4"], **{**common, "tune_budget": 4})
+    with pytest.raises(ConfigError, match="needs its data"):
+        conv.Plan(methods=["mezo"], **{**common, "tasks": ["sst2", "copa"]})
+
+
+def test_a_grid_of_rates_and_eps_is_every_combination(monkeypatch):
+    monkeypatch.setitem(conv.METHODS, "both", conv.Method(2, {}, {"lr": [1e-5, 2e-5], "eps": [1e-3, 1e-2]}))
+    points = conv.grid_points("both")
+    assert points == [{"lr": 1e-5, "eps": 1e-3}, {"lr": 1e-5, "eps": 1e-2}, {"lr": 2e-5, "eps": 1e-3},
+                      {"lr": 2e-5, "eps": 1e-2}]
+    assert [conv.point_name(p) for p in points][1] == "lr1e-05-eps0.01"  # each point's folder
 
 
 def test_tuning_takes_the_best_validation_after_the_start():
@@ -99,13 +109,14 @@ def _fake_run(folder: Path, pps: int, values, test: float, seed: int):
 
 
 def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path):
-    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1], budget=40, tune_budget=20,
+    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1, 2], budget=40, tune_budget=20,
                      eval_passes=10, model="tiny", out=str(tmp_path), isolate=False)
     final = tmp_path / "final" / "sst2"
     _fake_run(final / "mezo" / "seed0" / "run", 2, [0.5, 0.6, 0.7], 0.70, 0)  # target 0.7 (its last validation)
     _fake_run(final / "mezo" / "seed1" / "run", 2, [0.5, 0.8, 0.6], 0.75, 1)  # target 0.6 (the last, not the best)
     _fake_run(final / "one-sided-4" / "seed0" / "run", 5, [0.5, 0.7, 0.6], 0.65, 0)  # 0.7 at step 2: 10 passes
     _fake_run(final / "one-sided-4" / "seed1" / "run", 5, [0.5, 0.55, 0.58], 0.60, 1)  # never 0.6
+    _fake_run(final / "one-sided-4" / "seed2" / "run", 5, [0.5, 0.6, 0.9], 0.80, 2)  # MeZO's seed 2 is not done
     chosen = {"sst2": {m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
                        for m in plan.methods}}
     (tmp_path / "chosen.json").write_text(json.dumps(chosen))
@@ -113,12 +124,14 @@ def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path)
     final_rows = table.split("Tuning on")[0].splitlines()
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in final_rows
             if line.startswith("| mezo |") or line.startswith("| one-sided-4 |")}
-    assert "Target (tuned MeZO's last validation, seeds 0 / 1): 70.0 / 60.0." in table
+    assert "Target (tuned MeZO's last validation, seeds 0 / 1 / 2): 70.0 / 60.0 / –." in table
     assert rows["mezo"][4] == "6 (0.15x): 8 / 4"  # step 4 x 2 passes on seed 0, step 2 x 2 on seed 1
     assert rows["mezo"][5] == "2.0 / 1.0"  # minutes: the training time recorded at that step
-    assert rows["one-sided-4"][4] == "not reached (seeds 1): 10 / no"
-    assert rows["one-sided-4"][7] == "62.5 (65.0 / 60.0)"
-    assert rows["one-sided-4"][8] == "-10.0, loses (higher on 0/2 seeds)"
+    assert rows["one-sided-4"][4] == "not reached (seeds 1): 10 / no / –"  # seed 2: no target to reach
+    assert rows["one-sided-4"][6] == "72.7 (70.0 / 58.0 / 90.0)"
+    assert rows["one-sided-4"][7] == "68.3 (65.0 / 60.0 / 80.0)"
+    assert rows["one-sided-4"][8] == "-10.0, loses (higher on 0/2 seeds)"  # over the seeds MeZO has
+    assert "- mezo: seeds 2 not finished yet (left out of its row)" in table
     assert "forward passes counted as steps x passes per step" in table
     assert (tmp_path / "curves-sst2.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -129,6 +129,8 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert cmp.cell_config(grid, "lp-mezo", "sst2", 0).train.init == "probe"
     fzoo = cmp.cell_config(grid, "fzoo", "sst2", 0).optimizer  # a method per estimator
     assert (fzoo.estimator, fzoo.distribution, fzoo.n_perturbations, fzoo.fuse_next) == ("fzoo", "rademacher", 8, False)
+    hizoo = cmp.cell_config(grid, "hizoo", "sst2", 0).optimizer
+    assert (hizoo.estimator, hizoo.variant, hizoo.n_perturbations) == ("hizoo", "hizoo", 1)
 
 
 def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):

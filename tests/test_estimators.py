@@ -37,7 +37,7 @@ def _scripted(values):
 def test_every_estimator_carries_what_its_sweeps_add_up_to(name):
     """After sweep k the parameters hold exactly carry_after(k): the undo and the update rely on it."""
     est = estimators.ESTIMATORS[name]
-    for n in range(est.min_n, 6):
+    for n in range(est.min_n, (est.max_n or 5) + 1):
         held: dict[int, float] = {}
         for k, pairs in enumerate(est.sweeps(n)):
             for j, mult in pairs:
@@ -52,8 +52,8 @@ def test_every_estimator_carries_what_its_sweeps_add_up_to(name):
 def test_the_first_sweeps_do_not_depend_on_n(name):
     """A skip record stores the failed evaluation, not n: replay lays the step out with n = phase."""
     est = estimators.ESTIMATORS[name]
-    for n in range(est.min_n, 6):
-        for m in range(n, 8):
+    for n in range(est.min_n, (est.max_n or 5) + 1):
+        for m in range(n, (est.max_n or 7) + 1):
             assert est.sweeps(m)[: est.passes(n)] == est.sweeps(n)
 
 
@@ -106,11 +106,11 @@ def test_fzoo_needs_two_directions_and_clean_starts():
         FZOO(_params(), lr=1e-6, n_perturbations=1)
     with pytest.raises(ValueError, match="fuse_next"):
         FZOO(_params(), lr=1e-6, fuse_next=True)
-    with pytest.raises(ConfigError, match="n_perturbations must be >= 2"):
+    with pytest.raises(ConfigError, match="n_perturbations must be from 2 to 100"):
         OptimConfig(estimator="fzoo")
-    with pytest.raises(ConfigError, match="estimator must be one of two-sided, one-sided, fzoo"):
+    with pytest.raises(ConfigError, match="estimator must be one of two-sided, one-sided, fzoo, hizoo"):
         OptimConfig(estimator="fzo")
-    with pytest.raises(ValueError, match="needs n_perturbations >= 2"):  # a schedule that drops below 2
+    with pytest.raises(ValueError, match="needs n_perturbations from 2"):  # a schedule that drops below 2
         MeZO(_params(), lr=1e-6, estimator="fzoo", n_perturbations=lambda t: 1).step(_scripted([1.0, 2.0]))
 
 

@@ -5,6 +5,7 @@ from zotune.errors import UserError
 from zotune.optim import (
     FZOO,
     ForwardGradient,
+    HiZOO,
     MeZO,
     MeZOAdam,
     MeZOMomentum,
@@ -19,6 +20,7 @@ from zotune.version import __version__
 __all__ = [
     "FZOO",
     "ForwardGradient",
+    "HiZOO",
     "MeZO",
     "MeZOAdam",
     "MeZOMomentum",

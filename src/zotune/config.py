@@ -93,8 +93,9 @@ class OptimConfig:
     n_perturbations_final: int = 1  # linear n_schedule: n at and after n_ramp_steps
     n_ramp_steps: int = 1  # linear n_schedule: steps of the rise
     estimator: str = "two-sided"  # zotune.optim.estimators: "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
-    # (L(+eps) - L) / eps, or "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
-    # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it)
+    # (L(+eps) - L) / eps, "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
+    # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it), or
+    # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo")
     variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum" or "adam"
     beta1: float = 0.9  # momentum / Adam: decay of the first moment
     beta2: float = 0.999  # Adam: decay of the second moment (with state "history" prefer <= 0.99)
@@ -106,6 +107,8 @@ class OptimConfig:
     # then layer l is perturbed along z / c_l and updated along c_l z (unbiased, the variance evened out)
     grad_norm_every: int = 0  # grad-norm: re-estimate the norms every this many steps (0: once, at the first step)
     grad_norm_probes: int = 1  # grad-norm: probes per layer and estimate (2 forward passes each)
+    hizoo_alpha: float = 1e-10  # estimator "hizoo": the smoothing of its diagonal (the authors' "Hessian smooth":
+    # 1e-10 full-parameter, 1e-6 LoRA); HiZOO keeps one float32 tensor per parameter (zotune.HiZOO)
 
     def __post_init__(self):
         if not (self.lr >= 0 and math.isfinite(self.lr)):
@@ -124,11 +127,18 @@ class OptimConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and 1 <= value <= 100):
                 raise ConfigError(f"optimizer.{name} must be an integer from 1 to 100, got {value!r}")
-        need = estimators.get(self.estimator).min_n
+        est = estimators.get(self.estimator)
         for name in ("n_perturbations",) + (("n_perturbations_final",) if self.n_schedule == "linear" else ()):
-            if getattr(self, name) < need:
-                raise ConfigError(f"optimizer.{name} must be >= {need} with the {self.estimator} estimator, "
-                                  f"got {getattr(self, name)}")
+            if not est.min_n <= getattr(self, name) <= (est.max_n or 100):
+                raise ConfigError(f"optimizer.{name} must be from {est.min_n} to {est.max_n or 100} with the "
+                                  f"{self.estimator} estimator, got {getattr(self, name)}")
+        if est.rule is not None and self.variant == "sgd":
+            self.variant = est.rule  # the estimator's own update rule (hizoo's), which it needs
+        if (est.rule or "sgd") != self.variant and (est.rule is not None or self.variant == "hizoo"):
+            raise ConfigError(f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
+                              f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)")
+        if not (0 <= self.hizoo_alpha <= 1):
+            raise ConfigError(f"optimizer.hizoo_alpha must be in [0, 1], got {self.hizoo_alpha}")
         for name in ("n_ramp_steps", "window", "grad_norm_probes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")

@@ -37,10 +37,14 @@ byte for byte what it was, and every older file reads and replays as before):
              ``zotune.optim.variants.layer_probe_seed(seed, step, i, r, len(layer_groups))``;
              an interrupted pass was undone by one more sweep of the carried multiple
 
+    tag "K"  the estimator's extra scalars of the next step record (HiZOO's curvature kappa):
+             step u32, count u8, then f32 per value
+
     header keys, present only when not the default:
       "estimator"        a name of zotune.optim.estimators.ESTIMATORS other than the default "two-sided":
                          "one-sided", or "fzoo" (its "N" records hold the normalized coefficients
-                         (l_j - l_0) / (eps sigma), so replay needs nothing more); "forward-gradient" marks a trajectory
+                         (l_j - l_0) / (eps sigma), so replay needs nothing more), or "hizoo" ("S" records
+                         hold c, a "K" record before each its kappa); "forward-gradient" marks a trajectory
                          of plain updates without perturbation sweeps (written by
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
@@ -49,7 +53,8 @@ byte for byte what it was, and every older file reads and replays as before):
       "layer_groups"     grad-norm: the layers, as lists of indices into the parameter table
       "grad_norm_every", "grad_norm_probes"   grad-norm: informational
       "variant"          the update rule: {"name": "momentum" | "adam", "beta1", "beta2",
-                         "adam_eps", "window", "state": "history" | "stored"}
+                         "adam_eps", "window", "state": "history" | "stored"}, or {"name": "hizoo",
+                         "alpha"} (its diagonal s evolves from the seeds and the "K" records alone)
 
 A skip record's phase is the 1-based index of the loss evaluation that came out non-finite
 (two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided and fzoo: 1 for L(theta), j+2 for L+_j); a step
@@ -69,6 +74,7 @@ from pathlib import Path
 from zotune.errors import UserError
 
 __all__ = [
+    "Extras",
     "Flush",
     "Hyper",
     "LayerProbe",
@@ -134,6 +140,14 @@ class LayerScales:
 
 
 @dataclass(frozen=True)
+class Extras:
+    """The estimator's extra scalars of the next step record of ``step`` (HiZOO's curvature kappa)."""
+
+    step: int
+    values: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class LayerProbe:
     """The per-layer probe sweeps of the gradient-norm variant at ``step`` (``applied`` of them)."""
 
@@ -142,8 +156,9 @@ class LayerProbe:
     applied: int
 
 
-Record = Hyper | Step | Skip | Flush | MultiStep | LayerScales | LayerProbe
+Record = Hyper | Step | Skip | Flush | MultiStep | LayerScales | LayerProbe | Extras
 _MULTI_HEAD = struct.Struct("<IH")
+_EXTRAS_HEAD = struct.Struct("<IB")
 
 
 def _layouts(n_groups: int, n_params: int = 0) -> dict[bytes, struct.Struct]:
@@ -155,6 +170,7 @@ def _layouts(n_groups: int, n_params: int = 0) -> dict[bytes, struct.Struct]:
         b"L": struct.Struct(f"<I{n_params}f"),
         b"P": struct.Struct("<IHI"),
         b"N": _MULTI_HEAD,  # a prefix: the record's length depends on its n
+        b"K": _EXTRAS_HEAD,  # a prefix: the record's length depends on its count
     }
 
 
@@ -181,6 +197,8 @@ def _pack(record: Record, layouts) -> bytes:
         tag, payload = b"L", layouts[b"L"].pack(record.step, *record.scales)
     elif isinstance(record, LayerProbe):
         tag, payload = b"P", layouts[b"P"].pack(record.step, record.probes, record.applied)
+    elif isinstance(record, Extras):
+        tag, payload = b"K", struct.pack(f"<IB{len(record.values)}f", record.step, len(record.values), *record.values)
     else:
         tag, payload = b"F", layouts[b"F"].pack(record.step)
     return tag + payload + _check(tag, payload)
@@ -200,6 +218,8 @@ def _unpack(tag: bytes, values: tuple) -> Record:
         return LayerScales(values[0], tuple(values[1:]))
     if tag == b"P":
         return LayerProbe(*values)
+    if tag == b"K":
+        return Extras(values[0], tuple(values[2:]))
     return Flush(values[0])
 
 
@@ -272,6 +292,8 @@ def read_trajectory(path: str | os.PathLike, *, size: int | None = None) -> Traj
             raise TrajectoryError(f"{path}: corrupted trajectory: record {n} (byte {pos}) has unknown type {tag!r}")
         if tag == b"N" and pos + 1 + _MULTI_HEAD.size <= len(data):
             layout = _multi_layout(_MULTI_HEAD.unpack_from(data, pos + 1)[1], n_groups)
+        elif tag == b"K" and pos + 1 + _EXTRAS_HEAD.size <= len(data):
+            layout = struct.Struct(f"<IB{_EXTRAS_HEAD.unpack_from(data, pos + 1)[1]}f")
         end = pos + 1 + layout.size + _CHECK.size
         if end > len(data):
             raise TrajectoryError(

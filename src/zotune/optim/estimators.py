@@ -14,6 +14,8 @@ The estimators are registered by name in :data:`ESTIMATORS` (``MeZO(estimator=..
 ``--optimizer.estimator``); the optimizer and :func:`zotune.replay` take the same object from it, so
 they cannot lay a step out differently. A skipped step's record stores the failed evaluation but not
 n, so the first k sweeps must not depend on n (each estimator below appends per direction).
+An estimator may also return extra scalars (:meth:`Estimator.extras`, recorded beside the step) for
+an update rule that needs more than the coefficients (HiZOO's curvature).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import math
 
 from zotune.optim import functional
 
-__all__ = ["ESTIMATORS", "FZOO", "Estimator", "OneSided", "TwoSided", "get", "register"]
+__all__ = ["ESTIMATORS", "FZOO", "Estimator", "HiZOO", "OneSided", "TwoSided", "get", "register"]
 
 
 class Estimator:
@@ -31,6 +33,9 @@ class Estimator:
     name = ""
     clean_start = True  # the first evaluation is at clean theta, so no fused +eps may be carried into the step
     min_n = 1  # the fewest directions it is defined for
+    max_n: int | None = None  # the most (None: any)
+    n_extras = 0  # scalars besides the coefficients that the update needs (recorded: trajectory "K" records)
+    rule: str | None = None  # the update rule it needs (variants.RULES), if it needs one
 
     def sweeps(self, n: int) -> list[list[tuple[int, float]]]:
         raise NotImplementedError
@@ -40,6 +45,10 @@ class Estimator:
 
     def estimate(self, losses: list[float], n: int, eps: float) -> list[float]:
         raise NotImplementedError
+
+    def extras(self, losses: list[float], n: int, eps: float) -> tuple[float, ...]:
+        """The ``n_extras`` float32 scalars of a complete probe (none by default)."""
+        return ()
 
     def where(self, phase: int, n: int) -> str:
         """Where evaluation ``phase`` (1-based) was taken, for messages."""
@@ -136,6 +145,37 @@ class FZOO(OneSided):
         return [functional.f32((x - losses[0]) / (eps * sigma)) for x in perturbed]
 
 
+class HiZOO(Estimator):
+    r"""HiZOO's three evaluations (Zhao et al., arXiv 2402.15173, Algorithm 1)::
+
+        l_0 = L(theta),  l+- = L(theta +- eps u),   u = s z  (s: the preconditioner, zotune.HiZOO)
+        c = (l+ - l-) / (2 eps),   kappa = |l+ + l- - 2 l_0| / (2 eps^2)
+
+    Sweeps ``[], [+u], [-2u]``; c is the coefficient, kappa the extra scalar the update rule uses to move
+    its diagonal (:class:`zotune.optim.variants.HiZOORule`). One direction a step, as the paper.
+    """
+
+    name = "hizoo"
+    max_n = 1
+    n_extras = 1
+    rule = "hizoo"
+
+    def sweeps(self, n):
+        return [[], [(0, 1.0)], [(0, -2.0)]]
+
+    def carry_after(self, k):
+        return None if k == 0 else (0, 1.0 if k == 1 else -1.0)
+
+    def estimate(self, losses, n, eps):
+        return [functional.f32((losses[1] - losses[2]) / (2 * eps))]
+
+    def extras(self, losses, n, eps):
+        return (functional.f32(abs(losses[1] + losses[2] - 2 * losses[0]) / (2 * eps * eps)),)
+
+    def where(self, phase, n):
+        return ("theta", "theta + eps*u", "theta - eps*u")[phase - 1]
+
+
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -147,7 +187,7 @@ def register(estimator: Estimator) -> Estimator:
     return estimator
 
 
-for _e in (TwoSided(), OneSided(), FZOO()):
+for _e in (TwoSided(), OneSided(), FZOO(), HiZOO()):
     register(_e)
 
 

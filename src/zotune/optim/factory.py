@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from zotune.optim import estimators
-from zotune.optim.mezo import MeZO, MeZOAdam, MeZOMomentum
+from zotune.optim.mezo import HiZOO, MeZO, MeZOAdam, MeZOMomentum
 from zotune.optim.variants import linear_n
 
 __all__ = ["make_optimizer"]
@@ -13,7 +13,7 @@ __all__ = ["make_optimizer"]
 
 def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike | None = None,
                    on_nonfinite: str = "skip") -> MeZO:
-    """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum` or :class:`MeZOAdam`.
+    """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam` or :class:`HiZOO`.
 
     ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO) and the layerwise scaling need
     each step to start from clean weights, so with them it is off whatever the config says.
@@ -38,6 +38,9 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
                   n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise,
                   grad_norm_every=oc.grad_norm_every, grad_norm_probes=oc.grad_norm_probes)
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
+    if oc.estimator == "hizoo":
+        common.pop("estimator"), common.pop("n_perturbations")
+        return HiZOO(*args, alpha=oc.hizoo_alpha, **common)
     if oc.variant == "momentum":
         return MeZOMomentum(*args, beta=oc.beta1, window=oc.window, state=oc.state, **common)
     if oc.variant == "adam":

@@ -297,3 +297,81 @@ def moment_sweep_(
                 part.copy_(work)
             else:
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
+
+
+def _float_work(part: torch.Tensor) -> torch.Tensor:
+    return part.float() if part.dtype != torch.float32 else part
+
+
+def _write_back(part, work, rounding_seed, key, start, be) -> None:
+    if work is part:
+        return
+    if rounding_seed is None:
+        part.copy_(work)
+    else:
+        stochastic_round_(part, work, rounding_seed, key, start, be.words)
+
+
+def scaled_sweep_(p: torch.Tensor, key: int, s: torch.Tensor, terms: Sequence[tuple[int, float]], *,
+                  distribution: str = "gaussian", backend: str | None = None) -> None:
+    """theta <- theta + sum(c * s * z(seed)) elementwise, with ``s`` a float32 tensor of p's shape.
+
+    The probe sweep of a preconditioned direction (HiZOO's ``u = s z``), chunk by chunk: z regenerated,
+    no temporary larger than one chunk. Plain torch on float32 chunks (no fused kernel yet: the
+    fallback for every backend, whose z it draws).
+    """
+    p, base = local_shard(p)
+    be = kernels.select(p.device, backend)
+    flat, sflat = _flat(p), s.view(-1)
+    n, chunk = flat.numel(), be.chunk
+    zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk]
+        z = zbuf[: part.numel()]
+        work = _float_work(part)
+        for seed, c in terms:
+            be.fill(z, distribution, seed, key, base + start)
+            work.addcmul_(sflat[start : start + part.numel()], z, value=c)
+        _write_back(part, work, None, key, base + start, be)
+
+
+def hizoo_update_(p: torch.Tensor | None, key: int, s: torch.Tensor, *, seed: int, restore: float, g: float,
+                  kappa: float, alpha: float, scale: float = 1.0, lr: float = 0.0, update: bool = True,
+                  distribution: str = "gaussian", rounding_seed: int | None = None,
+                  backend: str | None = None) -> None:
+    """HiZOO's update on one parameter, chunk by chunk, with z regenerated (see :class:`zotune.HiZOO`)::
+
+        theta <- theta + restore * s * z                                (remove the carried perturbation)
+        s     <- sqrt((1 - alpha) s^2 + alpha * kappa * z^2 / s^2)       (the diagonal's moving average)
+        theta <- scale * theta - lr * g * s * z                          (scale: weight decay)
+
+    ``s`` is the square root of the diagonal the authors keep (float32, updated in place). With
+    ``update=False`` (``p`` may be None) only ``s`` moves: how a resume rebuilds it from the trajectory.
+    """
+    if p is not None:
+        p, base = local_shard(p)
+    else:
+        base = 0
+    device = s.device
+    be = kernels.select(device, backend)
+    sflat = s.view(-1)
+    flat = _flat(p) if p is not None else None
+    n, chunk = sflat.numel(), be.chunk
+    zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=device)
+    for start in range(0, n, chunk):
+        sc = sflat[start : start + chunk]
+        z = zbuf[: sc.numel()]
+        be.fill(z, distribution, seed, key, base + start)
+        part = flat[start : start + chunk] if update and flat is not None else None
+        work = None
+        if part is not None:
+            work = _float_work(part)
+            work.addcmul_(sc, z, value=restore)
+        d = sc * sc
+        sc.copy_(d.mul_(1.0 - alpha).add_(z * z / (sc * sc), alpha=alpha * kappa).sqrt_())
+        if work is None:
+            continue
+        if scale != 1.0:
+            work.mul_(scale)
+        work.addcmul_(sc, z, value=-lr * g)
+        _write_back(part, work, rounding_seed, key, base + start, be)

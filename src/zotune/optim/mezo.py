@@ -14,9 +14,9 @@ from zotune.optim import estimators, functional, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, param_table
 from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, update_of
-from zotune.trajectory import Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
+from zotune.trajectory import Extras, Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
-__all__ = ["FZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
+__all__ = ["FZOO", "HiZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
 
 _STATE_FORMAT = 1
 
@@ -174,9 +174,13 @@ class MeZO(KeyedOptimizer):
             raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(estimators.ESTIMATORS)})")
         if not callable(n_perturbations):
             _check_n(n_perturbations)
-            if n_perturbations < estimators.get(estimator).min_n:
+            est = estimators.get(estimator)
+            if n_perturbations < est.min_n:
                 raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least "
-                                 f"{estimators.get(estimator).min_n})")
+                                 f"{est.min_n})")
+            if est.max_n is not None and n_perturbations > est.max_n:
+                raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most "
+                                 f"{est.max_n})")
         if layerwise not in variants.LAYERWISE:
             raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
         if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
@@ -205,7 +209,15 @@ class MeZO(KeyedOptimizer):
         self.layer_norms: list[float] | None = None  # grad-norm: c_l per tensor, once estimated
         self._norms_step: int | None = None  # the step whose probes estimated them
         self.rule = self._make_rule()
+        wanted = self._estimator.rule  # an estimator and a rule made for each other (HiZOO's) go only together
+        if (wanted is not None and self.rule.name != wanted) or (wanted is None and getattr(self.rule, "estimator", None)):
+            raise ValueError(f"the {estimator} estimator and the {self.rule.name} update rule do not go together: "
+                             "use zotune.HiZOO for HiZOO")
+        if self.rule.name == "hizoo" and (distribution == "sphere" or layerwise != "none"):
+            raise ValueError("HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
+                             "or 'rademacher' and no layerwise scaling")
         self.projected_grads: list[float] | None = None  # g_j of the last applied step
+        self.last_extras: tuple[float, ...] = ()  # the estimator's extra scalars of the last applied step (HiZOO's kappa)
         self.last_step_skipped = False  # the last step's loss (or estimate) was not finite: nothing was updated
         self.forward_passes: int | None = 0  # closure calls so far (None: resumed from a state that did not count)
         self.projected_grad: float | None = None  # g of the last applied step
@@ -253,7 +265,7 @@ class MeZO(KeyedOptimizer):
 
     def _record(self, record) -> None:
         hyper = None
-        if isinstance(record, (Step, Skip, MultiStep, LayerProbe)):  # eps and weight decay, when they change
+        if isinstance(record, (Step, Skip, MultiStep, LayerProbe, Extras)):  # eps and weight decay, when they change
             hyper = Hyper(functional.f32(self.eps), tuple(functional.f32(g["weight_decay"]) for g in self.param_groups))
         self._write(record, hyper)
 
@@ -264,6 +276,8 @@ class MeZO(KeyedOptimizer):
             self._dirs = Directions(*self._all(), self.seed, self.distribution, self.backend)
             self._dirs_table = self._table
         self._dirs.seed0 = self.seed  # load_state_dict may change it
+        elementwise = getattr(self.rule, "elementwise", None)  # a preconditioned rule (HiZOO): u = s z
+        self._dirs.elementwise = None if elementwise is None else elementwise(self._dirs.params)
         return self._dirs
 
     def _layers(self) -> list[list[int]]:
@@ -318,9 +332,10 @@ class MeZO(KeyedOptimizer):
     def _n_at(self, step: int) -> int:
         n = self.n_perturbations
         n = _check_n(n(step), f"n_perturbations({step})") if callable(n) else n
-        if n < self._estimator.min_n:
-            raise ValueError(f"the {self._estimator.name} estimator needs n_perturbations >= {self._estimator.min_n}, "
-                             f"got {n} at step {step}")
+        est = self._estimator
+        if n < est.min_n or (est.max_n is not None and n > est.max_n):
+            raise ValueError(f"the {est.name} estimator needs n_perturbations from {est.min_n} to "
+                             f"{est.max_n or variants.MAX_PERTURBATIONS}, got {n} at step {step}")
         return n
 
     def _groups(self) -> list[variants.Group]:
@@ -379,21 +394,24 @@ class MeZO(KeyedOptimizer):
                 self._skip(plan, len(probe.losses) + 1)
             raise
         self._in_step = False
-        grads = probe.estimate() if probe.complete else [math.nan]
-        if not all(math.isfinite(g) for g in grads):
+        grads, extras = (probe.estimate(), probe.extras()) if probe.complete else ([math.nan], ())
+        if not all(math.isfinite(g) for g in (*grads, *extras)):
             return self._nonfinite(plan, probe)
         carry = probe.carry
-        u = update_of(plan, self._directions(), grads, carry, fuse_next=self.fuse_next)
+        u = update_of(plan, self._directions(), grads, carry, fuse_next=self.fuse_next, extras=extras)
         groups = self._groups()
         self.rule.apply(groups, u, distribution=self._directions().zdist,
                         rounding_seed=u.seeds[0] if self.stochastic_rounding else None, backend=self.backend)
         lrs = tuple(g.lr for g in groups)
         self._record_scales(t, plan.scales)
+        if extras:
+            self._record(Extras(t, extras))
         self._record(Step(t, grads[0], lrs) if plan.n == 1 else MultiStep(t, tuple(grads), lrs))
         self._step = t + 1
         self.last_step_skipped = False
         self._pending = t + 1 if self.fuse_next else None
         self.projected_grads = grads
+        self.last_extras = extras
         self.projected_grad = grads[0] if plan.n == 1 else float(sum(grads) / plan.n)
         self.last_losses = (probe.losses[0], probe.losses[1])
         return probe.first
@@ -657,6 +675,42 @@ class FZOO(MeZO):
             raise TypeError("FZOO sets estimator='fzoo'; use zotune.MeZO for another estimator")
         super().__init__(params, lr, eps, weight_decay, seed, estimator="fzoo", n_perturbations=n_perturbations,
                          distribution=distribution, **kwargs)
+
+
+class HiZOO(MeZO):
+    r"""HiZOO (Zhao et al., "Second-Order Fine-Tuning without Pain for LLMs: A Hessian Informed Zeroth-Order
+    Optimizer", arXiv 2402.15173, Algorithm 1): MeZO preconditioned by a diagonal estimated from the
+    same forward passes. Each step, with s the diagonal's square root (ones at the start)::
+
+        l_0 = L(theta),  l+- = L(theta +- eps s z)                  (three forward passes)
+        c = (l+ - l-) / (2 eps),  kappa = |l+ + l- - 2 l_0| / (2 eps^2)
+        s^2 <- (1 - alpha) s^2 + alpha kappa z^2 / s^2
+        theta <- (1 - lr wd) theta - lr c s z
+
+    in the form of the authors' released code (their diagonal is s^2; the update uses the new s).
+    ``alpha`` is their "Hessian smooth" (1e-10 for full-parameter OPT, 1e-6 for LoRA): kappa is of the
+    order of the trace of the Hessian, so alpha kappa is what moves s. Memory: one float32 tensor per
+    trainable parameter (s) beyond inference's, 4 bytes a parameter: an opt-in. The trajectory records
+    c and kappa per step (``"S"`` and ``"K"`` records), from which replay and a resume rebuild s exactly.
+    The probe and update sweeps are chunked torch over z drawn by the backend (no fused kernel yet).
+
+    Example::
+
+        opt = zotune.HiZOO(model.named_parameters(), lr=1e-6, eps=1e-3, alpha=1e-10)
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
+                 alpha: float = 1e-10, **kwargs):
+        if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+            raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
+        for fixed in ("estimator", "n_perturbations"):
+            if fixed in kwargs:
+                raise TypeError(f"HiZOO sets {fixed} itself (one direction, three evaluations a step)")
+        self._alpha = float(alpha)
+        super().__init__(params, lr, eps, weight_decay, seed, estimator="hizoo", **kwargs)
+
+    def _make_rule(self):
+        return variants.HiZOORule(self._alpha)
 
 
 def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5,

@@ -15,7 +15,7 @@ import torch
 from zotune import rng
 from zotune.optim.algorithm import ReferenceMeZO
 
-__all__ = ["ReferenceMeZO", "ReferenceVariant"]
+__all__ = ["ReferenceHiZOO", "ReferenceMeZO", "ReferenceVariant"]
 
 
 class ReferenceVariant:
@@ -138,3 +138,45 @@ class ReferenceVariant:
             for x in layer:
                 out[x] = c / kappa
         return out
+
+
+class ReferenceHiZOO:
+    """HiZOO (arXiv 2402.15173) with everything explicit and in float64: z, s, the three losses. Tests only.
+
+    ``update_with_old_s=True`` is a deliberately wrong variant (the update along the s of the probes), for
+    checking that a test can tell the two apart.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, *, alpha: float = 1e-10,
+                 distribution: str = "gaussian", weight_decay: float = 0.0, update_with_old_s: bool = False):
+        self.params = list(params)
+        self.lr, self.eps, self.seed, self.alpha, self.wd = lr, eps, seed, alpha, weight_decay
+        self.distribution, self.update_with_old_s = distribution, update_with_old_s
+        self.s = [torch.ones(p.shape, dtype=torch.float64) for _, p in self.params]
+        self.step_count = 0
+        self.projected_grads: list[float] | None = None
+        self.kappa: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure) -> float:
+        seed = rng.step_seed(self.seed, self.step_count)
+        theta = [p.detach().double().clone() for _, p in self.params]
+        zs = [torch.from_numpy(rng.z(self.distribution, seed, rng.param_key(name), 0, p.numel())).reshape(p.shape)
+              .double() for name, p in self.params]
+
+        def loss_at(sign):
+            for (_, p), x, s, z in zip(self.params, theta, self.s, zs):
+                p.copy_(x + sign * self.eps * s * z)
+            return float(closure())
+
+        l0, lp, lm = loss_at(0.0), loss_at(1.0), loss_at(-1.0)
+        c = (lp - lm) / (2 * self.eps)
+        kappa = abs(lp + lm - 2 * l0) / (2 * self.eps**2)
+        old = [s.clone() for s in self.s]
+        self.s = [((1 - self.alpha) * s * s + self.alpha * kappa * z * z / (s * s)).sqrt() for s, z in zip(self.s, zs)]
+        along = old if self.update_with_old_s else self.s
+        for (_, p), x, s, z in zip(self.params, theta, along, zs):
+            p.copy_((1 - self.lr * self.wd) * x - self.lr * c * s * z)
+        self.step_count += 1
+        self.projected_grads, self.kappa, self.last_z = [c], kappa, zs
+        return lp

@@ -16,6 +16,7 @@ import torch
 from zotune.optim import estimators, variants
 from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, recorded, update_of
 from zotune.trajectory import (
+    Extras,
     Flush,
     Hyper,
     LayerProbe,
@@ -144,7 +145,9 @@ class _Walker:
         self.grad_norm = header.get("layerwise") == "grad-norm"
         self.layers = [list(g) for g in header.get("layer_groups", [])]
         self.rule = rule if rule is not None else variants.make_rule(header.get("variant"))
-        self.eps = self.wds = self.pending = self.scales_of = None
+        self.eps = self.wds = self.pending = self.scales_of = self.extras_of = None
+        elementwise = getattr(self.rule, "elementwise", None)  # a preconditioned rule (HiZOO): u = s z
+        self.directions.elementwise = None if elementwise is None else elementwise(self.tensors)
 
     def move(self, t: int, pairs, scales) -> None:
         if self.update:
@@ -155,6 +158,8 @@ class _Walker:
             self.eps, self.wds = record.eps, record.weight_decays
         elif isinstance(record, LayerScales):
             self.scales_of = record
+        elif isinstance(record, Extras):
+            self.extras_of = record
         elif self.eps is None:
             raise TrajectoryError(f"corrupted trajectory: record {n} comes before any hyper-parameter record")
         elif isinstance(record, LayerProbe):
@@ -216,7 +221,12 @@ class _Walker:
             carry = self.estimator.carry_after(len(plan.sweeps) - 1)
         elif self.pending is not None:
             self.move(record.step, [(0, -1.0)], None)
-        u = update_of(plan, self.directions, grads, carry, fuse_next=self.fused)
+        extras = ()
+        if self.estimator.n_extras:
+            if self.extras_of is None or self.extras_of.step != record.step:
+                raise TrajectoryError(f"corrupted trajectory: record {n} (step {record.step}) has no extras record")
+            extras = self.extras_of.values
+        u = update_of(plan, self.directions, grads, carry, fuse_next=self.fused, extras=extras)
         groups = [variants.Group([self.tensors[i] for i in g], [self.keys[i] for i in g], g, lr, wd)
                   for g, lr, wd in zip(self.groups, record.lrs, self.wds)]
         self.rule.apply(groups, u, distribution=self.directions.zdist, rounding_seed=u.seeds[0] if self.sr else None,

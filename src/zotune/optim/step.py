@@ -40,6 +40,7 @@ class Directions:
         self.zdist = "gaussian" if self.sphere else distribution  # the element-wise stream the sweeps draw
         self.backend = backend
         self._factors: dict[int, float] = {}
+        self.elementwise: list[torch.Tensor] | None = None  # a per-element scale per tensor (HiZOO's s), or None
 
     def seed(self, t: int, j: int = 0) -> int:
         return rng.step_seed(self.seed0, t, j)
@@ -64,6 +65,11 @@ class Directions:
         for j, mult in pairs:
             seed = self.seed(t, j)
             terms.append((seed, mult * eps * self.factor(seed), scales))
+        if self.elementwise is not None:  # u = s z elementwise: the preconditioned sweep, tensor by tensor
+            for i, (p, key, s) in enumerate(zip(self.params, self.keys, self.elementwise, strict=True)):
+                functional.scaled_sweep_(p, key, s, [(seed, c if sc is None else c * sc[i]) for seed, c, sc in terms],
+                                         distribution=self.zdist, backend=self.backend)
+            return
         variants.sweep_terms_(self.params, self.keys, terms, distribution=self.zdist, backend=self.backend)
 
     def move_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
@@ -130,6 +136,10 @@ class Probe:
         """The coefficients c_j (float32) of a complete probe; NaN where they are not finite."""
         return self.plan.estimator.estimate(self.losses, self.plan.n, self.plan.eps)
 
+    def extras(self) -> tuple[float, ...]:
+        """The estimator's extra scalars of a complete probe (HiZOO's kappa); empty for most."""
+        return self.plan.estimator.extras(self.losses, self.plan.n, self.plan.eps)
+
     def undo(self) -> None:
         """Remove the carried perturbation (one more sweep), leaving theta as before the step."""
         if self.carry is not None:
@@ -148,7 +158,7 @@ def recorded(phase: int | None) -> Callable[[int], float]:
 
 
 def update_of(plan: StepPlan, directions: Directions, grads: Sequence[float], carry: tuple[int, float] | None,
-              *, fuse_next: bool = False) -> variants.StepUpdate:
+              *, fuse_next: bool = False, extras: Sequence[float] = ()) -> variants.StepUpdate:
     """The update of a probed step: seeds, sphere factors, the coefficients, what to restore and what to fuse."""
     t, eps = plan.step, plan.eps
     seeds = [directions.seed(t, j) for j in range(len(grads))]
@@ -158,7 +168,7 @@ def update_of(plan: StepPlan, directions: Directions, grads: Sequence[float], ca
         next_terms = [(seed_next, eps * directions.factor(seed_next))]
     carried = None if carry is None else (carry[0], carry[1] * eps)
     return variants.StepUpdate(t, seeds, [directions.factor(s) for s in seeds], list(grads), plan.scales, carried,
-                               next_terms, plan.probe_scales)
+                               next_terms, plan.probe_scales, tuple(extras))
 
 
 class LayerProbes:

@@ -28,6 +28,7 @@ __all__ = [
     "LAYERWISE",
     "MAX_PERTURBATIONS",
     "AdamRule",
+    "HiZOORule",
     "MomentumRule",
     "RULES",
     "SGDRule",
@@ -177,6 +178,7 @@ class StepUpdate:
     # p_l, the per-tensor factor of the perturbation being carried, where it differs from the update's
     # s_l (the gradient-norm variant probes along z / c_l and updates along c_l z); None: p_l = s_l
     probe_scales: list[float] | None = None
+    extras: tuple[float, ...] = ()  # the estimator's extra scalars (HiZOO: kappa)
 
 
 @dataclass
@@ -339,7 +341,64 @@ class AdamRule(_MomentRule):
     adam = True
 
 
-RULES: dict[str, type] = {"sgd": SGDRule, "momentum": MomentumRule, "adam": AdamRule}  # the update rules by name
+class HiZOORule:
+    r"""HiZOO's update (Zhao et al., arXiv 2402.15173, Algorithm 1), with its diagonal kept as s (float32)::
+
+        theta <- theta + eps s z                                   (undo the probe at theta - eps s z)
+        s^2   <- (1 - alpha) s^2 + alpha kappa z^2 / s^2           (s starts at 1)
+        theta <- (1 - lr wd) theta - lr c s z
+
+    c and kappa come from :class:`zotune.optim.estimators.HiZOO`; the probes go along ``u = s z`` with the
+    s of the start of the step, the update along the new s, in the form of the authors' released code
+    (their ``Hessian_matrix`` is s^2). s is one float32 tensor per parameter, the only memory HiZOO adds to
+    inference's. It depends only on the seeds and the kappa of the trajectory, so a resume rebuilds it
+    from the file (or takes it saved, as stored Adam's moments: ``moment_tensors``, ``"m.<i>"``).
+    """
+
+    name = "hizoo"
+    estimator = "hizoo"  # the only estimator that gives it kappa
+    stored = True
+    adam = False
+
+    def __init__(self, alpha: float):
+        self.alpha = float(alpha)
+        self.count = 0
+        self.m: dict[int, torch.Tensor] = {}  # s per tensor index (the name moment_tensors saves it under)
+        self.v: dict[int, torch.Tensor] = {}
+
+    def header(self) -> dict:
+        return {"name": self.name, "alpha": self.alpha}
+
+    def state(self) -> dict:
+        return {"count": self.count}
+
+    def load(self, state, optimizer=None) -> None:
+        self.count = int(state["count"])
+
+    def elementwise(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """s for every tensor (in table order), ones where not yet made: the probes' per-element scale."""
+        for i, p in enumerate(params):
+            if i not in self.m:
+                self.m[i] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+        return [self.m[i] for i in range(len(params))]
+
+    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
+              update: bool = True) -> None:
+        self.count += 1
+        (kappa,) = u.extras
+        restore = 0.0 if u.carry is None else -u.carry[1]
+        for grp in groups:
+            scale = 1.0 - grp.lr * grp.weight_decay
+            for p, key, i in zip(grp.params, grp.keys, grp.index):
+                if i not in self.m:
+                    self.m[i] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
+                functional.hizoo_update_(p if update else None, key, self.m[i], seed=u.seeds[0], restore=restore,
+                                         g=u.grads[0], kappa=kappa, alpha=self.alpha, scale=scale, lr=grp.lr,
+                                         update=update, distribution=distribution, rounding_seed=rounding_seed,
+                                         backend=backend)
+
+
+RULES: dict[str, type] = {"sgd": SGDRule, "momentum": MomentumRule, "adam": AdamRule, "hizoo": HiZOORule}  # by name
 
 
 def make_rule(spec: dict | None):
@@ -347,6 +406,8 @@ def make_rule(spec: dict | None):
     if spec is None or spec.get("name", "sgd") == "sgd":
         return SGDRule()
     cls = RULES.get(spec["name"])
+    if cls is HiZOORule:
+        return HiZOORule(float(spec["alpha"]))
     if cls is None:
         raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")
     return cls(float(spec["beta1"]), float(spec.get("beta2", 0.999)), int(spec["window"]),

@@ -59,8 +59,8 @@ Presets (options given on the command line win):
   default run, 400 forward passes, takes about 10 minutes: ~1.5 s a forward pass) a final cell takes
   about 25 min of training plus ~2 min of validation and test, a tuning cell about 5-6 min; with
   mezo and fzoo on both tasks (12 tuning, 8 final cells) about 5 hours. Run it in parts:
-  ``--time-limit 120`` stops the running cell (its state saved) after two hours, and
-  ``--resume OUT`` continues with the options it was started with.
+  ``--time-limit 120`` stops the running cell (its state saved) after two hours and prints the table
+  so far, and ``--resume OUT`` continues with the options it was started with.
 - ``--preset gpu``: the issue's full setting, sized for one 10-minute H100 call: 2,000 forward
   passes per final run (tuned MeZO's 1,000 steps), 400 per grid point, validation every 200,
   seeds 0 and 1, eight cells at a time on the one GPU (one small model leaves most of it idle: ten
@@ -77,7 +77,8 @@ each cell); ``--no-isolate`` runs everything here, which tests use.
     python benchmarks/convergence.py --preset cpu --out runs/conv-cpu --time-limit 120
     python benchmarks/convergence.py --resume runs/conv-cpu --time-limit 120
     python benchmarks/convergence.py --methods mezo,one-sided-4 --tasks sst2 --budget 400 --phase tune
-    python benchmarks/convergence.py --phase table --out runs/conv-cpu -- --task.validation 200
+    python benchmarks/convergence.py --phase table --resume runs/conv-cpu     # the table of what has finished
+    python benchmarks/convergence.py --preset cpu --tasks sst2 -- --train.eval_batch_size 64
 
 Words after ``--`` are run-config overrides for every cell (``--section.field value``, as ``zotune
 train`` takes them); the method's settings, its grid point and the budget come after them.

@@ -256,29 +256,9 @@ def moment_sweep_(
         part = flat[start : start + chunk]
         size = part.numel()
         z = zbuf[:size]
-
-        def estimate(terms):
-            g = torch.zeros(size, dtype=torch.float32, device=p.device)
-            for seed, c in terms:
-                be.fill(z, distribution, seed, key, base + start)
-                g.add_(z, alpha=c)
-            return g
-
-        if m is not None:
-            g = estimate(estimates[-1])
-            mc = m.view(-1)[start : start + size]
-            mc.mul_(beta1).add_(g, alpha=1.0 - beta1)
-            if adam:
-                vc = v.view(-1)[start : start + size]
-                vc.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        else:
-            mc = torch.zeros(size, dtype=torch.float32, device=p.device)
-            vc = torch.zeros(size, dtype=torch.float32, device=p.device) if adam else None
-            for k, terms in enumerate(estimates):
-                g = estimate(terms)
-                mc.add_(g, alpha=weights1[k])
-                if adam:
-                    vc.addcmul_(g, g, value=weights2[k])
+        mc, vc = _chunk_moments(be, z, key, base + start, start, estimates=estimates, weights1=weights1,
+                                weights2=weights2, m=m, v=v, beta1=beta1, beta2=beta2, adam=adam,
+                                distribution=distribution)
         if not update:
             continue
         d = (mc / bias1) / ((vc / bias2).sqrt_().add_(adam_eps)) if adam else mc
@@ -297,6 +277,39 @@ def moment_sweep_(
                 part.copy_(work)
             else:
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
+
+
+def _chunk_moments(be, z, key, start, offset, *, estimates, weights1, weights2, m, v, beta1, beta2, adam,
+                   distribution):
+    """m (and v) of one chunk of :func:`moment_sweep_`: the stored ones moved by the last estimate (in place), or
+    rebuilt from the history's estimates. ``start``: the chunk's global element index; ``offset``: its index in
+    this shard (where m and v keep it)."""
+    size = z.numel()
+
+    def estimate(terms):
+        g = torch.zeros(size, dtype=torch.float32, device=z.device)
+        for seed, c in terms:
+            be.fill(z, distribution, seed, key, start)
+            g.add_(z, alpha=c)
+        return g
+
+    if m is not None:
+        g = estimate(estimates[-1])
+        mc = m.view(-1)[offset : offset + size]
+        mc.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        vc = None
+        if adam:
+            vc = v.view(-1)[offset : offset + size]
+            vc.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        return mc, vc
+    mc = torch.zeros(size, dtype=torch.float32, device=z.device)
+    vc = torch.zeros(size, dtype=torch.float32, device=z.device) if adam else None
+    for k, terms in enumerate(estimates):
+        g = estimate(terms)
+        mc.add_(g, alpha=weights1[k])
+        if adam:
+            vc.addcmul_(g, g, value=weights2[k])
+    return mc, vc
 
 
 def _float_work(part: torch.Tensor) -> torch.Tensor:

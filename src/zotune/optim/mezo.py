@@ -31,6 +31,45 @@ class NonFiniteLossError(FloatingPointError):
     """The closure returned NaN or infinity; the parameters were restored and not updated."""
 
 
+def _check_options(*, lr, eps, weight_decay, seed, distribution, n_perturbations, estimator, layerwise,
+                   grad_norm_every, grad_norm_probes, fuse_next, on_nonfinite, backend) -> None:
+    """MeZO's arguments, each bad one a ValueError naming it (before anything is built)."""
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
+    if not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
+    if distribution not in rng.PERTURBATIONS:
+        raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
+    if estimator not in estimators.ESTIMATORS:
+        raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(estimators.ESTIMATORS)})")
+    if not callable(n_perturbations):
+        _check_n(n_perturbations)
+        est = estimators.get(estimator)
+        if n_perturbations < est.min_n:
+            raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least "
+                             f"{est.min_n})")
+        if est.max_n is not None and n_perturbations > est.max_n:
+            raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most "
+                             f"{est.max_n})")
+    if layerwise not in variants.LAYERWISE:
+        raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
+    if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
+        raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
+    if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
+        raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
+    if fuse_next and (estimators.get(estimator).clean_start or layerwise != "none"):
+        raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
+                         "(the next step must start from its clean weights): pass fuse_next=False")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
+    if backend is not None:
+        kernels.get(backend)
+
+
 def _prepare_params(params, weight_decay: float) -> list:
     """Drop frozen tensors; split a flat list into decay / no-decay groups by tensor rank."""
     params = list(params)
@@ -160,40 +199,10 @@ class MeZO(KeyedOptimizer):
         grad_norm_every: int = 0,
         grad_norm_probes: int = 1,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
-        if not (isinstance(seed, int) and 0 <= seed < 2**64):
-            raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
-        if distribution not in rng.PERTURBATIONS:
-            raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
-        if estimator not in estimators.ESTIMATORS:
-            raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(estimators.ESTIMATORS)})")
-        if not callable(n_perturbations):
-            _check_n(n_perturbations)
-            est = estimators.get(estimator)
-            if n_perturbations < est.min_n:
-                raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least "
-                                 f"{est.min_n})")
-            if est.max_n is not None and n_perturbations > est.max_n:
-                raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most "
-                                 f"{est.max_n})")
-        if layerwise not in variants.LAYERWISE:
-            raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
-        if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
-            raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
-        if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
-            raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
-        if fuse_next and (estimators.get(estimator).clean_start or layerwise != "none"):
-            raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
-                             "(the next step must start from its clean weights): pass fuse_next=False")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
-        if backend is not None:
-            kernels.get(backend)
+        _check_options(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, distribution=distribution,
+                       n_perturbations=n_perturbations, estimator=estimator, layerwise=layerwise,
+                       grad_norm_every=grad_norm_every, grad_norm_probes=grad_norm_probes, fuse_next=fuse_next,
+                       on_nonfinite=on_nonfinite, backend=backend)
         super().__init__(_prepare_params(params, weight_decay), dict(lr=lr, weight_decay=weight_decay))
         self.eps = float(eps)
         self.fuse_next = bool(fuse_next)

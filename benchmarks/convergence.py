@@ -137,6 +137,11 @@ METHODS: dict[str, Method] = {
     "fzoo": Method(9, {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8,
                                      "fuse_next": False}},
                    {"lr": [1e-6, 2e-6, 5e-6]}, "FZOO (N = 8 Rademacher, one-sided, std-normalised)"),
+    # HiZOO's s starts at 1, where its step is MeZO's: MeZO's rates. Its alpha times kappa is what moves s; kappa
+    # measured 1e2-2e3 on SmolLM2 SST-2 at eps 1e-3, so alpha 1e-6 moves s by ~1e-4-2e-3 a step (the authors'
+    # 1e-10 was for OPT-13B, whose kappa is larger, and would leave s at 1 here).
+    "hizoo": Method(3, {"optimizer": {"estimator": "hizoo", "hizoo_alpha": 1e-6}},
+                    {"lr": [1e-5, 2e-5, 5e-5]}, "HiZOO (diagonal preconditioner, alpha 1e-6)"),
     "one-sided-4": Method(5, {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},
                           {"lr": [2e-5, 5e-5, 1e-4]}, "one-sided n-SPSA, n = 4"),
 }
@@ -146,7 +151,7 @@ TASK_TITLES = {"sst2": "SST-2", "copa": "COPA", "rte": "RTE", "cb": "CB", "boolq
                "wsc": "WSC", "multirc": "MultiRC", "record": "ReCoRD", "squad": "SQuAD", "drop": "DROP"}
 BUNDLED = {"sst2"}  # tasks whose default data ships with zotune (data_dir stays None: the default run's)
 
-DEFAULTS = {"methods": ["mezo", "fzoo"], "tasks": ["sst2", "copa"], "seeds": [0, 1], "budget": 2000,
+DEFAULTS = {"methods": ["mezo", "fzoo", "hizoo"], "tasks": ["sst2", "copa"], "seeds": [0, 1], "budget": 2000,
             "tune_budget": 400, "eval_passes": 200, "jobs": 1, "time_limit": 0.0,
             "model": "smollm2-135m-instruct", "out": "runs/convergence"}
 PRESETS = {

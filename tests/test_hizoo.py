@@ -166,5 +166,5 @@ def test_bad_options_and_configs_are_refused(toy_model):
         OptimConfig(variant="hizoo")
     with pytest.raises(ConfigError, match="from 1 to 1"):
         OptimConfig(estimator="hizoo", n_perturbations=2)
-    opt = make_optimizer(params, OptimConfig(estimator="hizoo", hizoo_alpha=1e-6))
-    assert isinstance(opt, HiZOO) and opt.rule.alpha == 1e-6 and not opt.fuse_next
+    opt = make_optimizer(params, OptimConfig(estimator="hizoo", hizoo_alpha=1e-7))
+    assert isinstance(opt, HiZOO) and opt.rule.alpha == 1e-7 and not opt.fuse_next

@@ -331,11 +331,11 @@ def main(argv=None) -> int:
 
     timed = {  # timed round-robin, so that other load on a shared machine hits every row alike
         "forward": forward,
-        "sweep: Gaussian +eps (1 term)": lambda: F.perturb_(params, keys, 1, EPS),
+        "sweep: Gaussian +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)]),
         "sweep: Gaussian restore+update+next (2 terms)":
             lambda: F.sweep_(params, keys, [(1, -EPS), (2, EPS)],
                              rounding_seed=3 if args.stochastic_rounding else None),
-        "sweep: Rademacher +eps (1 term)": lambda: F.perturb_(params, keys, 1, EPS, distribution="rademacher"),
+        "sweep: Rademacher +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)], distribution="rademacher"),
         "zotune MeZO step (fuse_next)": lambda: opt.step(closure),
     }
     if args.more_sweeps:

@@ -281,10 +281,8 @@ def test_sweep_hook_uses_multi_tensor_path(tk, monkeypatch):
         calls.append(len(args[0]))
         return sweep(*args, **kwargs)
 
-    be = Backend("triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62)
-    monkeypatch.setattr(tk, "BACKEND", be)
-    monkeypatch.setattr(tk, "sweep", counted)
-    monkeypatch.setattr(kernels, "_gpu", tk)
+    be = Backend("triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62,
+                 sweep=counted)  # the backend's multi-tensor slot
     monkeypatch.setitem(kernels._REGISTRY, be.name, be)
     g = torch.Generator().manual_seed(3)
     params = [torch.randn(40, generator=g), (torch.randn(3, 70, generator=g) * 0.02).half(),

@@ -6,7 +6,9 @@ implements two operations on a contiguous, 1-D float32 tensor ``x`` that holds e
 
 - ``fill(x, distribution, seed, key, start)``: ``x[:] = z(seed)``;
 - ``axpy(x, distribution, key, start, scale, terms)``: ``x[:] = x * scale + sum(c * z(s) for s, c in terms)``
-  with ``terms`` a sequence of one or two ``(seed, coefficient)`` pairs.
+  with ``terms`` a sequence of one or two ``(seed, coefficient)`` pairs;
+
+and may offer ``sweep``, the same over many whole tensors in one launch (the Triton backend).
 
 ``reference`` is always there and defines the numbers; the others must match it up to float32
 rounding (``tests/test_kernels.py``). ``select(device)`` picks the fastest backend that can run on
@@ -38,6 +40,9 @@ class Backend:
     chunk: int = 1 << 20  # elements per call: bounds any temporary the backend allocates
     # words(out, seed, key, start): out (1-D uint32 NumPy array) <- the rounding stream; None: the reference
     words: Callable[[object, int, int, int], None] | None = None
+    # sweep(tensors, keys, starts, distribution, terms, *, scale, rounding_seed): the multi-tensor sweep, whole
+    # tensors in their own dtype in one launch (one or two terms); None: the chunked axpy path per tensor
+    sweep: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

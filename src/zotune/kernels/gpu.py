@@ -526,4 +526,4 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and not INTERPRETED
 
 
-BACKEND = Backend("triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words)
+BACKEND = Backend("triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words, sweep=sweep)

@@ -30,7 +30,8 @@ import torch
 
 from zotune import kernels, rng
 
-__all__ = ["f32", "gaussian_sumsq", "local_shard", "moment_sweep_", "perturb_", "stochastic_round_", "sweep_"]
+__all__ = ["f32", "gaussian_sumsq", "hizoo_update_", "local_shard", "moment_sweep_", "scaled_sweep_",
+           "stochastic_round_", "sweep_"]
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -141,7 +142,7 @@ def sweep_(
         device = p.device
         if device not in chosen:
             be = kernels.select(device, backend)
-            chosen[device] = (be, _multi_sweep(be) if len(terms) <= 2 else None)
+            chosen[device] = (be, be.sweep if len(terms) <= 2 else None)
         be, multi = chosen[device]
         if multi is not None:  # fused in the kernel: read and write in p's dtype, no float32 buffer
             if not p.is_contiguous():
@@ -157,11 +158,11 @@ def sweep_(
         for start in range(0, n, chunk):
             part = flat[start : start + chunk]
             if buf is None:  # float32: the backend works on the parameter's own storage
-                _axpy_terms(be, part, distribution, key, base + start, scale, terms)
+                _sweep_chunk(be, part, distribution, key, base + start, scale, terms)
                 continue
             work = buf[: part.numel()]
             work.copy_(part)
-            _axpy_terms(be, work, distribution, key, base + start, scale, terms)
+            _sweep_chunk(be, work, distribution, key, base + start, scale, terms)
             if rounding_seed is None:
                 part.copy_(work)
             else:
@@ -170,22 +171,12 @@ def sweep_(
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
 
 
-def _axpy_terms(be, x, distribution, key, start, scale, terms) -> None:
-    """The backend's axpy for any number of terms: the first call scales and adds up to two, the rest add two at a time."""
+def _sweep_chunk(be, x, distribution, key, start, scale, terms) -> None:
+    """One chunk's sweep through the backend's axpy, any number of terms: the first call scales and adds up to two,
+    the rest add two at a time."""
     be.axpy(x, distribution, key, start, scale, terms[:2])
     for i in range(2, len(terms), 2):
         be.axpy(x, distribution, key, start, 1.0, terms[i : i + 2])
-
-
-def _multi_sweep(be):
-    """The backend's multi-tensor sweep when it has one (the Triton backend), else None."""
-    gpu = getattr(kernels, "_gpu", None)
-    return gpu.sweep if gpu is not None and be is gpu.BACKEND else None
-
-
-def perturb_(params, keys, seed: int, coefficient: float, *, distribution="gaussian", backend=None) -> None:
-    """theta <- theta + coefficient * z(seed): one perturbation sweep."""
-    sweep_(params, keys, [(seed, coefficient)], distribution=distribution, backend=backend)
 
 
 def gaussian_sumsq(params, keys, seed: int, *, backend=None) -> float:

@@ -361,7 +361,7 @@ class MeZO(KeyedOptimizer):
         if self._pending is None or self._in_step:
             return
         with torch.no_grad():
-            self._directions().move(self._pending, [(0, -1.0)], functional.f32(self.eps))
+            self._directions().sweep(self._pending, [(0, -1.0)], functional.f32(self.eps))
         self._record(Flush(self._pending))
         self._pending = None
 

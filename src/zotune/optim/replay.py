@@ -120,7 +120,7 @@ def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, 
             break  # a Flush of step `until` is what `finish` does below
         walker.apply(n, record)
     if walker.pending is not None and finish:  # clean weights: remove the perturbation fused in for the next step
-        walker.move(walker.pending, [(0, -1.0)], None)
+        walker.sweep(walker.pending, [(0, -1.0)], None)
     return walker.rule
 
 
@@ -149,9 +149,9 @@ class _Walker:
         elementwise = getattr(self.rule, "elementwise", None)  # a preconditioned rule (HiZOO): u = s z
         self.directions.elementwise = None if elementwise is None else elementwise(self.tensors)
 
-    def move(self, t: int, pairs, scales) -> None:
+    def sweep(self, t: int, pairs, scales) -> None:
         if self.update:
-            self.directions.move(t, pairs, self.eps, scales)
+            self.directions.sweep(t, pairs, self.eps, scales)
 
     def apply(self, n: int, record) -> None:
         if isinstance(record, Hyper):
@@ -170,7 +170,7 @@ class _Walker:
                 return  # single-sweep updates never fused a perturbation in: nothing to remove
             if self.pending != record.step:
                 raise TrajectoryError(f"corrupted trajectory: record {n} flushes step {record.step}, none pending")
-            self.move(record.step, [(0, -1.0)], None)
+            self.sweep(record.step, [(0, -1.0)], None)
             self.pending = None
         else:
             if self.pending is not None and self.pending != record.step:
@@ -208,7 +208,7 @@ class _Walker:
                     probe.run(recorded(record.phase), until=record.phase)
                     probe.undo()
             elif self.pending is not None and not self.forward:
-                self.move(record.step, [(0, -1.0)], None)
+                self.sweep(record.step, [(0, -1.0)], None)
             self.pending = None
             return
         grads = [record.projected_grad] if isinstance(record, Step) else list(record.projected_grads)
@@ -220,7 +220,7 @@ class _Walker:
                 probe.run(recorded(None))
             carry = self.estimator.carry_after(len(plan.sweeps) - 1)
         elif self.pending is not None:
-            self.move(record.step, [(0, -1.0)], None)
+            self.sweep(record.step, [(0, -1.0)], None)
         extras = ()
         if self.estimator.n_extras:
             if self.extras_of is None or self.extras_of.step != record.step:

@@ -57,7 +57,7 @@ class Directions:
             self._factors[seed] = rng.sphere_factor(sumsq, d)
         return self._factors[seed]
 
-    def move(self, t: int, pairs: Sequence[tuple[int, float]], eps: float, scales=None) -> None:
+    def sweep(self, t: int, pairs: Sequence[tuple[int, float]], eps: float, scales=None) -> None:
         """One probe sweep: theta += sum(multiple * eps * a_j * s_l * z_j) over ``pairs`` of (j, multiple)."""
         if not pairs:
             return
@@ -72,7 +72,7 @@ class Directions:
             return
         variants.sweep_terms_(self.params, self.keys, terms, distribution=self.zdist, backend=self.backend)
 
-    def move_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
+    def sweep_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
         """theta_i += coefficient * z(seed) on the tensors ``index`` only (a per-layer probe)."""
         variants.sweep_terms_([self.params[i] for i in index], [self.keys[i] for i in index],
                               [(seed, coefficient, None)], distribution=self.zdist, backend=self.backend)
@@ -118,7 +118,7 @@ class Probe:
         plan = self.plan
         for k, pairs in enumerate(plan.sweeps[:until]):
             if not (k == 0 and plan.pending):
-                self.directions.move(plan.step, pairs, plan.eps, plan.perturb_scales)
+                self.directions.sweep(plan.step, pairs, plan.eps, plan.perturb_scales)
             self.carry = plan.estimator.carry_after(k)
             value = evaluate(k)
             if k == 0:
@@ -144,7 +144,7 @@ class Probe:
         """Remove the carried perturbation (one more sweep), leaving theta as before the step."""
         if self.carry is not None:
             j, mult = self.carry
-            self.directions.move(self.plan.step, [(j, -mult)], self.plan.eps, self.plan.perturb_scales)
+            self.directions.sweep(self.plan.step, [(j, -mult)], self.plan.eps, self.plan.perturb_scales)
             self.carry = None
 
 
@@ -187,7 +187,7 @@ class LayerProbes:
 
     def _move(self, i: int, r: int, mult: float) -> None:
         seed = variants.layer_probe_seed(self.directions.seed0, self.step, i, r, len(self.layers))
-        self.directions.move_tensors(self.layers[i], seed, mult * self.eps)
+        self.directions.sweep_tensors(self.layers[i], seed, mult * self.eps)
 
     def run(self, evaluate: Callable[[int], object], *, until: int | None = None) -> list[list[float]]:
         squares: list[list[float]] = [[] for _ in self.layers]

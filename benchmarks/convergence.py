@@ -132,28 +132,63 @@ class Method:
 # (lr = eta * eps, eps 1e-3; zotune compare's fzoo takes 2e-6). n-SPSA averages n directions, which
 # allows a larger rate than MeZO's.
 METHODS: dict[str, Method] = {
-    "mezo": Method(2, {"optimizer": {"estimator": "two-sided", "n_perturbations": 1, "distribution": "gaussian"}},
-                   {"lr": [1e-5, 2e-5, 5e-5]}, "MeZO (the paper's SPSA, n = 1)"),
-    "fzoo": Method(9, {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8,
-                                     "fuse_next": False}},
-                   {"lr": [1e-6, 2e-6, 5e-6]}, "FZOO (N = 8 Rademacher, one-sided, std-normalised)"),
+    "mezo": Method(
+        2,
+        {"optimizer": {"estimator": "two-sided", "n_perturbations": 1, "distribution": "gaussian"}},
+        {"lr": [1e-5, 2e-5, 5e-5]},
+        "MeZO (the paper's SPSA, n = 1)",
+    ),
+    "fzoo": Method(
+        9,
+        {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8, "fuse_next": False}},
+        {"lr": [1e-6, 2e-6, 5e-6]},
+        "FZOO (N = 8 Rademacher, one-sided, std-normalised)",
+    ),
     # HiZOO's s starts at 1, where its step is MeZO's: MeZO's rates. Its alpha times kappa is what moves s; kappa
     # measured 1e2-2e3 on SmolLM2 SST-2 at eps 1e-3, so alpha 1e-6 moves s by ~1e-4-2e-3 a step (the authors'
     # 1e-10 was for OPT-13B, whose kappa is larger, and would leave s at 1 here).
-    "hizoo": Method(3, {"optimizer": {"estimator": "hizoo", "hizoo_alpha": 1e-6}},
-                    {"lr": [1e-5, 2e-5, 5e-5]}, "HiZOO (diagonal preconditioner, alpha 1e-6)"),
-    "one-sided-4": Method(5, {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},
-                          {"lr": [2e-5, 5e-5, 1e-4]}, "one-sided n-SPSA, n = 4"),
+    "hizoo": Method(
+        3,
+        {"optimizer": {"estimator": "hizoo", "hizoo_alpha": 1e-6}},
+        {"lr": [1e-5, 2e-5, 5e-5]},
+        "HiZOO (diagonal preconditioner, alpha 1e-6)",
+    ),
+    "one-sided-4": Method(
+        5,
+        {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},
+        {"lr": [2e-5, 5e-5, 1e-4]},
+        "one-sided n-SPSA, n = 4",
+    ),
 }
 REFERENCE = "mezo"  # the method whose end-of-budget validation accuracy is the target
 
-TASK_TITLES = {"sst2": "SST-2", "copa": "COPA", "rte": "RTE", "cb": "CB", "boolq": "BoolQ", "wic": "WiC",
-               "wsc": "WSC", "multirc": "MultiRC", "record": "ReCoRD", "squad": "SQuAD", "drop": "DROP"}
+TASK_TITLES = {
+    "sst2": "SST-2",
+    "copa": "COPA",
+    "rte": "RTE",
+    "cb": "CB",
+    "boolq": "BoolQ",
+    "wic": "WiC",
+    "wsc": "WSC",
+    "multirc": "MultiRC",
+    "record": "ReCoRD",
+    "squad": "SQuAD",
+    "drop": "DROP",
+}
 BUNDLED = {"sst2"}  # tasks whose default data ships with zotune (data_dir stays None: the default run's)
 
-DEFAULTS = {"methods": ["mezo", "fzoo", "hizoo"], "tasks": ["sst2", "copa"], "seeds": [0, 1], "budget": 2000,
-            "tune_budget": 400, "eval_passes": 200, "jobs": 1, "time_limit": 0.0,
-            "model": "smollm2-135m-instruct", "out": "runs/convergence"}
+DEFAULTS = {
+    "methods": ["mezo", "fzoo", "hizoo"],
+    "tasks": ["sst2", "copa"],
+    "seeds": [0, 1],
+    "budget": 2000,
+    "tune_budget": 400,
+    "eval_passes": 200,
+    "jobs": 1,
+    "time_limit": 0.0,
+    "model": "smollm2-135m-instruct",
+    "out": "runs/convergence",
+}
 PRESETS = {
     "cpu": {"budget": 1000, "tune_budget": 200, "eval_passes": 100, "seeds": [0, 1], "jobs": 1},
     "gpu": {"budget": 2000, "tune_budget": 400, "eval_passes": 200, "seeds": [0, 1], "jobs": 8, "time_limit": 8.5},
@@ -167,12 +202,14 @@ class Stopped(Exception):
 
 # -- budget arithmetic --------------------------------------------------------------------------------
 
+
 def steps_for(budget: int, passes_per_step: int) -> int:
     """The steps a method takes within ``budget`` forward passes (whole steps only: never over budget)."""
     steps = budget // passes_per_step
     if steps < 1:
-        raise ConfigError(f"a budget of {budget} forward passes is less than one step of a method that takes "
-                          f"{passes_per_step} a step")
+        raise ConfigError(
+            f"a budget of {budget} forward passes is less than one step of a method that takes {passes_per_step} a step"
+        )
     return steps
 
 
@@ -182,6 +219,7 @@ def eval_every_for(eval_passes: int, passes_per_step: int) -> int:
 
 
 # -- the plan and each cell's run config ---------------------------------------------------------------
+
 
 @dataclass
 class Plan:
@@ -217,11 +255,15 @@ class Plan:
                 raise ConfigError(f"task {task} needs its data: give --data-dir (the folder of shared/data)")
         sizes = {m: len(grid_points(m)) for m in self.methods}
         if len(set(sizes.values())) > 1:
-            raise ConfigError("every method needs the same tuning budget, so grids of the same size; got "
-                              + ", ".join(f"{m} {n} points" for m, n in sizes.items()))
+            raise ConfigError(
+                "every method needs the same tuning budget, so grids of the same size; got "
+                + ", ".join(f"{m} {n} points" for m, n in sizes.items())
+            )
         for name in ("budget", "tune_budget", "eval_passes", "jobs"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}"
+                )
         for m in self.methods:
             steps_for(self.tune_budget, METHODS[m].passes_per_step)
             steps_for(self.budget, METHODS[m].passes_per_step)
@@ -242,8 +284,11 @@ def point_name(point: dict) -> str:
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+        out[key] = (
+            _merge(out.get(key, {}), value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
             else copy.deepcopy(value)
+        )
     return out
 
 
@@ -255,12 +300,19 @@ def cell_config(plan: Plan, task: str, method: str, point: dict, *, phase: str, 
     """One run's config: the default run's, the plan's overrides, the method's, its grid point, then the budget."""
     pps = METHODS[method].passes_per_step
     budget = plan.tune_budget if phase == "tune" else plan.budget
-    sections = {"model": {"name": plan.model},
-                "task": {"name": task, "data_dir": None if task in BUNDLED else plan.data_dir}}
+    sections = {
+        "model": {"name": plan.model},
+        "task": {"name": task, "data_dir": None if task in BUNDLED else plan.data_dir},
+    }
     sections = _merge(sections, METHODS[method].overrides)
     sections = _merge(sections, {"optimizer": point})
-    train = {"steps": steps_for(budget, pps), "eval_every": eval_every_for(plan.eval_passes, pps),
-             "output_dir": str(run_dir), "progress": False, "zero_shot": False}
+    train = {
+        "steps": steps_for(budget, pps),
+        "eval_every": eval_every_for(plan.eval_passes, pps),
+        "output_dir": str(run_dir),
+        "progress": False,
+        "zero_shot": False,
+    }
     task_fields = {"seed": seed}
     if phase == "tune":  # validation only: the test split plays no part in the choice, and no weights are kept
         train.update(keep_start=False, save_best=False)
@@ -287,8 +339,11 @@ class Cell:
 
     @property
     def title(self) -> str:
-        what = {"tune": f"tune {self.method} {point_name(self.point)}", "final": f"{self.method} seed {self.seed}",
-                "inference": "inference memory"}[self.kind]
+        what = {
+            "tune": f"tune {self.method} {point_name(self.point)}",
+            "final": f"{self.method} seed {self.seed}",
+            "inference": "inference memory",
+        }[self.kind]
         return f"{TASK_TITLES.get(self.task, self.task)}: {what}"
 
     @property
@@ -302,8 +357,17 @@ def tune_cells(plan: Plan) -> list[Cell]:
         for method in plan.methods:
             for point in grid_points(method):
                 d = Path(plan.out) / "tune" / task / method / point_name(point)
-                cells.append(Cell("tune", task, method, 0, point, d,
-                                  cell_config(plan, task, method, point, phase="tune", seed=0, run_dir=d / "run")))
+                cells.append(
+                    Cell(
+                        "tune",
+                        task,
+                        method,
+                        0,
+                        point,
+                        d,
+                        cell_config(plan, task, method, point, phase="tune", seed=0, run_dir=d / "run"),
+                    )
+                )
     return cells
 
 
@@ -316,20 +380,39 @@ def final_cells(plan: Plan, chosen: dict) -> list[Cell]:
     cells = []
     for task in plan.tasks:
         d = Path(plan.out) / "inference" / task
-        cells.append(Cell("inference", task, None, 0, {}, d, cell_config(plan, task, REFERENCE, {}, phase="final",
-                                                                         seed=0, run_dir=d)))
+        cells.append(
+            Cell(
+                "inference",
+                task,
+                None,
+                0,
+                {},
+                d,
+                cell_config(plan, task, REFERENCE, {}, phase="final", seed=0, run_dir=d),
+            )
+        )
         for method in plan.methods:
             if method not in chosen.get(task, {}):
                 continue
             point = chosen[task][method]["point"]
             for seed in plan.seeds:
                 d = Path(plan.out) / "final" / task / method / f"seed{seed}"
-                cells.append(Cell("final", task, method, seed, point, d,
-                                  cell_config(plan, task, method, point, phase="final", seed=seed, run_dir=d / "run")))
+                cells.append(
+                    Cell(
+                        "final",
+                        task,
+                        method,
+                        seed,
+                        point,
+                        d,
+                        cell_config(plan, task, method, point, phase="final", seed=seed, run_dir=d / "run"),
+                    )
+                )
     return cells
 
 
 # -- running cells -------------------------------------------------------------------------------------
+
 
 def _check(cell: Cell) -> bool:
     """Whether the cell was started before (cell.yaml); one started with another config is refused."""
@@ -338,10 +421,16 @@ def _check(cell: Cell) -> bool:
         return False
     wanted, recorded = cell.config.to_dict(), yaml.safe_load(path.read_text()) or {}
     if recorded != wanted:
-        diff = [f"{s}.{k}: {recorded.get(s, {}).get(k)!r} -> {v!r}" for s, values in wanted.items()
-                for k, v in values.items() if recorded.get(s, {}).get(k) != v]
-        raise ConfigError(f"{cell.dir} was run with another config ({'; '.join(diff[:3])}): "
-                          f"choose another --out, or remove that folder to run it again")
+        diff = [
+            f"{s}.{k}: {recorded.get(s, {}).get(k)!r} -> {v!r}"
+            for s, values in wanted.items()
+            for k, v in values.items()
+            if recorded.get(s, {}).get(k) != v
+        ]
+        raise ConfigError(
+            f"{cell.dir} was run with another config ({'; '.join(diff[:3])}): "
+            f"choose another --out, or remove that folder to run it again"
+        )
     return True
 
 
@@ -390,7 +479,7 @@ def _inference_peak(config: RunConfig, log) -> dict:
 
     prepared = prepare(config, log=log)
     model, objective = prepared.loaded.model, prepared.objective
-    batch = sorted(prepared.encoded["train"], key=lambda e: e.width)[-config.train.batch_size:]
+    batch = sorted(prepared.encoded["train"], key=lambda e: e.width)[-config.train.batch_size :]
     with torch.no_grad():
         validation = evaluate(objective, model, prepared.encoded["validation"], config.train.eval_batch_size)
         float(objective.loss(model, batch, config.train.forward_chunks))
@@ -429,9 +518,13 @@ def _run_isolated(todo: list[Cell], jobs: int, deadline: float | None, log) -> l
                 while pending and len(running) < jobs and stopped is None:
                     n, cell = pending.pop(0)
                     with open(cell.dir / "log.txt", "ab") as output:
-                        proc = subprocess.Popen([sys.executable, __file__, "--cell", str(cell.dir), cell.kind],
-                                                stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=env)
+                        proc = subprocess.Popen(
+                            [sys.executable, __file__, "--cell", str(cell.dir), cell.kind],
+                            stdout=output,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                            env=env,
+                        )
                     running[proc] = (n, cell, time.monotonic())
                     log(f"[{n}/{len(todo)}] {cell.title}: started (output in {cell.dir / 'log.txt'})")
                 time.sleep(0.2)
@@ -491,6 +584,7 @@ def _cell_main(cell_dir: str, kind: str) -> int:
 
 # -- reading runs --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Point:
     """One validation of a run: where it was on the budget, and what it measured."""
@@ -520,7 +614,8 @@ def read_curve(run_dir: Path, passes_per_step: int) -> Curve:
         except json.JSONDecodeError:  # a line still being written by a running cell
             continue
     metric = (summary or {}).get("metric") or next(
-        (k[len("validation_"):] for r in rows for k in r if k.startswith("validation_")), "accuracy")
+        (k[len("validation_") :] for r in rows for k in r if k.startswith("validation_")), "accuracy"
+    )
     key, steps, recorded = f"validation_{metric}", {0: (0, 0.0)}, False
     points = []
     for row in rows:
@@ -558,6 +653,7 @@ def reached_at(points: list[Point], target: float) -> Point | None:
 
 # -- the phases ----------------------------------------------------------------------------------------
 
+
 def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
     cells = tune_cells(plan)
     failures = run_cells(cells, plan, deadline, log)
@@ -571,9 +667,18 @@ def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
             curves = [read_curve(c.dir / "run", METHODS[method].passes_per_step) for c in group]
             best = choose(curves)
             chosen.setdefault(task, {})[method] = {
-                "point": group[best].point, "tune_budget": plan.tune_budget,
-                "grid": [{"point": c.point, "best_trained": trained_score(k)[0], "last": trained_score(k)[1],
-                          "stopped": (k.summary or {}).get("stopped")} for c, k in zip(group, curves)]}
+                "point": group[best].point,
+                "tune_budget": plan.tune_budget,
+                "grid": [
+                    {
+                        "point": c.point,
+                        "best_trained": trained_score(k)[0],
+                        "last": trained_score(k)[1],
+                        "stopped": (k.summary or {}).get("stopped"),
+                    }
+                    for c, k in zip(group, curves)
+                ],
+            }
             log(f"{TASK_TITLES.get(task, task)}: {method} tuned to {point_name(group[best].point)}")
     checkpoint.write_json(path, chosen)
     return chosen, failures
@@ -608,19 +713,27 @@ def _pct(value):
 def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
     """The markdown of one task: the tuning, the final table and its notes; and the curves, for the plot."""
     title = TASK_TITLES.get(task, task)
-    curves = {m: {s: read_curve(Path(plan.out) / "final" / task / m / f"seed{s}" / "run", METHODS[m].passes_per_step)
-                  for s in plan.seeds} for m in plan.methods}
+    curves = {
+        m: {
+            s: read_curve(Path(plan.out) / "final" / task / m / f"seed{s}" / "run", METHODS[m].passes_per_step)
+            for s in plan.seeds
+        }
+        for m in plan.methods
+    }
     done = {m: {s: c for s, c in by_seed.items() if c.summary is not None} for m, by_seed in curves.items()}
     reference = done.get(REFERENCE, {})
-    targets = {s: reference[s].points[-1].value if s in reference and reference[s].points else None
-               for s in plan.seeds}
+    targets = {s: reference[s].points[-1].value if s in reference and reference[s].points else None for s in plan.seeds}
     inference = _read_optional(Path(plan.out) / "inference" / task / "result.json")
-    lines = [f"### {title}: forward passes to tuned MeZO's validation accuracy at {plan.budget:,} forward passes",
-             "", f"Target (tuned MeZO's last validation, seeds {_per_seed(plan.seeds, str)}): "
-             f"{_per_seed([_pct(t) for t in targets.values()])}.", "",
-             "| method | passes / step | tuned | steps | forward passes to the target (x budget) | minutes to it "
-             "| best validation | test | test vs MeZO | peak memory (x inference) |",
-             "| --- | ---: | --- | ---: | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"### {title}: forward passes to tuned MeZO's validation accuracy at {plan.budget:,} forward passes",
+        "",
+        f"Target (tuned MeZO's last validation, seeds {_per_seed(plan.seeds, str)}): "
+        f"{_per_seed([_pct(t) for t in targets.values()])}.",
+        "",
+        "| method | passes / step | tuned | steps | forward passes to the target (x budget) | minutes to it "
+        "| best validation | test | test vs MeZO | peak memory (x inference) |",
+        "| --- | ---: | --- | ---: | --- | --- | --- | --- | --- | --- |",
+    ]
     notes, mezo_test = [], None
     for method in plan.methods:
         m = METHODS[method]
@@ -637,8 +750,10 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
         hits = {s: reached_at(runs[s].points, targets[s]) for s in seeds if targets.get(s) is not None}
         passes = [hits[s].passes if hits.get(s) else None for s in seeds]
         minutes = [hits[s].minutes if hits.get(s) else None for s in seeds]
-        shown = _per_seed([hits[s].passes if hits.get(s) else "no" if s in hits else "–" for s in seeds],
-                          lambda v: f"{v:,}" if isinstance(v, int) else v)
+        shown = _per_seed(
+            [hits[s].passes if hits.get(s) else "no" if s in hits else "–" for s in seeds],
+            lambda v: f"{v:,}" if isinstance(v, int) else v,
+        )
         if all(p is not None for p in passes):
             mean = _mean(passes)
             reach = f"{mean:,.0f} ({mean / plan.budget:.2f}x): {shown}"
@@ -656,35 +771,49 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
             diffs = [t - mezo_test[s] for s, t in zip(seeds, test) if s in mezo_test and t is not None]
             delta = _mean(diffs)
             verdict = "wins" if delta and delta > 0 else "loses" if delta and delta < 0 else "ties"
-            versus = f"{delta:+.1f}, {verdict} (higher on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)" \
-                if delta is not None else "–"
+            versus = (
+                f"{delta:+.1f}, {verdict} (higher on {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)"
+                if delta is not None
+                else "–"
+            )
         else:
             versus = "–"
-        lines.append(f"| {method} | {m.passes_per_step} | {tuned} | {runs[seeds[0]].summary['steps']} | {reach} | "
-                     f"{reach_min} | {_fmt(_mean(best))} ({_per_seed(best)}) | {_fmt(_mean(test))} "
-                     f"({_per_seed(test)}) | {versus} | {_memory(plan, task, method, runs, inference)} |")
+        lines.append(
+            f"| {method} | {m.passes_per_step} | {tuned} | {runs[seeds[0]].summary['steps']} | {reach} | "
+            f"{reach_min} | {_fmt(_mean(best))} ({_per_seed(best)}) | {_fmt(_mean(test))} "
+            f"({_per_seed(test)}) | {versus} | {_memory(plan, task, method, runs, inference)} |"
+        )
         for s in seeds:
             summary = runs[s].summary
             if summary.get("stopped") not in (None, "steps"):
                 notes.append(f"{method} seed {s} stopped early: {summary['stopped']} at step {summary['steps']}")
             recorded = summary.get("forward_passes")
             if recorded is not None and recorded != summary["steps"] * m.passes_per_step:
-                notes.append(f"{method} seed {s} records {recorded} forward passes for {summary['steps']} steps, not "
-                             f"{m.passes_per_step} a step: its entry's passes_per_step is wrong")
+                notes.append(
+                    f"{method} seed {s} records {recorded} forward passes for {summary['steps']} steps, not "
+                    f"{m.passes_per_step} a step: its entry's passes_per_step is wrong"
+                )
         if method == REFERENCE:
             for s in seeds:
                 start = next((p.value for p in runs[s].points if p.step == 0), None)
                 if start is not None and targets.get(s) is not None and targets[s] <= start:
-                    notes.append(f"seed {s}: tuned MeZO ended no higher than it started ({_fmt(_pct(start))}), "
-                                 f"so the target is met at 0 forward passes")
+                    notes.append(
+                        f"seed {s}: tuned MeZO ended no higher than it started ({_fmt(_pct(start))}), "
+                        f"so the target is met at 0 forward passes"
+                    )
         elif all(p is not None for p in passes) and min(passes) > 0 and max(passes) <= plan.budget / 4:
             notes.append(f"{method} reached the target within a quarter of the budget on every seed")
-    counted = "as recorded (forward_passes)" if any(c.recorded_passes for r in done.values() for c in r.values()) \
+    counted = (
+        "as recorded (forward_passes)"
+        if any(c.recorded_passes for r in done.values() for c in r.values())
         else "as steps x passes per step (these runs do not record forward_passes)"
-    notes += [f"forward passes counted {counted}; minutes: the run's training time up to that validation "
-              f"(validations included; {plan.jobs} cell(s) sharing the machine at a time)",
-              f"best validation includes the start (step 0); test: the best validation weights; "
-              f"per seed in parentheses ({_per_seed(plan.seeds, str)})"]
+    )
+    notes += [
+        f"forward passes counted {counted}; minutes: the run's training time up to that validation "
+        f"(validations included; {plan.jobs} cell(s) sharing the machine at a time)",
+        f"best validation includes the start (step 0); test: the best validation weights; "
+        f"per seed in parentheses ({_per_seed(plan.seeds, str)})",
+    ]
     return lines + [""] + [f"- {n}" for n in notes] + [""] + tuning_table(plan, task, chosen), curves
 
 
@@ -709,10 +838,13 @@ def _memory(plan: Plan, task: str, method: str, runs: dict, inference: dict | No
 
 
 def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
-    lines = [f"Tuning on {TASK_TITLES.get(task, task)} (seed 0, validation; {plan.tune_budget:,} forward passes a "
-             f"point, the same number of points for every method):", "",
-             "| method | grid point | best validation after the start | last validation | |",
-             "| --- | --- | ---: | ---: | --- |"]
+    lines = [
+        f"Tuning on {TASK_TITLES.get(task, task)} (seed 0, validation; {plan.tune_budget:,} forward passes a "
+        f"point, the same number of points for every method):",
+        "",
+        "| method | grid point | best validation after the start | last validation | |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
     for method in plan.methods:
         entry = chosen.get(task, {}).get(method)
         if not entry:
@@ -721,8 +853,10 @@ def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
         for row in entry["grid"]:
             mark = "chosen" if row["point"] == entry["point"] else ""
             stopped = f" ({row['stopped']})" if row.get("stopped") not in (None, "steps") else ""
-            lines.append(f"| {method} | {point_name(row['point'])}{stopped} | {_fmt(_pct(row['best_trained']))} | "
-                         f"{_fmt(_pct(row['last']))} | {mark} |")
+            lines.append(
+                f"| {method} | {point_name(row['point'])}{stopped} | {_fmt(_pct(row['best_trained']))} | "
+                f"{_fmt(_pct(row['last']))} | {mark} |"
+            )
     return lines
 
 
@@ -739,12 +873,26 @@ def plot_task(plan: Plan, task: str, curves: dict, path: Path) -> Path:
         for j, seed in enumerate(plan.seeds):
             points = curves[method][seed].points
             if points:
-                ax.plot([p.passes for p in points], [100 * p.value for p in points], color=f"C{i}",
-                        linestyle=styles[j % len(styles)], marker="o", markersize=3, linewidth=1.4,
-                        label=f"{method}, seed {seed}")
+                ax.plot(
+                    [p.passes for p in points],
+                    [100 * p.value for p in points],
+                    color=f"C{i}",
+                    linestyle=styles[j % len(styles)],
+                    marker="o",
+                    markersize=3,
+                    linewidth=1.4,
+                    label=f"{method}, seed {seed}",
+                )
     ax.axvline(plan.budget / 4, color="gray", linestyle=":", linewidth=1.0)  # the issue's target: a quarter
-    ax.annotate("1/4 of the budget", (plan.budget / 4, 0.02), xycoords=("data", "axes fraction"), xytext=(3, 0),
-                textcoords="offset points", fontsize=7, color="gray")
+    ax.annotate(
+        "1/4 of the budget",
+        (plan.budget / 4, 0.02),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, 0),
+        textcoords="offset points",
+        fontsize=7,
+        color="gray",
+    )
     ax.set_xlabel("forward passes")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"{TASK_TITLES.get(task, task)}: methods at their tuned rates, {plan.budget:,} forward passes")
@@ -759,10 +907,16 @@ def plot_task(plan: Plan, task: str, curves: dict, path: Path) -> Path:
 
 def phase_table(plan: Plan, log) -> str:
     chosen = _read_optional(Path(plan.out) / "chosen.json")
-    header = [f"Model {plan.model}; methods: " + "; ".join(
-        f"{m} = {METHODS[m].label or m}, {METHODS[m].passes_per_step} forward passes a step" for m in plan.methods),
-        "", f"Budget {plan.budget:,} forward passes per run; tuning {plan.tune_budget:,} per grid point; "
-        f"validation every {plan.eval_passes:,}; seeds {', '.join(map(str, plan.seeds))}.", ""]
+    header = [
+        f"Model {plan.model}; methods: "
+        + "; ".join(
+            f"{m} = {METHODS[m].label or m}, {METHODS[m].passes_per_step} forward passes a step" for m in plan.methods
+        ),
+        "",
+        f"Budget {plan.budget:,} forward passes per run; tuning {plan.tune_budget:,} per grid point; "
+        f"validation every {plan.eval_passes:,}; seeds {', '.join(map(str, plan.seeds))}.",
+        "",
+    ]
     sections = []
     for task in plan.tasks:
         lines, curves = task_table(plan, task, chosen)
@@ -778,8 +932,11 @@ def machine() -> str:
     """The CPU (model and cores) and GPU of this machine, as RESULTS.md names them."""
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     import torch
@@ -791,23 +948,31 @@ def machine() -> str:
 def append_results(path: Path, table: str, argv: list[str]) -> None:
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = shlex.join(["python", "benchmarks/convergence.py", *argv])
-    text = (f"\n## {when}: forward passes to tuned MeZO's accuracy (`benchmarks/convergence.py`)\n\n"
-            f"- machine: {machine()}\n- command: `{command}`\n\n{table}\n")
+    text = (
+        f"\n## {when}: forward passes to tuned MeZO's accuracy (`benchmarks/convergence.py`)\n\n"
+        f"- machine: {machine()}\n- command: `{command}`\n\n{table}\n"
+    )
     with open(path, "a") as f:
         f.write(text)
 
 
 # -- the command line ----------------------------------------------------------------------------------
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Words after -- are run-config overrides for every cell (--section.field value).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Words after -- are run-config overrides for every cell (--section.field value).",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="sizes for a 2-core CPU or one 10-minute H100 call")
     p.add_argument("--phase", default="all", choices=["all", "tune", "final", "table"])
     p.add_argument("--out", help=f"output folder (default {DEFAULTS['out']})")
     p.add_argument("--resume", metavar="OUT", help="continue the benchmark in OUT with the options it was started with")
-    p.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULTS['methods'])})")
+    p.add_argument(
+        "--methods", help=f"comma-separated, of {', '.join(METHODS)} (default {','.join(DEFAULTS['methods'])})"
+    )
     p.add_argument("--tasks", help=f"comma-separated registered tasks (default {','.join(DEFAULTS['tasks'])})")
     p.add_argument("--seeds", help="comma-separated seeds of the final runs (default 0,1)")
     p.add_argument("--budget", type=int, help="forward passes of each final run (default 2000)")
@@ -816,13 +981,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"model name, .gguf file or folder (default {DEFAULTS['model']})")
     p.add_argument("--data-dir", help="folder of the task data (default ../shared/data); SST-2 uses the bundled sample")
     p.add_argument("--jobs", type=int, help="cells at once, each in its own process (default 1)")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="each cell in a process of its own (default); --no-isolate: all in this one (tests; peak "
-                        "memory is then measured on a GPU only)")
-    p.add_argument("--time-limit", type=float, help="minutes after which the running cells stop, their state saved, "
-                                                    "and the table is drawn (--no-isolate: no cell starts after it)")
-    p.add_argument("--append", metavar="FILE", help="append the table to FILE (benchmarks/RESULTS.md) with the date, "
-                                                   "machine and command")
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each cell in a process of its own (default); --no-isolate: all in this one (tests; peak "
+        "memory is then measured on a GPU only)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="minutes after which the running cells stop, their state saved, "
+        "and the table is drawn (--no-isolate: no cell starts after it)",
+    )
+    p.add_argument(
+        "--append",
+        metavar="FILE",
+        help="append the table to FILE (benchmarks/RESULTS.md) with the date, machine and command",
+    )
     p.add_argument("--cell", nargs=2, metavar=("DIR", "KIND"), help=argparse.SUPPRESS)  # an isolated cell's process
     return p
 
@@ -830,16 +1006,25 @@ def _parser() -> argparse.ArgumentParser:
 def make_plan(args, overrides: list[str]) -> Plan:
     """The plan from --resume's plan.json (if any), then the preset, then the options given."""
     values = dict(DEFAULTS)
-    values["data_dir"] = next((str(d) for d in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data")
-                               if d.is_dir()), None)
+    values["data_dir"] = next(
+        (str(d) for d in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data") if d.is_dir()), None
+    )
     if args.resume:
         saved = Path(args.resume) / "plan.json"
         if not saved.is_file():
             raise ConfigError(f"{args.resume} holds no plan.json: not a benchmark folder")
         values.update(checkpoint.read_json(saved))
     values.update(PRESETS.get(args.preset, {}))
-    given = {"out": args.out, "budget": args.budget, "tune_budget": args.tune_budget, "eval_passes": args.eval_passes,
-             "model": args.model, "data_dir": args.data_dir, "jobs": args.jobs, "time_limit": args.time_limit}
+    given = {
+        "out": args.out,
+        "budget": args.budget,
+        "tune_budget": args.tune_budget,
+        "eval_passes": args.eval_passes,
+        "model": args.model,
+        "data_dir": args.data_dir,
+        "jobs": args.jobs,
+        "time_limit": args.time_limit,
+    }
     values.update({k: v for k, v in given.items() if v is not None})
     for name in ("methods", "tasks"):
         if getattr(args, name):
@@ -861,7 +1046,7 @@ def make_plan(args, overrides: list[str]) -> Plan:
 
 def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    words, overrides = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    words, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = _parser().parse_args(words)
     if args.cell:
         return _cell_main(*args.cell)
@@ -896,8 +1081,10 @@ def main(argv: list[str] | None = None, log: Callable[[str], None] = print) -> i
         print(f"convergence: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("convergence: interrupted; the cells saved their state: run the same command (or --resume OUT) "
-              "to continue", file=sys.stderr)
+        print(
+            "convergence: interrupted; the cells saved their state: run the same command (or --resume OUT) to continue",
+            file=sys.stderr,
+        )
         return 130
 
 

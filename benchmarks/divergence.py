@@ -38,9 +38,16 @@ def tiny_tied(folder: Path) -> str:
     import transformers as tf
 
     tokenizer = load_model(RunConfig().model, log=lambda s: None).tokenizer
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            tie_word_embeddings=True)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng():  # HF initialises from the global generator: seed it here, in this script only
         torch.manual_seed(0)
         model = tf.LlamaForCausalLM(config)
@@ -64,15 +71,23 @@ def one_run(model: str, lr: float, steps: int, out: Path, n_eval: int) -> dict:
     summary = result.summary
     # state.json holds the guard's numbers at the last validation; a run stopped before one has only the summary's
     state = json.loads((out / "state.json").read_text())["loop"] if (out / "state.json").is_file() else {}
-    guard = summary.get("divergence") or {"starting_loss": state.get("loss_reference"),
-                                          "running_loss": state.get("loss_ema")}
-    return {"lr": lr, "steps": summary["steps"], "stopped": summary["stopped"],
-            "reference": guard["starting_loss"], "running_loss": guard["running_loss"],
-            "zero_shot": summary["zero_shot"].get("validation", {}).get("accuracy"),
-            "best_step": (summary["best_validation"] or {}).get("step"),
-            "best": (summary["best_validation"] or {}).get("metric"), "test": summary["test"].get("accuracy"),
-            "zero_shot_test": summary["zero_shot"].get("test", {}).get("accuracy"),
-            "message": next((s for s in lines if "diverged" in s), "")}
+    guard = summary.get("divergence") or {
+        "starting_loss": state.get("loss_reference"),
+        "running_loss": state.get("loss_ema"),
+    }
+    return {
+        "lr": lr,
+        "steps": summary["steps"],
+        "stopped": summary["stopped"],
+        "reference": guard["starting_loss"],
+        "running_loss": guard["running_loss"],
+        "zero_shot": summary["zero_shot"].get("validation", {}).get("accuracy"),
+        "best_step": (summary["best_validation"] or {}).get("step"),
+        "best": (summary["best_validation"] or {}).get("metric"),
+        "test": summary["test"].get("accuracy"),
+        "zero_shot_test": summary["zero_shot"].get("test", {}).get("accuracy"),
+        "message": next((s for s in lines if "diverged" in s), ""),
+    }
 
 
 def main() -> None:
@@ -93,23 +108,32 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
     pct = lambda x: "–" if x is None else f"{100 * x:.1f}"  # noqa: E731
     num = lambda x: "–" if x is None else f"{x:.3g}"  # noqa: E731
-    table = ["| model | lr | stopped | steps | starting loss | running loss at stop | validation: start → best (step) "
-             "| test: start → kept |", "|---|---:|---|---:|---:|---:|---|---|"]
+    table = [
+        "| model | lr | stopped | steps | starting loss | running loss at stop | validation: start → best (step) "
+        "| test: start → kept |",
+        "|---|---:|---|---:|---:|---:|---|---|",
+    ]
     for r in rows:
-        table.append(f"| {r['model']} | {r['lr']:g} | {r['stopped']} | {r['steps']} | {num(r['reference'])} | "
-                     f"{num(r['running_loss'])} | {pct(r['zero_shot'])} → {pct(r['best'])} ({r['best_step']}) | "
-                     f"{pct(r['zero_shot_test'])} → {pct(r['test'])} |")
+        table.append(
+            f"| {r['model']} | {r['lr']:g} | {r['stopped']} | {r['steps']} | {num(r['reference'])} | "
+            f"{num(r['running_loss'])} | {pct(r['zero_shot'])} → {pct(r['best'])} ({r['best_step']}) | "
+            f"{pct(r['zero_shot_test'])} → {pct(r['test'])} |"
+        )
     text = "\n".join(table)
     print(text)
     if not args.no_record:
         command = "python benchmarks/divergence.py " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-            if k != "no_record")
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "no_record"
+        )
         with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(f"\n## Divergence guard and the default rate on other models ({datetime.date.today()}, "
-                    f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)\n\n"
-                    f"`{command}`: bundled SST-2, the default config but for the rate and steps "
-                    f"({args.eval} validation / test examples).\n\n{text}\n")
+            f.write(
+                f"\n## Divergence guard and the default rate on other models ({datetime.date.today()}, "
+                f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)\n\n"
+                f"`{command}`: bundled SST-2, the default config but for the rate and steps "
+                f"({args.eval} validation / test examples).\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":

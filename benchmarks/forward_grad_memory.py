@@ -65,10 +65,16 @@ def build(args):
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                            num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                            num_key_value_heads=args.heads, max_position_embeddings=max(args.seqs),
-                            tie_word_embeddings=False)
+    config = tf.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.seqs),
+        tie_word_embeddings=False,
+    )
     return tf.LlamaForCausalLM(config).float().eval()
 
 
@@ -87,6 +93,7 @@ def child(args) -> dict:
         return model(input_ids=ids, labels=ids).loss
 
     if args.mode == "inference":
+
         def run():
             with torch.no_grad():
                 closure()
@@ -124,13 +131,29 @@ def child(args) -> dict:
     seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"mode": args.mode, "steady": steady, "peak": peak, "work": peak - steady, "weights": weights,
-            "params": sum(p.numel() for p in model.parameters()), "seconds": seconds}
+    return {
+        "mode": args.mode,
+        "steady": steady,
+        "peak": peak,
+        "work": peak - steady,
+        "weights": weights,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": seconds,
+    }
 
 
 def measure(args, mode: str, batch: int, seq: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--batch", str(batch), "--seq", str(seq),
-           *_model_args(args)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        mode,
+        "--batch",
+        str(batch),
+        "--seq",
+        str(seq),
+        *_model_args(args),
+    ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -139,9 +162,20 @@ def measure(args, mode: str, batch: int, seq: int) -> dict:
 
 
 def _model_args(args) -> list[str]:
-    return ["--vocab", str(args.vocab), "--hidden", str(args.hidden), "--ffn", str(args.ffn),
-            "--layers", str(args.layers), "--heads", str(args.heads),
-            "--workloads", ",".join(f"{b}x{s}" for b, s in args.workload_list)]
+    return [
+        "--vocab",
+        str(args.vocab),
+        "--hidden",
+        str(args.hidden),
+        "--ffn",
+        str(args.ffn),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--workloads",
+        ",".join(f"{b}x{s}" for b, s in args.workload_list),
+    ]
 
 
 def parse(argv):
@@ -179,33 +213,42 @@ def main(argv=None) -> int:
             print(f"{batch}x{seq} {mode}: working {r['work'] / mib:.1f} MiB, {r['seconds']:.2f} s", flush=True)
         params = rows["inference"]["params"]
         inf = rows["inference"]
-        lines += ["", f"Batch {batch} x {seq} tokens:", "",
-                  "| measurement | working memory MiB | x inference | weights + working MiB | x inference | step s |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Batch {batch} x {seq} tokens:",
+            "",
+            "| measurement | working memory MiB | x inference | weights + working MiB | x inference | step s |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for mode in MODES:
             r = rows[mode]
             total, total_inf = r["weights"] + r["work"], inf["weights"] + inf["work"]
-            lines.append(f"| {LABELS[mode]} | {r['work'] / mib:.1f} | {r['work'] / inf['work']:.2f} | "
-                         f"{total / mib:.1f} | {total / total_inf:.2f} | {r['seconds']:.2f} |")
+            lines.append(
+                f"| {LABELS[mode]} | {r['work'] / mib:.1f} | {r['work'] / inf['work']:.2f} | "
+                f"{total / mib:.1f} | {total / total_inf:.2f} | {r['seconds']:.2f} |"
+            )
     import torch
     import transformers
 
     from zotune import kernels
 
-    header = [f"## Forward gradient (jvp) memory ({stamp})", "",
-              f"- model: random Llama from a config, {params / 1e6:.1f}M parameters, float32, CPU (vocab {args.vocab}, "
-              f"hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, {args.heads} heads); weights "
-              f"{params * 4 / mib:.1f} MiB",
-              "- machine: 2-core AMD Zen 4 CPU, fp32 "
-              f"({platform.platform()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"{torch.get_num_threads()} threads, MeZO sweep backend {kernels.select('cpu').name})",
-              f"- command: `{' '.join(['python benchmarks/forward_grad_memory.py', *map(shlex.quote, argv if argv is not None else sys.argv[1:])])}`",
-              "- method: one fresh process per row; peak RSS (VmHWM, reset by /proc/self/clear_refs after a warm-up "
-              "step, gc and malloc_trim) minus the RSS before the step = working memory; MALLOC_MMAP_THRESHOLD_=65536 "
-              "so freed tensors leave the resident set; weights = parameter bytes; 'step s' is the one measured "
-              "call's wall time (one run, not a speed benchmark)",
-              f"- 1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
-              f"on {os.cpu_count()} CPUs (the machine is shared: the times, not the memory, depend on it)"]
+    header = [
+        f"## Forward gradient (jvp) memory ({stamp})",
+        "",
+        f"- model: random Llama from a config, {params / 1e6:.1f}M parameters, float32, CPU (vocab {args.vocab}, "
+        f"hidden {args.hidden}, FFN {args.ffn}, {args.layers} layers, {args.heads} heads); weights "
+        f"{params * 4 / mib:.1f} MiB",
+        "- machine: 2-core AMD Zen 4 CPU, fp32 "
+        f"({platform.platform()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, MeZO sweep backend {kernels.select('cpu').name})",
+        f"- command: `{' '.join(['python benchmarks/forward_grad_memory.py', *map(shlex.quote, argv if argv is not None else sys.argv[1:])])}`",
+        "- method: one fresh process per row; peak RSS (VmHWM, reset by /proc/self/clear_refs after a warm-up "
+        "step, gc and malloc_trim) minus the RSS before the step = working memory; MALLOC_MMAP_THRESHOLD_=65536 "
+        "so freed tensors leave the resident set; weights = parameter bytes; 'step s' is the one measured "
+        "call's wall time (one run, not a speed benchmark)",
+        f"- 1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        f"on {os.cpu_count()} CPUs (the machine is shared: the times, not the memory, depend on it)",
+    ]
     text = "\n".join(header + lines) + "\n"
     print()
     print(text)

@@ -90,10 +90,23 @@ def job(variant: str, world: int = 2, timeout: float = 30) -> str:
     port = _free_port()
     ranks = []
     for rank in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-        ranks.append(subprocess.Popen([sys.executable, "-c", RANK, variant], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
+        ranks.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RANK, variant],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outcome = "ok"
     for proc in ranks:
         try:
@@ -122,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 if aborts == 1:
                     print(f"  first {outcome}")
             hangs += outcome == "hang"
-        print(f"{VARIANTS[variant]:40s}: {aborts} aborted, {hangs} hung (> 30 s), of {args.trials} jobs",
-              flush=True)
+        print(f"{VARIANTS[variant]:40s}: {aborts} aborted, {hangs} hung (> 30 s), of {args.trials} jobs", flush=True)
     return 0
 
 

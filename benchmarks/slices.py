@@ -34,8 +34,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=3, help="timed batches per task (each at every setting)")
     args = parser.parse_args(argv)
     grid = compare.load_compare_config(args.grid)
-    print(f"# {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, overhead {CPU_FORWARD_OVERHEAD} tokens")
+    print(
+        f"# {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, overhead {CPU_FORWARD_OVERHEAD} tokens"
+    )
     print("| task | slices chosen over 200 steps | 1 forward | 2 slices | 4 slices | chosen | 1 / chosen |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     loaded = None
@@ -47,20 +49,25 @@ def main(argv=None) -> int:
         size = config.train.batch_size
         chosen = collections.Counter()
         for step in range(config.train.steps):
-            batch = sorted((train[i] for i in _batch_indices(len(train), size, step, config.task.seed)), key=lambda e: e.width)
+            batch = sorted(
+                (train[i] for i in _batch_indices(len(train), size, step, config.task.seed)), key=lambda e: e.width
+            )
             chosen[len(length_slices([(e.width, len(e.sequences)) for e in batch], CPU_FORWARD_OVERHEAD))] += 1
         times = dict.fromkeys(CHOICES, 0.0)
         with torch.no_grad():
             for b in range(args.batches):
                 batch = [train[i] for i in _batch_indices(len(train), size, 10 + b, config.task.seed)]
-                for chunks in CHOICES[b % 4:] + CHOICES[: b % 4]:  # rotate the order: no setting always first
+                for chunks in CHOICES[b % 4 :] + CHOICES[: b % 4]:  # rotate the order: no setting always first
                     start = time.perf_counter()
                     prepared.objective.loss(loaded.model, batch, chunks)
                     times[chunks] += time.perf_counter() - start
         mean = {k: v / args.batches for k, v in times.items()}
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(chosen.items()))
-        print(f"| {task} | {counts} | {mean[1]:.2f} s | {mean[2]:.2f} s | {mean[4]:.2f} s | {mean[0]:.2f} s "
-              f"| {mean[1] / mean[0]:.2f}x |", flush=True)
+        print(
+            f"| {task} | {counts} | {mean[1]:.2f} s | {mean[2]:.2f} s | {mean[4]:.2f} s | {mean[0]:.2f} s "
+            f"| {mean[1] / mean[0]:.2f}x |",
+            flush=True,
+        )
     return 0
 
 

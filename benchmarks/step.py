@@ -84,15 +84,31 @@ def build_model(size: str, dtype: torch.dtype, device: torch.device):
 
     if size in SMOLLM2:
         hidden, layers, heads, ffn, kv_heads, vocab = SMOLLM2[size]
-        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                             num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab,
-                             max_position_embeddings=2048, tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            intermediate_size=ffn,
+            vocab_size=vocab,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+        )
         cls = LlamaForCausalLM
     else:
         hidden, layers, heads, ffn = SIZES[size]
-        config = OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
-                           word_embed_proj_dim=hidden, max_position_embeddings=2048, vocab_size=50272,
-                           dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        config = OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=ffn,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=2048,
+            vocab_size=50272,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+        )
         cls = OPTForCausalLM
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -269,8 +285,12 @@ def backprop_step_fits(n_params: int, dtype: torch.dtype, device: torch.device, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES) + sorted(SMOLLM2), default="125m",
-                    help="OPT model size, or smollm2-135m (SmolLM2's shapes)")
+    ap.add_argument(
+        "--size",
+        choices=sorted(SIZES) + sorted(SMOLLM2),
+        default="125m",
+        help="OPT model size, or smollm2-135m (SmolLM2's shapes)",
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64, help="sequence length (tokens)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
@@ -280,10 +300,16 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-backprop", action="store_true")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to RESULTS.md")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the markdown file the section is appended to")
-    ap.add_argument("--more-sweeps", action="store_true",
-                    help="also time the per-tensor sweep path (layerwise) and a four-term sweep (n-SPSA, FZOO)")
-    ap.add_argument("--kernel-time", action="store_true",
-                    help="CUDA: profile each sweep and the step once; kernel time, launches, copies and syncs")
+    ap.add_argument(
+        "--more-sweeps",
+        action="store_true",
+        help="also time the per-tensor sweep path (layerwise) and a four-term sweep (n-SPSA, FZOO)",
+    )
+    ap.add_argument(
+        "--kernel-time",
+        action="store_true",
+        help="CUDA: profile each sweep and the step once; kernel time, launches, copies and syncs",
+    )
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(HERE.parent / "src"))
@@ -304,14 +330,22 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in params)
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
     backend = kernels.select(device).name
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device,
-                        generator=torch.Generator(device=device).manual_seed(0))
+    ids = torch.randint(
+        0,
+        model.config.vocab_size,
+        (args.batch, args.seq),
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(0),
+    )
 
     def closure():
         return model(input_ids=ids, labels=ids).loss
 
-    print(f"{_title(args.size)}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**30:.2f} GiB {args.dtype}), "
-          f"batch {args.batch}, seq {args.seq}, {device}, zotune backend {backend}", flush=True)
+    print(
+        f"{_title(args.size)}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**30:.2f} GiB {args.dtype}), "
+        f"batch {args.batch}, seq {args.seq}, {device}, zotune backend {backend}",
+        flush=True,
+    )
     rows: list[tuple[str, float, float]] = []  # (name, best seconds, median seconds)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -322,8 +356,9 @@ def main(argv=None) -> int:
 
     # one sweep of each kind, on the default backend (weights drift by a few eps: harmless for timing)
     keys = [rng.param_key(n) for n, _ in named]
-    opt = zotune.MeZO(model.named_parameters(), lr=LR, eps=EPS, seed=0, fuse_next=True,
-                      stochastic_rounding=args.stochastic_rounding)
+    opt = zotune.MeZO(
+        model.named_parameters(), lr=LR, eps=EPS, seed=0, fuse_next=True, stochastic_rounding=args.stochastic_rounding
+    )
 
     def forward():
         with torch.no_grad():
@@ -332,21 +367,25 @@ def main(argv=None) -> int:
     timed = {  # timed round-robin, so that other load on a shared machine hits every row alike
         "forward": forward,
         "sweep: Gaussian +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)]),
-        "sweep: Gaussian restore+update+next (2 terms)":
-            lambda: F.sweep_(params, keys, [(1, -EPS), (2, EPS)],
-                             rounding_seed=3 if args.stochastic_rounding else None),
+        "sweep: Gaussian restore+update+next (2 terms)": lambda: F.sweep_(
+            params, keys, [(1, -EPS), (2, EPS)], rounding_seed=3 if args.stochastic_rounding else None
+        ),
         "sweep: Rademacher +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)], distribution="rademacher"),
         "zotune MeZO step (fuse_next)": lambda: opt.step(closure),
     }
     if args.more_sweeps:
+
         def per_tensor():
             for p, key in zip(params, keys):
                 F.sweep_([p], [key], [(1, EPS)])
 
         timed["sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)"] = per_tensor
-        timed["sweep: Gaussian 4 terms (n-SPSA / FZOO update path)"] = \
-            lambda: F.sweep_(params, keys, [(1, -EPS), (2, EPS), (3, -EPS), (4, EPS)],
-                             rounding_seed=3 if args.stochastic_rounding else None)
+        timed["sweep: Gaussian 4 terms (n-SPSA / FZOO update path)"] = lambda: F.sweep_(
+            params,
+            keys,
+            [(1, -EPS), (2, EPS), (3, -EPS), (4, EPS)],
+            rounding_seed=3 if args.stochastic_rounding else None,
+        )
     best = round_robin(timed, device, args.repeats)
     for name, (t, m) in best.items():
         rows.append((name, t, m))
@@ -360,15 +399,24 @@ def main(argv=None) -> int:
             pr = kernel_profile(fn, device) if name != "forward" else None
             if pr:
                 profiles[name] = pr
-                print(f"{name}: kernels {pr['kernel_ms']:.2f} ms in {pr['kernels']} launches, "
-                      f"{pr['h2d']} host-to-device copies, {pr['syncs']} syncs", flush=True)
+                print(
+                    f"{name}: kernels {pr['kernel_ms']:.2f} ms in {pr['kernels']} launches, "
+                    f"{pr['h2d']} host-to-device copies, {pr['syncs']} syncs",
+                    flush=True,
+                )
     floor = 2 * t_fwd
     limit = floor + 2 * copy_sweep
 
     # the reference-style step reallocates every weight (p.data = ...): timed after the others, with
     # a forward pass between its steps that gives a floor measured under the same conditions
-    ref = round_robin({"reference-style MeZO step": lambda: reference_style_step(params, closure, seed=1234),
-                       "forward (next to the reference-style steps)": forward}, device, args.repeats)
+    ref = round_robin(
+        {
+            "reference-style MeZO step": lambda: reference_style_step(params, closure, seed=1234),
+            "forward (next to the reference-style steps)": forward,
+        },
+        device,
+        args.repeats,
+    )
     t_ref, m_ref = ref["reference-style MeZO step"]
     rows.append(("reference-style MeZO step", t_ref, m_ref))
     rows.append(("forward (next to the reference-style steps)", *ref["forward (next to the reference-style steps)"]))
@@ -392,7 +440,7 @@ def main(argv=None) -> int:
     if not args.skip_backprop and backprop_step_fits(n_params, dtype, device, model_bytes):
         model = build_model(args.size, torch.float32, device).train()
         adam = torch.optim.Adam(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+        amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def backprop_step():
@@ -405,8 +453,13 @@ def main(argv=None) -> int:
 
         backprop_step()  # allocates Adam's state
         t_bp = timeit(backprop_step, device, args.repeats)
-        rows.append(("backprop Adam step" + (f" (fp32 master, {args.dtype} autocast)" if dtype != torch.float32
-                                             else ""), t_bp, MEDIANS[backprop_step]))
+        rows.append(
+            (
+                "backprop Adam step" + (f" (fp32 master, {args.dtype} autocast)" if dtype != torch.float32 else ""),
+                t_bp,
+                MEDIANS[backprop_step],
+            )
+        )
         mems["backprop Adam"] = peak.measure(backprop_step)
         del model, adam
     elif not args.skip_backprop:
@@ -420,13 +473,16 @@ def main(argv=None) -> int:
         ("zotune step / physical limit (target <= 1.1)", t_zo / limit),
         ("reference-style step / zotune step (speed-up)", t_ref / t_zo),
         ("Gaussian 1-term sweep / copy sweep (target <= 1.5)", t_sweeps["sweep: Gaussian +eps (1 term)"] / copy_sweep),
-        ("Gaussian 2-term sweep / copy sweep",
-         t_sweeps["sweep: Gaussian restore+update+next (2 terms)"] / copy_sweep),
-        ("Rademacher 1-term sweep / copy sweep (target <= 1.05)",
-         t_sweeps["sweep: Rademacher +eps (1 term)"] / copy_sweep),
+        ("Gaussian 2-term sweep / copy sweep", t_sweeps["sweep: Gaussian restore+update+next (2 terms)"] / copy_sweep),
+        (
+            "Rademacher 1-term sweep / copy sweep (target <= 1.05)",
+            t_sweeps["sweep: Rademacher +eps (1 term)"] / copy_sweep,
+        ),
     ]
-    for name in ("sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)",
-                 "sweep: Gaussian 4 terms (n-SPSA / FZOO update path)"):
+    for name in (
+        "sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)",
+        "sweep: Gaussian 4 terms (n-SPSA / FZOO update path)",
+    ):
         if name in t_sweeps:
             ratios.append((f"{name.removeprefix('sweep: ')} / copy sweep", t_sweeps[name] / copy_sweep))
     for name, pr in profiles.items():
@@ -443,30 +499,49 @@ def main(argv=None) -> int:
                 ratios.append((f"peak memory {name} / inference{target}", mems[name] / mem_inf))
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {stamp}: MeZO step, {_title(args.size)} ({n_params / 1e6:.1f}M parameters), {args.dtype}, "
-             f"batch {args.batch}, seq {args.seq}, {device.type}", ""]
+    lines = [
+        f"## {stamp}: MeZO step, {_title(args.size)} ({n_params / 1e6:.1f}M parameters), {args.dtype}, "
+        f"batch {args.batch}, seq {args.seq}, {device.type}",
+        "",
+    ]
     lines.append(f"- machine: {_machine(device)}")
     lines.append(f"- {_versions(backend)}")
     lines.append(f"- command: `python benchmarks/step.py {shlex.join(argv if argv is not None else sys.argv[1:])}`")
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines.append(f"- 1-minute load average before / after the run: {load_before:.2f} / {load_after:.2f} "
-                 f"(on {os.cpu_count()} CPUs; times are the best of {args.repeats} after a warm-up)")
-    lines.append(f"- copy bandwidth (dst.copy_(src), read + write counted once each): {2 / spb / 1e9:.1f} GB/s; "
-                 f"copy sweep over the weights {copy_sweep * 1e3:.2f} ms")
+    lines.append(
+        f"- 1-minute load average before / after the run: {load_before:.2f} / {load_after:.2f} "
+        f"(on {os.cpu_count()} CPUs; times are the best of {args.repeats} after a warm-up)"
+    )
+    lines.append(
+        f"- copy bandwidth (dst.copy_(src), read + write counted once each): {2 / spb / 1e9:.1f} GB/s; "
+        f"copy sweep over the weights {copy_sweep * 1e3:.2f} ms"
+    )
     mem_note = "allocator peak" if device.type == "cuda" else "process peak RSS, reset per phase"
-    lines.append(f"- peak memory ({mem_note}): "
-                 + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in mems.items() if v)
-                 + (f" (process baseline before the model {base_mem / 2**30:.3f} GiB)" if base_mem else ""))
+    lines.append(
+        f"- peak memory ({mem_note}): "
+        + ", ".join(f"{k} {v / 2**30:.3f} GiB" for k, v in mems.items() if v)
+        + (f" (process baseline before the model {base_mem / 2**30:.3f} GiB)" if base_mem else "")
+    )
     lines += ["", "| measurement | best ms | median ms |", "|---|---:|---:|"]
     lines += [f"| {name} | {t * 1e3:.2f} | {m * 1e3:.2f} |" for name, t, m in rows]
-    lines += [f"| floor: 2 x forward | {floor * 1e3:.2f} | |",
-              f"| physical limit: 2 x forward + 2 copy sweeps | {limit * 1e3:.2f} | |"]
+    lines += [
+        f"| floor: 2 x forward | {floor * 1e3:.2f} | |",
+        f"| physical limit: 2 x forward + 2 copy sweeps | {limit * 1e3:.2f} | |",
+    ]
     if profiles:
-        lines += ["", "Kernel time (torch.profiler, one call after a warm-up; launches, host-to-device copies and "
-                  "host syncs counted in that call):", "",
-                  "| measurement | wall best ms | kernel ms | launches | H2D copies | syncs |", "|---|---:|---:|---:|---:|---:|"]
-        lines += [f"| {name} | {t_sweeps[name] * 1e3:.2f} | {pr['kernel_ms']:.2f} | {pr['kernels']} | {pr['h2d']} | "
-                  f"{pr['syncs']} |" for name, pr in profiles.items()]
+        lines += [
+            "",
+            "Kernel time (torch.profiler, one call after a warm-up; launches, host-to-device copies and "
+            "host syncs counted in that call):",
+            "",
+            "| measurement | wall best ms | kernel ms | launches | H2D copies | syncs |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {name} | {t_sweeps[name] * 1e3:.2f} | {pr['kernel_ms']:.2f} | {pr['kernels']} | {pr['h2d']} | "
+            f"{pr['syncs']} |"
+            for name, pr in profiles.items()
+        ]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {name} | {value:.3f} |" for name, value in ratios]
     text = "\n".join(lines) + "\n"

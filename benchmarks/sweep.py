@@ -111,8 +111,9 @@ def cold_compile_seconds() -> tuple[float, float] | None:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent / "src"), env.get("PYTHONPATH")]))
         try:
-            res = subprocess.run([sys.executable, "-c", COLD_SNIPPET], env=env, capture_output=True,
-                                 text=True, check=True, timeout=600)
+            res = subprocess.run(
+                [sys.executable, "-c", COLD_SNIPPET], env=env, capture_output=True, text=True, check=True, timeout=600
+            )
         except (subprocess.SubprocessError, OSError) as exc:
             print(f"cold compile measurement failed: {exc}", file=sys.stderr)
             return None
@@ -132,13 +133,18 @@ def cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--elements", type=int, default=DEFAULT_ELEMENTS,
-                    help=f"total float32 parameters (default {DEFAULT_ELEMENTS}, SmolLM-135M-like)")
+    ap.add_argument(
+        "--elements",
+        type=int,
+        default=DEFAULT_ELEMENTS,
+        help=f"total float32 parameters (default {DEFAULT_ELEMENTS}, SmolLM-135M-like)",
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per row (median reported)")
     ap.add_argument("--skip-reference", action="store_true", help="skip the slow zotune reference backend")
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
-    ap.add_argument("--no-cold-compile", action="store_true",
-                    help="skip measuring the cold JIT compile time in a subprocess")
+    ap.add_argument(
+        "--no-cold-compile", action="store_true", help="skip measuring the cold JIT compile time in a subprocess"
+    )
     args = ap.parse_args(argv)
     if args.elements <= 0 or args.repeats <= 0:
         ap.error("--elements and --repeats must be positive")
@@ -150,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     params = [torch.randn(shape) * 0.02 for _, shape in shapes]
     others = [torch.randn(shape) for _, shape in shapes]
     keys = [rng.param_key(name) for name, _ in shapes]
-    print(f"{len(params)} tensors, {args.elements:,} float32 elements ({args.elements * 4 / 2**20:.0f} MiB), "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{len(params)} tensors, {args.elements:,} float32 elements ({args.elements * 4 / 2**20:.0f} MiB), "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     rows: list[tuple[str, float, float, int]] = []  # label, median, min, repetitions
     notes: list[str] = []
@@ -196,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cold_compile:
             cold = cold_compile_seconds()
             if cold is not None:
-                notes.append(f"numba cold compile (empty cache, fresh interpreter): parallel kernel "
-                             f"{cold[0]:.2f} s, serial kernel {cold[1]:.2f} s (first call of each; "
-                             f"later processes load the cache)")
+                notes.append(
+                    f"numba cold compile (empty cache, fresh interpreter): parallel kernel "
+                    f"{cold[0]:.2f} s, serial kernel {cold[1]:.2f} s (first call of each; "
+                    f"later processes load the cache)"
+                )
                 print(notes[-1])
 
         def numba_sweep(distribution, terms):
@@ -219,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             first = time.perf_counter() - t0
             notes.append(f"{label}: first sweep in this process {first:.2f} s (includes cache load/compile)")
             bench(label, fn, warmup=False)
-        notes.append(f"numba {numba.__version__}, threading layer {numba.threading_layer()}, "
-                     f"{numba.get_num_threads()} threads")
+        notes.append(
+            f"numba {numba.__version__}, threading layer {numba.threading_layer()}, {numba.get_num_threads()} threads"
+        )
 
     def copy_floor():
         for p, q in zip(params, others):

@@ -64,15 +64,20 @@ def same_bits(new, old, device="cuda", ranges=RANGES) -> list[str]:
         for start, n, shift in ranges:
             storage = (torch.randn(n + shift, device=device, generator=g) * 0.05).to(dtype)
             for distribution in ("gaussian", "rademacher"):
-                for kw in (dict(terms=[(SEED0, C)]), dict(terms=[(SEED0, -C), (SEED1, C)], scale=0.9990000128746033),
-                           dict(terms=[(SEED0, 1.0)], fill=True),
-                           dict(terms=[(SEED0, 3e-5), (SEED1, -1e-6)], rounding_seed=2**63 + 3, scale=0.999)):
+                for kw in (
+                    dict(terms=[(SEED0, C)]),
+                    dict(terms=[(SEED0, -C), (SEED1, C)], scale=0.9990000128746033),
+                    dict(terms=[(SEED0, 1.0)], fill=True),
+                    dict(terms=[(SEED0, 3e-5), (SEED1, -1e-6)], rounding_seed=2**63 + 3, scale=0.999),
+                ):
                     a, b = storage.clone()[shift:], storage.clone()[shift:]
                     new.sweep([a], [KEY], [start], distribution, **kw)
                     old.sweep([b], [KEY], [start], distribution, **kw)
                     if not torch.equal(a.view(torch.int8), b.view(torch.int8)):
                         diff = (a.float() - b.float()).abs().max().item()
-                        bad.append(f"{dtype} start {start} n {n} shift {shift} {distribution} {kw}: max |diff| {diff:.3g}")
+                        bad.append(
+                            f"{dtype} start {start} n {n} shift {shift} {distribution} {kw}: max |diff| {diff:.3g}"
+                        )
         xs = [(torch.randn(n, device=device, generator=g) * 0.05).to(dtype) for n in (7, 2048, 5000, 300)]
         for distribution in ("gaussian", "rademacher"):  # the multi-tensor launch
             a, b = [x.clone() for x in xs], [x.clone() for x in xs]
@@ -89,7 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float16,float32", help="comma-separated: float16, bfloat16, float32")
     ap.add_argument("--ncu", action="store_true", help="run each kernel 3 times, untimed (for Nsight Compute)")
     ap.add_argument("--results", type=Path, help="append the table to this markdown file")
-    ap.add_argument("--against", type=Path, help="another version of zotune/kernels/gpu.py: check same bits, time beside")
+    ap.add_argument(
+        "--against", type=Path, help="another version of zotune/kernels/gpu.py: check same bits, time beside"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_gpu.py needs a CUDA GPU", file=sys.stderr)
@@ -129,15 +136,21 @@ def main(argv=None) -> int:
     if args.ncu:
         return 0
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {stamp}: Triton sweep kernels vs copy, {args.elements} elements, {torch.cuda.get_device_name()}",
-             "",
-             f"- torch {torch.__version__}, triton {triton.__version__}; CUDA-event medians (triton.testing.do_bench); "
-             f"block {gpu.BLOCK}",
-             f"- command: `python benchmarks/sweep_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             "", "| dtype | pass | ms | / copy | target | TB/s (read + write) |", "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"## {stamp}: Triton sweep kernels vs copy, {args.elements} elements, {torch.cuda.get_device_name()}",
+        "",
+        f"- torch {torch.__version__}, triton {triton.__version__}; CUDA-event medians (triton.testing.do_bench); "
+        f"block {gpu.BLOCK}",
+        f"- command: `python benchmarks/sweep_gpu.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "",
+        "| dtype | pass | ms | / copy | target | TB/s (read + write) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for name, label, ms, ratio, target, gbs in rows:
-        lines.append(f"| {name} | {label} | {ms:.3f} | {ratio:.2f} | {'' if target is None else f'<= {target}'} | "
-                     f"{gbs / 1e3:.2f} |")
+        lines.append(
+            f"| {name} | {label} | {ms:.3f} | {ratio:.2f} | {'' if target is None else f'<= {target}'} | "
+            f"{gbs / 1e3:.2f} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:

@@ -71,6 +71,7 @@ def _tables_built() -> int:
 def _count_insertions() -> None:
     """Before table_stats (an older checkout): count the insertions into its launch-table dict."""
     if not hasattr(gpu, "table_stats") and hasattr(gpu, "_TABLES"):
+
         class Counting(type(gpu._TABLES)):
             inserted = 0
 
@@ -110,15 +111,19 @@ def main() -> None:
         F.sweep_(params, keys, [(i, 1e-3), (i + 1, -1e-3), (i + 2, 1e-3), (i + 3, -1e-3)], backend=backend.name)
 
     cases = {"multi": multi, "per-tensor": per_tensor, "4-term": four_terms}
-    print(f"{args.tensors} tensors; zotune from {Path(gpu.__file__).parents[2]}; torch {torch.__version__}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(
+        f"{args.tensors} tensors; zotune from {Path(gpu.__file__).parents[2]}; torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    )
     for name in args.cases.split(","):
         built = _tables_built()
         ms = 1e3 * _time(cases[name], args.calls, args.repeats)
         after = _tables_built()
         calls = 20 + args.calls * args.repeats
-        print(f"{name:>10}: {ms:.3f} ms per call ({1e3 * ms / args.tensors:.2f} us a tensor; "
-              f"launch tables built: {(after - built) / calls:.1f} per call)")
+        print(
+            f"{name:>10}: {ms:.3f} ms per call ({1e3 * ms / args.tensors:.2f} us a tensor; "
+            f"launch tables built: {(after - built) / calls:.1f} per call)"
+        )
 
 
 if __name__ == "__main__":

@@ -85,9 +85,14 @@ def probe_passes(oc, n_layers: int, steps: int) -> int:
 
 # -- the tiny model of --smoke ------------------------------------------------------------------
 SMOKE_CORPUS = [
-    "the movie was great and the acting was good", "a terrible film , it was bad and boring",
-    "It was great", "It was terrible", "the story is a fine , funny and moving one",
-    "an awful , dull and tedious mess", "one of the best films of the year", "the worst film",
+    "the movie was great and the acting was good",
+    "a terrible film , it was bad and boring",
+    "It was great",
+    "It was terrible",
+    "the story is a fine , funny and moving one",
+    "an awful , dull and tedious mess",
+    "one of the best films of the year",
+    "the worst film",
 ]
 
 
@@ -100,12 +105,23 @@ def build_tiny_model(folder: Path) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(SMOKE_CORPUS * 3, trainer)
     tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = tf.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(config).eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,9 +175,15 @@ def run_forward_gradient(config, prepared, run_dir: Path, log) -> None:
     metric = objective.metric_name
     run_dir.mkdir(parents=True, exist_ok=True)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = ForwardGradient(trainable, lr=oc.lr, weight_decay=oc.weight_decay, seed=oc.seed,
-                          distribution=oc.distribution if oc.distribution != "sphere" else "gaussian",
-                          on_nonfinite="skip", trajectory=run_dir / "trajectory.zot")
+    opt = ForwardGradient(
+        trainable,
+        lr=oc.lr,
+        weight_decay=oc.weight_decay,
+        seed=oc.seed,
+        distribution=oc.distribution if oc.distribution != "sphere" else "gaussian",
+        on_nonfinite="skip",
+        trajectory=run_dir / "trajectory.zot",
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
     best, skipped = None, 0
     log(f"run directory {run_dir}")
@@ -174,8 +196,18 @@ def run_forward_gradient(config, prepared, run_dir: Path, log) -> None:
             skipped += int(not math.isfinite(loss))
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            f.write(json.dumps({"step": step, "loss": loss, "projected_grad": opt.projected_grad, "lr": lr,
-                                "elapsed": time.perf_counter() - started}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "projected_grad": opt.projected_grad,
+                        "lr": lr,
+                        "elapsed": time.perf_counter() - started,
+                    }
+                )
+                + "\n"
+            )
             if step % tc.eval_every == 0 or step == tc.steps:
                 val = evaluate(objective, model, encoded["validation"], tc.eval_batch_size)
                 f.write(json.dumps({"step": step, **{f"validation_{k}": v for k, v in val.items()}}) + "\n")
@@ -183,10 +215,21 @@ def run_forward_gradient(config, prepared, run_dir: Path, log) -> None:
                     best = {"step": step, "metric": val[metric], "metrics": val}
             f.flush()
     elapsed = time.perf_counter() - started
-    checkpoint.write_json(run_dir / "summary.json", {
-        "task": config.task.name, "model": prepared.loaded.source, "metric": metric, "zero_shot": {},
-        "best_validation": best, "test": {}, "steps": tc.steps, "skipped_steps": skipped,
-        "wall_time_s": round(elapsed, 1), "estimator": FORWARD_GRADIENT})
+    checkpoint.write_json(
+        run_dir / "summary.json",
+        {
+            "task": config.task.name,
+            "model": prepared.loaded.source,
+            "metric": metric,
+            "zero_shot": {},
+            "best_validation": best,
+            "test": {},
+            "steps": tc.steps,
+            "skipped_steps": skipped,
+            "wall_time_s": round(elapsed, 1),
+            "estimator": FORWARD_GRADIENT,
+        },
+    )
 
 
 def read_run(run_dir: Path, target: float) -> dict:
@@ -235,13 +278,18 @@ def describe(name: str, overrides: dict | None) -> str:
 def table(results: list[dict], target: float) -> list[str]:
     pct = f"{100 * target:g}%"
     mezo = next((r for r in results if r["name"] == "mezo"), None)
-    lines = [f"| variant | overrides | forward passes / step | steps to {pct} | forward passes to {pct} "
-             f"| s to {pct} | best val acc (step) | wall s | s / step |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| variant | overrides | forward passes / step | steps to {pct} | forward passes to {pct} "
+        f"| s to {pct} | best val acc (step) | wall s | s / step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         if r["passes"] is None:  # forward gradient: one jvp; its cost in forwards measured against MeZO's step
-            ratio = (f" (~{2 * r['s_per_step'] / mezo['s_per_step']:.1f} fwd by time)"
-                     if mezo and mezo["s_per_step"] > 0 else "")
+            ratio = (
+                f" (~{2 * r['s_per_step'] / mezo['s_per_step']:.1f} fwd by time)"
+                if mezo and mezo["s_per_step"] > 0
+                else ""
+            )
             passes = f"1 jvp{ratio}"
         else:
             passes = str(r["passes"]) + (f" (+{r['probe_passes']} layer probes)" if r.get("probe_passes") else "")
@@ -250,12 +298,17 @@ def table(results: list[dict], target: float) -> list[str]:
             fwd = seconds = "-"
         else:
             steps = str(r["target_step"])
-            fwd = (f"{r['target_step']} jvp" if r["passes"] is None
-                   else str(r["target_step"] * r["passes"] + r.get("target_probe_passes", 0)))
+            fwd = (
+                f"{r['target_step']} jvp"
+                if r["passes"] is None
+                else str(r["target_step"] * r["passes"] + r.get("target_probe_passes", 0))
+            )
             seconds = f"{r['target_seconds']:.0f}"
         best = "-" if r["best"] is None else f"{100 * r['best']:.1f} ({r['best_step']})"
-        lines.append(f"| {r['name']} | {r['overrides']} | {passes} | {steps} | {fwd} | {seconds} | {best} "
-                     f"| {r['wall_s']:.1f} | {r['s_per_step']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {r['overrides']} | {passes} | {steps} | {fwd} | {seconds} | {best} "
+            f"| {r['wall_s']:.1f} | {r['s_per_step']:.2f} |"
+        )
     return lines
 
 
@@ -267,8 +320,11 @@ def threads() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)",
+    )
     ap.add_argument("--steps", type=int, default=100, help="steps per variant")
     ap.add_argument("--eval-every", type=int, default=25, help="validate every this many steps")
     ap.add_argument("--validation", type=int, default=200, help="validation examples")
@@ -277,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None, help="default: RunConfig's (16)")
     ap.add_argument("--out", default=None, help="folder for the run directories (default runs/variants-<date>)")
     ap.add_argument("--machine", default="2-core AMD Zen 4 CPU", help="how RESULTS.md names the machine")
-    ap.add_argument("--smoke", action="store_true",
-                    help="a tiny random Llama, 4 steps, 16 validation examples, in a temporary folder (never appended)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny random Llama, 4 steps, 16 validation examples, in a temporary folder (never appended)",
+    )
     ap.add_argument("--no-append", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -321,13 +380,18 @@ def main(argv: list[str] | None = None) -> int:
         prepared = prepare(base, log=logger("load"), loaded=loaded)
         model = prepared.loaded.model
         snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
-        print(f"[load] {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}; "
-              + ", ".join(f"{len(prepared.encoded[s])} {s}" for s in ("train", "validation")), flush=True)
+        print(
+            f"[load] {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}; "
+            + ", ".join(f"{len(prepared.encoded[s])} {s}" for s in ("train", "validation")),
+            flush=True,
+        )
         t0 = time.perf_counter()
         zero_shot = evaluate(prepared.objective, model, prepared.encoded["validation"], base.train.eval_batch_size)
         metric = prepared.objective.metric_name
-        print(f"[zero-shot] validation {metric} {100 * zero_shot[metric]:.1f} "
-              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"[zero-shot] validation {metric} {100 * zero_shot[metric]:.1f} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
 
         results = []
         for name in names:
@@ -346,12 +410,20 @@ def main(argv: list[str] | None = None) -> int:
             r = read_run(run_dir, args.target)
             n_layers = len(layer_groups([n for n, p in model.named_parameters() if p.requires_grad]))
             probes = None if overrides is None else (lambda k, oc=config.optimizer: probe_passes(oc, n_layers, k))
-            r.update(name=name, overrides=describe(name, overrides), passes=passes,
-                     probe_passes=probes(r["steps"]) if probes else 0,
-                     target_probe_passes=probes(r["target_step"]) if probes and r["target_step"] else 0)
+            r.update(
+                name=name,
+                overrides=describe(name, overrides),
+                passes=passes,
+                probe_passes=probes(r["steps"]) if probes else 0,
+                target_probe_passes=probes(r["target_step"]) if probes and r["target_step"] else 0,
+            )
             results.append(r)
-            print(f"[{name}] evaluations " + ", ".join(f"{s}: {100 * v:.1f}" for s, v in r["evals"])
-                  + f"; wall {r['wall_s']:.1f} s, {r['s_per_step']:.2f} s/step", flush=True)
+            print(
+                f"[{name}] evaluations "
+                + ", ".join(f"{s}: {100 * v:.1f}" for s, v in r["evals"])
+                + f"; wall {r['wall_s']:.1f} s, {r['s_per_step']:.2f} s/step",
+                flush=True,
+            )
         restore(model, snapshot)
 
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -360,31 +432,40 @@ def main(argv: list[str] | None = None) -> int:
     oc, tc = base.optimizer, base.train
     command = f"python benchmarks/variants.py {shlex.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     lines = [f"## Variants: steps to {pct} validation accuracy on SST-2 ({stamp})", ""]
-    lines.append(f"- model: {prepared.loaded.source}, all {sum(p.numel() for p in snapshot.values()):,} parameters "
-                 f"trained, {base.model.dtype}; task {base.task.name}: {len(prepared.encoded['train'])} train, "
-                 f"{len(prepared.encoded['validation'])} validation examples (seed {base.task.seed})")
+    lines.append(
+        f"- model: {prepared.loaded.source}, all {sum(p.numel() for p in snapshot.values()):,} parameters "
+        f"trained, {base.model.dtype}; task {base.task.name}: {len(prepared.encoded['train'])} train, "
+        f"{len(prepared.encoded['validation'])} validation examples (seed {base.task.seed})"
+    )
     lines.append(f"- zero-shot validation accuracy: {100 * zero_shot[metric]:.1f}")
-    lines.append(f"- settings: {tc.steps} steps, batch {tc.batch_size}, lr {oc.lr:g} (adam {ADAM_LR:g}), "
-                 f"eps {oc.eps:g}, seed {oc.seed}, validation every {tc.eval_every} steps (steps to target have "
-                 f"that resolution; 's to {pct}' is the loop's time to that step, earlier validations "
-                 f"included), target {pct}")
-    lines.append(f"- machine: {args.machine}, OMP_NUM_THREADS={threads()} "
-                 f"({platform.platform()}, torch {torch.__version__}, Python {platform.python_version()})")
+    lines.append(
+        f"- settings: {tc.steps} steps, batch {tc.batch_size}, lr {oc.lr:g} (adam {ADAM_LR:g}), "
+        f"eps {oc.eps:g}, seed {oc.seed}, validation every {tc.eval_every} steps (steps to target have "
+        f"that resolution; 's to {pct}' is the loop's time to that step, earlier validations "
+        f"included), target {pct}"
+    )
+    lines.append(
+        f"- machine: {args.machine}, OMP_NUM_THREADS={threads()} "
+        f"({platform.platform()}, torch {torch.__version__}, Python {platform.python_version()})"
+    )
     lines.append(f"- command: `{command}`")
-    lines.append(f"- 1-minute load average before / after: {load_before:.2f} / {load_after:.2f} "
-                 f"on {os.cpu_count()} CPUs")
+    lines.append(
+        f"- 1-minute load average before / after: {load_before:.2f} / {load_after:.2f} on {os.cpu_count()} CPUs"
+    )
     lines.append(f"- run directories: {out}" + (" (temporary)" if args.smoke else ""))
     lines += ["", *table(results, args.target), ""]
-    lines.append("Forward passes per step: 2n two-sided, n + 1 one-sided; the forward gradient makes one jvp "
-                 "(a forward pass in dual numbers, with unfused attention), its cost in forward passes "
-                 "estimated from its seconds per step against MeZO's (2 forwards). Adam: lr "
-                 f"{ADAM_LR:g} with stored m, v (zeroth-order Adam divides by ~|g|, not by a per-coordinate "
-                 "gradient; see the script's docstring). Momentum: the history form (window 32), which "
-                 "regenerates 32 z per element and step. layerwise (param-norm) scales each tensor's step by "
-                 f"(||theta_l|| / sqrt(d_l))^2, run at lr {PARAM_NORM_LR:g} (5e-5 over their mean, 0.033). "
-                 "grad-norm probes every layer alone at step 0 "
-                 "(2 forward passes per layer, counted in its forward passes) and then perturbs layer l along "
-                 "z / c_l and updates along c_l z (the expected step is MeZO's).")
+    lines.append(
+        "Forward passes per step: 2n two-sided, n + 1 one-sided; the forward gradient makes one jvp "
+        "(a forward pass in dual numbers, with unfused attention), its cost in forward passes "
+        "estimated from its seconds per step against MeZO's (2 forwards). Adam: lr "
+        f"{ADAM_LR:g} with stored m, v (zeroth-order Adam divides by ~|g|, not by a per-coordinate "
+        "gradient; see the script's docstring). Momentum: the history form (window 32), which "
+        "regenerates 32 z per element and step. layerwise (param-norm) scales each tensor's step by "
+        f"(||theta_l|| / sqrt(d_l))^2, run at lr {PARAM_NORM_LR:g} (5e-5 over their mean, 0.033). "
+        "grad-norm probes every layer alone at step 0 "
+        "(2 forward passes per layer, counted in its forward passes) and then perturbs layer l along "
+        "z / c_l and updates along c_l z (the expected step is MeZO's)."
+    )
     text = "\n".join(lines) + "\n"
     print()
     print(text)

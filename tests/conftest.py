@@ -10,8 +10,9 @@ def toy_model():
 
     def make(seed: int = 0, dtype=torch.float32):
         gen = torch.Generator().manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.LayerNorm(8),
-                                    torch.nn.Linear(8, 3))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)
+        )
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)

@@ -43,8 +43,9 @@ def _imports(path: Path) -> list[str]:
             if module:
                 out.append(module)
             else:  # `from zotune import x`: a submodule, or a name of the package's __init__ (the package itself)
-                out += [a.name if (SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file() else ""
-                        for a in node.names]
+                out += [
+                    a.name if (SRC / a.name).is_dir() or (SRC / f"{a.name}.py").is_file() else "" for a in node.names
+                ]
     return out
 
 

@@ -60,6 +60,7 @@ def _read_bad_versions(tmp_path, data: bytes, name: str, read, error=UserError):
 
 # -- the user-error base class ---------------------------------------------------------------------
 
+
 def test_every_module_error_is_a_user_error():
     from zotune.checkpoint import CheckpointError, CheckpointMismatch
     from zotune.config import ConfigError
@@ -73,6 +74,7 @@ def test_every_module_error_is_a_user_error():
 
 
 # -- YAML: run configs and compare grids ------------------------------------------------------------
+
 
 def test_a_config_file_of_random_or_cut_bytes(tmp_path):
     from zotune.config import ConfigError, RunConfig, load_config
@@ -101,6 +103,7 @@ def test_a_compare_grid_of_random_or_cut_bytes(tmp_path):
 
 # -- JSON files of a run: state.json, summary.json, best.json ---------------------------------------
 
+
 def test_a_runs_json_files_of_random_or_cut_bytes(tmp_path):
     checkpoint.write_json(tmp_path / "good.json", {"loop": {"step": 3, "best": None}, "optimizer": {"lr": 1e-3}})
     data = (tmp_path / "good.json").read_bytes()
@@ -111,6 +114,7 @@ def test_a_runs_json_files_of_random_or_cut_bytes(tmp_path):
 
 
 # -- safetensors ------------------------------------------------------------------------------------
+
 
 def test_a_safetensors_file_of_random_or_cut_bytes(tmp_path):
     tensors = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5)}
@@ -134,8 +138,12 @@ def test_a_safetensors_file_of_random_or_cut_bytes(tmp_path):
 
 def test_a_safetensors_header_with_malformed_entries(tmp_path):
     path = tmp_path / "odd.safetensors"
-    for entry in ({"dtype": "F32", "shape": [2]}, {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
-                  {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, [1, 2]):
+    for entry in (
+        {"dtype": "F32", "shape": [2]},
+        {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]},
+        {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]},
+        [1, 2],
+    ):
         body = json.dumps({"x": entry}).encode()
         path.write_bytes(len(body).to_bytes(8, "little") + body + bytes(8))
         with pytest.raises(checkpoint.CheckpointMismatch, match="tensor 'x' has a malformed entry"):
@@ -143,6 +151,7 @@ def test_a_safetensors_header_with_malformed_entries(tmp_path):
 
 
 # -- trajectories -----------------------------------------------------------------------------------
+
 
 def test_a_trajectory_of_random_or_cut_bytes(tmp_path, toy_model):
     from zotune.optim import MeZO
@@ -158,7 +167,7 @@ def test_a_trajectory_of_random_or_cut_bytes(tmp_path, toy_model):
     data = (tmp_path / "good.zot").read_bytes()
     _, cuts = _read_bad_versions(tmp_path, data, "t.zot", read_trajectory, TrajectoryError)
     for cut in cuts:  # a cut between two records leaves a shorter valid file: the run up to there
-        assert cut.header == whole.header and cut.records == whole.records[:len(cut.records)]
+        assert cut.header == whole.header and cut.records == whole.records[: len(cut.records)]
 
 
 def test_a_trajectory_whose_header_checks_out_but_is_not_json(tmp_path):
@@ -175,6 +184,7 @@ def test_a_trajectory_whose_header_checks_out_but_is_not_json(tmp_path):
 
 
 # -- GGUF -------------------------------------------------------------------------------------------
+
 
 def _tiny_gguf(path):
     import gguf
@@ -221,6 +231,7 @@ def test_loading_a_bad_gguf_file_fails_before_transformers_reads_it(tmp_path, mo
 
 # -- a model's config.json for `zotune memory` ------------------------------------------------------
 
+
 def test_a_config_json_of_random_or_cut_bytes(tmp_path):
     from zotune.memory import _load_config
     from zotune.models import ModelError
@@ -234,12 +245,18 @@ def test_a_config_json_of_random_or_cut_bytes(tmp_path):
 
 # -- data files -------------------------------------------------------------------------------------
 
+
 def _readers():
     from zotune.tasks import readers
 
-    passage = {"passage": {"text": "Ann met Bob.", "questions": [{"question": "Who?", "answers": [
-        {"text": "Bob", "label": 1}]}], "entities": [{"start": 0, "end": 2}]},
-        "qas": [{"query": "@placeholder met Bob", "answers": [{"text": "Ann"}]}]}
+    passage = {
+        "passage": {
+            "text": "Ann met Bob.",
+            "questions": [{"question": "Who?", "answers": [{"text": "Bob", "label": 1}]}],
+            "entities": [{"start": 0, "end": 2}],
+        },
+        "qas": [{"query": "@placeholder met Bob", "answers": [{"text": "Ann"}]}],
+    }
     return [
         (readers.read_tsv, "d.tsv", b"sentence\tlabel\nit was fine\t1\nawful\t0\n"),
         (readers.read_csv, "d.csv", b'label,text\n1,"fine, really"\n0,awful\n'),
@@ -264,9 +281,11 @@ def test_record_files_with_the_wrong_shapes(tmp_path):
     from zotune.tasks.readers import read_multirc, read_record
 
     path = tmp_path / "r.jsonl"
-    for line, message in [({"passage": {"text": "t", "entities": 3}, "qas": []}, "'entities' must be a list"),
-                          ({"passage": {"text": "t", "entities": []}, "qas": ["q"]}, "'qas' must be a list"),
-                          ({"passage": {"text": 5, "entities": []}, "qas": []}, "'text' must be a string")]:
+    for line, message in [
+        ({"passage": {"text": "t", "entities": 3}, "qas": []}, "'entities' must be a list"),
+        ({"passage": {"text": "t", "entities": []}, "qas": ["q"]}, "'qas' must be a list"),
+        ({"passage": {"text": 5, "entities": []}, "qas": []}, "'text' must be a string"),
+    ]:
         path.write_text(json.dumps(line) + "\n")
         with pytest.raises(TaskError, match=message):
             read_record(path)
@@ -279,14 +298,18 @@ def test_a_custom_tasks_file_of_random_or_cut_bytes(tmp_path):
     from zotune.tasks import TaskError
     from zotune.tasks.custom import CustomTask, CustomTaskConfig
 
-    task = CustomTask(CustomTaskConfig(template="{text} It was", train="train.csv", label_field="stars",
-                                       label_words={"1": " bad", "5": " good"}))
+    task = CustomTask(
+        CustomTaskConfig(
+            template="{text} It was", train="train.csv", label_field="stars", label_words={"1": " bad", "5": " good"}
+        )
+    )
     data = b"text,stars\nawful film,1\ngreat film,5\nfine,5\n"
     _, read = _read_bad_versions(tmp_path, data, "train.csv", task.load, TaskError)
     assert all(read)
 
 
 # -- the command line: one line, exit 2 -------------------------------------------------------------
+
 
 def _one_line_exit_2(capsys, argv, *expected):
     assert main(argv) == 2
@@ -328,11 +351,15 @@ def test_cli_replay_step_best_with_a_broken_best_json(tmp_path, monkeypatch, cap
     opt.flush()
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "best.json").write_bytes(RANDOM)
-    _one_line_exit_2(capsys, ["replay", "--base", "x", "--trajectory", "trajectory.zot", "--out", "o", "--step", "best"],
-                     "best/best.json: not a JSON file")
+    _one_line_exit_2(
+        capsys,
+        ["replay", "--base", "x", "--trajectory", "trajectory.zot", "--out", "o", "--step", "best"],
+        "best/best.json: not a JSON file",
+    )
 
 
 # -- a model name that is nothing, offline: seconds, not half a minute -------------------------------
+
 
 @pytest.fixture
 def no_proxy(monkeypatch):
@@ -360,15 +387,27 @@ def test_hub_unavailable_says_why(no_proxy, monkeypatch):
     assert hub_unavailable() == "HF_HUB_OFFLINE is set"
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["train", "--model.name", "no-such-model"],
-     ["cannot load model 'no-such-model': it is not the embedded default (smollm2-135m-instruct), there is no file "
-      "or folder no-such-model, it is not in the local Hugging Face cache, and the hub was not asked: "
-      "HF_HUB_OFFLINE is set"]),
-    (["memory", "--model", "opt-999t"],
-     ["cannot find model 'opt-999t': it is not an OPT size (opt-125m, ", "and there is no config.json file or model "
-      "folder opt-999t, it is not in the local Hugging Face cache, and the hub was not asked: HF_HUB_OFFLINE is set"]),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (
+            ["train", "--model.name", "no-such-model"],
+            [
+                "cannot load model 'no-such-model': it is not the embedded default (smollm2-135m-instruct), there is no file "
+                "or folder no-such-model, it is not in the local Hugging Face cache, and the hub was not asked: "
+                "HF_HUB_OFFLINE is set"
+            ],
+        ),
+        (
+            ["memory", "--model", "opt-999t"],
+            [
+                "cannot find model 'opt-999t': it is not an OPT size (opt-125m, ",
+                "and there is no config.json file or model "
+                "folder opt-999t, it is not in the local Hugging Face cache, and the hub was not asked: HF_HUB_OFFLINE is set",
+            ],
+        ),
+    ],
+)
 def test_an_unknown_model_name_offline_fails_in_seconds(tmp_path, monkeypatch, capsys, no_proxy, argv, expected):
     import transformers  # noqa: F401  (imported before the clock starts: the first import alone takes seconds)
 

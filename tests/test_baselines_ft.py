@@ -17,8 +17,13 @@ FILLERS = ["the cat", "a film", "the mat", "it was", "one two", "Paris", "the ac
 
 def _records(n: int, offset: int = 0) -> list[dict]:
     """A learnable sentiment toy: the label is which of two words the text holds."""
-    return [{"text": f"{FILLERS[(i // 2 + offset) % len(FILLERS)]} {'great good' if i % 2 else 'terrible bad'}",
-             "label": i % 2} for i in range(n)]
+    return [
+        {
+            "text": f"{FILLERS[(i // 2 + offset) % len(FILLERS)]} {'great good' if i % 2 else 'terrible bad'}",
+            "label": i % 2,
+        }
+        for i in range(n)
+    ]
 
 
 def _prepare(model_dir, tmp_path, *, tuning="full", train=24, validation=0, test=8):
@@ -27,9 +32,13 @@ def _prepare(model_dir, tmp_path, *, tuning="full", train=24, validation=0, test
     config = RunConfig()
     config.model.name, config.model.tuning = str(model_dir), tuning
     config.task.name, config.task.validation = "custom", validation
-    config.task.custom = dict(train=str(tmp_path / "train.jsonl"), test=str(tmp_path / "test.jsonl"),
-                              template="{text} . It was", label_field="label",
-                              label_words={"0": " terrible", "1": " great"})
+    config.task.custom = dict(
+        train=str(tmp_path / "train.jsonl"),
+        test=str(tmp_path / "test.jsonl"),
+        template="{text} . It was",
+        label_field="label",
+        label_words={"0": " terrible", "1": " great"},
+    )
     return prepare(config, log=lambda s: None)
 
 
@@ -170,12 +179,20 @@ def test_a_nan_stops_the_run_before_it_reaches_the_weights(model_dir, tmp_path, 
     assert all(torch.equal(p, snapshot[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(lr=0.0), "finetune.lr"), (dict(lr=float("nan")), "finetune.lr"), (dict(epochs=0), "finetune.epochs"),
-    (dict(steps=0), "finetune.steps"), (dict(batch_size=0), "finetune.batch_size"),
-    (dict(weight_decay=-0.1), "finetune.weight_decay"), (dict(eval_every=0), "finetune.eval_every"),
-    (dict(max_grad_norm=0.0), "finetune.max_grad_norm"), (dict(forward_chunks=-1), "finetune.forward_chunks"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(lr=0.0), "finetune.lr"),
+        (dict(lr=float("nan")), "finetune.lr"),
+        (dict(epochs=0), "finetune.epochs"),
+        (dict(steps=0), "finetune.steps"),
+        (dict(batch_size=0), "finetune.batch_size"),
+        (dict(weight_decay=-0.1), "finetune.weight_decay"),
+        (dict(eval_every=0), "finetune.eval_every"),
+        (dict(max_grad_norm=0.0), "finetune.max_grad_norm"),
+        (dict(forward_chunks=-1), "finetune.forward_chunks"),
+    ],
+)
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         FinetuneConfig(**kwargs)

@@ -20,7 +20,6 @@ FILLERS = ["the cat", "a film", "the mat", "it was", "one two", "Paris", "the ac
 WORDS = {"0": " terrible", "1": " great"}
 
 
-
 def _tol(value) -> float:
     """How far two float32 evaluations of a tiny model's features or logits may be apart when batched otherwise.
 
@@ -32,6 +31,7 @@ def _tol(value) -> float:
     """
     return 8 * 600**0.5 * ulp32(max(float(abs(value).max()), 1.0))
 
+
 def _write(path, records):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -40,8 +40,13 @@ def _write(path, records):
 
 def _sentiment(n: int, offset: int = 0) -> list[dict]:
     """The label is which of two words the text holds; the fillers say nothing about it."""
-    return [{"text": f"{FILLERS[(i // 2 + offset) % len(FILLERS)]} {'great good' if i % 2 else 'terrible bad'}",
-             "label": i % 2} for i in range(n)]
+    return [
+        {
+            "text": f"{FILLERS[(i // 2 + offset) % len(FILLERS)]} {'great good' if i % 2 else 'terrible bad'}",
+            "label": i % 2,
+        }
+        for i in range(n)
+    ]
 
 
 def _prepare(model_dir, tmp_path, custom: dict, *, validation=8, loaded=None, tuning="full"):
@@ -53,10 +58,18 @@ def _prepare(model_dir, tmp_path, custom: dict, *, validation=8, loaded=None, tu
 
 
 def _classification(model_dir, tmp_path, template="{text}", validation=8, train=24):
-    return _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "train.jsonl", _sentiment(train + validation)),
-        test=_write(tmp_path / "test.jsonl", _sentiment(8, offset=3)),
-        template=template, label_field="label", label_words=WORDS), validation=validation)
+    return _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "train.jsonl", _sentiment(train + validation)),
+            test=_write(tmp_path / "test.jsonl", _sentiment(8, offset=3)),
+            template=template,
+            label_field="label",
+            label_words=WORDS,
+        ),
+        validation=validation,
+    )
 
 
 def _quiet(**kwargs) -> ProbeConfig:
@@ -85,8 +98,10 @@ def test_causal_features_are_the_head_inputs_at_the_scored_position(model_dir, t
 def test_masked_features_are_taken_at_the_mask():
     tok, model = tiny.tokenizer(masked=True), tiny.masked_lm("roberta")
     objective = Objective("classification", tok, "masked", [" great", " terrible"])
-    encoded = [objective.encode(Instance(f"{text} . It was {MASK} .", (" great", " terrible"), i % 2))
-               for i, text in enumerate(["the movie was good", "a terrible film", "bad"])]
+    encoded = [
+        objective.encode(Instance(f"{text} . It was {MASK} .", (" great", " terrible"), i % 2))
+        for i, text in enumerate(["the movie was good", "a terrible film", "bad"])
+    ]
     X = features(objective, model, encoded)
     assert X.shape == (3, model.config.hidden_size)
     decoder = model.get_output_embeddings()
@@ -122,8 +137,9 @@ def test_c_is_chosen_on_validation_first_of_ties_or_on_train_without_one(model_d
     assert result["validation"]["accuracy"] == pytest.approx(max(scores) / 100)
     assert result["test"]["accuracy"] > 0.5  # better than chance on unseen fillers
     again = linear_probe(prepared, _quiet(Cs=Cs), log=lambda s: None)
-    assert {k: v for k, v in again.items() if k != "wall_time_s"} == {k: v for k, v in result.items()
-                                                                       if k != "wall_time_s"}  # deterministic
+    assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
+        k: v for k, v in result.items() if k != "wall_time_s"
+    }  # deterministic
     lines = []
     result = linear_probe(_classification(model_dir, tmp_path / "b", validation=0), _quiet(), log=lines.append)
     assert result["validation"] == {} and any("chosen on train" in line for line in lines)
@@ -137,20 +153,31 @@ def test_multiple_choice_gives_one_prediction_per_instance(model_dir, tmp_path):
             options = ["great", "terrible", "bad"][: 2 + i % 2]
             k = i % len(options)
             options = options[k:] + options[:k]
-            out.append({"q": f"{FILLERS[i % len(FILLERS)]} . It was", "choices": options,
-                        "answer": options.index("great")})
+            out.append(
+                {"q": f"{FILLERS[i % len(FILLERS)]} . It was", "choices": options, "answer": options.index("great")}
+            )
         return out
 
-    prepared = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "train.jsonl", records(24)), test=_write(tmp_path / "test.jsonl", records(9)),
-        template="{q}", options_field="choices", label_field="answer"), validation=6)
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "train.jsonl", records(24)),
+            test=_write(tmp_path / "test.jsonl", records(9)),
+            template="{q}",
+            options_field="choices",
+            label_field="answer",
+        ),
+        validation=6,
+    )
     objective, encoded = prepared.objective, prepared.encoded
     X = features(objective, prepared.loaded.model, encoded["test"])
     assert X.shape == (sum(len(e.sequences) for e in encoded["test"]), 32)
     assert not np.allclose(X[0], X[1])  # one-token options still get different features
     # Batches run in length order, two or three rows per instance: the rows come back in instance order.
-    np.testing.assert_allclose(features(objective, prepared.loaded.model, encoded["test"], batch_size=4), X,
-                               rtol=0, atol=_tol(X))
+    np.testing.assert_allclose(
+        features(objective, prepared.loaded.model, encoded["test"], batch_size=4), X, rtol=0, atol=_tol(X)
+    )
     one_by_one = [features(objective, prepared.loaded.model, [e], batch_size=1) for e in encoded["test"]]
     np.testing.assert_allclose(np.concatenate(one_by_one), X, rtol=0, atol=_tol(X))  # rows out of order: O(1)
     seen = []
@@ -169,25 +196,39 @@ def test_multiple_choice_gives_one_prediction_per_instance(model_dir, tmp_path):
 
 
 def test_generation_and_single_class_training_data_are_refused(model_dir, tmp_path):
-    prepared = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "qa.jsonl", [{"q": "one two", "a": "three"}] * 4), template="{q}",
-        target_field="a"), validation=0)
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "qa.jsonl", [{"q": "one two", "a": "three"}] * 4), template="{q}", target_field="a"
+        ),
+        validation=0,
+    )
     with pytest.raises(TaskError, match="linear probing applies to classification and multiple-choice tasks"):
         linear_probe(prepared, _quiet(), log=lambda s: None)
     with pytest.raises(TaskError, match="linear probing applies"):
         features(prepared.objective, prepared.loaded.model, prepared.encoded["train"])
     positive = [r for r in _sentiment(8) if r["label"] == 1]
-    one_class = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "pos.jsonl", positive), template="{text}", label_field="label",
-        label_words=WORDS), validation=0)
+    one_class = _prepare(
+        model_dir,
+        tmp_path,
+        dict(train=_write(tmp_path / "pos.jsonl", positive), template="{text}", label_field="label", label_words=WORDS),
+        validation=0,
+    )
     with pytest.raises(TaskError, match="single label"):
         linear_probe(one_class, _quiet(), log=lambda s: None)
 
 
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(Cs=[]), "probe.Cs"), (dict(Cs=[0.1, -1.0]), "probe.Cs"), (dict(Cs=[float("inf")]), "probe.Cs"),
-    (dict(max_iter=0), "probe.max_iter"), (dict(batch_size=0), "probe.batch_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(Cs=[]), "probe.Cs"),
+        (dict(Cs=[0.1, -1.0]), "probe.Cs"),
+        (dict(Cs=[float("inf")]), "probe.Cs"),
+        (dict(max_iter=0), "probe.max_iter"),
+        (dict(batch_size=0), "probe.batch_size"),
+    ],
+)
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
         ProbeConfig(**kwargs)
@@ -203,15 +244,36 @@ THREE = {"0": " terrible", "1": " great", "2": " Maybe"}
 def test_the_head_initialised_from_a_probe_predicts_what_the_probe_predicts(model_dir, tmp_path, family, words):
     # llama: separate head, no bias; gpt2: tied head, three labels; roberta: tied head with a bias, at the mask.
     masked = family == "roberta"
-    loaded = None if family == "llama" else LoadedModel(
-        tiny.masked_lm(family) if masked else tiny.causal_lm(family), tiny.tokenizer(masked=masked),
-        "masked" if masked else "causal", f"tiny-{family}")
-    records = [{"text": f"{FILLERS[i % len(FILLERS)]} {['terrible bad', 'great good', 'Paris'][i % len(words)]}",
-                "label": i % len(words)} for i in range(30)]
-    prepared = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "train.jsonl", records[:24]), test=_write(tmp_path / "test.jsonl", records[24:]),
-        template="{text} . It was {mask} ." if masked else "{text}", label_field="label", label_words=words),
-        loaded=loaded, validation=6)
+    loaded = (
+        None
+        if family == "llama"
+        else LoadedModel(
+            tiny.masked_lm(family) if masked else tiny.causal_lm(family),
+            tiny.tokenizer(masked=masked),
+            "masked" if masked else "causal",
+            f"tiny-{family}",
+        )
+    )
+    records = [
+        {
+            "text": f"{FILLERS[i % len(FILLERS)]} {['terrible bad', 'great good', 'Paris'][i % len(words)]}",
+            "label": i % len(words),
+        }
+        for i in range(30)
+    ]
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "train.jsonl", records[:24]),
+            test=_write(tmp_path / "test.jsonl", records[24:]),
+            template="{text} . It was {mask} ." if masked else "{text}",
+            label_field="label",
+            label_words=words,
+        ),
+        loaded=loaded,
+        validation=6,
+    )
     model, objective, test = prepared.loaded.model, prepared.objective, prepared.encoded["test"]
     inputs_before = model.get_input_embeddings().weight.clone()
     head_before = model.get_output_embeddings().weight.clone()
@@ -239,18 +301,36 @@ def test_the_head_initialised_from_a_probe_predicts_what_the_probe_predicts(mode
 
 
 def test_only_classification_heads_are_initialised_from_a_probe(model_dir, tmp_path):
-    prepared = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "mc.jsonl", [{"q": "It was", "c": ["great", "bad"], "a": i % 2} for i in range(6)]),
-        template="{q}", options_field="c", label_field="a"), validation=0)
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "mc.jsonl", [{"q": "It was", "c": ["great", "bad"], "a": i % 2} for i in range(6)]),
+            template="{q}",
+            options_field="c",
+            label_field="a",
+        ),
+        validation=0,
+    )
     with pytest.raises(TaskError, match="initialises the head of classification tasks"):
         init_head_from_probe(prepared, _quiet(), log=lambda s: None)
 
 
 def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
     loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2")
-    prepared = _prepare(model_dir, tmp_path, dict(
-        train=_write(tmp_path / "train.jsonl", _sentiment(12)), template="{text}", label_field="label",
-        label_words=WORDS), loaded=loaded, validation=0, tuning="head")
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "train.jsonl", _sentiment(12)),
+            template="{text}",
+            label_field="label",
+            label_words=WORDS,
+        ),
+        loaded=loaded,
+        validation=0,
+        tuning="head",
+    )
     model = prepared.loaded.model
     init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lambda s: None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -15,14 +15,28 @@ def test_variants_smoke_prints_a_row_per_variant():
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     before = (ROOT / "benchmarks" / "RESULTS.md").read_bytes()
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "variants.py"), "--smoke", "--no-append",
-                          "--variants", ",".join(VARIANTS)], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "variants.py"),
+            "--smoke",
+            "--no-append",
+            "--variants",
+            ",".join(VARIANTS),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = {cells[0]: dict(zip(header, cells)) for cells in
-            ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+    rows = {
+        cells[0]: dict(zip(header, cells))
+        for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])
+    }
     assert list(rows) == list(VARIANTS)
     for name, passes in VARIANTS.items():
         row = rows[name]

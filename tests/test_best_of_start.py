@@ -9,9 +9,28 @@ from zotune.cli import main
 
 
 def _run(model_dir, out, *extra):
-    return ["train", "--model.name", str(model_dir), "--steps", "6", "--eval_every", "2", "--train", "32",
-            "--validation", "8", "--test", "8", "--batch_size", "4", "--progress", "false",
-            "--output_dir", str(out), *extra]
+    return [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "6",
+        "--eval_every",
+        "2",
+        "--train",
+        "32",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def _starting_weights(model_dir):
@@ -20,8 +39,9 @@ def _starting_weights(model_dir):
     return load(str(next(model_dir.glob("*.safetensors"))))
 
 
-def test_when_no_step_beats_the_start_the_starting_weights_are_kept_and_tested(model_dir, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_when_no_step_beats_the_start_the_starting_weights_are_kept_and_tested(
+    model_dir, tmp_path, monkeypatch, capsys
+):
     # validation order: zero-shot validation, zero-shot test (a real one), then steps 2, 4, 6
     from zotune import objectives
 
@@ -87,7 +107,10 @@ def test_keep_start_off_tests_trained_weights_and_says_so(model_dir, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best_validation"]["step"] == 2  # the first validation: lr 0 gives every one the same score
     assert summary["beat_start"] is False
-    assert "the test above is of trained weights (the start was not kept as a candidate: keep_start)" in capsys.readouterr().out
+    assert (
+        "the test above is of trained weights (the start was not kept as a candidate: keep_start)"
+        in capsys.readouterr().out
+    )
 
 
 def test_without_validation_of_the_start_beat_start_is_unknown(model_dir, tmp_path):
@@ -111,8 +134,9 @@ def _growing_after(monkeypatch, steps_before: int, factor: float):
     monkeypatch.setattr(Objective, "loss", loss)
 
 
-def test_a_loss_growing_from_the_start_stops_within_a_few_steps_and_names_a_rate(model_dir, tmp_path, monkeypatch,
-                                                                                 capsys):
+def test_a_loss_growing_from_the_start_stops_within_a_few_steps_and_names_a_rate(
+    model_dir, tmp_path, monkeypatch, capsys
+):
     # the loss triples every step from step 3 on: 9x at step 5, 27x at 6 (its running mean passes 10x soon
     # after); a guard referenced to step 20 would only have stopped at step 21
     _growing_after(monkeypatch, 2, 3.0)

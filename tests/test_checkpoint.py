@@ -12,8 +12,12 @@ from zotune import checkpoint
 
 def _tensors():
     gen = torch.Generator().manual_seed(0)
-    return {"emb.weight": torch.randn(37, 5, generator=gen), "norm.weight": torch.randn(5, generator=gen),
-            "scale": torch.tensor(2.5), "half": torch.randn(9, 3, generator=gen).to(torch.bfloat16)}
+    return {
+        "emb.weight": torch.randn(37, 5, generator=gen),
+        "norm.weight": torch.randn(5, generator=gen),
+        "scale": torch.tensor(2.5),
+        "half": torch.randn(9, 3, generator=gen).to(torch.bfloat16),
+    }
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 64, 16 << 20])
@@ -27,10 +31,13 @@ def test_copy_into_round_trips_in_slices(tmp_path, chunk_bytes):
         assert torch.equal(targets[n], t) and targets[n].dtype == t.dtype
 
 
-@pytest.mark.parametrize("targets,match", [
-    ({"emb.weight": torch.zeros(37, 4)}, r"'emb.weight' \[37, 5\] does not fit the model \(shape \[37, 4\]\)"),
-    ({}, r"'emb.weight' \[37, 5\] does not fit the model \(no such tensor\)"),
-])
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        ({"emb.weight": torch.zeros(37, 4)}, r"'emb.weight' \[37, 5\] does not fit the model \(shape \[37, 4\]\)"),
+        ({}, r"'emb.weight' \[37, 5\] does not fit the model \(no such tensor\)"),
+    ],
+)
 def test_copy_into_checks_every_tensor_before_writing(tmp_path, targets, match):
     checkpoint.save_tensors(tmp_path / "m.safetensors", {"norm.weight": torch.ones(5), "emb.weight": torch.ones(37, 5)})
     targets = {"norm.weight": torch.zeros(5), **targets}
@@ -64,8 +71,12 @@ def test_save_tensors_writes_what_the_safetensors_library_reads(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    source = {**_tensors(), "flags": torch.tensor([True, False, True]), "ids": torch.arange(7, dtype=torch.int64),
-              "t": torch.randn(4, 6).T}  # a non-contiguous one
+    source = {
+        **_tensors(),
+        "flags": torch.tensor([True, False, True]),
+        "ids": torch.arange(7, dtype=torch.int64),
+        "t": torch.randn(4, 6).T,
+    }  # a non-contiguous one
     checkpoint.save_tensors(tmp_path / "m.safetensors", source, {"step": "12"})
     loaded = load_file(tmp_path / "m.safetensors")
     assert sorted(loaded) == sorted(source)
@@ -73,7 +84,10 @@ def test_save_tensors_writes_what_the_safetensors_library_reads(tmp_path):
         assert torch.equal(loaded[n], t) and loaded[n].dtype == t.dtype
     with safe_open(tmp_path / "m.safetensors", framework="pt") as f:
         assert f.metadata() == {"step": "12"}
-    assert checkpoint.read_header(tmp_path / "m.safetensors") == ({"step": "12"}, {n: list(t.shape) for n, t in source.items()})
+    assert checkpoint.read_header(tmp_path / "m.safetensors") == (
+        {"step": "12"},
+        {n: list(t.shape) for n, t in source.items()},
+    )
 
 
 def test_read_header_reads_files_of_the_safetensors_library_and_refuses_others(tmp_path):

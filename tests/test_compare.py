@@ -17,11 +17,16 @@ QUIET = lambda message: None  # noqa: E731
 
 def _grid(model_dir, out, **extra):
     raw = {
-        "tasks": ["sst2"], "methods": ["zero-shot", "icl", "mezo", "mezo-lora"], "seeds": [0],
-        "output_dir": str(out), "isolate": False,
-        "run": {"model": {"name": str(model_dir)},
-                "task": {"train": 16, "validation": 4, "test": 6},
-                "train": {"steps": 2, "eval_every": 2, "batch_size": 4, "progress": False}},
+        "tasks": ["sst2"],
+        "methods": ["zero-shot", "icl", "mezo", "mezo-lora"],
+        "seeds": [0],
+        "output_dir": str(out),
+        "isolate": False,
+        "run": {
+            "model": {"name": str(model_dir)},
+            "task": {"train": 16, "validation": 4, "test": 6},
+            "train": {"steps": 2, "eval_every": 2, "batch_size": 4, "progress": False},
+        },
         "icl": {"k": 2},
     }
     raw.update(extra)
@@ -49,21 +54,28 @@ def test_a_grid_runs_every_cell_and_writes_the_table(model_dir, tmp_path):
 
 
 def test_the_baselines_run_as_cells(model_dir, tmp_path):
-    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["lp", "ft", "ft-prefix"],
-                                     lp={"Cs": [1.0]}, ft={"steps": 2, "batch_size": 4}))
+    grid = cmp.CompareConfig(
+        **_grid(
+            model_dir,
+            tmp_path / "out",
+            methods=["lp", "ft", "ft-prefix"],
+            lp={"Cs": [1.0]},
+            ft={"steps": 2, "batch_size": 4},
+        )
+    )
     lines = cmp.compare(grid, log=QUIET).split("\n\n")[0].splitlines()
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| LP", "| FT", "| FT (prefix)"]
     ft = json.loads((tmp_path / "out" / "sst2" / "ft" / "seed0" / "result.json").read_text())
     prefix = json.loads((tmp_path / "out" / "sst2" / "ft-prefix" / "seed0" / "result.json").read_text())
     assert ft["steps"] == 2 and prefix["trainable_parameters"] < ft["trainable_parameters"]
     with pytest.raises(ConfigError, match="lp: unknown key 'C'"):
-        cmp.compare(cmp.CompareConfig(**_grid(model_dir, tmp_path / "bad", methods=["lp"], lp={"C": 1.0})),
-                    log=QUIET)
+        cmp.compare(cmp.CompareConfig(**_grid(model_dir, tmp_path / "bad", methods=["lp"], lp={"C": 1.0})), log=QUIET)
 
 
 def test_cells_already_done_are_skipped(model_dir, tmp_path, monkeypatch):
-    grid = cmp.load_compare_config(None, [f"--{k}={json.dumps(v)}" for k, v in
-                                          _grid(model_dir, tmp_path / "out", methods=["zero-shot"]).items()])
+    grid = cmp.load_compare_config(
+        None, [f"--{k}={json.dumps(v)}" for k, v in _grid(model_dir, tmp_path / "out", methods=["zero-shot"]).items()]
+    )
     cmp.compare(grid, log=QUIET)
     calls = []
     monkeypatch.setattr(cmp, "run_cell", lambda *a, **k: calls.append(a))
@@ -117,9 +129,15 @@ def test_isolated_cells_report_their_own_peak_memory(model_dir, tmp_path):
 
 
 def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
-    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["mezo", "mezo-prefix"],
-                                     method_overrides={"mezo-prefix": {"optimizer": {"lr": 0.5}}},
-                                     task_overrides={"sst2": {"train": {"batch_size": 2}}}))
+    grid = cmp.CompareConfig(
+        **_grid(
+            model_dir,
+            tmp_path,
+            methods=["mezo", "mezo-prefix"],
+            method_overrides={"mezo-prefix": {"optimizer": {"lr": 0.5}}},
+            task_overrides={"sst2": {"train": {"batch_size": 2}}},
+        )
+    )
     config = cmp.cell_config(grid, "mezo-prefix", "sst2", 7)
     assert config.model.tuning == "prefix" and config.optimizer.lr == 0.5
     assert config.optimizer.eps == cmp.METHODS["mezo-prefix"].defaults["optimizer"]["eps"]
@@ -145,19 +163,26 @@ def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):
 
 def test_several_seeds_show_mean_and_deviation():
     grid = cmp.CompareConfig(tasks=["sst2"], methods=["mezo"], seeds=[0, 1])
-    results = [{"method": "mezo", "task": "sst2", "seed": s, "test": {"accuracy": a}, "peak_memory_mb": 1024.0}
-               for s, a in ((0, 0.8), (1, 0.9))]
+    results = [
+        {"method": "mezo", "task": "sst2", "seed": s, "test": {"accuracy": a}, "peak_memory_mb": 1024.0}
+        for s, a in ((0, 0.8), (1, 0.9))
+    ]
     row = cmp.format_table(grid, results).splitlines()[2]
     assert row == "| MeZO | 85.0 ± 7.1 | 1.00 GB |"
 
 
 def test_the_notes_say_which_cells_no_step_beat_the_start_in():
     grid = cmp.CompareConfig(tasks=["sst2", "rte"], methods=["mezo"], seeds=[0, 1])
-    results = [{"method": "mezo", "task": t, "seed": s, "test": {"accuracy": 0.6}, "beat_start": t == "sst2" or s == 0}
-               for t in ("sst2", "rte") for s in (0, 1)]
+    results = [
+        {"method": "mezo", "task": t, "seed": s, "test": {"accuracy": 0.6}, "beat_start": t == "sst2" or s == 0}
+        for t in ("sst2", "rte")
+        for s in (0, 1)
+    ]
     notes = cmp.format_table(grid, results).split("\n\n")[1]
-    assert ("no step beat the starting weights on validation in 1 of 4 cells (RTE seed 1): their test is of the "
-            "starting weights") in notes
+    assert (
+        "no step beat the starting weights on validation in 1 of 4 cells (RTE seed 1): their test is of the "
+        "starting weights"
+    ) in notes
     for r in results:
         r["beat_start"] = True
     assert "no step beat" not in cmp.format_table(grid, results)
@@ -165,32 +190,44 @@ def test_the_notes_say_which_cells_no_step_beat_the_start_in():
 
 def test_the_memory_table_compares_each_cell_with_the_same_tasks_zero_shot():
     grid = cmp.CompareConfig(tasks=["sst2", "rte"], methods=["zero-shot", "mezo", "ft"], seeds=[0])
-    peaks = {("zero-shot", "sst2"): 1000.0, ("zero-shot", "rte"): 2000.0, ("mezo", "sst2"): 1010.0,
-             ("mezo", "rte"): 2100.0, ("ft", "sst2"): 3072.0}
-    results = [{"method": m, "task": t, "seed": 0, "test": {"accuracy": 0.5}, "peak_memory_mb": mb}
-               for (m, t), mb in peaks.items()]
+    peaks = {
+        ("zero-shot", "sst2"): 1000.0,
+        ("zero-shot", "rte"): 2000.0,
+        ("mezo", "sst2"): 1010.0,
+        ("mezo", "rte"): 2100.0,
+        ("ft", "sst2"): 3072.0,
+    }
+    results = [
+        {"method": m, "task": t, "seed": 0, "test": {"accuracy": 0.5}, "peak_memory_mb": mb}
+        for (m, t), mb in peaks.items()
+    ]
     text = cmp.format_table(grid, results)
     assert "| MeZO | 50.0 | 50.0 | 2.05 GB |" in text  # the main column: the max over tasks
     memory = text.split("zero-shot, i.e. inference):")[1].strip().splitlines()
     assert memory[0] == "| Peak memory | SST-2 | RTE |"
-    assert memory[2:] == ["| Zero-shot | 0.98 GB | 1.95 GB |",
-                          "| MeZO | 0.99 GB (1.01×) | 2.05 GB (1.05×) |",
-                          "| FT | 3.00 GB (3.07×) | – |"]
+    assert memory[2:] == [
+        "| Zero-shot | 0.98 GB | 1.95 GB |",
+        "| MeZO | 0.99 GB (1.01×) | 2.05 GB (1.05×) |",
+        "| FT | 3.00 GB (3.07×) | – |",
+    ]
     no_memory = [dict(r, peak_memory_mb=None) for r in results]
     assert "Peak memory" not in cmp.format_table(grid, no_memory)  # cells run in-process measure nothing
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"methods": ["mezzo"]}, "unknown method 'mezzo'"),
-    ({"tasks": ["sst3"]}, "did you mean 'sst2'"),
-    ({"method": ["mezo"]}, "unknown grid key 'method'; did you mean 'methods'?"),
-    ({"seeds": ["a"]}, "seeds must be integers"),
-    ({"methods": ["mezo"], "method_overrides": {"fft": {}}}, "method_overrides names 'fft', which is not a method"),
-    ({"task_overrides": {"sst3": {}}}, "did you mean 'sst2'"),
-    ({"run": {"optimiser": {}}}, "unknown section 'optimiser'"),
-    ({"run": {"train": {"stepz": 3}}}, "unknown key train.stepz"),
-    ({"tasks": []}, "at least one task"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"methods": ["mezzo"]}, "unknown method 'mezzo'"),
+        ({"tasks": ["sst3"]}, "did you mean 'sst2'"),
+        ({"method": ["mezo"]}, "unknown grid key 'method'; did you mean 'methods'?"),
+        ({"seeds": ["a"]}, "seeds must be integers"),
+        ({"methods": ["mezo"], "method_overrides": {"fft": {}}}, "method_overrides names 'fft', which is not a method"),
+        ({"task_overrides": {"sst3": {}}}, "did you mean 'sst2'"),
+        ({"run": {"optimiser": {}}}, "unknown section 'optimiser'"),
+        ({"run": {"train": {"stepz": 3}}}, "unknown key train.stepz"),
+        ({"tasks": []}, "at least one task"),
+    ],
+)
 def test_bad_grids_are_one_line_errors(tmp_path, raw, message):
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -200,8 +237,16 @@ def test_bad_grids_are_one_line_errors(tmp_path, raw, message):
 
 def test_overrides_may_name_methods_and_tasks_outside_the_selection(model_dir, tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump(_grid(model_dir, tmp_path / "out", task_overrides={"rte": {"train": {"steps": 1}}},
-                                         method_overrides={"ft": {"train": {"steps": 1}}})))
+    path.write_text(
+        yaml.safe_dump(
+            _grid(
+                model_dir,
+                tmp_path / "out",
+                task_overrides={"rte": {"train": {"steps": 1}}},
+                method_overrides={"ft": {"train": {"steps": 1}}},
+            )
+        )
+    )
     grid = cmp.load_compare_config(path, ["--tasks", "sst2", "--methods", "zero-shot"])
     assert grid.tasks == ["sst2"] and grid.methods == ["zero-shot"]
 
@@ -246,8 +291,16 @@ def test_cells_run_several_at_a_time_give_the_results_of_one_at_a_time(model_dir
 
 
 def test_a_failing_cell_among_parallel_ones_is_recorded(model_dir, tmp_path):
-    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", methods=["zero-shot", "mezo"], isolate=True, jobs=2,
-                                     method_overrides={"mezo": {"model": {"name": str(tmp_path / "missing.gguf")}}}))
+    grid = cmp.CompareConfig(
+        **_grid(
+            model_dir,
+            tmp_path / "out",
+            methods=["zero-shot", "mezo"],
+            isolate=True,
+            jobs=2,
+            method_overrides={"mezo": {"model": {"name": str(tmp_path / "missing.gguf")}}},
+        )
+    )
     lines = []
     cmp.compare(grid, log=lines.append)
     failed = json.loads((tmp_path / "out" / "sst2" / "mezo" / "seed0" / "failed.json").read_text())
@@ -255,8 +308,13 @@ def test_a_failing_cell_among_parallel_ones_is_recorded(model_dir, tmp_path):
     assert (tmp_path / "out" / "sst2" / "zero-shot" / "seed0" / "result.json").is_file()
 
 
-@pytest.mark.parametrize("extra,message", [({"jobs": 0}, "jobs must be an integer >= 1"),
-                                           ({"jobs": 2, "isolate": False}, "jobs > 1 runs cells in processes")])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"jobs": 0}, "jobs must be an integer >= 1"),
+        ({"jobs": 2, "isolate": False}, "jobs > 1 runs cells in processes"),
+    ],
+)
 def test_bad_jobs(model_dir, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         cmp.CompareConfig(**_grid(model_dir, tmp_path / "out", **extra))

@@ -13,19 +13,22 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert load_config() == RunConfig()
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--lrr", "1"], "unknown config key 'lrr'; did you mean 'lr'?"),
-    (["--name", "x"], "unknown config key 'name'; did you mean 'task.name'?"),
-    (["--steps", "many"], "train.steps must be int, got 'many'"),
-    (["--steps", "0"], "train.steps must be >= 1, got 0"),
-    (["--forward_chunks", "-1"], "train.forward_chunks must be >= 0 (0: chosen per batch), got -1"),
-    (["--fuse_next", "maybe"], "optimizer.fuse_next must be bool, got 'maybe'"),
-    (["--schedule", "step"], "optimizer.schedule must be one of constant, linear, cosine, got 'step'"),
-    (["--eps", "0"], "optimizer.eps must be a finite number > 0, got 0.0"),
-    (["--dtype", "float8"], "model dtype must be one of float32, bfloat16, float16, got 'float8'"),
-    (["--lr"], "--lr needs a value"),
-    (["lr", "1"], "expected --key value, got 'lr'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["--lrr", "1"], "unknown config key 'lrr'; did you mean 'lr'?"),
+        (["--name", "x"], "unknown config key 'name'; did you mean 'task.name'?"),
+        (["--steps", "many"], "train.steps must be int, got 'many'"),
+        (["--steps", "0"], "train.steps must be >= 1, got 0"),
+        (["--forward_chunks", "-1"], "train.forward_chunks must be >= 0 (0: chosen per batch), got -1"),
+        (["--fuse_next", "maybe"], "optimizer.fuse_next must be bool, got 'maybe'"),
+        (["--schedule", "step"], "optimizer.schedule must be one of constant, linear, cosine, got 'step'"),
+        (["--eps", "0"], "optimizer.eps must be a finite number > 0, got 0.0"),
+        (["--dtype", "float8"], "model dtype must be one of float32, bfloat16, float16, got 'float8'"),
+        (["--lr"], "--lr needs a value"),
+        (["lr", "1"], "expected --key value, got 'lr'"),
+    ],
+)
 def test_bad_overrides_are_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

@@ -63,8 +63,15 @@ def test_lowers_the_loss_of_a_tiny_causal_lm(family):
     else:
         from transformers import OPTConfig, OPTForCausalLM
 
-        config = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=64, word_embed_proj_dim=32)
+        config = OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            word_embed_proj_dim=32,
+        )
         model = OPTForCausalLM._from_config(config).eval()
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():

@@ -40,8 +40,17 @@ def test_budget_arithmetic_whole_steps_never_over_budget():
 
 
 def test_each_cell_config_takes_its_methods_settings_and_its_budget_in_steps(tmp_path):
-    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1], budget=2000, tune_budget=400,
-                     eval_passes=200, model="tiny", out=str(tmp_path), overrides=["--task.validation", "8"])
+    plan = conv.Plan(
+        methods=["mezo", "one-sided-4"],
+        tasks=["sst2"],
+        seeds=[0, 1],
+        budget=2000,
+        tune_budget=400,
+        eval_passes=200,
+        model="tiny",
+        out=str(tmp_path),
+        overrides=["--task.validation", "8"],
+    )
     final = conv.cell_config(plan, "sst2", "one-sided-4", {"lr": 1e-4}, phase="final", seed=1, run_dir=tmp_path / "r")
     o, t = final.optimizer, final.train
     assert (o.estimator, o.n_perturbations, o.lr, o.seed) == ("one-sided", 4, 1e-4, 1)
@@ -49,8 +58,11 @@ def test_each_cell_config_takes_its_methods_settings_and_its_budget_in_steps(tmp
     assert (final.task.name, final.task.seed, final.task.validation, final.task.data_dir) == ("sst2", 1, 8, None)
     tune = conv.cell_config(plan, "sst2", "mezo", {"lr": 2e-5}, phase="tune", seed=0, run_dir=tmp_path / "t")
     assert (tune.train.steps, tune.train.eval_every, tune.task.test, tune.train.save_best) == (200, 100, 0, False)
-    assert (tune.optimizer.estimator, tune.optimizer.n_perturbations, tune.optimizer.distribution) == \
-        ("two-sided", 1, "gaussian")
+    assert (tune.optimizer.estimator, tune.optimizer.n_perturbations, tune.optimizer.distribution) == (
+        "two-sided",
+        1,
+        "gaussian",
+    )
 
 
 def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
@@ -69,8 +81,12 @@ def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
 def test_a_grid_of_rates_and_eps_is_every_combination(monkeypatch):
     monkeypatch.setitem(conv.METHODS, "both", conv.Method(2, {}, {"lr": [1e-5, 2e-5], "eps": [1e-3, 1e-2]}))
     points = conv.grid_points("both")
-    assert points == [{"lr": 1e-5, "eps": 1e-3}, {"lr": 1e-5, "eps": 1e-2}, {"lr": 2e-5, "eps": 1e-3},
-                      {"lr": 2e-5, "eps": 1e-2}]
+    assert points == [
+        {"lr": 1e-5, "eps": 1e-3},
+        {"lr": 1e-5, "eps": 1e-2},
+        {"lr": 2e-5, "eps": 1e-3},
+        {"lr": 2e-5, "eps": 1e-2},
+    ]
     assert [conv.point_name(p) for p in points][1] == "lr1e-05-eps0.01"  # each point's folder
 
 
@@ -102,28 +118,50 @@ def _fake_run(folder: Path, pps: int, values, test: float, seed: int):
         rows += [{"step": 2 * i, "loss": 0.5, "elapsed": 60.0 * i}, {"step": 2 * i, "validation_accuracy": value}]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     best = max(range(len(values)), key=lambda i: values[i])
-    summary = {"metric": "accuracy", "steps": 2 * (len(values) - 1), "stopped": "steps", "test": {"accuracy": test},
-               "best_validation": {"step": 2 * best, "metric": values[best]}, "peak_memory_mb": 100.0,
-               "trainable_parameters": 1000}
+    summary = {
+        "metric": "accuracy",
+        "steps": 2 * (len(values) - 1),
+        "stopped": "steps",
+        "test": {"accuracy": test},
+        "best_validation": {"step": 2 * best, "metric": values[best]},
+        "peak_memory_mb": 100.0,
+        "trainable_parameters": 1000,
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
 def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path):
-    plan = conv.Plan(methods=["mezo", "one-sided-4"], tasks=["sst2"], seeds=[0, 1, 2], budget=40, tune_budget=20,
-                     eval_passes=10, model="tiny", out=str(tmp_path), isolate=False)
+    plan = conv.Plan(
+        methods=["mezo", "one-sided-4"],
+        tasks=["sst2"],
+        seeds=[0, 1, 2],
+        budget=40,
+        tune_budget=20,
+        eval_passes=10,
+        model="tiny",
+        out=str(tmp_path),
+        isolate=False,
+    )
     final = tmp_path / "final" / "sst2"
     _fake_run(final / "mezo" / "seed0" / "run", 2, [0.5, 0.6, 0.7], 0.70, 0)  # target 0.7 (its last validation)
     _fake_run(final / "mezo" / "seed1" / "run", 2, [0.5, 0.8, 0.6], 0.75, 1)  # target 0.6 (the last, not the best)
     _fake_run(final / "one-sided-4" / "seed0" / "run", 5, [0.5, 0.7, 0.6], 0.65, 0)  # 0.7 at step 2: 10 passes
     _fake_run(final / "one-sided-4" / "seed1" / "run", 5, [0.5, 0.55, 0.58], 0.60, 1)  # never 0.6
     _fake_run(final / "one-sided-4" / "seed2" / "run", 5, [0.5, 0.6, 0.9], 0.80, 2)  # MeZO's seed 2 is not done
-    chosen = {"sst2": {m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
-                       for m in plan.methods}}
+    chosen = {
+        "sst2": {
+            m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
+            for m in plan.methods
+        }
+    }
     (tmp_path / "chosen.json").write_text(json.dumps(chosen))
     table = conv.phase_table(plan, QUIET)
     final_rows = table.split("Tuning on")[0].splitlines()
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in final_rows
-            if line.startswith("| mezo |") or line.startswith("| one-sided-4 |")}
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")
+        for line in final_rows
+        if line.startswith("| mezo |") or line.startswith("| one-sided-4 |")
+    }
     assert "Target (tuned MeZO's last validation, seeds 0 / 1 / 2): 70.0 / 60.0 / –." in table
     assert rows["mezo"][4] == "6 (0.15x): 8 / 4"  # step 4 x 2 passes on seed 0, step 2 x 2 on seed 1
     assert rows["mezo"][5] == "2.0 / 1.0"  # minutes: the training time recorded at that step
@@ -139,8 +177,11 @@ def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path)
 def _validations(run_dir: Path) -> list[tuple[int, float]]:
     """(step, validation accuracy) of a run, the start's (logged as zero_shot_validation_accuracy) included."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("validation_accuracy", r.get("zero_shot_validation_accuracy"))) for r in rows
-            if "validation_accuracy" in r or "zero_shot_validation_accuracy" in r]
+    return [
+        (r["step"], r.get("validation_accuracy", r.get("zero_shot_validation_accuracy")))
+        for r in rows
+        if "validation_accuracy" in r or "zero_shot_validation_accuracy" in r
+    ]
 
 
 def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp_path, monkeypatch):
@@ -152,9 +193,28 @@ def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp
         method = conv.METHODS[name]
         monkeypatch.setitem(conv.METHODS, name, conv.Method(method.passes_per_step, method.overrides, {"lr": lrs}))
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    argv = ["--no-isolate", "--methods", "mezo,one-sided-4", "--tasks", "sst2", "--seeds", "0,1", "--budget", "12",
-            "--tune-budget", "10", "--eval-passes", "4", "--model", str(model_dir), "--out", str(out),
-            "--append", str(results), *TINY_DATA]
+    argv = [
+        "--no-isolate",
+        "--methods",
+        "mezo,one-sided-4",
+        "--tasks",
+        "sst2",
+        "--seeds",
+        "0,1",
+        "--budget",
+        "12",
+        "--tune-budget",
+        "10",
+        "--eval-passes",
+        "4",
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--append",
+        str(results),
+        *TINY_DATA,
+    ]
     assert conv.main(argv, log=QUIET) == 0
 
     chosen = json.loads((out / "chosen.json").read_text())["sst2"]
@@ -179,7 +239,7 @@ def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp
         raise AssertionError("a finished cell ran again")
 
     monkeypatch.setattr(zotune.train, "run", no_run)
-    assert conv.main(argv[:-len(TINY_DATA) - 2] + TINY_DATA, log=QUIET) == 0  # every cell done: nothing runs
+    assert conv.main(argv[: -len(TINY_DATA) - 2] + TINY_DATA, log=QUIET) == 0  # every cell done: nothing runs
     assert (out / "table.md").read_text() == table
 
     partial = out / "final" / "sst2" / "mezo" / "seed1"  # stopped after its state, before its summary

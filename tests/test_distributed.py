@@ -86,8 +86,13 @@ def _assert_matches_single(got: dict, want: dict) -> None:
     leaves ~1e-6 |z| a step in the weights and fails by 1.2-2x.
     """
     assert len(got["trace"]) == len(want["trace"])
-    zmax = [max(float(abs(rng.gaussian(rng.step_seed(SEED, t), rng.param_key(n), 0, p.numel())).max())
-                for n, p in want["params"].items()) for t in range(len(want["trace"]))]
+    zmax = [
+        max(
+            float(abs(rng.gaussian(rng.step_seed(SEED, t), rng.param_key(n), 0, p.numel())).max())
+            for n, p in want["params"].items()
+        )
+        for t in range(len(want["trace"]))
+    ]
     moved = sum(LR * abs(g) * z for (g, *_), z in zip(want["trace"], zmax))  # how far any weight went
     atol = 0.0
     for t, ((g, *losses), (g_want, *losses_want)) in enumerate(zip(got["trace"], want["trace"])):
@@ -239,13 +244,16 @@ def test_column_sharded_dtensor_is_refused(ranks):
         assert "Shard(0)" in r["shard1"] and "Shard(dim=1)" in r["shard1"]
 
 
-@pytest.mark.parametrize("case, words", [
-    ("bad_seed", ["seed", "rank 0: 3", "rank 1: 4"]),
-    ("bad_step", ["step", "rank 0: 0", "rank 1: 1"]),
-    ("bad_params", ["parameter set"]),
-    ("bad_values", ["parameter values"]),
-    ("bad_variant", ["variant", "n_perturbations"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("bad_seed", ["seed", "rank 0: 3", "rank 1: 4"]),
+        ("bad_step", ["step", "rank 0: 0", "rank 1: 1"]),
+        ("bad_params", ["parameter set"]),
+        ("bad_values", ["parameter values"]),
+        ("bad_variant", ["variant", "n_perturbations"]),
+    ],
+)
 def test_disagreeing_ranks_stop_with_a_clear_error_on_every_rank(ranks, case, words):
     for r in ranks:
         assert "disagree" in r[case]
@@ -281,6 +289,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(sizes):
         def closure():
             calls.append(len(xb))
             return _loss(model, xb, yb)
+
         return closure
 
     got = _run(model, _optimizer(model), accumulate([closure_for(*b) for b in micro], weights=sizes))

@@ -17,8 +17,10 @@ from zotune.trajectory import MultiStep, Skip, read_trajectory
 
 def _params(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [("a", torch.nn.Parameter(torch.randn(5, 3, generator=gen))),
-            ("b", torch.nn.Parameter(torch.randn(4, generator=gen)))]
+    return [
+        ("a", torch.nn.Parameter(torch.randn(5, 3, generator=gen))),
+        ("b", torch.nn.Parameter(torch.randn(4, generator=gen))),
+    ]
 
 
 def _scripted(values):
@@ -77,8 +79,12 @@ def test_fzoo_moves_the_weights_along_its_rademacher_directions_only():
     opt.step(_scripted([2.0, 2.5, 1.5, 2.2]))
     grads = opt.projected_grads
     for (name, p), p0 in zip(params, before):
-        zs = [torch.from_numpy(zotune.rng.z("rademacher", zotune.rng.step_seed(5, 0, j), zotune.rng.param_key(name),
-                                            0, p.numel())).reshape(p.shape) for j in range(3)]
+        zs = [
+            torch.from_numpy(
+                zotune.rng.z("rademacher", zotune.rng.step_seed(5, 0, j), zotune.rng.param_key(name), 0, p.numel())
+            ).reshape(p.shape)
+            for j in range(3)
+        ]
         expected = p0 - 1e-6 / 3 * sum(g * z for g, z in zip(grads, zs))
         # float32: the probes' three sweeps and the update each round once, by <= half an ulp of |theta| + eps
         torch.testing.assert_close(p.detach(), expected, rtol=0, atol=4 * 2**-24 * (float(p0.abs().max()) + 1e-3))

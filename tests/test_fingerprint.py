@@ -30,11 +30,13 @@ def test_mezo_fingerprint_names_seed_step_options_variant_groups_and_parameters(
 def test_what_would_make_runs_diverge_changes_it():
     base = MeZO(_model().named_parameters(), lr=0.05, seed=3).fingerprint()
     assert MeZO(_model().named_parameters(), lr=0.05, seed=3).fingerprint() == base
-    for other in (MeZO(_model().named_parameters(), lr=0.05, seed=4),
-                  MeZO(_model().named_parameters(), lr=0.06, seed=3),
-                  MeZO(_model(5).named_parameters(), lr=0.05, seed=3),
-                  MeZO(_model().named_parameters(), lr=0.05, seed=3, estimator="one-sided"),
-                  MeZOAdam(_model().named_parameters(), lr=0.05, seed=3)):
+    for other in (
+        MeZO(_model().named_parameters(), lr=0.05, seed=4),
+        MeZO(_model().named_parameters(), lr=0.06, seed=3),
+        MeZO(_model(5).named_parameters(), lr=0.05, seed=3),
+        MeZO(_model().named_parameters(), lr=0.05, seed=3, estimator="one-sided"),
+        MeZOAdam(_model().named_parameters(), lr=0.05, seed=3),
+    ):
         assert other.fingerprint() != base
 
 
@@ -45,8 +47,10 @@ def test_forward_gradient_has_no_eps_and_no_variant():
 
 
 def test_check_consistent_compares_the_fingerprint():
-    for opt in (MeZO(_model().named_parameters(), lr=0.05, seed=3, n_perturbations=2),
-                ForwardGradient(_model().named_parameters(), lr=0.05, seed=1)):
+    for opt in (
+        MeZO(_model().named_parameters(), lr=0.05, seed=3, n_perturbations=2),
+        ForwardGradient(_model().named_parameters(), lr=0.05, seed=1),
+    ):
         assert distributed._fingerprint(opt, check_values=False) == opt.fingerprint()
 
 

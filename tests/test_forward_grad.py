@@ -34,8 +34,10 @@ def backprop_directional(model, loss_fn, seed, t):
     named = dict(model.named_parameters())
     grads = torch.autograd.grad(loss_fn(named), list(named.values()))
     zs = [rng_z(n, p, seed, t).double() for n, p in named.items()]
-    return (sum(float((gr.double() * z).sum()) for gr, z in zip(grads, zs)),
-            sum(float((gr.double() * z).abs().sum()) for gr, z in zip(grads, zs)))
+    return (
+        sum(float((gr.double() * z).sum()) for gr, z in zip(grads, zs)),
+        sum(float((gr.double() * z).abs().sum()) for gr, z in zip(grads, zs)),
+    )
 
 
 @pytest.mark.parametrize(
@@ -150,8 +152,12 @@ def test_update_is_theta_minus_lr_g_z_with_weight_decay(toy_model, regression_da
             # the sweep's z within 1e-6 max(1, |z|) of the reference's (test_kernels). Decaying a bias too, or
             # not a matrix, is off by lr wd |theta| ~ 5e-4; a z of another step by lr |g| ~ 1e-2.
             zmax = float(z.abs().max())
-            torch.testing.assert_close(p.detach(), expected, rtol=10 * 2**-24,
-                                       atol=10 * 2**-24 * 2 * lr * abs(g) * zmax + lr * abs(g) * 1e-6 * max(1.0, zmax))
+            torch.testing.assert_close(
+                p.detach(),
+                expected,
+                rtol=10 * 2**-24,
+                atol=10 * 2**-24 * 2 * lr * abs(g) * zmax + lr * abs(g) * 1e-6 * max(1.0, zmax),
+            )
     assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
 
 

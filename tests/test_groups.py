@@ -39,7 +39,9 @@ def test_empty_groups_are_left_out_and_order_is_kept():
 
 def test_the_optimizers_split_a_flat_list_with_it():
     model = _model()
-    for opt in (MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1),
-                ForwardGradient(model.named_parameters(), lr=1e-3, weight_decay=0.1)):
+    for opt in (
+        MeZO(model.named_parameters(), lr=1e-3, weight_decay=0.1),
+        ForwardGradient(model.named_parameters(), lr=1e-3, weight_decay=0.1),
+    ):
         assert [len(g["params"]) for g in opt.param_groups] == [2, 3]
         assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]

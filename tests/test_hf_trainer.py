@@ -30,17 +30,37 @@ class _Sequences(torch.utils.data.Dataset):
 
 
 def _args(out, **overrides):
-    options = dict(output_dir=str(out), max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                   learning_rate=1e-2, lr_scheduler_type="linear", weight_decay=0.01, seed=5,
-                   save_strategy="steps", save_steps=3, eval_strategy="steps", eval_steps=3, logging_steps=1,
-                   report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    options = dict(
+        output_dir=str(out),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        weight_decay=0.01,
+        seed=5,
+        save_strategy="steps",
+        save_steps=3,
+        eval_strategy="steps",
+        eval_steps=3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     options.update(overrides)
     return TrainingArguments(**options)
 
 
 def _trainer(out, **overrides):
-    return ZOTrainer(model=tiny_llama(seed=1), args=_args(out, **overrides), train_dataset=_Sequences(48, 2),
-                     eval_dataset=_Sequences(8, 3), mezo_kwargs={"eps": 1e-3})
+    return ZOTrainer(
+        model=tiny_llama(seed=1),
+        args=_args(out, **overrides),
+        train_dataset=_Sequences(48, 2),
+        eval_dataset=_Sequences(8, 3),
+        mezo_kwargs={"eps": 1e-3},
+    )
 
 
 def _ulp32(x: float) -> float:
@@ -96,8 +116,14 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     small = _trainer(tmp_path / "a", max_steps=1, save_strategy="no", eval_strategy="no")
     before = _params(small)
     small.train()
-    big = _trainer(tmp_path / "b", max_steps=1, save_strategy="no", eval_strategy="no",
-                   per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    big = _trainer(
+        tmp_path / "b",
+        max_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+    )
     big.train()
     a, b = small.mezo, big.mezo
     # L+ and L- are each a mean of the same 8 sequences' token losses summed in another order (two
@@ -123,10 +149,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 def test_fuse_next_leaves_clean_weights_for_evaluation_and_saving(tmp_path):
     plain = _trainer(tmp_path / "plain", max_steps=2, save_strategy="no", eval_strategy="no")
     plain.train()
-    fused = ZOTrainer(model=tiny_llama(seed=1), args=_args(tmp_path / "fused", max_steps=2, save_strategy="no",
-                                                           eval_strategy="no"),
-                      train_dataset=_Sequences(48, 2), eval_dataset=_Sequences(8, 3),
-                      mezo_kwargs={"eps": 1e-3, "fuse_next": True})
+    fused = ZOTrainer(
+        model=tiny_llama(seed=1),
+        args=_args(tmp_path / "fused", max_steps=2, save_strategy="no", eval_strategy="no"),
+        train_dataset=_Sequences(48, 2),
+        eval_dataset=_Sequences(8, 3),
+        mezo_kwargs={"eps": 1e-3, "fuse_next": True},
+    )
     fused.train()
     assert fused.mezo._pending == 2  # step 2's +eps is still in the weights
     # The fused sweep applies step 1's update and step 2's +eps z term by term, each rounded to float32,
@@ -157,8 +186,12 @@ def test_fuse_next_leaves_clean_weights_for_evaluation_and_saving(tmp_path):
 def test_other_optimizers_are_refused(tmp_path):
     model = tiny_llama(seed=1)
     with pytest.raises(TypeError, match="TrainerMeZO"):
-        ZOTrainer(model=model, args=_args(tmp_path, eval_strategy="no"), train_dataset=_Sequences(8, 2),
-                  optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+        ZOTrainer(
+            model=model,
+            args=_args(tmp_path, eval_strategy="no"),
+            train_dataset=_Sequences(8, 2),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
 
 
 def test_trainer_step_without_closure_is_a_no_op():
@@ -176,13 +209,26 @@ def _data_parallel_main(out: str) -> None:
 
     from zotune import distributed
 
-    trainer = _trainer(out, max_steps=2, save_strategy="no", eval_strategy="no", per_device_train_batch_size=4,
-                       gradient_accumulation_steps=1)
+    trainer = _trainer(
+        out,
+        max_steps=2,
+        save_strategy="no",
+        eval_strategy="no",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+    )
     trainer.train()
     stats = distributed.comm_stats()
     if trainer.args.process_index == 0:
-        torch.save({"params": _params(trainer), "world": trainer.args.world_size, "bytes": stats.bytes,
-                    "losses": trainer.mezo.last_losses}, os.path.join(out, "params.pt"))
+        torch.save(
+            {
+                "params": _params(trainer),
+                "world": trainer.args.world_size,
+                "bytes": stats.bytes,
+                "losses": trainer.mezo.last_losses,
+            },
+            os.path.join(out, "params.pt"),
+        )
     # Leave without tearing gloo down (docs/scaling.md, "Ending a gloo run"). A gloo worker thread releases a
     # finished collective's tensors after the caller has moved on, and needs the GIL to do it. During
     # interpreter finalization that thread is ended by pthread_exit inside a noexcept destructor: the rank
@@ -207,9 +253,24 @@ def test_data_parallel_under_accelerate_launch_equals_one_process_on_the_whole_b
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(__file__)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), __file__, str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        __file__,
+        str(tmp_path),
+    ]
     done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     result = torch.load(tmp_path / "params.pt", weights_only=True)
@@ -226,8 +287,14 @@ def test_data_parallel_under_accelerate_launch_equals_one_process_on_the_whole_b
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = _trainer(tmp_path / "single", max_steps=2, save_strategy="no", eval_strategy="no",
-                          per_device_train_batch_size=4, gradient_accumulation_steps=2)
+        single = _trainer(
+            tmp_path / "single",
+            max_steps=2,
+            save_strategy="no",
+            eval_strategy="no",
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+        )
         single.train()
     finally:
         torch.set_num_threads(threads)
@@ -250,8 +317,12 @@ def test_tuning_modes_train_only_their_parameters(tmp_path, mode):
     from zotune.tuning import apply_tuning
 
     model = apply_tuning(tiny_llama(seed=1), ModelConfig(name="tiny", tuning=mode), "causal", log=lambda m: None)
-    trainer = ZOTrainer(model=model, args=_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no"),
-                        train_dataset=_Sequences(16, 2), mezo_kwargs={"eps": 1e-2})
+    trainer = ZOTrainer(
+        model=model,
+        args=_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no"),
+        train_dataset=_Sequences(16, 2),
+        mezo_kwargs={"eps": 1e-2},
+    )
     before = _params(trainer)
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}

@@ -15,16 +15,19 @@ LR, EPS, ALPHA = 1e-2, 1e-2, 3e-3  # s grows from 1 to ~1.8 in six steps, stably
 
 
 def _gap(model, ref_model):
-    return max(float((p.detach().double() - q.detach().double()).abs().max())
-               for p, q in zip(model.parameters(), ref_model.parameters()))
+    return max(
+        float((p.detach().double() - q.detach().double()).abs().max())
+        for p, q in zip(model.parameters(), ref_model.parameters())
+    )
 
 
 def test_matches_the_explicit_reference_step_by_step(toy_model, regression_data):
     model, ref_model, wrong_model = toy_model(), toy_model(), toy_model()
     opt = HiZOO(model.named_parameters(), lr=LR, eps=EPS, alpha=ALPHA, seed=4)
     ref = ReferenceHiZOO(list(ref_model.named_parameters()), lr=LR, eps=EPS, alpha=ALPHA, seed=4)
-    wrong = ReferenceHiZOO(list(wrong_model.named_parameters()), lr=LR, eps=EPS, alpha=ALPHA, seed=4,
-                           update_with_old_s=True)
+    wrong = ReferenceHiZOO(
+        list(wrong_model.named_parameters()), lr=LR, eps=EPS, alpha=ALPHA, seed=4, update_with_old_s=True
+    )
     w_tol, d2 = 0.0, [torch.zeros_like(s) for s in ref.s]  # d2: elementwise bound on the gap of s^2
     for _ in range(6):
         s_before = [s.clone() for s in ref.s]
@@ -81,8 +84,16 @@ def test_three_closure_calls_a_step_and_the_curvature_is_recorded(tmp_path, toy_
 def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression_data, dtype):
     model = toy_model(dtype=dtype)
     path = tmp_path / "h.zot"
-    opt = HiZOO(model.named_parameters(), lr=LR / 4, eps=EPS, alpha=ALPHA, weight_decay=0.1, trajectory=path,
-                stochastic_rounding=dtype == torch.bfloat16, on_nonfinite="skip")
+    opt = HiZOO(
+        model.named_parameters(),
+        lr=LR / 4,
+        eps=EPS,
+        alpha=ALPHA,
+        weight_decay=0.1,
+        trajectory=path,
+        stochastic_rounding=dtype == torch.bfloat16,
+        on_nonfinite="skip",
+    )
     data = regression_data
     for t in range(8):
         if t == 3:

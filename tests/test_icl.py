@@ -29,8 +29,9 @@ def test_cached_demonstrations_give_the_logits_of_the_whole_text(model_dir):
     prepared = _prepared(model_dir)
     objective, model = prepared.objective, prepared.loaded.model
     examples = prepared.encoded["test"]
-    tokens, used = demonstration_tokens(objective, prepared.encoded["train"], examples, config=ICLConfig(k=2),
-                                        limit=256, log=QUIET)
+    tokens, used = demonstration_tokens(
+        objective, prepared.encoded["train"], examples, config=ICLConfig(k=2), limit=256, log=QUIET
+    )
     assert used == 2
     device = next(model.parameters()).device  # the model may be on a GPU
     icl_model = PrefixLM(model, torch.tensor(tokens))
@@ -58,8 +59,9 @@ def test_cached_demonstrations_give_the_logits_of_the_whole_text(model_dir):
 def test_each_demonstration_is_a_training_prompt_with_its_answer(model_dir):
     prepared = _prepared(model_dir)
     objective, train = prepared.objective, prepared.encoded["train"]
-    tokens, used = demonstration_tokens(objective, train, train[:1], config=ICLConfig(k=3, separator="\n\n"),
-                                        limit=10_000, log=QUIET)
+    tokens, used = demonstration_tokens(
+        objective, train, train[:1], config=ICLConfig(k=3, separator="\n\n"), limit=10_000, log=QUIET
+    )
     text = objective.tokenizer.decode(tokens)
     demos = [d for d in text.split("\n\n") if d]
     assert len(demos) == 3
@@ -75,8 +77,7 @@ def test_demonstrations_that_do_not_fit_are_dropped_and_reported(model_dir):
     full, _ = demonstration_tokens(objective, train, test, config=ICLConfig(k=8), limit=10_000, log=QUIET)
     limit = longest + len(full) // 2
     messages = []
-    tokens, used = demonstration_tokens(objective, train, test, config=ICLConfig(k=8), limit=limit,
-                                        log=messages.append)
+    tokens, used = demonstration_tokens(objective, train, test, config=ICLConfig(k=8), limit=limit, log=messages.append)
     assert 0 < used < 8 and len(tokens) + longest <= limit
     assert any(f"{used} of 8 demonstrations fit in {limit} tokens" in m for m in messages)
 

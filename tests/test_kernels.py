@@ -156,10 +156,14 @@ def test_same_bits_without_fma_or_avx(cpu, tmp_path):
     y = torch.linspace(-1, 1, 5000)
     cpu.axpy(y, "gaussian", 99, 3, 0.75, [(5, 0.1), (6, -0.2)])
     src = str(Path(zotune.__file__).resolve().parents[1])
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_CPU_NAME="x86-64",
-               NUMBA_CPU_FEATURES="+64bit,+sse,+sse2,+cmov,+cx8,+fxsr,+mmx,-sse3,-ssse3,-sse4.1,-sse4.2,"
-                                  "-avx,-avx2,-fma,-fma4,-avx512f",
-               PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+        NUMBA_CPU_NAME="x86-64",
+        NUMBA_CPU_FEATURES="+64bit,+sse,+sse2,+cmov,+cx8,+fxsr,+mmx,-sse3,-ssse3,-sse4.1,-sse4.2,"
+        "-avx,-avx2,-fma,-fma4,-avx512f",
+        PYTHONPATH=os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])),
+    )
     env.pop("ZOTUNE_BACKEND", None)
     out = tmp_path / "sse2.npy"
     subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out)], env=env, check=True, timeout=300)

@@ -9,9 +9,32 @@ from zotune.config import ConfigError, load_config
 
 
 def _args(model_dir, out, *extra):
-    return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "2", "--train", "32",
-            "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",
-            "--train.init", "probe", "--output_dir", str(out), *extra]
+    return [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "4",
+        "--eval_every",
+        "2",
+        "--train",
+        "32",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--progress",
+        "false",
+        "--train.init",
+        "probe",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_training_starts_from_the_probe_and_its_checkpoint_evaluates(model_dir, tmp_path, capsys):
@@ -25,8 +48,9 @@ def test_training_starts_from_the_probe_and_its_checkpoint_evaluates(model_dir, 
 
     plain = load_config(out / "config.yaml")
     plain.train.init = "none"
-    probe = linear_probe(prepare(plain, log=lambda m: None), ProbeConfig(standardize=False, progress=False),
-                         log=lambda m: None)
+    probe = linear_probe(
+        prepare(plain, log=lambda m: None), ProbeConfig(standardize=False, progress=False), log=lambda m: None
+    )
     # zero-shot here is the probe-initialised model: its accuracy is the (unstandardised) probe's
     assert summary["zero_shot"]["validation"]["accuracy"] == pytest.approx(probe["validation"]["accuracy"])
     # the best checkpoint holds the untied head; eval prepares the model the same way and loads it

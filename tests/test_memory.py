@@ -36,7 +36,10 @@ def test_cli_table_and_bad_input(capsys):
     out = capsys.readouterr().out
     assert "MeZO (zotune)" in out and "backprop fine-tuning (Adam)" in out and "does not fit" in out
     assert main(["memory", "--model", "opt-125m", "--gpu-memory", "lots"]) == 2
-    assert capsys.readouterr().err.strip() == "zotune memory: error: cannot read a memory size from 'lots'; write e.g. 80GB or 24GiB"
+    assert (
+        capsys.readouterr().err.strip()
+        == "zotune memory: error: cannot read a memory size from 'lots'; write e.g. 80GB or 24GiB"
+    )
 
 
 def test_opt_1_3b_backprop_matches_the_measured_figure():

@@ -9,10 +9,16 @@ import torch
 from zotune.models import ModelConfig, ModelError, load_model, resolve_device, select_trainable
 
 
-@pytest.mark.parametrize("family,maker,kind", [
-    ("llama", tiny.causal_lm, "causal"), ("opt", tiny.causal_lm, "causal"), ("gpt2", tiny.causal_lm, "causal"),
-    ("roberta", tiny.masked_lm, "masked"), ("bert", tiny.masked_lm, "masked"),
-])
+@pytest.mark.parametrize(
+    "family,maker,kind",
+    [
+        ("llama", tiny.causal_lm, "causal"),
+        ("opt", tiny.causal_lm, "causal"),
+        ("gpt2", tiny.causal_lm, "causal"),
+        ("roberta", tiny.masked_lm, "masked"),
+        ("bert", tiny.masked_lm, "masked"),
+    ],
+)
 def test_loads_a_local_folder_of_any_family(tmp_path, family, maker, kind):
     model = maker(family)
     model.save_pretrained(tmp_path)

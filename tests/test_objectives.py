@@ -37,8 +37,10 @@ def _full_logits(model, encoded, tokenizer):
 def test_causal_classification_uses_only_label_logits(family):
     tok, model = tiny.tokenizer(), tiny.causal_lm(family)
     obj = Objective("classification", tok, "causal", [" terrible", " great"])
-    instances = [Instance("the movie was great . It was", (" terrible", " great"), 1),
-                 Instance("a bad film . It was", (" terrible", " great"), 0)]
+    instances = [
+        Instance("the movie was great . It was", (" terrible", " great"), 1),
+        Instance("a bad film . It was", (" terrible", " great"), 0),
+    ]
     encoded = [obj.encode(i) for i in instances]
     with torch.no_grad():
         selected = obj._label_logits(model, encoded)
@@ -100,7 +102,7 @@ def test_generation_loss_is_teacher_forced_on_the_answer(family):
     enc = obj.encode(inst)
     seq = torch.tensor([enc.sequences[0]])
     labels = torch.full_like(seq, -100)
-    labels[0, -len(enc.targets[0]):] = torch.tensor(enc.targets[0])
+    labels[0, -len(enc.targets[0]) :] = torch.tensor(enc.targets[0])
     with torch.no_grad():
         expected = model(input_ids=seq, labels=labels).loss  # HF shifts labels by one internally
         loss = obj.loss(model, [enc])
@@ -118,7 +120,8 @@ def test_long_prompts_are_cut_from_the_left():
     assert tok.decode(enc.sequences[0]).endswith("It was")
     with pytest.raises(TaskError, match="does not fit max_length=2"):
         Objective("multiple_choice", tok, "causal", max_length=2).encode(
-            Instance("the cat", (" the movie was great and boring",), 0))
+            Instance("the cat", (" the movie was great and boring",), 0)
+        )
 
 
 def test_squad_f1_and_exact_match():
@@ -143,15 +146,23 @@ def test_evaluate_reports_accuracy():
 def test_chunked_loss_equals_the_whole_batch(kind):
     tok, model = tiny.tokenizer(), tiny.causal_lm("llama")
     obj = Objective(kind, tok, "causal", [" terrible", " great"] if kind == "classification" else ())
-    words = ["the movie was great", "a terrible film , it was bad and boring and the acting was good", "bad",
-             "It was great and the cat sat on the mat", "boring", "the acting was good"]
+    words = [
+        "the movie was great",
+        "a terrible film , it was bad and boring and the acting was good",
+        "bad",
+        "It was great and the cat sat on the mat",
+        "boring",
+        "the acting was good",
+    ]
     if kind == "classification":
         instances = [Instance(f"{w} . It was", (" terrible", " great"), i % 2) for i, w in enumerate(words)]
     elif kind == "multiple_choice":
         instances = [Instance(w, (" so it slept", " because it was tired and bad"), i % 2) for i, w in enumerate(words)]
     else:
-        instances = [Instance(f"Question : {w} ? Answer :", target=" Paris" if i % 2 else " one two three",
-                              answers=("Paris",)) for i, w in enumerate(words)]
+        instances = [
+            Instance(f"Question : {w} ? Answer :", target=" Paris" if i % 2 else " one two three", answers=("Paris",))
+            for i, w in enumerate(words)
+        ]
     encoded = [obj.encode(i) for i in instances]
     with torch.no_grad():
         whole = obj.loss(model, encoded)
@@ -183,7 +194,7 @@ def test_length_slices_finds_the_cheapest_split():
         assert sum(sizes) == n and min(sizes) >= 1
         cost, start = 0, 0
         for size in sizes:
-            cost += overhead + sum(r for _, r in shapes[start:start + size]) * shapes[start + size - 1][0]
+            cost += overhead + sum(r for _, r in shapes[start : start + size]) * shapes[start + size - 1][0]
             start += size
         assert cost == _brute_force_cost(shapes, overhead)
 

@@ -99,10 +99,13 @@ def test_matches_explicit_z_reference_step_by_step(toy_model, regression_data, f
     model, ref_model = toy_model(), toy_model()
     x, y = regression_data
     lr, wd = 5e-3, 0.1
-    opt = MeZO(model.named_parameters(), lr=lr, weight_decay=wd, seed=3, distribution=distribution,
-               fuse_next=fuse_next)
-    ref = ReferenceMeZO([(n, p, wd if p.ndim >= 2 else 0.0) for n, p in ref_model.named_parameters()],
-                        lr=lr, seed=3, distribution=distribution)
+    opt = MeZO(model.named_parameters(), lr=lr, weight_decay=wd, seed=3, distribution=distribution, fuse_next=fuse_next)
+    ref = ReferenceMeZO(
+        [(n, p, wd if p.ndim >= 2 else 0.0) for n, p in ref_model.named_parameters()],
+        lr=lr,
+        seed=3,
+        distribution=distribution,
+    )
     # The two runs agree up to rounding, which this bounds step by step. g: the losses are taken at
     # weights a few ulp apart, each moved by <= 20 ulp of L (see test_losses_are_taken_at_plus_and_minus_eps;
     # measured <= 2), so g to 2 * 20 ulp(L) / (2 eps) ~ 5e-3 (|g| ~ 5). Weights: theta' = (1 - lr wd) theta
@@ -116,11 +119,14 @@ def test_matches_explicit_z_reference_step_by_step(toy_model, regression_data, f
         ref.step(mse_closure(ref_model, x, y))
         g_tol = 20 * ulp32(max(map(abs, opt.last_losses))) / opt.eps
         assert opt.projected_grad == pytest.approx(ref.projected_grad, rel=0, abs=g_tol)
-        zmax = max(float(abs(rng.z(distribution, rng.step_seed(3, t), rng.param_key(n), 0, p.numel())).max())
-                   for n, p in model.named_parameters())
+        zmax = max(
+            float(abs(rng.z(distribution, rng.step_seed(3, t), rng.param_key(n), 0, p.numel())).max())
+            for n, p in model.named_parameters()
+        )
         theta_max = max(float(p.detach().abs().max()) for p in ref_model.parameters())
-        w_tol += (lr * (abs(opt.projected_grad - ref.projected_grad) + 1e-6 * abs(ref.projected_grad)) * zmax
-                  + 5 * ulp32(theta_max + 2 * opt.eps * zmax))
+        w_tol += lr * (
+            abs(opt.projected_grad - ref.projected_grad) + 1e-6 * abs(ref.projected_grad)
+        ) * zmax + 5 * ulp32(theta_max + 2 * opt.eps * zmax)
         with opt.unperturbed():
             for p, q in zip(model.parameters(), ref_model.parameters()):
                 torch.testing.assert_close(p, q, rtol=0, atol=w_tol)
@@ -302,10 +308,13 @@ def test_fused_perturbation_is_flushed_for_evaluation_and_saving(toy_model, regr
         t = opt_p.step_count
         opt_f.step(mse_closure(fused, x, y))
         opt_p.step(mse_closure(plain, x, y))
-        assert opt_f.projected_grad == pytest.approx(opt_p.projected_grad, rel=0,
-                                                     abs=20 * ulp32(max(map(abs, opt_p.last_losses))) / opt_p.eps)
-        zmax = max(float(abs(rng.gaussian(rng.step_seed(0, t), rng.param_key(n), 0, p.numel())).max())
-                   for n, p in plain.named_parameters())
+        assert opt_f.projected_grad == pytest.approx(
+            opt_p.projected_grad, rel=0, abs=20 * ulp32(max(map(abs, opt_p.last_losses))) / opt_p.eps
+        )
+        zmax = max(
+            float(abs(rng.gaussian(rng.step_seed(0, t), rng.param_key(n), 0, p.numel())).max())
+            for n, p in plain.named_parameters()
+        )
         theta_max = max(float(p.detach().abs().max()) for p in plain.parameters())
         w_tol += lr * abs(opt_f.projected_grad - opt_p.projected_grad) * zmax + 4 * ulp32(theta_max + 2e-3 * zmax)
 
@@ -340,8 +349,15 @@ def test_fast_and_reference_paths_agree_in_low_precision(dtype):
     for backend in ("reference", "numba"):
         p = start.clone()
         # Rademacher z and the rounding words are exact in both backends, so the results are bitwise equal.
-        F.sweep_([p], [7], [(11, 3e-4), (12, -1e-4)], scale=0.999, distribution="rademacher",
-                 rounding_seed=13, backend=backend)
+        F.sweep_(
+            [p],
+            [7],
+            [(11, 3e-4), (12, -1e-4)],
+            scale=0.999,
+            distribution="rademacher",
+            rounding_seed=13,
+            backend=backend,
+        )
         results[backend] = p
     assert torch.equal(results["reference"], results["numba"])
     assert not torch.equal(results["numba"], start)

@@ -32,9 +32,34 @@ def test_a_run_of_release_0_1_0_resumes_to_the_run_this_version_makes(model_dir,
     assert main(["train", "--resume", str(old)]) == 0
     assert "resuming at step 4: rebuilding the weights from the trajectory" in capsys.readouterr().out
     new = tmp_path / "new"
-    assert main(["train", "--model.name", str(model_dir), "--steps", "8", "--eval_every", "2", "--train", "24",
-                 "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",
-                 "--output_dir", str(new)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(model_dir),
+                "--steps",
+                "8",
+                "--eval_every",
+                "2",
+                "--train",
+                "24",
+                "--validation",
+                "8",
+                "--test",
+                "8",
+                "--batch_size",
+                "4",
+                "--lr",
+                "2e-3",
+                "--progress",
+                "false",
+                "--output_dir",
+                str(new),
+            ]
+        )
+        == 0
+    )
     a, b = read_trajectory(old / "trajectory.zot"), read_trajectory(new / "trajectory.zot")
     assert a.header == b.header and a.records == b.records  # the same steps, bit for bit
     summary = json.loads((old / "summary.json").read_text())
@@ -50,8 +75,22 @@ def test_a_run_of_release_0_1_0_evaluates_and_replays(model_dir, tmp_path):
     old = _stored_run(tmp_path, model_dir)
     assert main(["eval", "--run", str(old)]) == 0  # its best checkpoint (step 2) on the test split
     out = tmp_path / "replayed"
-    assert main(["replay", "--base", str(model_dir), "--trajectory", str(old / "trajectory.zot"),
-                 "--out", str(out), "--step", "best"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                str(old / "trajectory.zot"),
+                "--out",
+                str(out),
+                "--step",
+                "best",
+            ]
+        )
+        == 0
+    )
     best = checkpoint.load_tensors(old / "best" / "model.safetensors")
     from safetensors.torch import load_file
 
@@ -62,9 +101,11 @@ def test_a_run_of_release_0_1_0_evaluates_and_replays(model_dir, tmp_path):
 def test_a_state_of_the_wrong_shape_or_a_newer_version_is_a_one_line_error(model_dir, tmp_path, capsys):
     old = _stored_run(tmp_path, model_dir)
     saved = json.loads((old / "state.json").read_text())
-    for loop, message in [({**saved["loop"], "step": "four"}, "not a zotune run state"),
-                          ({**saved["loop"], "surprise": 1}, "not a zotune run state"),
-                          ({**saved["loop"], "version": 99}, "written by a newer zotune (run state version 99)")]:
+    for loop, message in [
+        ({**saved["loop"], "step": "four"}, "not a zotune run state"),
+        ({**saved["loop"], "surprise": 1}, "not a zotune run state"),
+        ({**saved["loop"], "version": 99}, "written by a newer zotune (run state version 99)"),
+    ]:
         (old / "state.json").write_text(json.dumps({**saved, "loop": loop}))
         assert main(["train", "--resume", str(old)]) == 2
         err = capsys.readouterr().err
@@ -78,8 +119,12 @@ def test_a_state_of_the_wrong_shape_or_a_newer_version_is_a_one_line_error(model
 def test_the_run_state_round_trips_and_reads_version_1():
     from zotune.train import RUN_STATE_VERSION, RunState
 
-    state = RunState(step=3, best={"step": 2, "metric": 0.5, "metrics": {"accuracy": 0.5}}, start_losses=[0.7],
-                     lr_changes=[{"step": 1, "from": 1e-3, "to": 1e-4}])
+    state = RunState(
+        step=3,
+        best={"step": 2, "metric": 0.5, "metrics": {"accuracy": 0.5}},
+        start_losses=[0.7],
+        lr_changes=[{"step": 1, "from": 1e-3, "to": 1e-4}],
+    )
     assert RunState.from_dict(json.loads(json.dumps(state.to_dict())), Path("s")) == state
     v1 = json.loads((STORED / "state.json").read_text())["loop"]
     assert "version" not in v1

@@ -14,16 +14,45 @@ from zotune.cli import main
 
 
 def _args(model_dir, out, *extra):
-    return ["train", "--model.name", str(model_dir), "--steps", "8", "--eval_every", "4", "--train", "48",
-            "--validation", "16", "--test", "16", "--batch_size", "4", "--lr", "2e-3", "--progress", "false",
-            "--output_dir", str(out), *extra]
+    return [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "8",
+        "--eval_every",
+        "4",
+        "--train",
+        "48",
+        "--validation",
+        "16",
+        "--test",
+        "16",
+        "--batch_size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(model_dir, out)) == 0
-    for name in ("config.yaml", "metrics.jsonl", "trajectory.zot", "state.json", "summary.json", "curves.png",
-                 "best/model.safetensors", "best/best.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "trajectory.zot",
+        "state.json",
+        "summary.json",
+        "curves.png",
+        "best/model.safetensors",
+        "best/best.json",
+    ):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["metric"] == "accuracy"
@@ -37,8 +66,11 @@ def test_train_writes_a_complete_run(model_dir, tmp_path, capsys):
     assert [r["step"] for r in rows if "validation_accuracy" in r] == [4, 8]
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "test accuracy" in printed
-    assert re.search(r"step 4/8: training loss [\d.]+ \(running mean\), validation accuracy [\d.]+ \(best [\d.]+ at "
-                     r"step [04]\); [\d.]+ min", printed)  # one line per validation in a log without a bar
+    assert re.search(
+        r"step 4/8: training loss [\d.]+ \(running mean\), validation accuracy [\d.]+ \(best [\d.]+ at "
+        r"step [04]\); [\d.]+ min",
+        printed,
+    )  # one line per validation in a log without a bar
     # A second run into the same directory is refused, pointing at --resume.
     assert main(_args(model_dir, out)) == 2
     assert "already holds a run; resume it with --resume" in capsys.readouterr().err
@@ -70,7 +102,11 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_pa
     monkeypatch.setattr(train_module, "_batch_indices", original)
     capsys.readouterr()
     assert main(["train", "--resume", str(part)]) == 0
-    how = "the weights saved with its state loaded" if signum == signal.SIGINT else "rebuilding the weights from the trajectory"
+    how = (
+        "the weights saved with its state loaded"
+        if signum == signal.SIGINT
+        else "rebuilding the weights from the trajectory"
+    )
     assert f"resuming at step 6: {how}" in capsys.readouterr().out
     assert not snapshot.parent.exists()  # the run did all its steps: nothing left to resume
 
@@ -94,8 +130,20 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
     printed = capsys.readouterr().out
     assert f"accuracy {100 * summary['test']['accuracy']:.2f}" in printed
     # replay writes a model that from_pretrained loads, equal to base + trajectory
-    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
-                 "--out", str(tmp_path / "tuned")]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                str(out / "trajectory.zot"),
+                "--out",
+                str(tmp_path / "tuned"),
+            ]
+        )
+        == 0
+    )
     from transformers import AutoModelForCausalLM
 
     from zotune import replay
@@ -113,8 +161,22 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
     assert not torch.equal(tuned.lm_head.weight, AutoModelForCausalLM.from_pretrained(model_dir).lm_head.weight)
     assert summary["device"] == str(device)
     # --device picks where to replay; on the CPU the same weights as the CPU replay above
-    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
-                 "--out", str(tmp_path / "on-cpu"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                str(out / "trajectory.zot"),
+                "--out",
+                str(tmp_path / "on-cpu"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     on_cpu = AutoModelForCausalLM.from_pretrained(tmp_path / "on-cpu")
     if device.type == "cpu":
         assert all(torch.equal(p, q) for p, q in zip(on_cpu.parameters(), tuned.parameters()))
@@ -122,14 +184,42 @@ def test_eval_and_replay_reproduce_the_trained_model(model_dir, tmp_path, capsys
         summary["device"] = "cuda:0"
         (out / "summary.json").write_text(json.dumps(summary))
         capsys.readouterr()
-        assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
-                     "--out", str(tmp_path / "from-gpu")]) == 0
-        assert "the run trained on cuda:0; this machine has no CUDA GPU: replaying on the CPU" in capsys.readouterr().err
+        assert (
+            main(
+                [
+                    "replay",
+                    "--base",
+                    str(model_dir),
+                    "--trajectory",
+                    str(out / "trajectory.zot"),
+                    "--out",
+                    str(tmp_path / "from-gpu"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            "the run trained on cuda:0; this machine has no CUDA GPU: replaying on the CPU" in capsys.readouterr().err
+        )
         from_gpu = AutoModelForCausalLM.from_pretrained(tmp_path / "from-gpu")
         assert all(torch.equal(p, q) for p, q in zip(from_gpu.parameters(), on_cpu.parameters()))
     capsys.readouterr()
-    assert main(["replay", "--base", str(model_dir), "--trajectory", str(out / "trajectory.zot"),
-                 "--out", str(tmp_path / "bad"), "--device", "gpu"]) == 2
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                str(out / "trajectory.zot"),
+                "--out",
+                str(tmp_path / "bad"),
+                "--device",
+                "gpu",
+            ]
+        )
+        == 2
+    )
     assert "model.device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
 
 
@@ -139,35 +229,78 @@ def test_replay_step_best_rebuilds_the_tested_checkpoint(model_dir, tmp_path, ca
     best = json.loads((out / "best" / "best.json").read_text())
     traj = str(out / "trajectory.zot")
     capsys.readouterr()
-    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "best"),
-                 "--step", "best", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                traj,
+                "--out",
+                str(tmp_path / "best"),
+                "--step",
+                "best",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert f"replayed {best['step']} steps" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM
 
     tuned = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "best").named_parameters())
     saved = checkpoint.load_tensors(out / "best" / "model.safetensors")
     assert all(torch.equal(tuned[k], v) for k, v in saved.items() if k in tuned)
-    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "s2"),
-                 "--step", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--trajectory",
+                traj,
+                "--out",
+                str(tmp_path / "s2"),
+                "--step",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     two = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "s2").named_parameters())
     assert not torch.equal(two["lm_head.weight"], tuned["lm_head.weight"])  # step 2 was never validated
-    for step, message in [("13", "--step 13: the trajectory holds 12 steps"),
-                          ("last", "--step must be a number of steps or 'best', got 'last'")]:
-        assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"),
-                     "--step", step]) == 2
+    for step, message in [
+        ("13", "--step 13: the trajectory holds 12 steps"),
+        ("last", "--step must be a number of steps or 'best', got 'last'"),
+    ]:
+        assert (
+            main(
+                ["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"), "--step", step]
+            )
+            == 2
+        )
         assert message in capsys.readouterr().err
     (out / "best" / "best.json").unlink()
-    assert main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"),
-                 "--step", "best"]) == 2
+    assert (
+        main(["replay", "--base", str(model_dir), "--trajectory", traj, "--out", str(tmp_path / "x"), "--step", "best"])
+        == 2
+    )
     assert "best.json is missing" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--task.name", "sst3"], "unknown task 'sst3'; did you mean 'sst2'?"),
-    (["--stepz", "3"], "unknown config key 'stepz'; did you mean 'steps'?"),
-    (["--data_dir", "/nonexistent/data", "--task.name", "rte"], "/nonexistent/data"),
-    (["--model.name", "/nonexistent/model.gguf"], "GGUF file not found"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--task.name", "sst3"], "unknown task 'sst3'; did you mean 'sst2'?"),
+        (["--stepz", "3"], "unknown config key 'stepz'; did you mean 'steps'?"),
+        (["--data_dir", "/nonexistent/data", "--task.name", "rte"], "/nonexistent/data"),
+        (["--model.name", "/nonexistent/model.gguf"], "GGUF file not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(model_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "never"
     assert main(_args(model_dir, out, *extra)) == 2
@@ -183,7 +316,8 @@ def test_custom_task_errors_name_file_and_line(model_dir, tmp_path, capsys):
     config.write_text(
         "task:\n  name: custom\n  custom:\n"
         f"    train: {data}\n    template: '{{text}} It was'\n    label_field: label\n"
-        "    label_words: {neg: ' terrible', pos: ' great'}\n")
+        "    label_words: {neg: ' terrible', pos: ' great'}\n"
+    )
     assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
     err = capsys.readouterr().err.strip()
     assert "reviews.jsonl:2: invalid JSON" in err
@@ -200,7 +334,8 @@ def test_multi_token_label_word_explains(model_dir, tmp_path, capsys):
     config.write_text(
         "task:\n  name: custom\n  custom:\n"
         f"    train: {data}\n    test: {data}\n    template: '{{text}} It was'\n    label_field: label\n"
-        "    label_words: {'0': ' dreadfulness', '1': ' great'}\n")
+        "    label_words: {'0': ' dreadfulness', '1': ' great'}\n"
+    )
     assert main(_args(model_dir, tmp_path / "never", "--config", str(config))) == 2
     err = capsys.readouterr().err
     assert "label word ' dreadfulness' is" in err and "--task.scoring options" in err
@@ -210,10 +345,13 @@ def test_multi_token_label_word_explains(model_dir, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["metric"] == "accuracy"
 
 
-@pytest.mark.parametrize("how,message", [
-    (["--trajectory", "{out}/trajectory.zot", "--config", "{out}/config.yaml"], ["belongs to another model"]),
-    (["--run", "{out}"], ["does not belong to this model", "does not fit the model"]),  # its best checkpoint
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        (["--trajectory", "{out}/trajectory.zot", "--config", "{out}/config.yaml"], ["belongs to another model"]),
+        (["--run", "{out}"], ["does not belong to this model", "does not fit the model"]),  # its best checkpoint
+    ],
+)
 def test_eval_of_a_run_on_another_model_fails_cleanly(model_dir, tmp_path, capsys, how, message):
     out = tmp_path / "run"
     assert main(_args(model_dir, out, "--steps", "2")) == 0
@@ -250,23 +388,58 @@ SHARED_DATA = __import__("pathlib").Path(__file__).parents[1].parent / "shared" 
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the project's shared/data folder is not beside the checkout")
-@pytest.mark.parametrize("family,task,protocol,metric", [
-    ("roberta", "sst2", "kshot", "accuracy"),
-    ("bert", "rte", "kshot", "accuracy"),
-    ("opt", "copa", "paper-causal", "accuracy"),
-    ("llama", "cb", "paper-causal", "accuracy"),
-    ("gpt2", "squad", "paper-causal", "f1"),
-])
+@pytest.mark.parametrize(
+    "family,task,protocol,metric",
+    [
+        ("roberta", "sst2", "kshot", "accuracy"),
+        ("bert", "rte", "kshot", "accuracy"),
+        ("opt", "copa", "paper-causal", "accuracy"),
+        ("llama", "cb", "paper-causal", "accuracy"),
+        ("gpt2", "squad", "paper-causal", "f1"),
+    ],
+)
 def test_every_task_kind_trains_end_to_end(tmp_path, family, task, protocol, metric):
     masked = family in ("roberta", "bert")
     folder = tmp_path / family
     (tiny.masked_lm(family) if masked else tiny.causal_lm(family)).save_pretrained(folder)
     tiny.tokenizer(masked=masked).save_pretrained(folder)
     out = tmp_path / "run"
-    assert main(["train", "--model.name", str(folder), "--task.name", task, "--data_dir", str(SHARED_DATA),
-                 "--protocol", protocol, "--task.seed", "13", "--train", "24", "--validation", "8", "--test", "8",
-                 "--steps", "2", "--eval_every", "2", "--batch_size", "4", "--max_new_tokens", "4",
-                 "--progress", "false", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(folder),
+                "--task.name",
+                task,
+                "--data_dir",
+                str(SHARED_DATA),
+                "--protocol",
+                protocol,
+                "--task.seed",
+                "13",
+                "--train",
+                "24",
+                "--validation",
+                "8",
+                "--test",
+                "8",
+                "--steps",
+                "2",
+                "--eval_every",
+                "2",
+                "--batch_size",
+                "4",
+                "--max_new_tokens",
+                "4",
+                "--progress",
+                "false",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == metric and 0.0 <= summary["test"][metric] <= 1.0
 
@@ -331,5 +504,6 @@ def test_a_stored_adam_run_resumes_from_its_saved_moments_without_a_rebuild(mode
     # zeroed at the resume fail at 6 of 8 steps (up to 0.23 off), a flush left undone at 7 (0.45); a flush
     # 2^-10 eps off moves g less than rounding does (test_hf_trainer's fuse_next weights test catches it).
     assert [s.step for s in a] == [s.step for s in b] == list(range(8))
-    assert [s.projected_grad for s in b] == pytest.approx([s.projected_grad for s in a], rel=0,
-                                                           abs=20 * 2**-24 / 1e-3 + 2 * 2**-20)
+    assert [s.projected_grad for s in b] == pytest.approx(
+        [s.projected_grad for s in a], rel=0, abs=20 * 2**-24 / 1e-3 + 2 * 2**-20
+    )

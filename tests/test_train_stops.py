@@ -12,9 +12,29 @@ from zotune.config import ConfigError, TrainConfig
 
 def test_a_run_out_of_time_stops_validates_and_tests(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--model.name", str(model_dir), "--steps", "50", "--eval_every", "20", "--train", "32",
-            "--validation", "8", "--test", "8", "--batch_size", "4", "--progress", "false", "--output_dir", str(out),
-            "--time_limit", "1e-9"]  # spent by the first step
+    args = [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "50",
+        "--eval_every",
+        "20",
+        "--train",
+        "32",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+        "--time_limit",
+        "1e-9",
+    ]  # spent by the first step
     assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["stopped"] == "time_limit"
@@ -28,9 +48,34 @@ def test_a_run_out_of_time_stops_validates_and_tests(model_dir, tmp_path, capsys
 
 def test_a_run_within_its_time_reaches_its_steps(model_dir, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--model.name", str(model_dir), "--steps", "3", "--eval_every", "3", "--train", "16",
-                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
-                 "--output_dir", str(out), "--time_limit", "60"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(model_dir),
+                "--steps",
+                "3",
+                "--eval_every",
+                "3",
+                "--train",
+                "16",
+                "--validation",
+                "4",
+                "--test",
+                "4",
+                "--batch_size",
+                "4",
+                "--progress",
+                "false",
+                "--output_dir",
+                str(out),
+                "--time_limit",
+                "60",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["stopped"] == "steps"
 
@@ -56,9 +101,30 @@ def _exploding_after(monkeypatch, calls_before: int):
 
 
 def _diverging_run(model_dir, out, *extra):
-    return ["train", "--model.name", str(model_dir), "--steps", "60", "--eval_every", "10", "--train", "32",
-            "--validation", "8", "--test", "8", "--batch_size", "4", "--progress", "false", "--zero_shot", "false",
-            "--output_dir", str(out), *extra]
+    return [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "60",
+        "--eval_every",
+        "10",
+        "--train",
+        "32",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--zero_shot",
+        "false",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_a_diverging_loss_stops_the_run_and_the_best_weights_are_tested(model_dir, tmp_path, monkeypatch, capsys):
@@ -92,14 +158,32 @@ def test_bad_divergence(bad):
 
 def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["--steps", "4", "--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4",
-              "--batch_size", "4", "--progress", "false", "--output_dir", str(out)]
+    common = [
+        "--steps",
+        "4",
+        "--eval_every",
+        "2",
+        "--train",
+        "16",
+        "--validation",
+        "4",
+        "--test",
+        "4",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+    ]
     assert main(["train", "--model.name", str(model_dir), *common, "--time_limit", "1e-9"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--batch_size", "8"]) == 2
-    assert ("it may change only train.steps, train.time_limit, train.divergence, train.progress, train.snapshot, "
-            "optimizer.lr, not train.batch_size") in capsys.readouterr().err
+    assert (
+        "it may change only train.steps, train.time_limit, train.divergence, train.progress, train.snapshot, "
+        "optimizer.lr, not train.batch_size"
+    ) in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["stopped"] == "steps"
@@ -111,9 +195,34 @@ def test_a_run_stopped_by_its_time_limit_resumes_with_a_new_one(model_dir, tmp_p
 
 def test_resuming_on_another_kind_of_device_warns(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model.name", str(model_dir), "--steps", "2", "--eval_every", "2", "--train", "8",
-                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
-                 "--output_dir", str(out), "--time_limit", "1e-9"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(model_dir),
+                "--steps",
+                "2",
+                "--eval_every",
+                "2",
+                "--train",
+                "8",
+                "--validation",
+                "4",
+                "--test",
+                "4",
+                "--batch_size",
+                "4",
+                "--progress",
+                "false",
+                "--output_dir",
+                str(out),
+                "--time_limit",
+                "1e-9",
+            ]
+        )
+        == 0
+    )
     state = json.loads((out / "state.json").read_text())
     here = state["loop"]["device"]
     elsewhere = "cpu" if here.startswith("cuda") else "cuda:0"
@@ -126,8 +235,22 @@ def test_resuming_on_another_kind_of_device_warns(model_dir, tmp_path, capsys):
 
 
 def test_a_finished_run_continues_with_more_steps_as_if_it_had_them_from_the_start(model_dir, tmp_path, capsys):
-    common = ["--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4",
-              "--progress", "false", "--save_best", "false"]
+    common = [
+        "--eval_every",
+        "2",
+        "--train",
+        "16",
+        "--validation",
+        "4",
+        "--test",
+        "4",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--save_best",
+        "false",
+    ]
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert main(["train", "--model.name", str(model_dir), *common, "--steps", "6", "--output_dir", str(once)]) == 0
     assert main(["train", "--model.name", str(model_dir), *common, "--steps", "4", "--output_dir", str(twice)]) == 0
@@ -140,8 +263,23 @@ def test_a_finished_run_continues_with_more_steps_as_if_it_had_them_from_the_sta
     assert b["steps"] == 6 and b["test"] == a["test"]
 
     decaying = tmp_path / "decaying"
-    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "2", "--schedule", "linear",
-                 "--output_dir", str(decaying)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(model_dir),
+                *common,
+                "--steps",
+                "2",
+                "--schedule",
+                "linear",
+                "--output_dir",
+                str(decaying),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["train", "--resume", str(decaying), "--steps", "4"]) == 2
     assert "optimizer.schedule linear spreads its learning rates over train.steps (2)" in capsys.readouterr().err
@@ -155,10 +293,28 @@ def test_a_resume_at_a_new_learning_rate_replays_exactly(model_dir, tmp_path, ca
     from zotune.train import run
 
     out = tmp_path / "run"
-    common = ["--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4",
-              "--progress", "false", "--save_best", "false"]
-    assert main(["train", "--model.name", str(model_dir), *common, "--steps", "3", "--lr", "1e-3",
-                 "--output_dir", str(out)]) == 0
+    common = [
+        "--eval_every",
+        "2",
+        "--train",
+        "16",
+        "--validation",
+        "4",
+        "--test",
+        "4",
+        "--batch_size",
+        "4",
+        "--progress",
+        "false",
+        "--save_best",
+        "false",
+    ]
+    assert (
+        main(
+            ["train", "--model.name", str(model_dir), *common, "--steps", "3", "--lr", "1e-3", "--output_dir", str(out)]
+        )
+        == 0
+    )
     trained = load_model(ModelConfig(name=str(model_dir)), log=lambda s: None)
     result = run(resume=out, loaded=trained, log=print, changes={"steps": 5, "optimizer.lr": 2e-4})
     assert "optimizer.lr 0.001 -> 0.0002 from step 3" in capsys.readouterr().out
@@ -179,9 +335,34 @@ def test_a_resume_at_a_new_learning_rate_replays_exactly(model_dir, tmp_path, ca
 
 def test_a_decaying_schedule_refuses_a_new_learning_rate_on_resume(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--model.name", str(model_dir), "--steps", "2", "--eval_every", "2", "--train", "8",
-                 "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false",
-                 "--schedule", "cosine", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model.name",
+                str(model_dir),
+                "--steps",
+                "2",
+                "--eval_every",
+                "2",
+                "--train",
+                "8",
+                "--validation",
+                "4",
+                "--test",
+                "4",
+                "--batch_size",
+                "4",
+                "--progress",
+                "false",
+                "--schedule",
+                "cosine",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--optimizer.lr", "1e-6"]) == 2
     assert "a resume cannot change optimizer.lr (start a new run)" in capsys.readouterr().err

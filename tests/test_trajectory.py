@@ -29,11 +29,14 @@ def _assert_replayed(trained, replayed, atol=None):
             torch.testing.assert_close(q, p, rtol=0, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("options", [
-    dict(),
-    dict(weight_decay=0.1, distribution="rademacher"),
-    dict(fuse_next=True, seed=9),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(weight_decay=0.1, distribution="rademacher"),
+        dict(fuse_next=True, seed=9),
+    ],
+)
 def test_replay_rebuilds_the_trained_weights(tmp_path, toy_model, regression_data, options):
     trained = toy_model()
     path = tmp_path / "run.zot"
@@ -83,8 +86,9 @@ def test_replay_with_schedule_skips_and_flushes(tmp_path, toy_model, regression_
     _assert_replayed(trained, base)
 
 
-@pytest.mark.parametrize("cls,options", [(MeZO, dict(fuse_next=True)), (zotune.MeZOAdam, dict(state="stored"))],
-                         ids=["fused", "adam"])
+@pytest.mark.parametrize(
+    "cls,options", [(MeZO, dict(fuse_next=True)), (zotune.MeZOAdam, dict(state="stored"))], ids=["fused", "adam"]
+)
 def test_replay_of_the_first_steps_gives_the_weights_held_then(tmp_path, toy_model, regression_data, cls, options):
     """``steps=k`` rebuilds, bit for bit, the weights the run held after k steps (what it validated there),
     with a skipped step and evaluations (flushes) among them."""
@@ -181,8 +185,11 @@ def test_replay_onto_another_model_fails_before_modifying(tmp_path, toy_model, r
     path = _recorded(tmp_path, toy_model, regression_data)
     other = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.LayerNorm(9), torch.nn.Linear(9, 3))
     before = [p.detach().clone() for p in other.parameters()]
-    with pytest.raises(TrajectoryError, match=r"parameter '0.weight' is float32 \[9, 6\] in the model but "
-                                              r"float32 \[8, 6\] in the trajectory"):
+    with pytest.raises(
+        TrajectoryError,
+        match=r"parameter '0.weight' is float32 \[9, 6\] in the model but "
+        r"float32 \[8, 6\] in the trajectory",
+    ):
         replay(other, path)
     assert all(torch.equal(p, q) for p, q in zip(other.parameters(), before))
     renamed = torch.nn.ModuleDict({"encoder": toy_model()})
@@ -214,8 +221,14 @@ def test_resume_is_bitwise_identical(tmp_path, toy_model, regression_data, fuse_
     steps, k = 30, 12
     # The uninterrupted run (it saves at step k, as the interrupted one did).
     full = toy_model()
-    opt = MeZO(full.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=5,
-               trajectory=tmp_path / "full.zot")
+    opt = MeZO(
+        full.named_parameters(),
+        lr=5e-3,
+        weight_decay=0.1,
+        fuse_next=fuse_next,
+        seed=5,
+        trajectory=tmp_path / "full.zot",
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for t in range(steps):
         if t == k:
@@ -226,8 +239,14 @@ def test_resume_is_bitwise_identical(tmp_path, toy_model, regression_data, fuse_
 
     # The interrupted run: k steps, a checkpoint, a few more steps that are lost, then a crash.
     part = toy_model()
-    opt = MeZO(part.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=5,
-               trajectory=tmp_path / "part.zot")
+    opt = MeZO(
+        part.named_parameters(),
+        lr=5e-3,
+        weight_decay=0.1,
+        fuse_next=fuse_next,
+        seed=5,
+        trajectory=tmp_path / "part.zot",
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     for _ in range(k):
         opt.step(mse_closure(part, *regression_data))
@@ -240,8 +259,14 @@ def test_resume_is_bitwise_identical(tmp_path, toy_model, regression_data, fuse_
     # Resume in fresh objects from the checkpoint.
     resumed = toy_model(seed=99)
     resumed.load_state_dict(weights)
-    opt = MeZO(resumed.named_parameters(), lr=5e-3, weight_decay=0.1, fuse_next=fuse_next, seed=0,
-               trajectory=tmp_path / "part.zot")
+    opt = MeZO(
+        resumed.named_parameters(),
+        lr=5e-3,
+        weight_decay=0.1,
+        fuse_next=fuse_next,
+        seed=0,
+        trajectory=tmp_path / "part.zot",
+    )
     opt.load_state_dict(opt_state)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     sched.load_state_dict(sched_state)

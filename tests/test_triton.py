@@ -115,8 +115,9 @@ def test_axpy_matches_reference(tk, distribution, nterms):
         x0 = torch.randn(n, generator=torch.Generator().manual_seed(n))
         x = x0.clone()
         tk.sweep([x], [key], [start], distribution, terms, scale=0.999, block=BLOCK)
-        terms_z = [(c, rng.z(distribution, s, key, start, n).astype(np.float64), distribution == "gaussian")
-                   for s, c in terms]
+        terms_z = [
+            (c, rng.z(distribution, s, key, start, n).astype(np.float64), distribution == "gaussian") for s, c in terms
+        ]
         _check_axpy(x.numpy(), x0.numpy(), 0.999, terms_z)
 
 
@@ -281,12 +282,16 @@ def test_sweep_hook_uses_multi_tensor_path(tk, monkeypatch):
         calls.append(len(args[0]))
         return sweep(*args, **kwargs)
 
-    be = Backend("triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62,
-                 sweep=counted)  # the backend's multi-tensor slot
+    be = Backend(
+        "triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62, sweep=counted
+    )  # the backend's multi-tensor slot
     monkeypatch.setitem(kernels._REGISTRY, be.name, be)
     g = torch.Generator().manual_seed(3)
-    params = [torch.randn(40, generator=g), (torch.randn(3, 70, generator=g) * 0.02).half(),
-              (torch.randn(150, generator=g) * 0.02).bfloat16()]
+    params = [
+        torch.randn(40, generator=g),
+        (torch.randn(3, 70, generator=g) * 0.02).half(),
+        (torch.randn(150, generator=g) * 0.02).bfloat16(),
+    ]
     keys = [rng.param_key(f"w{i}") for i in range(3)]
     terms = [(2**63 + 5, 2.0**-9), (6, -(2.0**-11))]  # powers of two: Rademacher sums are exact in float32
     fast = [p.clone() for p in params]

@@ -81,8 +81,13 @@ def test_fresh_prefixes_are_the_real_tokens_keys_and_values(family):
     # token off is 0.25-0.6 off; its keys 2^-10 too large, 3.3e-5-5e-5 (1.4-2.2x this).
     torch.testing.assert_close(got, want, rtol=0, atol=_logits_tol(want))
     greedy = wrapped.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    reference = model.generate(input_ids=torch.cat([tokens[None], ids], dim=1), max_new_tokens=4, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
+    reference = model.generate(
+        input_ids=torch.cat([tokens[None], ids], dim=1),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     assert greedy[0, 6:].tolist() == reference[0, 11:].tolist() and len(greedy[0]) == 10
     assert wrapped.get_output_embeddings() is model.get_output_embeddings() and wrapped.config is model.config
 
@@ -126,10 +131,36 @@ def test_bad_lora_target_lists_the_candidates():
 
 # -- end to end through the CLI -------------------------------------------------------------------
 
+
 def _args(model_dir, out, *extra):
-    return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "4", "--train", "24",
-            "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-2", "--progress", "false",
-            "--zero_shot", "false", "--keep_start", "false", "--output_dir", str(out), *extra]
+    return [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--steps",
+        "4",
+        "--eval_every",
+        "4",
+        "--train",
+        "24",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--lr",
+        "1e-2",
+        "--progress",
+        "false",
+        "--zero_shot",
+        "false",
+        "--keep_start",
+        "false",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
     # keep_start off: best/ then holds the last step's weights (one validation), which the tests replay
 
 
@@ -177,7 +208,9 @@ def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert printed.count(f"accuracy {100 * summary['test']['accuracy']:.2f}") == 2
     out = tmp_path / "tuned"
-    assert main(["replay", "--base", str(model_dir), "--trajectory", str(full / "trajectory.zot"), "--out", str(out)]) == 0
+    assert (
+        main(["replay", "--base", str(model_dir), "--trajectory", str(full / "trajectory.zot"), "--out", str(out)]) == 0
+    )
     from transformers import AutoModelForCausalLM
 
     saved = AutoModelForCausalLM.from_pretrained(out).to(device)
@@ -209,6 +242,7 @@ def test_bad_tuning_is_one_line(model_dir, tmp_path, capsys):
 
 # -- non-differentiable objectives ----------------------------------------------------------------
 
+
 def _classification():
     tok = tiny.tokenizer()
     objective = Objective("classification", tok, "causal", [" terrible", " great"])
@@ -233,7 +267,8 @@ def test_accuracy_and_reward_objectives_train_end_to_end(model_dir, tmp_path, mo
         "CALLS = []\n"
         "def reward(predictions, references):\n"
         "    CALLS.append(len(predictions))\n"
-        "    return sum(p == r for p, r in zip(predictions, references)) / len(references)\n")
+        "    return sum(p == r for p, r in zip(predictions, references)) / len(references)\n"
+    )
     monkeypatch.chdir(tmp_path)  # a reward module in the working directory is found, as from the `zotune` script
     assert main(_args(model_dir, tmp_path / "acc", "--train.objective", "accuracy", "--model.tuning", "head")) == 0
     rows = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines()]

@@ -25,24 +25,43 @@ VARIANTS = {
     "sphere": (MeZO, dict(distribution="sphere"), dict(distribution="sphere")),
     "param-norm": (MeZO, dict(layerwise="param-norm"), dict(layerwise="param-norm")),
     "grad-norm": (MeZO, dict(layerwise="grad-norm", grad_norm_every=4), dict(layerwise="grad-norm", grad_norm_every=4)),
-    "grad-norm-adam": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored", layerwise="grad-norm", grad_norm_probes=2,
-                                      n_perturbations=2),
-                       dict(rule="adam", beta1=0.8, beta2=0.9, layerwise="grad-norm", grad_norm_probes=2, n=2)),
-    "grad-norm-momentum": (MeZOMomentum, dict(beta=0.8, window=50, layerwise="grad-norm", estimator="one-sided"),
-                           dict(rule="momentum", beta1=0.8, layerwise="grad-norm", estimator="one-sided")),
+    "grad-norm-adam": (
+        MeZOAdam,
+        dict(betas=(0.8, 0.9), state="stored", layerwise="grad-norm", grad_norm_probes=2, n_perturbations=2),
+        dict(rule="adam", beta1=0.8, beta2=0.9, layerwise="grad-norm", grad_norm_probes=2, n=2),
+    ),
+    "grad-norm-momentum": (
+        MeZOMomentum,
+        dict(beta=0.8, window=50, layerwise="grad-norm", estimator="one-sided"),
+        dict(rule="momentum", beta1=0.8, layerwise="grad-norm", estimator="one-sided"),
+    ),
     "momentum-history": (MeZOMomentum, dict(beta=0.8, window=50), dict(rule="momentum", beta1=0.8)),
     "momentum-stored": (MeZOMomentum, dict(beta=0.8, state="stored"), dict(rule="momentum", beta1=0.8)),
     "adam-history": (MeZOAdam, dict(betas=(0.8, 0.9), window=50), dict(rule="adam", beta1=0.8, beta2=0.9)),
     "adam-stored": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored"), dict(rule="adam", beta1=0.8, beta2=0.9)),
     "fzoo": (FZOO, dict(n_perturbations=4), dict(n=4, estimator="fzoo", distribution="rademacher")),
-    "fzoo-momentum-sphere": (MeZOMomentum, dict(beta=0.8, window=50, estimator="fzoo", n_perturbations=3,
-                                                distribution="sphere"),
-                             dict(rule="momentum", beta1=0.8, n=3, estimator="fzoo", distribution="sphere")),
-    "everything": (MeZOAdam, dict(betas=(0.8, 0.9), state="stored", n_perturbations=2, estimator="one-sided",
-                                  distribution="sphere", layerwise="param-norm"),
-                   dict(rule="adam", beta1=0.8, beta2=0.9, n=2, estimator="one-sided", distribution="sphere",
-                        layerwise="param-norm")),
+    "fzoo-momentum-sphere": (
+        MeZOMomentum,
+        dict(beta=0.8, window=50, estimator="fzoo", n_perturbations=3, distribution="sphere"),
+        dict(rule="momentum", beta1=0.8, n=3, estimator="fzoo", distribution="sphere"),
+    ),
+    "everything": (
+        MeZOAdam,
+        dict(
+            betas=(0.8, 0.9),
+            state="stored",
+            n_perturbations=2,
+            estimator="one-sided",
+            distribution="sphere",
+            layerwise="param-norm",
+        ),
+        dict(
+            rule="adam", beta1=0.8, beta2=0.9, n=2, estimator="one-sided", distribution="sphere", layerwise="param-norm"
+        ),
+    ),
 }
+
+
 def _lr(name):
     if name.startswith("fzoo"):  # its step is about lr / eps per element, whatever the loss's scale
         return 2e-6
@@ -90,8 +109,13 @@ def test_matches_the_explicit_reference_step_by_step(toy_model, regression_data,
             gain, dgain = max(float(x.norm()) / math.sqrt(x.numel()) for x in theta), w_tol
         else:
             gain, dgain = 1.0, 0.0
-        gap = sum((abs(a - b) * gain + abs(b) * dgain + 1e-6 * abs(b) * gain) * u
-                  for a, b, u in zip(opt.projected_grads, ref.projected_grads, umax)) / n
+        gap = (
+            sum(
+                (abs(a - b) * gain + abs(b) * dgain + 1e-6 * abs(b) * gain) * u
+                for a, b, u in zip(opt.projected_grads, ref.projected_grads, umax)
+            )
+            / n
+        )
         est_gap = gap if rule == "sgd" else max(est_gap, gap)
         theta_max = max(float(x.abs().max()) for x in theta)
         rounding = (2 * n + 2) * ulp32(theta_max + 2 * opt.eps * max(umax) * max(1.0, 1 / gain))
@@ -113,8 +137,9 @@ def test_one_perturbation_is_plain_mezo_bit_for_bit(toy_model, regression_data):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
-@pytest.mark.parametrize("estimator,n,calls", [("two-sided", 1, 2), ("two-sided", 4, 8), ("one-sided", 1, 2),
-                                               ("one-sided", 4, 5)])
+@pytest.mark.parametrize(
+    "estimator,n,calls", [("two-sided", 1, 2), ("two-sided", 4, 8), ("one-sided", 1, 2), ("one-sided", 4, 5)]
+)
 def test_closure_calls_per_step(toy_model, regression_data, estimator, n, calls):
     model = toy_model()
     opt = MeZO(model.named_parameters(), lr=1e-2, n_perturbations=n, estimator=estimator)
@@ -162,8 +187,7 @@ def _perturbations(d, seeds):
 
 def test_sphere_perturbations_have_norm_sqrt_d():
     z = _perturbations(1000, range(3))
-    torch.testing.assert_close(z.norm(dim=1), torch.full((3,), math.sqrt(1000), dtype=torch.float64), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(z.norm(dim=1), torch.full((3,), math.sqrt(1000), dtype=torch.float64), rtol=1e-5, atol=0)
     assert abs(float(z.mean())) < 0.1
 
 
@@ -175,8 +199,7 @@ def test_sphere_coordinates_are_those_of_a_uniform_sphere():
         seed = rng.step_seed(11, s)
         g = torch.from_numpy(rng.gaussian(seed, rng.param_key("x"), 0, d)).double()
         x[s] = g * rng.sphere_factor(F.gaussian_sumsq([torch.zeros(d)], [rng.param_key("x")], seed), d)
-    torch.testing.assert_close(x.norm(dim=1), torch.full((n,), math.sqrt(d), dtype=torch.float64), rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(x.norm(dim=1), torch.full((n,), math.sqrt(d), dtype=torch.float64), rtol=1e-6, atol=0)
     assert abs(float(x.mean())) < 0.05
     assert float((x**2).mean()) == pytest.approx(1.0, rel=1e-6)
     assert float((x**4).mean()) == pytest.approx(3 * d / (d + 2), rel=0.05)
@@ -192,8 +215,10 @@ def test_history_equals_stored_when_the_window_holds_every_step(toy_model, regre
     models = [toy_model(), toy_model()]
     cls = MeZOMomentum if rule == "momentum" else MeZOAdam
     kwargs = dict(beta=0.9) if rule == "momentum" else dict(betas=(0.9, 0.99))
-    opts = [cls(models[0].named_parameters(), lr=1e-3, window=12, state="history", **kwargs),
-            cls(models[1].named_parameters(), lr=1e-3, window=12, state="stored", **kwargs)]
+    opts = [
+        cls(models[0].named_parameters(), lr=1e-3, window=12, state="history", **kwargs),
+        cls(models[1].named_parameters(), lr=1e-3, window=12, state="stored", **kwargs),
+    ]
     # Both forms sum the same estimates g z; they differ only where rounding makes the two runs' g differ
     # (losses taken at weights an ulp apart: |dg| of an ulp of L over eps, seen at a few steps). Momentum:
     # the m gap follows m_gap <- beta m_gap + (1 - beta) |dg| max|z|; Adam's direction m/sqrt(v) is
@@ -206,8 +231,10 @@ def test_history_equals_stored_when_the_window_holds_every_step(toy_model, regre
         for model, opt in zip(models, opts):
             opt.step(mse_closure(model, *regression_data))
         g0, g1 = opts[0].projected_grad, opts[1].projected_grad
-        zmax = max(float(abs(rng.gaussian(rng.step_seed(0, t), rng.param_key(n), 0, p.numel())).max())
-                   for n, p in models[1].named_parameters())
+        zmax = max(
+            float(abs(rng.gaussian(rng.step_seed(0, t), rng.param_key(n), 0, p.numel())).max())
+            for n, p in models[1].named_parameters()
+        )
         m_gap = 0.9 * m_gap + 0.1 * abs(g0 - g1) * zmax + 12 * ulp32(abs(g1) * zmax)
         d_gap += 3 * abs(g0 - g1) / abs(g1)
         theta_max = max(float(p.detach().abs().max()) for p in models[1].parameters())
@@ -230,8 +257,9 @@ def test_momentum_history_is_within_the_documented_bound():
         gmax = max(gmax, abs(g) * float(torch.from_numpy(rng.gaussian(seed, 1, 0, d)).abs().max()))
         for theta, rule in zip(thetas, rules):
             u = V.StepUpdate(t, [seed], [1.0], [g], None, None)
-            rule.apply([V.Group([theta], [1], [0], lr, 0.0)], u, distribution="gaussian", rounding_seed=None,
-                       backend=None)
+            rule.apply(
+                [V.Group([theta], [1], [0], lr, 0.0)], u, distribution="gaussian", rounding_seed=None, backend=None
+            )
     gap = float((thetas[0] - thetas[1]).abs().max())
     assert 0 < gap <= lr * steps * beta**window * gmax
 
@@ -272,8 +300,16 @@ def test_every_variant_replays_bit_for_bit(tmp_path, toy_model, regression_data,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_n_spsa_with_sphere_replays_bit_for_bit(tmp_path, toy_model, regression_data, dtype):
     model = toy_model(dtype=dtype)
-    opt = MeZOMomentum(model.named_parameters(), lr=1e-2, n_perturbations=3, distribution="sphere", fuse_next=True,
-                       stochastic_rounding=True, window=4, trajectory=tmp_path / "t.zot")
+    opt = MeZOMomentum(
+        model.named_parameters(),
+        lr=1e-2,
+        n_perturbations=3,
+        distribution="sphere",
+        fuse_next=True,
+        stochastic_rounding=True,
+        window=4,
+        trajectory=tmp_path / "t.zot",
+    )
     for _ in range(6):
         opt.step(mse_closure(model, *regression_data))
     opt.flush()
@@ -285,20 +321,22 @@ def test_fused_n_spsa_with_sphere_replays_bit_for_bit(tmp_path, toy_model, regre
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
 
 
-V1_TRAJECTORY = "".join([
-    "Wk9UUkFKAQDSAgAAeyJkaXN0cmlidXRpb24iOiAiZ2F1c3NpYW4iLCAiZmlyc3Rfc3RlcCI6IDAsICJmb3JtYXQiOiAiem90dW5l"
-    "LXRyYWplY3RvcnkiLCAiZnVzZV9uZXh0IjogdHJ1ZSwgImdyb3VwcyI6IFtbMCwgMV0sIFsyLCAzLCA0LCA1XV0sICJuYW1lZCI6"
-    "IHRydWUsICJwYXJhbXMiOiBbeyJkdHlwZSI6ICJmbG9hdDMyIiwgImtleSI6ICJjNjU1NTEwMTFlZTA3OGU2IiwgIm5hbWUiOiAi"
-    "MC53ZWlnaHQiLCAic2hhcGUiOiBbOCwgNl19LCB7ImR0eXBlIjogImZsb2F0MzIiLCAia2V5IjogIjMxZGM4ZTQyMjk5NzE0MjYi"
-    "LCAibmFtZSI6ICIzLndlaWdodCIsICJzaGFwZSI6IFszLCA4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAiYTA3Y2U4"
-    "NGE3NDI5NjkxNSIsICJuYW1lIjogIjAuYmlhcyIsICJzaGFwZSI6IFs4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAi"
-    "MDEwZmUxYWRjOTViNGY1NiIsICJuYW1lIjogIjIud2VpZ2h0IiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9hdDMyIiwg"
-    "ImtleSI6ICI1ZjRhMzUyYzMyNDI3ZjBhIiwgIm5hbWUiOiAiMi5iaWFzIiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9h"
-    "dDMyIiwgImtleSI6ICJmMGIxMzQ2ZTlhY2U1NzUxIiwgIm5hbWUiOiAiMy5iaWFzIiwgInNoYXBlIjogWzNdfV0sICJzZWVkIjog"
-    "NywgInN0b2NoYXN0aWNfcm91bmRpbmciOiBmYWxzZSwgInpvdHVuZV92ZXJzaW9uIjogIjAuMS4wIn3lO7xzSG8SgzrNzMw9AAAA"
-    "AJh3UwAAAAAIHIa/CtcjPArXIzxjy1MBAAAAP/7AvwrXIzwK1yM8+OhYAgAAAAJ1GVMDAAAAXwpMwArXIzwK1yM89lBGBAAAAKPN"
-    "UwQAAABbz07ACtcjPArXIzzzw0YFAAAAxqo="
-])  # written by zotune before the variants (plain MeZO, fuse_next, wd 0.1, seed 7, a NaN at call 6)
+V1_TRAJECTORY = "".join(
+    [
+        "Wk9UUkFKAQDSAgAAeyJkaXN0cmlidXRpb24iOiAiZ2F1c3NpYW4iLCAiZmlyc3Rfc3RlcCI6IDAsICJmb3JtYXQiOiAiem90dW5l"
+        "LXRyYWplY3RvcnkiLCAiZnVzZV9uZXh0IjogdHJ1ZSwgImdyb3VwcyI6IFtbMCwgMV0sIFsyLCAzLCA0LCA1XV0sICJuYW1lZCI6"
+        "IHRydWUsICJwYXJhbXMiOiBbeyJkdHlwZSI6ICJmbG9hdDMyIiwgImtleSI6ICJjNjU1NTEwMTFlZTA3OGU2IiwgIm5hbWUiOiAi"
+        "MC53ZWlnaHQiLCAic2hhcGUiOiBbOCwgNl19LCB7ImR0eXBlIjogImZsb2F0MzIiLCAia2V5IjogIjMxZGM4ZTQyMjk5NzE0MjYi"
+        "LCAibmFtZSI6ICIzLndlaWdodCIsICJzaGFwZSI6IFszLCA4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAiYTA3Y2U4"
+        "NGE3NDI5NjkxNSIsICJuYW1lIjogIjAuYmlhcyIsICJzaGFwZSI6IFs4XX0sIHsiZHR5cGUiOiAiZmxvYXQzMiIsICJrZXkiOiAi"
+        "MDEwZmUxYWRjOTViNGY1NiIsICJuYW1lIjogIjIud2VpZ2h0IiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9hdDMyIiwg"
+        "ImtleSI6ICI1ZjRhMzUyYzMyNDI3ZjBhIiwgIm5hbWUiOiAiMi5iaWFzIiwgInNoYXBlIjogWzhdfSwgeyJkdHlwZSI6ICJmbG9h"
+        "dDMyIiwgImtleSI6ICJmMGIxMzQ2ZTlhY2U1NzUxIiwgIm5hbWUiOiAiMy5iaWFzIiwgInNoYXBlIjogWzNdfV0sICJzZWVkIjog"
+        "NywgInN0b2NoYXN0aWNfcm91bmRpbmciOiBmYWxzZSwgInpvdHVuZV92ZXJzaW9uIjogIjAuMS4wIn3lO7xzSG8SgzrNzMw9AAAA"
+        "AJh3UwAAAAAIHIa/CtcjPArXIzxjy1MBAAAAP/7AvwrXIzwK1yM8+OhYAgAAAAJ1GVMDAAAAXwpMwArXIzwK1yM89lBGBAAAAKPN"
+        "UwQAAABbz07ACtcjPArXIzzzw0YFAAAAxqo="
+    ]
+)  # written by zotune before the variants (plain MeZO, fuse_next, wd 0.1, seed 7, a NaN at call 6)
 
 
 def test_v1_trajectories_still_read_and_replay(tmp_path, toy_model, regression_data):
@@ -306,8 +344,15 @@ def test_v1_trajectories_still_read_and_replay(tmp_path, toy_model, regression_d
     path.write_bytes(base64.b64decode(V1_TRAJECTORY))
     # The same run today writes the same bytes and weights.
     model = toy_model()
-    opt = MeZO(model.named_parameters(), lr=1e-2, weight_decay=0.1, fuse_next=True, seed=7, on_nonfinite="skip",
-               trajectory=tmp_path / "now.zot")
+    opt = MeZO(
+        model.named_parameters(),
+        lr=1e-2,
+        weight_decay=0.1,
+        fuse_next=True,
+        seed=7,
+        on_nonfinite="skip",
+        trajectory=tmp_path / "now.zot",
+    )
     closure = _nan_at(mse_closure(model, *regression_data), {6})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -341,8 +386,10 @@ def test_v1_trajectories_still_read_and_replay(tmp_path, toy_model, regression_d
         if isinstance(want, Step):
             assert (got.step, got.lrs) == (want.step, want.lrs)
             assert got.projected_grad == pytest.approx(want.projected_grad, rel=0, abs=g_tol)
-            zmax = max(float(abs(rng.gaussian(rng.step_seed(7, want.step), rng.param_key(n), 0, p.numel())).max())
-                       for n, p in zip(names, model.parameters()))
+            zmax = max(
+                float(abs(rng.gaussian(rng.step_seed(7, want.step), rng.param_key(n), 0, p.numel())).max())
+                for n, p in zip(names, model.parameters())
+            )
             w_tol += max(want.lrs) * abs(got.projected_grad - want.projected_grad) * zmax
         else:
             assert got == want
@@ -367,11 +414,20 @@ def test_forward_gradient_trajectories_replay_as_plain_updates(tmp_path, toy_mod
 
     model = toy_model()
     named = list(model.named_parameters())
-    header = {"format": "zotune-trajectory", "seed": 4, "distribution": "gaussian", "fuse_next": False,
-              "stochastic_rounding": False, "named": True, "first_step": 0, "estimator": "forward-gradient",
-              "params": [{"name": n, "key": f"{rng.param_key(n):016x}", "shape": list(p.shape), "dtype": "float32"}
-                         for n, p in named],
-              "groups": [list(range(len(named)))]}
+    header = {
+        "format": "zotune-trajectory",
+        "seed": 4,
+        "distribution": "gaussian",
+        "fuse_next": False,
+        "stochastic_rounding": False,
+        "named": True,
+        "first_step": 0,
+        "estimator": "forward-gradient",
+        "params": [
+            {"name": n, "key": f"{rng.param_key(n):016x}", "shape": list(p.shape), "dtype": "float32"} for n, p in named
+        ],
+        "groups": [list(range(len(named)))],
+    }
     writer = TrajectoryWriter(tmp_path / "fg.zot", header)
     writer.append(Hyper(1e-3, (0.0,)))
     writer.append(Step(0, 0.5, (0.01,)))
@@ -383,7 +439,9 @@ def test_forward_gradient_trajectories_replay_as_plain_updates(tmp_path, toy_mod
     F.sweep_(expected, keys, [(rng.step_seed(4, 1, 0), -0.005 * 0.25), (rng.step_seed(4, 1, 1), -0.005 * -1.0)])
     replay(model, tmp_path / "fg.zot")
     for p, q in zip(model.parameters(), expected):  # the same sweeps; the scalars rounded to float32 or not: 1 ulp
-        torch.testing.assert_close(p, q, rtol=0, atol=2 * ulp32(1.5))  # of |theta| < 1.5 a step; a lost step: lr |g| |z| ~ 5e-3
+        torch.testing.assert_close(
+            p, q, rtol=0, atol=2 * ulp32(1.5)
+        )  # of |theta| < 1.5 a step; a lost step: lr |g| |z| ~ 5e-3
 
 
 def _checkpoint(model, opt):
@@ -438,52 +496,77 @@ def test_stored_state_resume_without_trajectory_says_what_to_do(toy_model, regre
         again.load_state_dict(opt.state_dict())
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(n_perturbations=0), "Invalid n_perturbations: 0"),
-    (dict(n_perturbations=101), "Invalid n_perturbations: 101"),
-    (dict(estimator="three-sided"), "Invalid estimator: 'three-sided'"),
-    (dict(layerwise="gradient"), "Invalid layerwise: 'gradient'"),
-    (dict(layerwise="grad-norm", grad_norm_every=-1), "Invalid grad_norm_every: -1"),
-    (dict(layerwise="grad-norm", grad_norm_probes=0), "Invalid grad_norm_probes: 0"),
-    (dict(layerwise="grad-norm", fuse_next=True), "fuse_next=True works with the two-sided"),
-    (dict(distribution="ball"), "Invalid distribution: 'ball'"),
-    (dict(estimator="one-sided", fuse_next=True), "fuse_next=True works with the two-sided"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_perturbations=0), "Invalid n_perturbations: 0"),
+        (dict(n_perturbations=101), "Invalid n_perturbations: 101"),
+        (dict(estimator="three-sided"), "Invalid estimator: 'three-sided'"),
+        (dict(layerwise="gradient"), "Invalid layerwise: 'gradient'"),
+        (dict(layerwise="grad-norm", grad_norm_every=-1), "Invalid grad_norm_every: -1"),
+        (dict(layerwise="grad-norm", grad_norm_probes=0), "Invalid grad_norm_probes: 0"),
+        (dict(layerwise="grad-norm", fuse_next=True), "fuse_next=True works with the two-sided"),
+        (dict(distribution="ball"), "Invalid distribution: 'ball'"),
+        (dict(estimator="one-sided", fuse_next=True), "fuse_next=True works with the two-sided"),
+    ],
+)
 def test_bad_variant_arguments_raise_naming_the_value(toy_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         MeZO(toy_model().parameters(), lr=1e-3, **kwargs)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("n_perturbations", 0), ("n_perturbations_final", 500), ("n_schedule", "cosine"), ("n_ramp_steps", 0),
-    ("estimator", "central"), ("variant", "lion"), ("beta1", 1.0), ("beta2", -0.1), ("adam_eps", 0.0),
-    ("window", 0), ("state", "disk"), ("layerwise", "gradient"), ("distribution", "ball"),
-    ("grad_norm_every", -1), ("grad_norm_probes", 0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("n_perturbations", 0),
+        ("n_perturbations_final", 500),
+        ("n_schedule", "cosine"),
+        ("n_ramp_steps", 0),
+        ("estimator", "central"),
+        ("variant", "lion"),
+        ("beta1", 1.0),
+        ("beta2", -0.1),
+        ("adam_eps", 0.0),
+        ("window", 0),
+        ("state", "disk"),
+        ("layerwise", "gradient"),
+        ("distribution", "ball"),
+        ("grad_norm_every", -1),
+        ("grad_norm_probes", 0),
+    ],
+)
 def test_bad_config_values_raise_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"optimizer.{field} "):
         OptimConfig(**{field: value})
 
 
-@pytest.mark.parametrize("config,cls,fuse", [
-    (OptimConfig(), MeZO, True),
-    (OptimConfig(estimator="one-sided", n_perturbations=3), MeZO, False),
-    (OptimConfig(variant="momentum", window=8), MeZOMomentum, True),
-    (OptimConfig(variant="adam", state="stored", layerwise="param-norm"), MeZOAdam, False),
-    (OptimConfig(layerwise="grad-norm", grad_norm_every=50, grad_norm_probes=3), MeZO, False),
-])
+@pytest.mark.parametrize(
+    "config,cls,fuse",
+    [
+        (OptimConfig(), MeZO, True),
+        (OptimConfig(estimator="one-sided", n_perturbations=3), MeZO, False),
+        (OptimConfig(variant="momentum", window=8), MeZOMomentum, True),
+        (OptimConfig(variant="adam", state="stored", layerwise="param-norm"), MeZOAdam, False),
+        (OptimConfig(layerwise="grad-norm", grad_norm_every=50, grad_norm_probes=3), MeZO, False),
+    ],
+)
 def test_make_optimizer_builds_the_configured_variant(toy_model, config, cls, fuse):
     opt = make_optimizer(toy_model().named_parameters(), config)
     assert type(opt) is cls and opt.fuse_next is fuse and opt.on_nonfinite == "skip"
-    assert (opt.layerwise, opt.grad_norm_every, opt.grad_norm_probes) == (config.layerwise, config.grad_norm_every,
-                                                                          config.grad_norm_probes)
+    assert (opt.layerwise, opt.grad_norm_every, opt.grad_norm_probes) == (
+        config.layerwise,
+        config.grad_norm_every,
+        config.grad_norm_probes,
+    )
     assert zotune.make_optimizer is make_optimizer
 
 
 def test_make_optimizer_linear_n_schedule(toy_model, regression_data):
     model = toy_model()
-    opt = make_optimizer(model.named_parameters(), OptimConfig(n_perturbations=2, n_schedule="linear",
-                                                               n_perturbations_final=4, n_ramp_steps=2))
+    opt = make_optimizer(
+        model.named_parameters(),
+        OptimConfig(n_perturbations=2, n_schedule="linear", n_perturbations_final=4, n_ramp_steps=2),
+    )
     sizes = []
     for _ in range(3):
         opt.step(mse_closure(model, *regression_data))
@@ -520,11 +603,43 @@ def test_train_with_a_variant_resumes_like_an_uninterrupted_run(model_dir, tmp_p
     from zotune.cli import main
 
     def args(out):
-        return ["train", "--model.name", str(model_dir), "--steps", "4", "--eval_every", "4", "--train", "16",
-                "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-3", "--progress", "false",
-                "--zero_shot", "false", "--save_best", "false", "--output_dir", str(out), "--variant", "adam",
-                "--optimizer.state", "stored", "--n_perturbations", "2", "--estimator", "one-sided",
-                "--layerwise", *layerwise]
+        return [
+            "train",
+            "--model.name",
+            str(model_dir),
+            "--steps",
+            "4",
+            "--eval_every",
+            "4",
+            "--train",
+            "16",
+            "--validation",
+            "8",
+            "--test",
+            "8",
+            "--batch_size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--progress",
+            "false",
+            "--zero_shot",
+            "false",
+            "--save_best",
+            "false",
+            "--output_dir",
+            str(out),
+            "--variant",
+            "adam",
+            "--optimizer.state",
+            "stored",
+            "--n_perturbations",
+            "2",
+            "--estimator",
+            "one-sided",
+            "--layerwise",
+            *layerwise,
+        ]
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(args(full)) == 0
@@ -572,10 +687,20 @@ def test_history_variants_allocate_no_parameter_sized_tensor(cls):
 
 # -- the gradient-norm layerwise variant (the authors' Appendix B code: per-layer probes, z / c_l, c_l z) --
 
+
 def test_layer_groups_follow_numbered_blocks():
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.w",
-             "model.layers.1.self_attn.q_proj.weight", "model.layers.10.x.lora_A.default.weight",
-             "model.norm.weight", "lm_head.weight", "0.weight", "0.bias", "3.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.mlp.w",
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.10.x.lora_A.default.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "0.weight",
+        "0.bias",
+        "3.weight",
+    ]
     assert V.layer_groups(names) == [[0], [1, 2], [3], [4], [5], [6], [7, 8], [9]]
 
 
@@ -593,8 +718,11 @@ def test_grad_norm_scales_keep_the_perturbation_norm_and_fill_gaps():
 def test_grad_norm_probes_estimate_each_layers_gradient_norm():
     # A linear loss: finite differences are exact, g_l = z_l . a_l, so sqrt(mean g_l^2) -> ||a_l||.
     gen = torch.Generator().manual_seed(1)
-    a = {"emb.weight": 4.0 * torch.randn(50, generator=gen), "blocks.0.w": torch.randn(200, generator=gen),
-         "blocks.1.w": 0.1 * torch.randn(100, generator=gen)}
+    a = {
+        "emb.weight": 4.0 * torch.randn(50, generator=gen),
+        "blocks.0.w": torch.randn(200, generator=gen),
+        "blocks.1.w": 0.1 * torch.randn(100, generator=gen),
+    }
     params = [(n, torch.nn.Parameter(torch.zeros(t.numel()))) for n, t in a.items()]
     loss = lambda: sum(float(a[n] @ p) for n, p in params)  # noqa: E731
     opt = MeZO(params, lr=0.0, layerwise="grad-norm", grad_norm_probes=400)
@@ -626,8 +754,14 @@ def test_grad_norm_trajectory_records_probe_passes(tmp_path, toy_model, regressi
     from zotune.trajectory import LayerProbe, LayerScales
 
     model = toy_model()
-    opt = MeZO(model.named_parameters(), lr=1e-2, layerwise="grad-norm", grad_norm_every=2, seed=5,
-               trajectory=tmp_path / "t.zot")
+    opt = MeZO(
+        model.named_parameters(),
+        lr=1e-2,
+        layerwise="grad-norm",
+        grad_norm_every=2,
+        seed=5,
+        trajectory=tmp_path / "t.zot",
+    )
     for _ in range(3):
         opt.step(mse_closure(model, *regression_data))
     opt._writer.close()
@@ -663,8 +797,9 @@ def test_grad_norm_interrupted_probe_is_undone_and_replays(tmp_path, toy_model, 
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("cls,kwargs", [(MeZOAdam, dict(betas=(0.8, 0.9))), (MeZOMomentum, dict(beta=0.8))],
-                         ids=["adam", "momentum"])
+@pytest.mark.parametrize(
+    "cls,kwargs", [(MeZOAdam, dict(betas=(0.8, 0.9))), (MeZOMomentum, dict(beta=0.8))], ids=["adam", "momentum"]
+)
 def test_saved_moments_resume_as_the_rebuilt_ones_do(toy_model, regression_data, tmp_path, cls, kwargs):
     def build(model, path):
         return cls(model.named_parameters(), lr=1e-3, state="stored", seed=5, trajectory=path, **kwargs)
@@ -691,7 +826,10 @@ def test_saved_moments_resume_as_the_rebuilt_ones_do(toy_model, regression_data,
         resumed.append((again, copy))
     for again, copy in resumed:
         for k in moments:
-            assert torch.equal(again.moment_tensors()[k], moments[k]), (k, (again.moment_tensors()[k] - moments[k]).abs().max())
+            assert torch.equal(again.moment_tensors()[k], moments[k]), (
+                k,
+                (again.moment_tensors()[k] - moments[k]).abs().max(),
+            )
         again.step(mse_closure(copy, *regression_data))
     for (_, a), (_, b) in zip(resumed, resumed[1:]):
         assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -13,8 +13,20 @@ import torch
 
 from zotune.errors import UserError
 
-__all__ = ["SNAPSHOT", "CheckpointError", "CheckpointMismatch", "copy_into", "drop_snapshot", "load_snapshot",
-           "load_tensors", "read_header", "read_json", "save_snapshot", "save_tensors", "write_json"]
+__all__ = [
+    "SNAPSHOT",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "copy_into",
+    "drop_snapshot",
+    "load_snapshot",
+    "load_tensors",
+    "read_header",
+    "read_json",
+    "save_snapshot",
+    "save_tensors",
+    "write_json",
+]
 
 
 class CheckpointError(UserError):
@@ -49,22 +61,36 @@ def read_json(path: str | os.PathLike):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except UnicodeDecodeError as err:
-        raise CheckpointError(f"{path}: not a JSON file (not UTF-8 text at byte {err.start}); "
-                              f"the file is corrupted") from None
+        raise CheckpointError(
+            f"{path}: not a JSON file (not UTF-8 text at byte {err.start}); the file is corrupted"
+        ) from None
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-                              f"the file is cut short or corrupted") from None
+        raise CheckpointError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+            f"the file is cut short or corrupted"
+        ) from None
 
 
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 _CHUNK = 4 << 20  # elements per slice while checking and writing
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
     """Save tensors as safetensors, streamed from their memory; refuses NaN or infinite values.
 
     Written here rather than with ``safetensors.torch.save_file``, which copies each tensor into a
@@ -88,7 +114,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     offset = 0
     for name, t in tensors.items():
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -114,7 +144,9 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); it is cut short or corrupted") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({err}); it is cut short or corrupted"
+        ) from None
 
 
 class CheckpointMismatch(CheckpointError):
@@ -132,8 +164,9 @@ def _read_safetensors_header(f, path) -> tuple[dict, int]:
         raise CheckpointMismatch(f"{path}: not a safetensors file (header length {n})")
     raw = f.read(n)
     if len(raw) < n:
-        raise CheckpointMismatch(f"{path}: a truncated safetensors file (its header needs {n} bytes, "
-                                 f"{len(raw)} follow)")
+        raise CheckpointMismatch(
+            f"{path}: a truncated safetensors file (its header needs {n} bytes, {len(raw)} follow)"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -142,21 +175,29 @@ def _read_safetensors_header(f, path) -> tuple[dict, int]:
         raise CheckpointMismatch(f"{path}: not a safetensors file (unreadable header)")
     for name, info in header.items():
         if name != "__metadata__" and not _is_entry(info):
-            raise CheckpointMismatch(f"{path}: not a safetensors file (tensor {name!r} has a malformed entry "
-                                     f"{str(info)[:80]})")
+            raise CheckpointMismatch(
+                f"{path}: not a safetensors file (tensor {name!r} has a malformed entry {str(info)[:80]})"
+            )
     return header, 8 + n
 
 
 def _is_entry(info) -> bool:
     """A header entry as the format defines it: dtype, shape, and ``data_offsets`` ``[begin, end]``."""
+
     def count(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
     if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
         return False
     shape, offsets = info.get("shape"), info.get("data_offsets")
-    return (isinstance(shape, list) and all(count(d) for d in shape) and isinstance(offsets, list)
-            and len(offsets) == 2 and all(count(o) for o in offsets) and offsets[0] <= offsets[1])
+    return (
+        isinstance(shape, list)
+        and all(count(d) for d in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(count(o) for o in offsets)
+        and offsets[0] <= offsets[1]
+    )
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, list[int]]]:
@@ -176,7 +217,9 @@ def _read_exactly(f, into: torch.Tensor, path, name: str) -> None:
 
 
 @torch.no_grad()
-def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, chunk_bytes: int = 16 << 20) -> list[str]:
+def copy_into(
+    path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, chunk_bytes: int = 16 << 20
+) -> list[str]:
     """Copy a safetensors file's tensors into ``targets`` in place; returns the names.
 
     Every name and shape is checked before anything is written (:class:`CheckpointMismatch`). The
@@ -197,7 +240,9 @@ def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, c
                 have = "no such tensor" if name not in targets else f"shape {list(targets[name].shape)}"
                 raise CheckpointMismatch(f"{path}: tensor {name!r} {shape} does not fit the model ({have})")
             if info["dtype"] not in dtypes:
-                raise CheckpointMismatch(f"{path}: tensor {name!r} has dtype {info['dtype']}, which zotune does not read")
+                raise CheckpointMismatch(
+                    f"{path}: tensor {name!r} has dtype {info['dtype']}, which zotune does not read"
+                )
             if data + info["data_offsets"][1] > os.fstat(f.fileno()).st_size:
                 raise CheckpointMismatch(f"{path}: tensor {name!r} is cut short (a truncated file)")
             begin, end = info["data_offsets"]
@@ -225,7 +270,6 @@ def copy_into(path: str | os.PathLike, targets: Mapping[str, torch.Tensor], *, c
     return list(header)
 
 
-
 # -- the resume snapshot: a run's trainable weights at its state's step ------------------------------
 
 SNAPSHOT = Path("resume") / "model.safetensors"  # in a run directory: the weights at state.json's step
@@ -238,8 +282,11 @@ def save_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable, moments
     resume would otherwise rebuild. A failure (a full disk, non-finite weights) drops the snapshot and
     says so: resume can still replay the trajectory."""
     try:
-        save_tensors(run_dir / SNAPSHOT, {**dict(trainable), **{_MOMENT + n: t for n, t in moments.items()}},
-                     {"step": str(step), "trajectory_bytes": str(trajectory_bytes)})
+        save_tensors(
+            run_dir / SNAPSHOT,
+            {**dict(trainable), **{_MOMENT + n: t for n, t in moments.items()}},
+            {"step": str(step), "trajectory_bytes": str(trajectory_bytes)},
+        )
     except (OSError, ValueError) as err:
         drop_snapshot(run_dir)
         log(f"warning: no weights saved for --resume ({err}); it will replay the trajectory")
@@ -271,4 +318,4 @@ def load_snapshot(run_dir: Path, step: int, trajectory_bytes, trainable) -> dict
         copy_into(path, {**dict(trainable), **moments})
     except CheckpointMismatch:
         return None
-    return {n[len(_MOMENT):]: t for n, t in moments.items()}
+    return {n[len(_MOMENT) :]: t for n, t in moments.items()}

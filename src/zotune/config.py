@@ -23,8 +23,17 @@ from zotune.errors import UserError
 from zotune.models import ModelConfig
 from zotune.optim import estimators, variants
 
-__all__ = ["ConfigError", "OptimConfig", "RunConfig", "TaskConfig", "TrainConfig", "load_config", "override_pairs",
-           "parse_overrides", "read_yaml"]
+__all__ = [
+    "ConfigError",
+    "OptimConfig",
+    "RunConfig",
+    "TaskConfig",
+    "TrainConfig",
+    "load_config",
+    "override_pairs",
+    "parse_overrides",
+    "read_yaml",
+]
 
 
 class ConfigError(UserError):
@@ -56,15 +65,24 @@ class TaskConfig:
         if self.scoring not in ("auto", "options"):
             raise ConfigError(f"task.scoring must be auto or options, got {self.scoring!r}")
         if self.template is not None and (not isinstance(self.template, str) or not self.template.strip()):
-            raise ConfigError(f"task.template must be a non-empty string with {{field}} placeholders, got {self.template!r}")
+            raise ConfigError(
+                f"task.template must be a non-empty string with {{field}} placeholders, got {self.template!r}"
+            )
         if isinstance(self.label_words, str):
-            raise ConfigError(f"task.label_words must be a list of words, one per label, got the string {self.label_words!r}")
-        if self.label_words is not None and (len(self.label_words) < 2 or not all(
-                isinstance(w, str) and w.strip() for w in self.label_words)):
-            raise ConfigError(f"task.label_words must be a list of at least two non-empty words, got {self.label_words!r}")
+            raise ConfigError(
+                f"task.label_words must be a list of words, one per label, got the string {self.label_words!r}"
+            )
+        if self.label_words is not None and (
+            len(self.label_words) < 2 or not all(isinstance(w, str) and w.strip() for w in self.label_words)
+        ):
+            raise ConfigError(
+                f"task.label_words must be a list of at least two non-empty words, got {self.label_words!r}"
+            )
         if self.name == "custom" and (self.template is not None or self.label_words is not None):
-            raise ConfigError("task.template and task.label_words are for registered tasks; a custom task sets "
-                              "them in task.custom (template, label_words)")
+            raise ConfigError(
+                "task.template and task.label_words are for registered tasks; a custom task sets "
+                "them in task.custom (template, label_words)"
+            )
         for name in ("train", "validation", "test", "max_length", "max_new_tokens", "k"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -118,9 +136,14 @@ class OptimConfig:
             raise ConfigError(f"optimizer.eps must be a finite number > 0, got {self.eps}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        choices = {"distribution": rng.PERTURBATIONS, "n_schedule": ("constant", "linear"),
-                   "estimator": tuple(estimators.ESTIMATORS), "variant": tuple(variants.RULES),
-                   "state": ("history", "stored"), "layerwise": variants.LAYERWISE}
+        choices = {
+            "distribution": rng.PERTURBATIONS,
+            "n_schedule": ("constant", "linear"),
+            "estimator": tuple(estimators.ESTIMATORS),
+            "variant": tuple(variants.RULES),
+            "state": ("history", "stored"),
+            "layerwise": variants.LAYERWISE,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"optimizer.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -131,21 +154,26 @@ class OptimConfig:
         est = estimators.get(self.estimator)
         for name in ("n_perturbations",) + (("n_perturbations_final",) if self.n_schedule == "linear" else ()):
             if not est.min_n <= getattr(self, name) <= (est.max_n or 100):
-                raise ConfigError(f"optimizer.{name} must be from {est.min_n} to {est.max_n or 100} with the "
-                                  f"{self.estimator} estimator, got {getattr(self, name)}")
+                raise ConfigError(
+                    f"optimizer.{name} must be from {est.min_n} to {est.max_n or 100} with the "
+                    f"{self.estimator} estimator, got {getattr(self, name)}"
+                )
         if est.rule is not None and self.variant == "sgd":
             self.variant = est.rule  # the estimator's own update rule (hizoo's), which it needs
         if (est.rule or "sgd") != self.variant and (est.rule is not None or self.variant == "hizoo"):
-            raise ConfigError(f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
-                              f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)")
+            raise ConfigError(
+                f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
+                f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)"
+            )
         if not (0 <= self.hizoo_alpha <= 1):
             raise ConfigError(f"optimizer.hizoo_alpha must be in [0, 1], got {self.hizoo_alpha}")
         for name in ("n_ramp_steps", "window", "grad_norm_probes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.grad_norm_every, int) and self.grad_norm_every >= 0):
-            raise ConfigError(f"optimizer.grad_norm_every must be an integer >= 0 (0: estimate once), "
-                              f"got {self.grad_norm_every!r}")
+            raise ConfigError(
+                f"optimizer.grad_norm_every must be an integer >= 0 (0: estimate once), got {self.grad_norm_every!r}"
+            )
         for name in ("beta1", "beta2"):
             if not (0 <= getattr(self, name) < 1):
                 raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -183,15 +211,18 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.objective not in ("loss", "accuracy", "f1") and ":" not in self.objective:
-            raise ConfigError(f"train.objective must be loss, accuracy, f1 or a 'module:function' reward, "
-                              f"got {self.objective!r}")
+            raise ConfigError(
+                f"train.objective must be loss, accuracy, f1 or a 'module:function' reward, got {self.objective!r}"
+            )
         if self.init not in ("none", "probe"):
             raise ConfigError(f"train.init must be none or probe, got {self.init!r}")
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not (self.time_limit >= 0 and math.isfinite(self.time_limit)):
-            raise ConfigError(f"train.time_limit must be a finite number of minutes >= 0 (0: none), got {self.time_limit}")
+            raise ConfigError(
+                f"train.time_limit must be a finite number of minutes >= 0 (0: none), got {self.time_limit}"
+            )
         if not (self.divergence == 0 or (self.divergence > 1 and math.isfinite(self.divergence))):
             raise ConfigError(f"train.divergence must be 0 (off) or a finite factor > 1, got {self.divergence}")
         if self.forward_chunks < 0:
@@ -346,8 +377,9 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return changes
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
-                changes: Mapping[str, object] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, changes: Mapping[str, object] | None = None
+) -> RunConfig:
     """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``, then ``changes``.
 
     Args:
@@ -391,9 +423,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def _is_text(section: str, name: str) -> bool:
     hint = typing.get_type_hints(section_classes()[section])[name]
-    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
-                           and str in typing.get_args(hint) and not any(
-                               typing.get_origin(a) in (list, dict) or a in (list, dict) for a in typing.get_args(hint)))
+    return hint is str or (
+        typing.get_origin(hint) in (typing.Union, types.UnionType)
+        and str in typing.get_args(hint)
+        and not any(typing.get_origin(a) in (list, dict) or a in (list, dict) for a in typing.get_args(hint))
+    )
 
 
 def _parse_value(text: str):

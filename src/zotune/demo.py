@@ -38,8 +38,13 @@ def tiny_llama(seed: int = 0, vocab_size: int = 64, hidden_size: int = 32, layer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     model = LlamaForCausalLM._from_config(config)
     generator = torch.Generator().manual_seed(seed)
@@ -63,8 +68,10 @@ def run_demo(config: DemoConfig | None = None, report: Callable[[str], None] = p
         return model(input_ids=data, labels=data).loss
 
     n_params = sum(p.numel() for p in model.parameters())
-    report(f"zotune demo: MeZO on a tiny Llama ({n_params:,} parameters), memorising "
-           f"{config.sequences} random sequences of {config.length} tokens")
+    report(
+        f"zotune demo: MeZO on a tiny Llama ({n_params:,} parameters), memorising "
+        f"{config.sequences} random sequences of {config.length} tokens"
+    )
     with torch.no_grad():
         initial = float(closure())
     report(f"step {0:>5}  loss {initial:.4f}")

@@ -71,8 +71,9 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_closure(closure: Callable[[], torch.Tensor | float], group=None,
-                       weight: float | Callable[[], float] | None = None) -> Callable[[], torch.Tensor]:
+def all_reduce_closure(
+    closure: Callable[[], torch.Tensor | float], group=None, weight: float | Callable[[], float] | None = None
+) -> Callable[[], torch.Tensor]:
     r"""A closure that returns the loss averaged over the ranks of ``group``.
 
     .. math:: L = \frac{\sum_r w_r L_r}{\sum_r w_r}
@@ -184,8 +185,8 @@ def check_consistent(optimizer, group=None, *, check_values: bool = True) -> Non
         values = ", ".join(f"rank {r}: {_short(f[k])}" for r, f in enumerate(everyone))
         lines.append(f"  {k}: {values}")
     raise RuntimeError(
-        "the ranks disagree on the MeZO run and would diverge silently:\n" + "\n".join(lines) +
-        "\nbuild the optimizer identically on every rank (same seed, parameters, hyper-parameters and "
+        "the ranks disagree on the MeZO run and would diverge silently:\n"
+        + "\n".join(lines)
+        + "\nbuild the optimizer identically on every rank (same seed, parameters, hyper-parameters and "
         "initial weights; load the same checkpoint when resuming)"
     )
-

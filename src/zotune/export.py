@@ -64,15 +64,25 @@ def trained_on(run_dir: Path, log: Callable[[str], None]) -> str | None:
     if not isinstance(summary, dict) or not isinstance(device, (str, type(None))):
         raise CheckpointError(f"{path}: not a summary.json written by zotune train (give --device to replay anyway)")
     if device and device.startswith("cuda") and not torch.cuda.is_available():
-        log(f"the run trained on {device}; this machine has no CUDA GPU: replaying on the CPU, whose z may differ "
-            f"from the GPU's in the last bits")
+        log(
+            f"the run trained on {device}; this machine has no CUDA GPU: replaying on the CPU, whose z may differ "
+            f"from the GPU's in the last bits"
+        )
         return "cpu"
     return device
 
 
-def export(base: str, trajectory: str | Path, out: str | Path, *, step: str | int | None = None,
-           config: str | Path | None = None, device: str | None = None, dtype: str | None = None,
-           log: Callable[[str], None] = print) -> Exported:
+def export(
+    base: str,
+    trajectory: str | Path,
+    out: str | Path,
+    *,
+    step: str | int | None = None,
+    config: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Exported:
     """Replay ``trajectory`` (its first ``step`` steps, or ``"best"``) onto ``base`` and save the model to ``out``.
 
     ``config`` defaults to the config.yaml beside the trajectory (how the run prepared its model);
@@ -94,8 +104,11 @@ def export(base: str, trajectory: str | Path, out: str | Path, *, step: str | in
     model = merge_lora(loaded.model) if model_config.tuning == "lora" else loaded.model
     if model_config.tuning == "prefix":
         model.model.save_pretrained(partial)
-        checkpoint.save_tensors(partial / "prefix.safetensors", dict(model.prefix.named_parameters()),
-                                {"prefix_tokens": str(model_config.prefix_tokens)})
+        checkpoint.save_tensors(
+            partial / "prefix.safetensors",
+            dict(model.prefix.named_parameters()),
+            {"prefix_tokens": str(model_config.prefix_tokens)},
+        )
     else:
         model.save_pretrained(partial)
     loaded.tokenizer.save_pretrained(partial)

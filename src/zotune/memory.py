@@ -41,9 +41,14 @@ __all__ = ["DTYPES", "Estimate", "Shapes", "estimate", "parse_bytes", "report", 
 
 # OPT sizes (Zhang et al., 2022): hidden size, layers, heads, FFN size; for names like "opt-13b"
 _OPT = {
-    "125m": (768, 12, 12, 3072), "350m": (1024, 24, 16, 4096), "1.3b": (2048, 24, 32, 8192),
-    "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384), "13b": (5120, 40, 40, 20480),
-    "30b": (7168, 48, 56, 28672), "66b": (9216, 64, 72, 36864),
+    "125m": (768, 12, 12, 3072),
+    "350m": (1024, 24, 16, 4096),
+    "1.3b": (2048, 24, 32, 8192),
+    "2.7b": (2560, 32, 32, 10240),
+    "6.7b": (4096, 32, 32, 16384),
+    "13b": (5120, 40, 40, 20480),
+    "30b": (7168, 48, 56, 28672),
+    "66b": (9216, 64, 72, 36864),
 }
 _WIDTH = {"float16": 2, "bfloat16": 2, "float32": 4}
 DTYPES = tuple(sorted(_WIDTH))  # the dtypes an estimate knows
@@ -77,11 +82,17 @@ class Estimate:
     forward_gradient: int = 0
 
     def rows(self) -> list[tuple[str, int]]:
-        return [("inference", self.inference), ("MeZO (zotune)", self.mezo),
-                ("MeZO, reference-style", self.mezo_reference_style), ("MeZO + LoRA", self.mezo_lora),
-                ("MeZO + prefix", self.mezo_prefix), ("MeZO-momentum, stored state", self.mezo_momentum_stored),
-                ("MeZO-Adam, stored state", self.mezo_adam_stored), ("forward gradient (jvp)", self.forward_gradient),
-                ("backprop fine-tuning (Adam)", self.backprop_adam)]
+        return [
+            ("inference", self.inference),
+            ("MeZO (zotune)", self.mezo),
+            ("MeZO, reference-style", self.mezo_reference_style),
+            ("MeZO + LoRA", self.mezo_lora),
+            ("MeZO + prefix", self.mezo_prefix),
+            ("MeZO-momentum, stored state", self.mezo_momentum_stored),
+            ("MeZO-Adam, stored state", self.mezo_adam_stored),
+            ("forward gradient (jvp)", self.forward_gradient),
+            ("backprop fine-tuning (Adam)", self.backprop_adam),
+        ]
 
 
 def parse_bytes(text: str) -> int:
@@ -100,8 +111,14 @@ def _load_config(model: str):
     name = model.lower().split("/")[-1]
     if name.startswith("opt-") and name[4:] in _OPT:
         hidden, layers, heads, ffn = _OPT[name[4:]]
-        return OPTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
-                         word_embed_proj_dim=hidden, vocab_size=50272)
+        return OPTConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            ffn_dim=ffn,
+            word_embed_proj_dim=hidden,
+            vocab_size=50272,
+        )
     path = Path(model)
     if path.is_file():
         return _config_file(path)
@@ -110,17 +127,22 @@ def _load_config(model: str):
             return AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise ModelError(f"{path}: cannot read a model config from this folder ({_first_line(err)})") from None
-    tried = (f"it is not an OPT size ({', '.join(f'opt-{size}' for size in _OPT)}) and there is no config.json "
-             f"file or model folder {path}")
+    tried = (
+        f"it is not an OPT size ({', '.join(f'opt-{size}' for size in _OPT)}) and there is no config.json "
+        f"file or model folder {path}"
+    )
     offline = hub_unavailable()  # unreachable: the local cache at once, not ~25 s of retries first
     try:
         return AutoConfig.from_pretrained(model, local_files_only=offline is not None)
     except (OSError, ValueError) as err:
         if offline:
-            raise ModelError(f"cannot find model {model!r}: {tried}, it is not in the local Hugging Face cache, "
-                             f"and the hub was not asked: {offline}") from None
-        raise ModelError(f"cannot find model {model!r}: {tried}, and the hub has no config for it: "
-                         f"{_first_line(err)}") from None
+            raise ModelError(
+                f"cannot find model {model!r}: {tried}, it is not in the local Hugging Face cache, "
+                f"and the hub was not asked: {offline}"
+            ) from None
+        raise ModelError(
+            f"cannot find model {model!r}: {tried}, and the hub has no config for it: {_first_line(err)}"
+        ) from None
 
 
 def _config_file(path: Path):
@@ -134,15 +156,18 @@ def _config_file(path: Path):
     except UnicodeDecodeError as err:
         raise ModelError(f"{path}: not a config.json (not UTF-8 text at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise ModelError(f"{path}: not a config.json (invalid JSON: {err.msg} at line {err.lineno} "
-                         f"column {err.colno})") from None
+        raise ModelError(
+            f"{path}: not a config.json (invalid JSON: {err.msg} at line {err.lineno} column {err.colno})"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
-        raise ModelError(f"{path}: not a model's config.json (no \"model_type\" in it)")
+        raise ModelError(f'{path}: not a model\'s config.json (no "model_type" in it)')
     model_type = data.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **data)
     except (TypeError, ValueError) as err:
-        raise ModelError(f"{path}: transformers cannot build a {model_type!r} config from it ({_first_line(err)})") from None
+        raise ModelError(
+            f"{path}: transformers cannot build a {model_type!r} config from it ({_first_line(err)})"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -171,8 +196,16 @@ def shapes_from_config(config) -> Shapes:
     )
 
 
-def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: int = 64, lora_rank: int = 8,
-             prefix_tokens: int = 5, fused_attention: bool = True) -> Estimate:
+def estimate(
+    shapes: Shapes,
+    *,
+    dtype: str = "float16",
+    batch: int = 16,
+    seq: int = 64,
+    lora_rank: int = 8,
+    prefix_tokens: int = 5,
+    fused_attention: bool = True,
+) -> Estimate:
     """Peak bytes of each way of running the model (see the module docstring for every term)."""
     if dtype not in _WIDTH:
         raise UserError(f"dtype must be one of {sorted(_WIDTH)}, got {dtype!r}")
@@ -199,21 +232,45 @@ def estimate(shapes: Shapes, *, dtype: str = "float16", batch: int = 16, seq: in
     saved = int(s.layers * batch * seq * s.hidden * (34 + scores) * w / 2)
     states = s.params * 16
     backprop = states + saved + batch * seq * s.vocab * (w + 12)
-    return Estimate(inference, mezo, reference_style, mezo_lora, mezo_prefix, backprop,
-                    mezo_momentum_stored=mezo + 4 * s.params, mezo_adam_stored=mezo + 8 * s.params,
-                    forward_gradient=2 * weights + 2 * act)
+    return Estimate(
+        inference,
+        mezo,
+        reference_style,
+        mezo_lora,
+        mezo_prefix,
+        backprop,
+        mezo_momentum_stored=mezo + 4 * s.params,
+        mezo_adam_stored=mezo + 8 * s.params,
+        forward_gradient=2 * weights + 2 * act,
+    )
 
 
-def report(model: str, *, gpu_memory: str | None = None, dtype: str = "float16", batch: int = 16, seq: int = 64,
-           lora_rank: int = 8, prefix_tokens: int = 5, eager_attention: bool = False) -> str:
+def report(
+    model: str,
+    *,
+    gpu_memory: str | None = None,
+    dtype: str = "float16",
+    batch: int = 16,
+    seq: int = 64,
+    lora_rank: int = 8,
+    prefix_tokens: int = 5,
+    eager_attention: bool = False,
+) -> str:
     """The table ``zotune memory`` prints: each mode's predicted peak, against inference and ``gpu_memory``.
 
     ``model`` is a hub id or local directory, a config.json, or an OPT size like ``opt-13b``;
     ``gpu_memory`` (``"80GB"``) adds whether each mode fits one GPU of that size.
     """
     shapes = shapes_from_config(_load_config(model))
-    est = estimate(shapes, dtype=dtype, batch=batch, seq=seq, lora_rank=lora_rank, prefix_tokens=prefix_tokens,
-                   fused_attention=not eager_attention)
+    est = estimate(
+        shapes,
+        dtype=dtype,
+        batch=batch,
+        seq=seq,
+        lora_rank=lora_rank,
+        prefix_tokens=prefix_tokens,
+        fused_attention=not eager_attention,
+    )
     budget = parse_bytes(gpu_memory) if gpu_memory else None
     lines = [f"{model}: {shapes.params / 1e9:.3f}B parameters, {dtype}, batch {batch}, seq {seq}"]
     for name, value in est.rows():

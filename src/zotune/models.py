@@ -73,7 +73,9 @@ class ModelConfig:
         if self.tuning not in ("full", "lora", "prefix", "head"):
             raise ModelError(f"model.tuning must be full, lora, prefix or head, got {self.tuning!r}")
         if self.lora_r < 1 or self.prefix_tokens < 1:
-            raise ModelError(f"model.lora_r and model.prefix_tokens must be >= 1, got {self.lora_r}, {self.prefix_tokens}")
+            raise ModelError(
+                f"model.lora_r and model.prefix_tokens must be >= 1, got {self.lora_r}, {self.prefix_tokens}"
+            )
         if isinstance(self.lora_targets, str):
             self.lora_targets = [self.lora_targets]
         if self.kind not in KINDS:
@@ -169,8 +171,7 @@ def _prepare_gguf(path: Path, config: ModelConfig, log: Callable[[str], None]) -
 
 # GGUF metadata value types (the GGUF specification, llama.cpp's docs/gguf.md): fixed-width scalars,
 # then 8 (a string: u64 length + UTF-8 bytes) and 9 (an array: element type u32, count u64, elements).
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_VERSIONS = (2, 3)
 _GGUF_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
@@ -214,10 +215,14 @@ class _GgufCursor:
                 for _ in range(count):  # each string costs 8 bytes or more: a bogus count soon runs out of file
                     self.take(self.read("<Q", what)[0], what)
             else:
-                raise ModelError(f"{self.path}: a corrupted GGUF file: {what} is an array of value type {element}, "
-                                 f"which zotune does not read")
+                raise ModelError(
+                    f"{self.path}: a corrupted GGUF file: {what} is an array of value type {element}, "
+                    f"which zotune does not read"
+                )
             return None
-        raise ModelError(f"{self.path}: a corrupted GGUF file: {what} has value type {kind}, which GGUF does not define")
+        raise ModelError(
+            f"{self.path}: a corrupted GGUF file: {what} has value type {kind}, which GGUF does not define"
+        )
 
 
 def _check_gguf(path: str | os.PathLike) -> None:
@@ -245,8 +250,11 @@ def _walk_gguf(cursor: _GgufCursor, path: Path, size: int, quant_sizes) -> None:
     (version,) = cursor.read("<I", "the header")
     if version not in _GGUF_VERSIONS:
         swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
-        why = ("a big-endian file, which transformers does not read" if swapped in _GGUF_VERSIONS
-               else "a corrupted file, or one from another era of llama.cpp")
+        why = (
+            "a big-endian file, which transformers does not read"
+            if swapped in _GGUF_VERSIONS
+            else "a corrupted file, or one from another era of llama.cpp"
+        )
         raise ModelError(f"{path}: GGUF version {version}; zotune reads versions 2 and 3 ({why})")
     n_tensors, n_values = cursor.read("<QQ", "the header")
     metadata = {}
@@ -272,14 +280,18 @@ def _walk_gguf(cursor: _GgufCursor, path: Path, size: int, quant_sizes) -> None:
         block, block_bytes = quant_sizes[ggml_type]
         elements = math.prod(shape)
         if elements % block:
-            raise ModelError(f"{path}: a corrupted GGUF file: tensor {name!r} of shape {list(shape)} is not a whole "
-                             f"number of {block}-element blocks")
+            raise ModelError(
+                f"{path}: a corrupted GGUF file: tensor {name!r} of shape {list(shape)} is not a whole "
+                f"number of {block}-element blocks"
+            )
         extents.append((name, offset + elements // block * block_bytes))
     data_start = -(-cursor.pos // alignment) * alignment
     for name, end in extents:
         if data_start + end > size:
-            raise ModelError(f"{path}: a truncated GGUF file: tensor {name!r} needs bytes up to {data_start + end}, "
-                             f"the file has {size}")
+            raise ModelError(
+                f"{path}: a truncated GGUF file: tensor {name!r} needs bytes up to {data_start + end}, "
+                f"the file has {size}"
+            )
 
 
 def _drop_gguf_marker(hf_config) -> None:
@@ -338,10 +350,13 @@ def load_model(config: ModelConfig | None = None, *, log: Callable[[str], None] 
             raise ModelError(f"cannot load model {name!r} from {folder}: {_first_line(err)}") from None
         tried = f"it is not the embedded default ({EMBEDDED}), there is no file or folder {path}"
         if offline:
-            raise ModelError(f"cannot load model {name!r}: {tried}, it is not in the local Hugging Face cache, "
-                             f"and the hub was not asked: {offline}") from None
-        raise ModelError(f"cannot load model {name!r}: {tried}, and loading it as a hub id failed: "
-                         f"{_first_line(err)}") from None
+            raise ModelError(
+                f"cannot load model {name!r}: {tried}, it is not in the local Hugging Face cache, "
+                f"and the hub was not asked: {offline}"
+            ) from None
+        raise ModelError(
+            f"cannot load model {name!r}: {tried}, and loading it as a hub id failed: {_first_line(err)}"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if kind == "masked" and tokenizer.mask_token is None:
@@ -410,8 +425,9 @@ def resolve_device(name: str) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ModelError(f"model.device is {name!r} but torch sees no CUDA GPU (torch {torch.__version__}); "
-                         f"use cpu or auto")
+        raise ModelError(
+            f"model.device is {name!r} but torch sees no CUDA GPU (torch {torch.__version__}); use cpu or auto"
+        )
     if device.index is not None:
         if device.index >= torch.cuda.device_count():
             raise ModelError(f"model.device is {name!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
@@ -431,7 +447,7 @@ def _with_prefixes(model: torch.nn.Module, path: Path, kind: str, log: Callable[
         wrapped = PrefixLM.from_tensors(model, {n: t.to(like.device, like.dtype) for n, t in tensors.items()})
     except ValueError as err:
         raise ModelError(f"{path}: {err}") from None
-    expected = (getattr(model.config, "num_hidden_layers", None))
+    expected = getattr(model.config, "num_hidden_layers", None)
     if expected is not None and len(wrapped.prefix.layers) != expected:
         raise ModelError(f"{path} has prefixes for {len(wrapped.prefix.layers)} layers, the model has {expected}")
     wrapped.zotune_tuning = "prefix"  # training it again with --model.tuning prefix continues these prefixes

@@ -31,8 +31,20 @@ import torch.nn.functional as F
 
 from zotune.tasks.base import MASK, Instance, TaskError
 
-__all__ = ["CPU_FORWARD_OVERHEAD", "Encoded", "Objective", "evaluate", "evaluate_split", "exact_match", "f1_score", "hidden_at",
-           "length_slices", "make_objective", "metric_objective", "selective_head"]
+__all__ = [
+    "CPU_FORWARD_OVERHEAD",
+    "Encoded",
+    "Objective",
+    "evaluate",
+    "evaluate_split",
+    "exact_match",
+    "f1_score",
+    "hidden_at",
+    "length_slices",
+    "make_objective",
+    "metric_objective",
+    "selective_head",
+]
 
 
 @dataclass(frozen=True)
@@ -164,8 +176,16 @@ class Objective:
         max_new_tokens: generation: longest decoded answer.
     """
 
-    def __init__(self, kind: str, tokenizer, model_kind: str, label_words: Sequence[str] = (), *,
-                 max_length: int = 512, max_new_tokens: int = 32):
+    def __init__(
+        self,
+        kind: str,
+        tokenizer,
+        model_kind: str,
+        label_words: Sequence[str] = (),
+        *,
+        max_length: int = 512,
+        max_new_tokens: int = 32,
+    ):
         if kind == "generation" and model_kind != "causal":
             raise TaskError("generation tasks need a causal LM")
         if kind == "multiple_choice" and model_kind != "causal":
@@ -225,8 +245,14 @@ class Objective:
         if self.tokenizer.eos_token_id is not None:
             tail = tail + [self.tokenizer.eos_token_id]
         head = self._fit(prompt, len(tail))
-        return Encoded((tuple(head + tail),), (tuple(range(len(head) - 1, len(head) + len(tail) - 1)),),
-                       (tuple(tail),), None, tuple(self._fit(prompt, self.max_new_tokens)), instance.answers)
+        return Encoded(
+            (tuple(head + tail),),
+            (tuple(range(len(head) - 1, len(head) + len(tail) - 1)),),
+            (tuple(tail),),
+            None,
+            tuple(self._fit(prompt, self.max_new_tokens)),
+            instance.answers,
+        )
 
     # -- scoring -----------------------------------------------------------------------------
     def _device(self, model) -> torch.device:
@@ -307,8 +333,13 @@ class Objective:
 
     def _greedy(self, model, prompt: Sequence[int]) -> str:
         ids = torch.tensor([list(prompt)], device=self._device(model))
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                             do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
         text = self.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         return text.split("\n")[0].strip()
 
@@ -323,8 +354,9 @@ class Objective:
         return {"accuracy": sum(int(p == e.label) for p, e in zip(predictions, batch)) / len(batch)}
 
 
-def hidden_at(objective: Objective, model, sequences: Sequence[Sequence[int]],
-              positions: Sequence[Sequence[int]]) -> torch.Tensor:
+def hidden_at(
+    objective: Objective, model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]]
+) -> torch.Tensor:
     """The final hidden states (what the output embedding receives) at the given positions.
 
     One row per (sequence, position) pair, in order: shape (pairs, hidden size). These are the vectors
@@ -358,8 +390,9 @@ def hidden_at(objective: Objective, model, sequences: Sequence[Sequence[int]],
     return captured[0]
 
 
-def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None,
-                   scoring: str = "auto", **kwargs) -> Objective:
+def make_objective(
+    task, tokenizer, model_kind: str, label_words: Sequence[str] | None = None, scoring: str = "auto", **kwargs
+) -> Objective:
     """The objective of a :class:`zotune.tasks.Task` for this tokenizer and model kind.
 
     ``label_words`` defaults to the task's; pass the rendered options where they depend on the model kind.
@@ -373,8 +406,9 @@ def make_objective(task, tokenizer, model_kind: str, label_words: Sequence[str] 
     return Objective(kind, tokenizer, model_kind, words, **kwargs)
 
 
-def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,
-             progress: Callable | None = None) -> dict[str, float]:
+def evaluate(
+    objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32, progress: Callable | None = None
+) -> dict[str, float]:
     """The objective's metrics over ``encoded``, in batches (progress(n) is called after each batch)."""
     # Batches of similar lengths waste little on padding; predictions go back to the original order.
     order = sorted(range(len(encoded)), key=lambda i: encoded[i].width)
@@ -391,13 +425,15 @@ def evaluate(objective: Objective, model, encoded: Sequence[Encoded], batch_size
     return objective.metrics(predictions, encoded)
 
 
-def evaluate_split(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int, split: str,
-                   show: bool = True) -> dict[str, float]:
+def evaluate_split(
+    objective: Objective, model, encoded: Sequence[Encoded], batch_size: int, split: str, show: bool = True
+) -> dict[str, float]:
     """:func:`evaluate` with a progress bar over ``split``'s examples (gone when done; ``show=False``: none)."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(encoded), desc=f"eval {split}", unit="ex", leave=False, disable=not show,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(encoded), desc=f"eval {split}", unit="ex", leave=False, disable=not show, dynamic_ncols=True
+    ) as bar:
         return evaluate(objective, model, encoded, batch_size, progress=bar.update)
 
 

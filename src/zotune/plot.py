@@ -68,8 +68,15 @@ def _draw_run(rows: list[dict], metric: str):
     ax.set_ylabel("training loss", color="tab:blue")
     for step, lr in lr_changes(rows):
         ax.axvline(step, color="gray", linestyle=":", linewidth=1.0)
-        ax.annotate(f"lr {lr:g}", (step, 0.0), xycoords=("data", "axes fraction"), xytext=(3, 4),
-                    textcoords="offset points", fontsize=7, color="gray")
+        ax.annotate(
+            f"lr {lr:g}",
+            (step, 0.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 4),
+            textcoords="offset points",
+            fontsize=7,
+            color="gray",
+        )
     ax2 = ax.twinx()
     if zero is not None:
         val_steps, val = [0, *val_steps], [100 * zero, *val]
@@ -114,7 +121,7 @@ def _run_metric(run_dir: Path, rows: list[dict]) -> str | None:
     summary = run_dir / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text()).get("metric")
-    return next((k[len("validation_"):] for r in rows for k in r if k.startswith("validation_")), None)
+    return next((k[len("validation_") :] for r in rows for k in r if k.startswith("validation_")), None)
 
 
 def _load(run_dir: Path) -> tuple[list[dict], str | None]:
@@ -167,8 +174,9 @@ def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: 
         minutes = {r["step"]: r["elapsed"] / 60 for r in train if "elapsed" in r}
         at = (lambda step: step) if x == "step" else minutes.get
         train = [r for r in train if at(r["step"]) is not None]
-        (line,) = left.plot([at(r["step"]) for r in train], _smooth([r["loss"] for r in train]), linewidth=1.6,
-                            label=label)
+        (line,) = left.plot(
+            [at(r["step"]) for r in train], _smooth([r["loss"] for r in train]), linewidth=1.6, label=label
+        )
         key = f"validation_{metric}"
         val = [r for r in rows if key in r and at(r["step"]) is not None]
         vx = [at(r["step"]) for r in val]

@@ -107,13 +107,19 @@ class PrefixLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones((batch, seq), dtype=torch.long, device=device)
         k = self.prefix.length
-        mask = torch.cat([torch.ones((batch, k), dtype=attention_mask.dtype, device=attention_mask.device),
-                          attention_mask], dim=1)
+        mask = torch.cat(
+            [torch.ones((batch, k), dtype=attention_mask.dtype, device=attention_mask.device), attention_mask], dim=1
+        )
         kwargs.pop("use_cache", None)
         if labels is not None:  # named in the signature: the HF Trainer keeps only the columns forward names
             kwargs["labels"] = labels
-        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.prefix.cache(batch),
-                          use_cache=False, **kwargs)
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            past_key_values=self.prefix.cache(batch),
+            use_cache=False,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, eos_token_id=None, **_ignored):

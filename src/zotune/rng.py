@@ -106,8 +106,7 @@ def param_key(name: str) -> int:
 def step_seed(seed: int, step: int, index: int = 0) -> int:
     """The 64-bit seed of perturbation ``index`` at optimizer step ``step`` of a run seeded ``seed``."""
     seed, step = int(seed) % 2**64, int(step) % 2**64
-    w = philox4x32(step & 0xFFFFFFFF, step >> 32, int(index) & 0xFFFFFFFF, _STREAM_SEED,
-                   seed & 0xFFFFFFFF, seed >> 32)
+    w = philox4x32(step & 0xFFFFFFFF, step >> 32, int(index) & 0xFFFFFFFF, _STREAM_SEED, seed & 0xFFFFFFFF, seed >> 32)
     return int(w[0]) | (int(w[1]) << 32)
 
 

@@ -84,15 +84,23 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
     task = _make_task(config)
     t = config.task
     # The data first: a bad file should fail before a model is loaded.
-    splits = task.splits(t.data_dir, seed=t.seed, train=t.train, validation=t.validation, test=t.test,
-                         protocol=t.protocol, k=t.k)
+    splits = task.splits(
+        t.data_dir, seed=t.seed, train=t.train, validation=t.validation, test=t.test, protocol=t.protocol, k=t.k
+    )
     loaded = tune_loaded(loaded or load_model(config.model, log=log), config.model, log=log)
     instances = {s: [task.render(r, loaded.kind) for r in getattr(splits, s)] for s in SPLITS}
     first = next((i for s in SPLITS for i in instances[s]), None)
     if first is None:
         raise TaskError(f"task {config.task.name!r} produced no examples")
-    objective = make_objective(task, loaded.tokenizer, loaded.kind, label_words=first.options, scoring=t.scoring,
-                               max_length=t.max_length, max_new_tokens=t.max_new_tokens)
+    objective = make_objective(
+        task,
+        loaded.tokenizer,
+        loaded.kind,
+        label_words=first.options,
+        scoring=t.scoring,
+        max_length=t.max_length,
+        max_new_tokens=t.max_new_tokens,
+    )
     encoded = {s: [objective.encode(i) for i in instances[s]] for s in SPLITS}
     prepared = Prepared(loaded, objective, encoded, splits.note)
     if config.train.init == "probe":
@@ -153,10 +161,11 @@ class RunState:
         """Read a saved "loop" of this version or an earlier one (a newer one is refused)."""
         names = {f.name for f in fields(cls)}
         if not isinstance(raw, dict) or not set(raw) <= names or not isinstance(raw.get("step"), int):
-            raise checkpoint.CheckpointError(f"{where}: not a zotune run state (its \"loop\" is not one)")
+            raise checkpoint.CheckpointError(f'{where}: not a zotune run state (its "loop" is not one)')
         if raw.get("version", 1) > RUN_STATE_VERSION:
-            raise checkpoint.CheckpointError(f"{where}: written by a newer zotune (run state version "
-                                             f"{raw['version']}); upgrade zotune to resume it")
+            raise checkpoint.CheckpointError(
+                f"{where}: written by a newer zotune (run state version {raw['version']}); upgrade zotune to resume it"
+            )
         return cls(**{**raw, "version": RUN_STATE_VERSION})
 
     def to_dict(self) -> dict:
@@ -193,11 +202,16 @@ def _diverged(state: RunState, loss: float, tc) -> bool:
 
 
 def _divergence_message(state: RunState, tc, lr: float, tested: str) -> str:
-    where = (f"the starting loss ({state.loss_reference:.4g}, the median of steps 1-{DIVERGENCE_START})"
-             if state.start_losses is not None else f"its value at step 20 ({state.loss_reference:.4g})")
-    return (f"the training loss diverged: its running mean {state.loss_ema:.4g} at step {state.step} is over "
-            f"{tc.divergence:g}x {where}; stopping and testing {tested}. optimizer.lr {lr:g} is too high for "
-            f"this model and task: try --optimizer.lr {_smaller_lr(lr)}")
+    where = (
+        f"the starting loss ({state.loss_reference:.4g}, the median of steps 1-{DIVERGENCE_START})"
+        if state.start_losses is not None
+        else f"its value at step 20 ({state.loss_reference:.4g})"
+    )
+    return (
+        f"the training loss diverged: its running mean {state.loss_ema:.4g} at step {state.step} is over "
+        f"{tc.divergence:g}x {where}; stopping and testing {tested}. optimizer.lr {lr:g} is too high for "
+        f"this model and task: try --optimizer.lr {_smaller_lr(lr)}"
+    )
 
 
 def _smaller_lr(lr: float) -> str:
@@ -242,8 +256,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     rows = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if (row := json.loads(r)).get("step", 0) <= step  # a finished run's test row goes too
-            and not any(key.startswith("test_") for key in row)]
+    rows = [
+        r
+        for r in rows
+        if (row := json.loads(r)).get("step", 0) <= step  # a finished run's test row goes too
+        and not any(key.startswith("test_") for key in row)
+    ]
     path.write_text("".join(r + "\n" for r in rows))
 
 
@@ -259,14 +277,22 @@ def _fmt(metrics: dict | None, name: str) -> str:
 
 # what a resume may change (train.steps: more steps, and optimizer.lr: the rate of the steps still to
 # come, both under a constant schedule; the trajectory records every step's lr, so replay stays exact)
-RESUME_OVERRIDES = ("train.steps", "train.time_limit", "train.divergence", "train.progress", "train.snapshot",
-                    "optimizer.lr")
+RESUME_OVERRIDES = (
+    "train.steps",
+    "train.time_limit",
+    "train.divergence",
+    "train.progress",
+    "train.snapshot",
+    "optimizer.lr",
+)
 
 
 def _check_constant(config: RunConfig, what: str) -> None:
     if config.optimizer.schedule != "constant":
-        raise ConfigError(f"optimizer.schedule {config.optimizer.schedule} spreads its learning rates over "
-                          f"train.steps ({config.train.steps}): a resume cannot change {what} (start a new run)")
+        raise ConfigError(
+            f"optimizer.schedule {config.optimizer.schedule} spreads its learning rates over "
+            f"train.steps ({config.train.steps}): a resume cannot change {what} (start a new run)"
+        )
 
 
 def _check_more_steps(config: RunConfig, steps: int, done: int) -> None:
@@ -292,8 +318,14 @@ class Trainer:
     a diverging loss or a stop signal, and finishes: the best weights tested and the summary written.
     """
 
-    def __init__(self, config: RunConfig, run_dir: Path, prepared: Prepared, log: Callable[[str], None],
-                 train_loss: Callable | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        prepared: Prepared,
+        log: Callable[[str], None],
+        train_loss: Callable | None = None,
+    ):
         self.config, self.run_dir, self.prepared, self.log = config, run_dir, prepared, log
         tc, oc = config.train, config.optimizer
         self.tc = tc
@@ -304,7 +336,8 @@ class Trainer:
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.opt = make_optimizer(self.trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip")
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps))
+            self.opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps)
+        )
         self.state = RunState(device=str(self.device), start_losses=[])
         self.tested = "the best weights" if tc.save_best else "the last weights (save_best is off)"
         self.logger: _Logger | None = None
@@ -318,8 +351,10 @@ class Trainer:
         applied, later metric rows dropped."""
         self.state = state
         if state.device is not None and torch.device(state.device).type != self.device.type:
-            self.log(f"warning: this run trained on {state.device} and resumes on {self.device}: the steps from here "
-                     f"(and weights rebuilt from the trajectory) may differ from an uninterrupted run in the last bits")
+            self.log(
+                f"warning: this run trained on {state.device} and resumes on {self.device}: the steps from here "
+                f"(and weights rebuilt from the trajectory) may differ from an uninterrupted run in the last bits"
+            )
         state.device = str(self.device)
         size = saved["optimizer"]["mezo"]["trajectory_bytes"] or 0
         path = self.run_dir / "trajectory.zot"
@@ -344,15 +379,17 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict:
         with self.opt.unperturbed():  # the clean weights, whatever perturbation a fused step left in them
-            return evaluate_split(self.objective, self.model, self.encoded[split], self.tc.eval_batch_size, split,
-                                  show=self.tc.progress)
+            return evaluate_split(
+                self.objective, self.model, self.encoded[split], self.tc.eval_batch_size, split, show=self.tc.progress
+            )
 
     def keep_best(self, step: int, val: dict) -> None:
         self.state.best = {"step": step, "metric": val[self.metric], "metrics": val}
         if self.tc.save_best:
             with self.opt.unperturbed():
-                checkpoint.save_tensors(self.run_dir / "best" / "model.safetensors",
-                                        {n: p for n, p in self.trainable}, {"step": str(step)})
+                checkpoint.save_tensors(
+                    self.run_dir / "best" / "model.safetensors", {n: p for n, p in self.trainable}, {"step": str(step)}
+                )
             checkpoint.write_json(self.run_dir / "best" / "best.json", self.state.best)
 
     def validate_start(self) -> None:
@@ -364,10 +401,13 @@ class Trainer:
             return
         self.log("zero-shot evaluation ..." if tc.zero_shot else "validating the starting weights ...")
         state.zero_shot = {s: self.evaluate(s) for s in splits if self.encoded[s]}
-        self.log(f"zero-shot: validation {_fmt(state.zero_shot.get('validation'), metric)}, "
-                 f"test {_fmt(state.zero_shot.get('test'), metric)}")
-        self.logger.write({"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in state.zero_shot.items()
-                                         for k, v in m.items()}})
+        self.log(
+            f"zero-shot: validation {_fmt(state.zero_shot.get('validation'), metric)}, "
+            f"test {_fmt(state.zero_shot.get('test'), metric)}"
+        )
+        self.logger.write(
+            {"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in state.zero_shot.items() for k, v in m.items()}}
+        )
         if tc.keep_start and "validation" in state.zero_shot:
             self.keep_best(0, state.zero_shot["validation"])
             state.last_val = state.best["metric"]
@@ -382,14 +422,19 @@ class Trainer:
             self.keep_best(state.step, val)
         state.elapsed = time.perf_counter() - self.started
         best = state.best
-        seen = (f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step "
-                f"{best['step']})" if self.encoded["validation"] else "no validation split")
+        seen = (
+            f"validation {metric} {_fmt(val, metric)} (best {_fmt(best['metrics'], metric)} at step {best['step']})"
+            if self.encoded["validation"]
+            else "no validation split"
+        )
         from tqdm.auto import tqdm
 
         with tqdm.external_write_mode():  # a line per validation, above the bar, readable in a log file
             ema = f"{state.loss_ema:.4f}" if state.loss_ema is not None else "-"
-            self.log(f"step {state.step}/{self.tc.steps}: training loss {ema} (running mean), {seen}; "
-                     f"{state.elapsed / 60:.1f} min")
+            self.log(
+                f"step {state.step}/{self.tc.steps}: training loss {ema} (running mean), {seen}; "
+                f"{state.elapsed / 60:.1f} min"
+            )
         self.checkpoint()
 
     # -- a step --------------------------------------------------------------------------------------
@@ -406,11 +451,17 @@ class Trainer:
         state.step += 1
         if math.isfinite(loss):
             state.loss_ema = loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * loss
-        self.logger.write({"step": state.step, "loss": loss,
-                           "loss_minus": self.opt.last_losses[1] if self.opt.last_losses else None,
-                           "projected_grad": self.opt.projected_grad, "lr": self.opt.param_groups[0]["lr"],
-                           "forward_passes": self.opt.forward_passes,  # training closure calls so far
-                           "elapsed": time.perf_counter() - self.started})
+        self.logger.write(
+            {
+                "step": state.step,
+                "loss": loss,
+                "loss_minus": self.opt.last_losses[1] if self.opt.last_losses else None,
+                "projected_grad": self.opt.projected_grad,
+                "lr": self.opt.param_groups[0]["lr"],
+                "forward_passes": self.opt.forward_passes,  # training closure calls so far
+                "elapsed": time.perf_counter() - self.started,
+            }
+        )
         return loss
 
     # -- saving --------------------------------------------------------------------------------------
@@ -419,12 +470,20 @@ class Trainer:
         """state.json, and (train.snapshot) the weights as they are, so that --resume continues from here."""
         optimizer_state = self.opt.state_dict(flush=False)
         if self.tc.snapshot:  # first: a crash between the two files leaves a snapshot whose step is not the state's
-            checkpoint.save_snapshot(self.run_dir, self.state.step, optimizer_state["mezo"]["trajectory_bytes"],
-                                     self.trainable, self.opt.moment_tensors(), self.log)
+            checkpoint.save_snapshot(
+                self.run_dir,
+                self.state.step,
+                optimizer_state["mezo"]["trajectory_bytes"],
+                self.trainable,
+                self.opt.moment_tensors(),
+                self.log,
+            )
         else:  # turned off on resume: no stale weights left taking disk space
             checkpoint.drop_snapshot(self.run_dir)
-        checkpoint.write_json(self.run_dir / "state.json", {
-            "optimizer": optimizer_state, "scheduler": self.sched.state_dict(), "loop": self.state.to_dict()})
+        checkpoint.write_json(
+            self.run_dir / "state.json",
+            {"optimizer": optimizer_state, "scheduler": self.sched.state_dict(), "loop": self.state.to_dict()},
+        )
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -435,8 +494,9 @@ class Trainer:
         self.logger = _Logger(self.run_dir, resume=resumed)
         if not resumed:
             self.validate_start()
-        bar = tqdm(total=tc.steps, initial=state.step, disable=not tc.progress, desc="MeZO", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=tc.steps, initial=state.step, disable=not tc.progress, desc="MeZO", unit="step", dynamic_ncols=True
+        )
         self.started = time.perf_counter() - state.elapsed
         interrupted = False
         with _StopFlag() as stop:
@@ -448,8 +508,11 @@ class Trainer:
                     postfix[f"val_{self.metric}"] = f"{100 * state.last_val:.1f}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
-                out_of_time = (tc.time_limit > 0 and state.step < tc.steps
-                               and time.perf_counter() - self.started >= 60 * tc.time_limit)
+                out_of_time = (
+                    tc.time_limit > 0
+                    and state.step < tc.steps
+                    and time.perf_counter() - self.started >= 60 * tc.time_limit
+                )
                 if diverged:  # these weights are not a candidate for the best: stop before validating them
                     state.stopped = "diverged"
                     self.log(_divergence_message(state, tc, self.opt.param_groups[0]["initial_lr"], self.tested))
@@ -459,8 +522,10 @@ class Trainer:
                     bar.set_postfix({**postfix, f"val_{self.metric}": f"{100 * state.last_val:.1f}"})
                 if out_of_time:
                     state.stopped = "time_limit"
-                    self.log(f"time limit of {tc.time_limit:g} min reached at step {state.step} of {tc.steps}: "
-                             f"testing {self.tested}")
+                    self.log(
+                        f"time limit of {tc.time_limit:g} min reached at step {state.step} of {tc.steps}: "
+                        f"testing {self.tested}"
+                    )
                     break
                 if stop.requested:
                     interrupted = True
@@ -470,8 +535,9 @@ class Trainer:
         if interrupted:
             self.checkpoint()
             self.logger.close()
-            self.log(f"interrupted at step {state.step}: state saved. Continue with: zotune train --resume "
-                     f"{self.run_dir}")
+            self.log(
+                f"interrupted at step {state.step}: state saved. Continue with: zotune train --resume {self.run_dir}"
+            )
             return RunResult(self.run_dir, {"interrupted_at": state.step}, interrupted=True)
         return self.finish()
 
@@ -485,7 +551,9 @@ class Trainer:
         if best is not None and best["step"] != state.step and tc.save_best:
             checkpoint.copy_into(self.run_dir / "best" / "model.safetensors", dict(self.trainable))  # no second copy
         if best is not None and best["step"] == 0 and tc.save_best and "test" in state.zero_shot:
-            test = state.zero_shot["test"]  # the starting weights, restored bit for bit: their test is the zero-shot one
+            test = state.zero_shot[
+                "test"
+            ]  # the starting weights, restored bit for bit: their test is the zero-shot one
         else:
             test = self.evaluate("test") if self.encoded["test"] else {}
         self.logger.write({"step": state.step, **{f"test_{k}": v for k, v in test.items()}})
@@ -506,9 +574,16 @@ class Trainer:
     def summary(self, test: dict) -> dict:
         state, best = self.state, self.state.best
         summary = {
-            "task": self.config.task.name, "model": self.prepared.loaded.source, "metric": self.metric,
-            "zero_shot": state.zero_shot, "best_validation": best, "test": test, "steps": state.step,
-            "skipped_steps": state.skipped, "stopped": state.stopped or "steps", "device": str(self.device),
+            "task": self.config.task.name,
+            "model": self.prepared.loaded.source,
+            "metric": self.metric,
+            "zero_shot": state.zero_shot,
+            "best_validation": best,
+            "test": test,
+            "steps": state.step,
+            "skipped_steps": state.skipped,
+            "stopped": state.stopped or "steps",
+            "device": str(self.device),
             "beat_start": _beat_start(best, state.zero_shot, self.metric),
             "wall_time_s": round(state.elapsed, 1),
             "peak_memory_mb": round(_peak_memory_mb(self.device), 1),
@@ -520,8 +595,12 @@ class Trainer:
             summary["lr_changes"] = state.lr_changes
         if state.stopped == "diverged":  # what the guard saw, and the rate it named (state.json may not exist)
             lr = self.opt.param_groups[0]["initial_lr"]
-            summary["divergence"] = {"running_loss": state.loss_ema, "starting_loss": state.loss_reference,
-                                     "lr": lr, "try_lr": float(_smaller_lr(lr))}
+            summary["divergence"] = {
+                "running_loss": state.loss_ema,
+                "starting_loss": state.loss_reference,
+                "lr": lr,
+                "try_lr": float(_smaller_lr(lr)),
+            }
         return summary
 
 
@@ -537,8 +616,12 @@ def _read_state(run_dir: Path) -> tuple[dict, RunState]:
     """state.json, and its "loop" as a RunState; a file that is not a run's state is a one-line error."""
     path = run_dir / "state.json"
     saved = checkpoint.read_json(path)
-    if not (isinstance(saved, dict) and isinstance(saved.get("optimizer"), dict)
-            and isinstance(saved["optimizer"].get("mezo"), dict) and isinstance(saved.get("scheduler"), dict)):
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("optimizer"), dict)
+        and isinstance(saved["optimizer"].get("mezo"), dict)
+        and isinstance(saved.get("scheduler"), dict)
+    ):
         raise checkpoint.CheckpointError(f"{path}: not a zotune run state (no optimizer or scheduler state)")
     return saved, RunState.from_dict(saved.get("loop"), path)
 
@@ -550,11 +633,17 @@ def _resumed_config(run_dir: Path, changes: Mapping[str, object] | None, done: i
         return config
     changed = load_config(run_dir / "config.yaml", changes=changes)
     before, after = config.to_dict(), changed.to_dict()
-    bad = [f"{section}.{key}" for section in after for key in after[section]
-           if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES]
+    bad = [
+        f"{section}.{key}"
+        for section in after
+        for key in after[section]
+        if after[section][key] != before[section][key] and f"{section}.{key}" not in RESUME_OVERRIDES
+    ]
     if bad:
-        raise ConfigError(f"--resume continues a run with its own config; it may change only "
-                          f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}")
+        raise ConfigError(
+            f"--resume continues a run with its own config; it may change only "
+            f"{', '.join(RESUME_OVERRIDES)}, not {', '.join(bad)}"
+        )
     if changed.train.steps != config.train.steps:
         _check_more_steps(config, changed.train.steps, done)
     if changed.optimizer.lr != config.optimizer.lr:
@@ -563,9 +652,14 @@ def _resumed_config(run_dir: Path, changes: Mapping[str, object] | None, done: i
     return changed
 
 
-def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
-        log: Callable[[str], None] = print, loaded: LoadedModel | None = None,
-        changes: Mapping[str, object] | None = None) -> RunResult:
+def run(
+    config: RunConfig | None = None,
+    *,
+    resume: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    loaded: LoadedModel | None = None,
+    changes: Mapping[str, object] | None = None,
+) -> RunResult:
     """Fine-tune with MeZO as ``config`` says (or continue the run in ``resume``).
 
     ``changes`` (``{"train.time_limit": 120}``, ``{"optimizer.lr": 1e-5, "train.steps": 4000}``) may
@@ -583,7 +677,9 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
         config = config or RunConfig()
         run_dir = Path(config.train.output_dir) if config.train.output_dir else _default_dir(config)
         if (run_dir / "state.json").exists():
-            raise ConfigError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output_dir")
+            raise ConfigError(
+                f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose another output_dir"
+            )
     prepared = prepare(config, log=log, loaded=loaded)
     encoded = prepared.encoded
     if not encoded["train"]:
@@ -592,8 +688,11 @@ def run(config: RunConfig | None = None, *, resume: str | Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     if saved is None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log(f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "
-        + ", ".join(f"{len(encoded[s])} {s}" for s in SPLITS) + (f" ({prepared.note})" if prepared.note else ""))
+    log(
+        f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "
+        + ", ".join(f"{len(encoded[s])} {s}" for s in SPLITS)
+        + (f" ({prepared.note})" if prepared.note else "")
+    )
     log(f"run directory {run_dir}")
     trainer = Trainer(config, run_dir, prepared, log, train_loss)
     if saved is not None:
@@ -621,13 +720,19 @@ def format_summary(summary: dict) -> str:
     ]
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, width)) for r in rows]
-    lines.append(f"best validation at step {best.get('step', '-')} of {summary['steps']}; "
-                 f"{summary['wall_time_s']:.0f} s; peak memory {summary['peak_memory_mb']:.0f} MB; "
-                 f"trajectory {summary['trajectory_bytes'] / 1024:.1f} kB")
+    lines.append(
+        f"best validation at step {best.get('step', '-')} of {summary['steps']}; "
+        f"{summary['wall_time_s']:.0f} s; peak memory {summary['peak_memory_mb']:.0f} MB; "
+        f"trajectory {summary['trajectory_bytes'] / 1024:.1f} kB"
+    )
     if summary.get("beat_start") is False:
-        kept = ("the test above is of the starting weights" if best.get("step") == 0
-                else "the test above is of trained weights (the start was not kept as a candidate: keep_start)")
-        lines.append(f"no step beat the starting weights on validation {metric}: training did not improve "
-                     f"the model; {kept} (a smaller optimizer.lr, or more steps, may help)")
+        kept = (
+            "the test above is of the starting weights"
+            if best.get("step") == 0
+            else "the test above is of trained weights (the start was not kept as a candidate: keep_start)"
+        )
+        lines.append(
+            f"no step beat the starting weights on validation {metric}: training did not improve "
+            f"the model; {kept} (a smaller optimizer.lr, or more steps, may help)"
+        )
     return "\n".join(lines)
-

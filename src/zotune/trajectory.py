@@ -191,8 +191,7 @@ def _pack(record: Record, layouts) -> bytes:
         tag, payload = b"X", layouts[b"X"].pack(record.step, record.phase)
     elif isinstance(record, MultiStep):
         layout = _multi_layout(len(record.projected_grads), layouts[b"H"].size // 4 - 1)
-        tag, payload = b"N", layout.pack(record.step, len(record.projected_grads), *record.projected_grads,
-                                         *record.lrs)
+        tag, payload = b"N", layout.pack(record.step, len(record.projected_grads), *record.projected_grads, *record.lrs)
     elif isinstance(record, LayerScales):
         tag, payload = b"L", layouts[b"L"].pack(record.step, *record.scales)
     elif isinstance(record, LayerProbe):
@@ -263,8 +262,12 @@ def _read_header(data: bytes, path) -> tuple[dict, int]:
         header = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise TrajectoryError(f"{path}: not a zotune trajectory (its header is not JSON: {err})") from None
-    if not (isinstance(header, dict) and isinstance(header.get("groups"), list)
-            and isinstance(header.get("params"), list) and isinstance(header.get("seed"), int)):
+    if not (
+        isinstance(header, dict)
+        and isinstance(header.get("groups"), list)
+        and isinstance(header.get("params"), list)
+        and isinstance(header.get("seed"), int)
+    ):
         raise TrajectoryError(f"{path}: not a zotune trajectory (its header lacks the seed, params or groups)")
     return header, end + 4
 
@@ -309,8 +312,18 @@ def read_trajectory(path: str | os.PathLike, *, size: int | None = None) -> Traj
 
 
 # The parts of a header that must agree for a run to continue an existing file.
-_IDENTITY = ("seed", "distribution", "fuse_next", "stochastic_rounding", "params", "groups", "estimator",
-             "layerwise", "variant", "layer_groups")
+_IDENTITY = (
+    "seed",
+    "distribution",
+    "fuse_next",
+    "stochastic_rounding",
+    "params",
+    "groups",
+    "estimator",
+    "layerwise",
+    "variant",
+    "layer_groups",
+)
 
 
 class TrajectoryWriter:

@@ -31,9 +31,15 @@ __all__ = ["LORA_TARGETS", "TUNINGS", "apply_tuning", "lora_targets", "merge_lor
 TUNINGS = ("full", "lora", "prefix", "head")
 # Query and value projections by model_type (model.lora_targets overrides; unlisted types: q_proj, v_proj).
 LORA_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "roberta": ["query", "value"], "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "roberta": ["query", "value"],
+    "bert": ["query", "value"],
 }
 _LORA_SEED = 0  # LoRA's A init: fixed, so a freshly prepared base starts from the same adapter
 _PREFIX_SEED = 0  # which real tokens initialise the prefixes
@@ -53,8 +59,10 @@ def lora_targets(model: nn.Module, config: ModelConfig) -> list[str]:
     names = _linear_names(model)
     missing = [t for t in targets if t not in names]
     if missing:
-        raise ModelError(f"LoRA target module(s) {', '.join(missing)} not in this {model_type or 'model'}; its linear "
-                         f"modules are: {', '.join(names)} (set --model.lora_targets)")
+        raise ModelError(
+            f"LoRA target module(s) {', '.join(missing)} not in this {model_type or 'model'}; its linear "
+            f"modules are: {', '.join(names)} (set --model.lora_targets)"
+        )
     return list(targets)
 
 
@@ -63,8 +71,14 @@ def _apply_lora(model: nn.Module, config: ModelConfig, log) -> nn.Module:
 
     targets = lora_targets(model, config)
     fused = getattr(model.config, "model_type", None) == "gpt2"
-    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0,
-                             fan_in_fan_out=fused, bias="none")
+    peft_config = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules=targets,
+        lora_dropout=0.0,
+        fan_in_fan_out=fused,
+        bias="none",
+    )
     with torch.random.fork_rng(devices=[]):  # PEFT draws A from the global generator: leave the caller's alone
         model = inject_adapter_in_model(peft_config, model)
     # ... and redraw A from an explicit generator (PEFT's init: Kaiming-uniform with a = sqrt(5); B stays 0),
@@ -87,8 +101,10 @@ def _apply_prefix(model: nn.Module, config: ModelConfig, kind: str, tokenizer, l
     from zotune.prefix import PrefixLM
 
     if kind != "causal":
-        raise ModelError("prefix tuning supports causal LMs only (masked LMs take no key/value prefix); "
-                         "use --model.tuning lora or head")
+        raise ModelError(
+            "prefix tuning supports causal LMs only (masked LMs take no key/value prefix); "
+            "use --model.tuning lora or head"
+        )
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(_PREFIX_SEED)
@@ -99,8 +115,10 @@ def _apply_prefix(model: nn.Module, config: ModelConfig, kind: str, tokenizer, l
         wrapped = PrefixLM(model, torch.tensor(tokens))
     except (TypeError, ValueError) as err:
         raise ModelError(f"prefix tuning does not work with {type(model).__name__}: {err}") from None
-    log(f"prefix tuning: {config.prefix_tokens} tokens per layer in {len(wrapped.prefix.layers)} layers, "
-        "initialised from real tokens' keys and values")
+    log(
+        f"prefix tuning: {config.prefix_tokens} tokens per layer in {len(wrapped.prefix.layers)} layers, "
+        "initialised from real tokens' keys and values"
+    )
     return wrapped
 
 
@@ -117,8 +135,9 @@ def _apply_head(model: nn.Module, log) -> nn.Module:
     return model
 
 
-def apply_tuning(model: nn.Module, config: ModelConfig, kind: str = "causal", tokenizer=None, *,
-                 log: Callable[[str], None] = print) -> nn.Module:
+def apply_tuning(
+    model: nn.Module, config: ModelConfig, kind: str = "causal", tokenizer=None, *, log: Callable[[str], None] = print
+) -> nn.Module:
     """Set up ``config.tuning`` on ``model``: returns the model to train (maybe a wrapper), trainable set chosen.
 
     ``full`` leaves ``model`` as :func:`zotune.models.load_model` made it (``model.trainable``); the other

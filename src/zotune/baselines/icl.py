@@ -70,9 +70,11 @@ def _shift(e: Encoded, bos: int | None) -> Encoded:
     if bos is None or not e.sequences or e.sequences[0][:1] != (bos,):
         return e
     return dataclasses.replace(
-        e, sequences=tuple(s[1:] for s in e.sequences),
+        e,
+        sequences=tuple(s[1:] for s in e.sequences),
         positions=tuple(tuple(p - 1 for p in ps) for ps in e.positions),
-        prompt=e.prompt[1:] if e.prompt[:1] == (bos,) else e.prompt)
+        prompt=e.prompt[1:] if e.prompt[:1] == (bos,) else e.prompt,
+    )
 
 
 def _context_limit(model, requested: int) -> int:
@@ -81,8 +83,15 @@ def _context_limit(model, requested: int) -> int:
     return min([requested] + [v for v in limits if isinstance(v, int) and v > 0])
 
 
-def demonstration_tokens(objective: Objective, train: Sequence[Encoded], examples: Sequence[Encoded], *,
-                         config: ICLConfig, limit: int, log: Callable[[str], None] = print) -> tuple[list[int], int]:
+def demonstration_tokens(
+    objective: Objective,
+    train: Sequence[Encoded],
+    examples: Sequence[Encoded],
+    *,
+    config: ICLConfig,
+    limit: int,
+    log: Callable[[str], None] = print,
+) -> tuple[list[int], int]:
     """(the demonstrations' tokens, how many fit): ``config.k`` drawn from ``train`` with ``config.seed``.
 
     The first demonstration keeps the tokenizer's leading BOS (if any), later ones lose it, and each
@@ -90,15 +99,20 @@ def demonstration_tokens(objective: Objective, train: Sequence[Encoded], example
     after them within ``limit`` tokens.
     """
     tokenizer = objective.tokenizer
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None and train and \
-        train[0].sequences[0][:1] == (tokenizer.bos_token_id,) else None
+    bos = (
+        tokenizer.bos_token_id
+        if tokenizer.bos_token_id is not None and train and train[0].sequences[0][:1] == (tokenizer.bos_token_id,)
+        else None
+    )
     sep = tokenizer(config.separator, add_special_tokens=False)["input_ids"]
     k = min(config.k, len(train))
     if k < config.k:
         log(f"in-context learning: only {len(train)} training examples for k={config.k}")
     order = np.random.default_rng([config.seed, 0x1C1]).permutation(len(train))[:k].tolist()
-    demos = [(_demo(objective, train[i]) if n == 0 else _without_bos(_demo(objective, train[i]), bos)) + sep
-             for n, i in enumerate(order)]
+    demos = [
+        (_demo(objective, train[i]) if n == 0 else _without_bos(_demo(objective, train[i]), bos)) + sep
+        for n, i in enumerate(order)
+    ]
     longest = max((_shift(e, bos).width for e in examples), default=0)
     if objective.kind == "generation":
         longest = max(longest, max((len(e.prompt) for e in examples), default=0) + objective.max_new_tokens)
@@ -108,14 +122,17 @@ def demonstration_tokens(objective: Objective, train: Sequence[Encoded], example
             break
         used, total = used + 1, total + len(d)
     if used < k:
-        log(f"in-context learning: {used} of {k} demonstrations fit in {limit} tokens "
-            f"(the longest example takes {longest}); using {used}")
+        log(
+            f"in-context learning: {used} of {k} demonstrations fit in {limit} tokens "
+            f"(the longest example takes {longest}); using {used}"
+        )
     tokens = [t for d in demos[:used] for t in d]
     return tokens, used
 
 
-def in_context(prepared, config: ICLConfig | None = None, *, log: Callable[[str], None] = print,
-               progress: bool = True) -> dict:
+def in_context(
+    prepared, config: ICLConfig | None = None, *, log: Callable[[str], None] = print, progress: bool = True
+) -> dict:
     """Evaluate ``prepared`` (a :class:`zotune.train.Prepared`) with demonstrations in the prompt.
 
     Returns ``{"validation": metrics, "test": metrics, "demonstrations": used, "context_tokens": n,
@@ -134,8 +151,9 @@ def in_context(prepared, config: ICLConfig | None = None, *, log: Callable[[str]
     started = time.perf_counter()
     loaded, objective, encoded = prepared.loaded, prepared.objective, prepared.encoded
     if loaded.kind != "causal":
-        raise TaskError("in-context learning is implemented for causal LMs (the paper's ICL rows); "
-                        f"this model is {loaded.kind}")
+        raise TaskError(
+            f"in-context learning is implemented for causal LMs (the paper's ICL rows); this model is {loaded.kind}"
+        )
     model = loaded.model
     examples = [e for s in ("validation", "test") for e in encoded[s]]
     limit = _context_limit(model, config.max_length)
@@ -153,8 +171,14 @@ def in_context(prepared, config: ICLConfig | None = None, *, log: Callable[[str]
         if not encoded[split]:
             continue
         batch = [_shift(e, bos) for e in encoded[split]]
-        with tqdm(total=len(batch), desc=f"ICL {split}", unit="ex", leave=False, disable=not progress) as bar, \
-                torch.no_grad():
+        with (
+            tqdm(total=len(batch), desc=f"ICL {split}", unit="ex", leave=False, disable=not progress) as bar,
+            torch.no_grad(),
+        ):
             results[split] = evaluate(objective, icl_model, batch, config.batch_size, progress=bar.update)
-    return {**results, "demonstrations": used, "context_tokens": len(tokens),
-            "wall_time_s": round(time.perf_counter() - started, 1)}
+    return {
+        **results,
+        "demonstrations": used,
+        "context_tokens": len(tokens),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+    }

@@ -53,8 +53,10 @@ class ProbeConfig:
         if isinstance(self.Cs, (int, float)):
             self.Cs = [self.Cs]
         if not self.Cs or not all(isinstance(c, (int, float)) and c > 0 and math.isfinite(c) for c in self.Cs):
-            raise ConfigError(f"probe.Cs must be a non-empty list of finite numbers > 0, got {self.Cs!r} "
-                              "(e.g. [0.01, 0.1, 1.0, 10.0])")
+            raise ConfigError(
+                f"probe.Cs must be a non-empty list of finite numbers > 0, got {self.Cs!r} "
+                "(e.g. [0.01, 0.1, 1.0, 10.0])"
+            )
         if self.max_iter < 1:
             raise ConfigError(f"probe.max_iter must be >= 1, got {self.max_iter}")
         if self.batch_size < 1:
@@ -63,8 +65,10 @@ class ProbeConfig:
 
 def _check_kind(objective: Objective) -> None:
     if objective.kind not in ("classification", "multiple_choice"):
-        raise TaskError(f"linear probing applies to classification and multiple-choice tasks; this task is "
-                        f"{objective.kind}: compare with zero-shot, in-context learning or fine-tuning instead")
+        raise TaskError(
+            f"linear probing applies to classification and multiple-choice tasks; this task is "
+            f"{objective.kind}: compare with zero-shot, in-context learning or fine-tuning instead"
+        )
 
 
 def _probe_points(objective: Objective, e: Encoded) -> list[tuple[tuple[int, ...], int]]:
@@ -75,8 +79,13 @@ def _probe_points(objective: Objective, e: Encoded) -> list[tuple[tuple[int, ...
 
 
 @torch.no_grad()
-def features(objective: Objective, model, encoded: Sequence[Encoded], batch_size: int = 32,
-             progress: Callable[[int], object] | None = None) -> np.ndarray:
+def features(
+    objective: Objective,
+    model,
+    encoded: Sequence[Encoded],
+    batch_size: int = 32,
+    progress: Callable[[int], object] | None = None,
+) -> np.ndarray:
     """The final hidden states a linear probe fits: (examples, hidden size), or (options, hidden size).
 
     Classification: one row per example, at its scored position (the next-token position of a causal
@@ -138,8 +147,9 @@ def _pipeline(config: ProbeConfig, C: float, fit_intercept: bool = True):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    regression = LogisticRegression(C=C, max_iter=config.max_iter, fit_intercept=fit_intercept,
-                                    random_state=_RANDOM_STATE)
+    regression = LogisticRegression(
+        C=C, max_iter=config.max_iter, fit_intercept=fit_intercept, random_state=_RANDOM_STATE
+    )
     return make_pipeline(StandardScaler(), regression) if config.standardize else make_pipeline(regression)
 
 
@@ -183,8 +193,14 @@ def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_in
 
     X = {}
     for split in ("train", "validation", "test"):
-        with tqdm(total=len(encoded[split]), desc=f"features {split}", unit="ex", leave=False,
-                  disable=not config.progress, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(encoded[split]),
+            desc=f"features {split}",
+            unit="ex",
+            leave=False,
+            disable=not config.progress,
+            dynamic_ncols=True,
+        ) as bar:
             X[split] = features(objective, model, encoded[split], config.batch_size, progress=bar.update)
     y = _targets(objective, encoded["train"])
     if len(set(y.tolist())) < 2:
@@ -200,8 +216,12 @@ def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_in
         if best is None or score > best[0]:
             best = (score, C, fitted)
     _, C, fitted = best
-    result = {split: objective.metrics(_predict(objective, fitted, X[split], encoded[split]), encoded[split])
-              if encoded[split] else {} for split in ("train", "validation", "test")}
+    result = {
+        split: objective.metrics(_predict(objective, fitted, X[split], encoded[split]), encoded[split])
+        if encoded[split]
+        else {}
+        for split in ("train", "validation", "test")
+    }
     elapsed = time.perf_counter() - started
     test = f"test {metric} {100 * result['test'][metric]:.1f}" if result["test"] else "no test split"
     log(f"linear probe: C={C:g} chosen on {select}; {test}; {X['train'].shape[1]} features, {elapsed:.0f} s")
@@ -221,9 +241,11 @@ def _untie_output(model, log: Callable[[str], None]) -> None:
     if getattr(model, "zotune_tuning", None) == "head":  # head tuning trained the shared matrix; now the head alone
         inputs.weight.requires_grad_(False)
         note = "; head tuning now trains the output layer only"
-    log("untied the output embedding from the input embeddings: the probe writes the label words' output "
+    log(
+        "untied the output embedding from the input embeddings: the probe writes the label words' output "
         "rows, the input embeddings stay as they are (the output layer is now its own parameter, "
-        f"{head.weight.numel():,} more weights){note}")
+        f"{head.weight.numel():,} more weights){note}"
+    )
 
 
 def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[str], None] = print) -> dict:
@@ -258,8 +280,10 @@ def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Ca
     config = dataclasses.replace(config or ProbeConfig(), standardize=False)
     model, objective = prepared.loaded.model, prepared.objective
     if objective.kind != "classification":
-        raise TaskError(f"a probe initialises the head of classification tasks with label words, this task is "
-                        f"{objective.kind} (with task.scoring options, label words are scored as options)")
+        raise TaskError(
+            f"a probe initialises the head of classification tasks with label words, this task is "
+            f"{objective.kind} (with task.scoring options, label words are scored as options)"
+        )
     if len(set(objective.label_ids)) != len(objective.label_ids):
         raise TaskError("two labels share one label-word token: their head rows cannot hold different weights")
     head = model.get_output_embeddings()
@@ -270,8 +294,10 @@ def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Ca
     regression = fitted[-1]
     labels = list(range(len(objective.label_ids)))
     if regression.classes_.tolist() != labels:
-        raise TaskError(f"the training split has labels {regression.classes_.tolist()}, not all of {labels}: "
-                        "the probe has no weights for the missing ones")
+        raise TaskError(
+            f"the training split has labels {regression.classes_.tolist()}, not all of {labels}: "
+            "the probe has no weights for the missing ones"
+        )
     coef, intercept = regression.coef_, regression.intercept_
     if len(labels) == 2:  # one decision function: halve it symmetrically, softmax([-d/2, d/2]) = sigmoid(d)
         coef, intercept = np.stack([-coef[0], coef[0]]) / 2, np.array([-intercept[0], intercept[0]]) / 2

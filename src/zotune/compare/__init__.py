@@ -43,19 +43,43 @@ from zotune.compare.methods import METHODS, Method, register
 from zotune.compare.table import collect, format_table
 from zotune.runtime import StopFlag, peak_memory_mb
 
-__all__ = ["METHODS", "TASK_TITLES", "CompareConfig", "Method", "cell_config", "collect", "compare", "format_table",
-           "load_compare_config", "register", "run_cell"]
+__all__ = [
+    "METHODS",
+    "TASK_TITLES",
+    "CompareConfig",
+    "Method",
+    "cell_config",
+    "collect",
+    "compare",
+    "format_table",
+    "load_compare_config",
+    "register",
+    "run_cell",
+]
 
 
-def run_cell(grid: CompareConfig, method: str, task: str, seed: int, cell_dir: Path, *,
-             log: Callable[[str], None] = print, isolated: bool = False) -> dict:
+def run_cell(
+    grid: CompareConfig,
+    method: str,
+    task: str,
+    seed: int,
+    cell_dir: Path,
+    *,
+    log: Callable[[str], None] = print,
+    isolated: bool = False,
+) -> dict:
     """Run one cell here and write its result.json (with the process's peak memory when ``isolated``)."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result = METHODS[method].run(cell_config(grid, method, task, seed), grid, cell_dir, log)
-    result = {"method": method, "task": task, "seed": seed, **result,
-              "cell_time_s": round(time.perf_counter() - started, 1),
-              "peak_memory_mb": round(peak_memory_mb(), 1) if isolated else None}
+    result = {
+        "method": method,
+        "task": task,
+        "seed": seed,
+        **result,
+        "cell_time_s": round(time.perf_counter() - started, 1),
+        "peak_memory_mb": round(peak_memory_mb(), 1) if isolated else None,
+    }
     checkpoint.write_json(cell_dir / "result.json", result)
     return result
 
@@ -192,18 +216,23 @@ def _run_parallel(grid: CompareConfig, todo: list, total: int, log) -> None:
                     cell_dir = _cell_dir(grid, method, task, seed)
                     command = _cell_command(grid, method, task, seed, cell_dir)
                     with open(cell_dir / "log.txt", "ab") as output:
-                        proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, env=env)
+                        proc = subprocess.Popen(
+                            command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                        )
                     running[proc] = (n, method, task, seed, cell_dir, time.perf_counter())
-                    log(f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
-                        f"output in {cell_dir / 'log.txt'})")
+                    log(
+                        f"{_cell_title(n, total, method, task, seed)}: started ({len(running)} running; "
+                        f"output in {cell_dir / 'log.txt'})"
+                    )
                 time.sleep(0.2)
                 stop.check()
                 for proc in [p for p in running if p.poll() is not None]:
                     n, method, task, seed, cell_dir, started = running.pop(proc)
                     if _cell_exited(proc.returncode, cell_dir, method, task, seed, str(cell_dir / "log.txt"), log):
-                        log(f"{_cell_title(n, total, method, task, seed)}: done in "
-                            f"{(time.perf_counter() - started) / 60:.1f} min")
+                        log(
+                            f"{_cell_title(n, total, method, task, seed)}: done in "
+                            f"{(time.perf_counter() - started) / 60:.1f} min"
+                        )
         except KeyboardInterrupt:
             _stop_cells(list(running))
             raise

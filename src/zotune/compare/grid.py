@@ -15,11 +15,24 @@ from zotune.config import ConfigError, RunConfig, override_pairs, read_yaml, sec
 __all__ = ["TASK_TITLES", "CompareConfig", "cell_config", "load_compare_config"]
 
 
-
 # -- the grid's configuration -------------------------------------------------------------------
-TASK_TITLES = {"sst2": "SST-2", "sst5": "SST-5", "rte": "RTE", "cb": "CB", "boolq": "BoolQ", "wsc": "WSC",
-               "wic": "WiC", "multirc": "MultiRC", "copa": "COPA", "record": "ReCoRD", "squad": "SQuAD",
-               "drop": "DROP", "snli": "SNLI", "mnli": "MNLI", "trec": "TREC"}
+TASK_TITLES = {
+    "sst2": "SST-2",
+    "sst5": "SST-5",
+    "rte": "RTE",
+    "cb": "CB",
+    "boolq": "BoolQ",
+    "wsc": "WSC",
+    "wic": "WiC",
+    "multirc": "MultiRC",
+    "copa": "COPA",
+    "record": "ReCoRD",
+    "squad": "SQuAD",
+    "drop": "DROP",
+    "snli": "SNLI",
+    "mnli": "MNLI",
+    "trec": "TREC",
+}
 
 
 @dataclass
@@ -27,8 +40,9 @@ class CompareConfig:
     """A comparison grid (see :mod:`zotune.compare`)."""
 
     tasks: list[str] = field(default_factory=lambda: ["sst2"])  # registered task names (columns)
-    methods: list[str] = field(default_factory=lambda: ["zero-shot", "icl", "lp", "mezo", "mezo-lora",
-                                                        "mezo-prefix", "ft"])  # rows, in order
+    methods: list[str] = field(
+        default_factory=lambda: ["zero-shot", "icl", "lp", "mezo", "mezo-lora", "mezo-prefix", "ft"]
+    )  # rows, in order
     seeds: list[int] = field(default_factory=lambda: [0])  # each seed: data sample, batch order, perturbations
     output_dir: str = "runs/compare"
     isolate: bool = True  # each cell in its own process: its own peak memory, nothing leaks between cells
@@ -61,7 +75,9 @@ class CompareConfig:
         # grid keeps the other tasks' overrides), but not ones that do not exist.
         for name in self.method_overrides:
             if name not in METHODS:
-                raise ConfigError(f"method_overrides names {name!r}, which is not a method; known: {', '.join(METHODS)}")
+                raise ConfigError(
+                    f"method_overrides names {name!r}, which is not a method; known: {', '.join(METHODS)}"
+                )
         for name in self.task_overrides:
             if name != "custom":
                 get_task(name)
@@ -144,8 +160,11 @@ def load_compare_config(path: str | os.PathLike | None = None, overrides: list[s
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+        out[key] = (
+            _merge(out.get(key, {}), value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
             else copy.deepcopy(value)
+        )
     return out
 
 

@@ -46,8 +46,11 @@ def _zero_shot(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> d
 
     prepared = prepare(config, log=log)
     started = time.perf_counter()
-    out = {s: evaluate(prepared.objective, prepared.loaded.model, prepared.encoded[s], config.train.eval_batch_size)
-           for s in ("validation", "test") if prepared.encoded[s]}
+    out = {
+        s: evaluate(prepared.objective, prepared.loaded.model, prepared.encoded[s], config.train.eval_batch_size)
+        for s in ("validation", "test")
+        if prepared.encoded[s]
+    }
     return {**out, "wall_time_s": round(time.perf_counter() - started, 1)}
 
 
@@ -82,10 +85,16 @@ def _mezo(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
             raise KeyboardInterrupt
         summary = result.summary
     best = summary.get("best_validation") or {}
-    return {"validation": best.get("metrics", {}), "test": summary["test"], "best_step": best.get("step"),
-            "beat_start": summary.get("beat_start"),  # False: no step beat the start; its test is the start's
-            "steps": summary["steps"], "wall_time_s": summary["wall_time_s"],
-            "trajectory_bytes": summary["trajectory_bytes"], "trainable_parameters": summary["trainable_parameters"]}
+    return {
+        "validation": best.get("metrics", {}),
+        "test": summary["test"],
+        "best_step": best.get("step"),
+        "beat_start": summary.get("beat_start"),  # False: no step beat the start; its test is the start's
+        "steps": summary["steps"],
+        "wall_time_s": summary["wall_time_s"],
+        "trajectory_bytes": summary["trajectory_bytes"],
+        "trainable_parameters": summary["trainable_parameters"],
+    }
 
 
 def _ft(config: RunConfig, grid: CompareConfig, cell_dir: Path, log) -> dict:
@@ -103,17 +112,35 @@ register(Method("zero-shot", "Zero-shot", _zero_shot))
 register(Method("icl", "ICL", _icl))
 register(Method("lp", "LP", _lp))
 register(Method("mezo", "MeZO", _mezo, {"model": {"tuning": "full"}}))
-register(Method("mezo-lora", "MeZO (LoRA)", _mezo,
-                {"model": {"tuning": "lora"}, "optimizer": {"lr": 1e-3, "eps": 1e-2}}))
-register(Method("mezo-prefix", "MeZO (prefix)", _mezo,
-                {"model": {"tuning": "prefix"}, "optimizer": {"lr": 1e-2, "eps": 1e-1}}))
+register(
+    Method("mezo-lora", "MeZO (LoRA)", _mezo, {"model": {"tuning": "lora"}, "optimizer": {"lr": 1e-3, "eps": 1e-2}})
+)
+register(
+    Method(
+        "mezo-prefix", "MeZO (prefix)", _mezo, {"model": {"tuning": "prefix"}, "optimizer": {"lr": 1e-2, "eps": 1e-1}}
+    )
+)
 register(Method("lp-mezo", "LP-MeZO", _mezo, {"model": {"tuning": "full"}, "train": {"init": "probe"}}))
 # FZOO (arXiv 2506.09034) as its paper runs it: N = 8 Rademacher directions, one-sided. Its step is about
 # lr / (eps sqrt(N)) per element: 2e-6 at eps 1e-3 is the rate of the calibration run on the default
 # SST-2 setup (eta 2e-3 in the eps-free form); benchmarks/convergence.py tunes it against a tuned MeZO.
-register(Method("fzoo", "FZOO", _mezo, {"model": {"tuning": "full"},
-                                        "optimizer": {"estimator": "fzoo", "distribution": "rademacher",
-                                                      "n_perturbations": 8, "fuse_next": False, "lr": 2e-6}}))
+register(
+    Method(
+        "fzoo",
+        "FZOO",
+        _mezo,
+        {
+            "model": {"tuning": "full"},
+            "optimizer": {
+                "estimator": "fzoo",
+                "distribution": "rademacher",
+                "n_perturbations": 8,
+                "fuse_next": False,
+                "lr": 2e-6,
+            },
+        },
+    )
+)
 # HiZOO (arXiv 2402.15173): its s starts at 1, where its step is MeZO's, so MeZO's rate and the config's alpha
 # (chosen from the kappa measured on SmolLM2). One float32 tensor per parameter beyond inference.
 register(Method("hizoo", "HiZOO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "hizoo"}}))

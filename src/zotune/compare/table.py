@@ -85,7 +85,8 @@ def _memory_table(grid: CompareConfig, results: list[dict]) -> list[str]:
                 row.append(f"{mb / 1024:.2f} GB")
         rows.append(row)
     return ["", "Each cell's peak memory (its own process; × the same task's zero-shot, i.e. inference):", ""] + [
-        "| " + " | ".join(r) + " |" for r in rows]
+        "| " + " | ".join(r) + " |" for r in rows
+    ]
 
 
 def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
@@ -104,10 +105,14 @@ def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
                 parts.append(f"{what} " + ", ".join(f"{TASK_TITLES.get(t, t)} {v}" for t, v in per_task.items()))
         seconds = sum(r.get("cell_time_s") or 0.0 for r in mine)
         parts.append(f"{len(mine)} cells in {seconds / 60:.1f} min")
-        kept = [f"{TASK_TITLES.get(r['task'], r['task'])} seed {r['seed']}" for r in mine if r.get("beat_start") is False]
+        kept = [
+            f"{TASK_TITLES.get(r['task'], r['task'])} seed {r['seed']}" for r in mine if r.get("beat_start") is False
+        ]
         if kept:  # said plainly: these cells' scores are the starting weights', not trained ones
-            parts.append(f"no step beat the starting weights on validation in {len(kept)} of {len(mine)} cells "
-                         f"({', '.join(kept)}): their test is of the starting weights")
+            parts.append(
+                f"no step beat the starting weights on validation in {len(kept)} of {len(mine)} cells "
+                f"({', '.join(kept)}): their test is of the starting weights"
+            )
         notes.append(f"- {METHODS[method].label}: " + "; ".join(parts))
     failed = [f"{r['method']} on {r['task']} (seed {r['seed']})" for r in _failures(grid)]
     if failed:
@@ -117,5 +122,8 @@ def _notes(grid: CompareConfig, results: list[dict]) -> list[str]:
 
 def _failures(grid: CompareConfig) -> list[dict]:
     """Cells that failed and have not succeeded since."""
-    return [json.loads((d / "failed.json").read_text()) for d in _cell_dirs(grid)
-            if (d / "failed.json").is_file() and not (d / "result.json").is_file()]
+    return [
+        json.loads((d / "failed.json").read_text())
+        for d in _cell_dirs(grid)
+        if (d / "failed.json").is_file() and not (d / "result.json").is_file()
+    ]

@@ -68,8 +68,10 @@ class ZOTrainer(Trainer):
         self._micro_batches: list = []
         self._checked = False
         if self.optimizer is not None and not isinstance(self.optimizer, TrainerMeZO):
-            raise TypeError(f"ZOTrainer needs a zotune.integrations.hf.TrainerMeZO optimizer, got "
-                            f"{type(self.optimizer).__name__} (or pass none and set mezo_kwargs)")
+            raise TypeError(
+                f"ZOTrainer needs a zotune.integrations.hf.TrainerMeZO optimizer, got "
+                f"{type(self.optimizer).__name__} (or pass none and set mezo_kwargs)"
+            )
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -106,6 +108,7 @@ class ZOTrainer(Trainer):
             def closure():
                 with self.compute_loss_context_manager():
                     return self.compute_loss(model, batch).detach()
+
             return closure
 
         closure = distributed.all_reduce_closure(accumulate([loss_of(b) for b in batches]))

@@ -9,4 +9,14 @@ from zotune.optim.factory import make_optimizer
 from zotune.optim.forward_grad import ForwardGradient
 from zotune.optim.mezo import FZOO, HiZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
 
-__all__ = ["FZOO", "ForwardGradient", "HiZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "accumulate", "make_optimizer"]
+__all__ = [
+    "FZOO",
+    "ForwardGradient",
+    "HiZOO",
+    "MeZO",
+    "MeZOAdam",
+    "MeZOMomentum",
+    "NonFiniteLossError",
+    "accumulate",
+    "make_optimizer",
+]

@@ -9,8 +9,9 @@ import torch
 __all__ = ["accumulate"]
 
 
-def accumulate(closures: Sequence[Callable[[], torch.Tensor | float]],
-               weights: Sequence[float] | None = None) -> Callable[[], torch.Tensor]:
+def accumulate(
+    closures: Sequence[Callable[[], torch.Tensor | float]], weights: Sequence[float] | None = None
+) -> Callable[[], torch.Tensor]:
     r"""One closure whose loss is the weighted mean of the micro-batch losses.
 
     .. math:: L(\theta) = \frac{\sum_i w_i L_i(\theta)}{\sum_i w_i}

@@ -11,8 +11,9 @@ from zotune.optim.variants import linear_n
 __all__ = ["make_optimizer"]
 
 
-def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike | None = None,
-                   on_nonfinite: str = "skip") -> MeZO:
+def make_optimizer(
+    named_params, optim_config, *, trajectory: str | os.PathLike | None = None, on_nonfinite: str = "skip"
+) -> MeZO:
     """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam` or :class:`HiZOO`.
 
     ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO) and the layerwise scaling need
@@ -34,9 +35,17 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
     else:
         n = oc.n_perturbations
     fuse = oc.fuse_next and not estimators.get(oc.estimator).clean_start and oc.layerwise == "none"
-    common = dict(distribution=oc.distribution, fuse_next=fuse, on_nonfinite=on_nonfinite, trajectory=trajectory,
-                  n_perturbations=n, estimator=oc.estimator, layerwise=oc.layerwise,
-                  grad_norm_every=oc.grad_norm_every, grad_norm_probes=oc.grad_norm_probes)
+    common = dict(
+        distribution=oc.distribution,
+        fuse_next=fuse,
+        on_nonfinite=on_nonfinite,
+        trajectory=trajectory,
+        n_perturbations=n,
+        estimator=oc.estimator,
+        layerwise=oc.layerwise,
+        grad_norm_every=oc.grad_norm_every,
+        grad_norm_probes=oc.grad_norm_probes,
+    )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
@@ -44,6 +53,7 @@ def make_optimizer(named_params, optim_config, *, trajectory: str | os.PathLike 
     if oc.variant == "momentum":
         return MeZOMomentum(*args, beta=oc.beta1, window=oc.window, state=oc.state, **common)
     if oc.variant == "adam":
-        return MeZOAdam(*args, betas=(oc.beta1, oc.beta2), adam_eps=oc.adam_eps, window=oc.window,
-                        state=oc.state, **common)
+        return MeZOAdam(
+            *args, betas=(oc.beta1, oc.beta2), adam_eps=oc.adam_eps, window=oc.window, state=oc.state, **common
+        )
     return MeZO(*args, **common)

@@ -32,10 +32,16 @@ _ESTIMATOR = "forward-gradient"  # the trajectory header's "estimator": replay a
 def _named(items, where: str) -> list[tuple[str, torch.Tensor]]:
     items = [items] if isinstance(items, torch.Tensor) else list(items)
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)):
-            raise ValueError(f"ForwardGradient needs named parameters in {where}: pass model.named_parameters() "
-                             "(the names key z and are the keys of the dict the loss function receives)")
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)
+        ):
+            raise ValueError(
+                f"ForwardGradient needs named parameters in {where}: pass model.named_parameters() "
+                "(the names key z and are the keys of the dict the loss function receives)"
+            )
     return [(n, p) for n, p in items if p.requires_grad]
 
 
@@ -200,8 +206,11 @@ class ForwardGradient(KeyedOptimizer):
                 z = torch.empty(p.shape, dtype=p.dtype, device=p.device)
                 flat = z.view(-1)
                 # the backends fill float32; other dtypes go through one float32 chunk, rounded to nearest
-                buf = None if p.dtype == torch.float32 else torch.empty(min(be.chunk, flat.numel()),
-                                                                        dtype=torch.float32, device=p.device)
+                buf = (
+                    None
+                    if p.dtype == torch.float32
+                    else torch.empty(min(be.chunk, flat.numel()), dtype=torch.float32, device=p.device)
+                )
                 for start in range(0, flat.numel(), be.chunk):
                     part = flat[start : start + be.chunk]
                     work = part if buf is None else buf[: part.numel()]
@@ -220,8 +229,10 @@ class ForwardGradient(KeyedOptimizer):
         for g in self.param_groups:
             for name, p in zip(g["param_names"], g["params"]):
                 if own.get(name) is not p:
-                    raise ValueError(f"the optimizer's parameter {name!r} is not the model's parameter of that name: "
-                                     "build the optimizer from this model's named_parameters()")
+                    raise ValueError(
+                        f"the optimizer's parameter {name!r} is not the model's parameter of that name: "
+                        "build the optimizer from this model's named_parameters()"
+                    )
         wrapper = _Closure(model, closure)
         return lambda params: torch.func.functional_call(wrapper, {f"model.{n}": t for n, t in params.items()}, ())
 
@@ -248,8 +259,10 @@ class ForwardGradient(KeyedOptimizer):
         def f(*tensors):
             loss = loss_fn(dict(zip(names, tensors)))
             if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
-                raise ValueError(f"the closure must return the loss as a scalar tensor, got {type(loss).__name__}"
-                                 + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else ""))
+                raise ValueError(
+                    f"the closure must return the loss as a scalar tensor, got {type(loss).__name__}"
+                    + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+                )
             return loss.reshape(())
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -262,8 +275,10 @@ class ForwardGradient(KeyedOptimizer):
         if not (math.isfinite(self.last_loss) and math.isfinite(g)):
             self._record(Skip(t, 1))
             self._step += 1
-            message = (f"step {t}: the loss is {self.last_loss} and its directional derivative {g}; "
-                       "the parameters were not updated")
+            message = (
+                f"step {t}: the loss is {self.last_loss} and its directional derivative {g}; "
+                "the parameters were not updated"
+            )
             if self.on_nonfinite == "raise":
                 raise NonFiniteLossError(message)
             warnings.warn(message + " (skipped)", RuntimeWarning, stacklevel=2)
@@ -276,8 +291,9 @@ class ForwardGradient(KeyedOptimizer):
             start += len(group["params"])
             # as replay(exact=False) computes them, so that a trajectory replays bit for bit
             scale, coef = 1.0 - lr * wd, -lr * g
-            functional.sweep_(group["params"], keys, [(seed, coef)], scale=scale, distribution=self.distribution,
-                              backend=self.backend)
+            functional.sweep_(
+                group["params"], keys, [(seed, coef)], scale=scale, distribution=self.distribution, backend=self.backend
+            )
             lrs.append(lr)
         self._record(Step(t, g, tuple(lrs)))
         self._step = t + 1

@@ -30,8 +30,16 @@ import torch
 
 from zotune import kernels, rng
 
-__all__ = ["f32", "gaussian_sumsq", "hizoo_update_", "local_shard", "moment_sweep_", "scaled_sweep_",
-           "stochastic_round_", "sweep_"]
+__all__ = [
+    "f32",
+    "gaussian_sumsq",
+    "hizoo_update_",
+    "local_shard",
+    "moment_sweep_",
+    "scaled_sweep_",
+    "stochastic_round_",
+    "sweep_",
+]
 
 _FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,8 +58,7 @@ def _flat(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int,
-                      words_fn=None) -> None:
+def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int, words_fn=None) -> None:
     """dst <- src (float32) rounded to dst's dtype, up or down with probability by distance.
 
     E[dst] = src exactly, so updates far below half an ulp survive on average. The uniform for
@@ -88,9 +95,11 @@ def local_shard(p: torch.Tensor) -> tuple[torch.Tensor, int]:
 
     for placement in placements:
         if not (isinstance(placement, Replicate) or (type(placement) is Shard and placement.dim == 0)):
-            raise ValueError(f"MeZO perturbs sharded parameters only when they are split by rows (Shard(0)) or "
-                             f"replicated; got placements {tuple(placements)} for a tensor of shape {tuple(p.shape)} "
-                             "(shard on dimension 0, e.g. fully_shard's default)")
+            raise ValueError(
+                f"MeZO perturbs sharded parameters only when they are split by rows (Shard(0)) or "
+                f"replicated; got placements {tuple(placements)} for a tensor of shape {tuple(p.shape)} "
+                "(shard on dimension 0, e.g. fully_shard's default)"
+            )
     local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, placements)
     local = p.to_local()
     if tuple(local.shape) != tuple(local_shape):
@@ -189,8 +198,10 @@ def gaussian_sumsq(params, keys, seed: int, *, backend=None) -> float:
     total = 0.0
     for p, key in zip(params, keys, strict=True):
         if hasattr(p, "placements"):
-            raise ValueError("the sphere distribution needs the global norm of z and does not support sharded "
-                             "(DTensor) parameters; use distribution='gaussian'")
+            raise ValueError(
+                "the sphere distribution needs the global norm of z and does not support sharded "
+                "(DTensor) parameters; use distribution='gaussian'"
+            )
         be = kernels.select(p.device, backend)
         n, chunk = p.numel(), be.chunk
         buf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
@@ -247,9 +258,22 @@ def moment_sweep_(
         part = flat[start : start + chunk]
         size = part.numel()
         z = zbuf[:size]
-        mc, vc = _chunk_moments(be, z, key, base + start, start, estimates=estimates, weights1=weights1,
-                                weights2=weights2, m=m, v=v, beta1=beta1, beta2=beta2, adam=adam,
-                                distribution=distribution)
+        mc, vc = _chunk_moments(
+            be,
+            z,
+            key,
+            base + start,
+            start,
+            estimates=estimates,
+            weights1=weights1,
+            weights2=weights2,
+            m=m,
+            v=v,
+            beta1=beta1,
+            beta2=beta2,
+            adam=adam,
+            distribution=distribution,
+        )
         if not update:
             continue
         d = (mc / bias1) / ((vc / bias2).sqrt_().add_(adam_eps)) if adam else mc
@@ -270,8 +294,7 @@ def moment_sweep_(
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
 
 
-def _chunk_moments(be, z, key, start, offset, *, estimates, weights1, weights2, m, v, beta1, beta2, adam,
-                   distribution):
+def _chunk_moments(be, z, key, start, offset, *, estimates, weights1, weights2, m, v, beta1, beta2, adam, distribution):
     """m (and v) of one chunk of :func:`moment_sweep_`: the stored ones moved by the last estimate (in place), or
     rebuilt from the history's estimates. ``start``: the chunk's global element index; ``offset``: its index in
     this shard (where m and v keep it)."""
@@ -316,8 +339,15 @@ def _write_back(part, work, rounding_seed, key, start, be) -> None:
         stochastic_round_(part, work, rounding_seed, key, start, be.words)
 
 
-def scaled_sweep_(p: torch.Tensor, key: int, s: torch.Tensor, terms: Sequence[tuple[int, float]], *,
-                  distribution: str = "gaussian", backend: str | None = None) -> None:
+def scaled_sweep_(
+    p: torch.Tensor,
+    key: int,
+    s: torch.Tensor,
+    terms: Sequence[tuple[int, float]],
+    *,
+    distribution: str = "gaussian",
+    backend: str | None = None,
+) -> None:
     """theta <- theta + sum(c * s * z(seed)) elementwise, with ``s`` a float32 tensor of p's shape.
 
     The probe sweep of a preconditioned direction (HiZOO's ``u = s z``), chunk by chunk: z regenerated,
@@ -339,10 +369,23 @@ def scaled_sweep_(p: torch.Tensor, key: int, s: torch.Tensor, terms: Sequence[tu
         _write_back(part, work, None, key, base + start, be)
 
 
-def hizoo_update_(p: torch.Tensor | None, key: int, s: torch.Tensor, *, seed: int, restore: float, g: float,
-                  kappa: float, alpha: float, scale: float = 1.0, lr: float = 0.0, update: bool = True,
-                  distribution: str = "gaussian", rounding_seed: int | None = None,
-                  backend: str | None = None) -> None:
+def hizoo_update_(
+    p: torch.Tensor | None,
+    key: int,
+    s: torch.Tensor,
+    *,
+    seed: int,
+    restore: float,
+    g: float,
+    kappa: float,
+    alpha: float,
+    scale: float = 1.0,
+    lr: float = 0.0,
+    update: bool = True,
+    distribution: str = "gaussian",
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
     """HiZOO's update on one parameter, chunk by chunk, with z regenerated (see :class:`zotune.HiZOO`)::
 
         theta <- theta + restore * s * z                                (remove the carried perturbation)

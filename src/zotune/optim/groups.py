@@ -42,4 +42,3 @@ def decay_groups(params: Iterable, weight_decay: float | None = None) -> list[di
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
-

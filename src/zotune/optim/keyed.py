@@ -29,14 +29,22 @@ def param_table(param_groups) -> list[dict]:
     for g in param_groups:
         for i, p in enumerate(g["params"]):
             name = g["param_names"][i] if "param_names" in g else str(index)
-            table.append({"name": name, "key": rng.param_key(name), "shape": list(p.shape),
-                          "dtype": str(p.dtype).removeprefix("torch.")})
+            table.append(
+                {
+                    "name": name,
+                    "key": rng.param_key(name),
+                    "shape": list(p.shape),
+                    "dtype": str(p.dtype).removeprefix("torch."),
+                }
+            )
             index += 1
     seen: dict[int, str] = {}
     for entry in table:
         if entry["key"] in seen:
-            raise ValueError(f"parameters {seen[entry['key']]!r} and {entry['name']!r} have the same key: "
-                             "give every parameter a distinct name")
+            raise ValueError(
+                f"parameters {seen[entry['key']]!r} and {entry['name']!r} have the same key: "
+                "give every parameter a distinct name"
+            )
         seen[entry["key"]] = entry["name"]
     return table
 
@@ -62,7 +70,9 @@ class KeyedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_writer", None) is not None:
-            raise RuntimeError(f"cannot add parameters to a {type(self).__name__} optimizer that is writing a trajectory")
+            raise RuntimeError(
+                f"cannot add parameters to a {type(self).__name__} optimizer that is writing a trajectory"
+            )
         super().add_param_group(param_group)
         if hasattr(self, "_table"):
             self._table = self._param_table()
@@ -145,11 +155,14 @@ class KeyedOptimizer(torch.optim.Optimizer):
         """A state saved for these parameters with this distribution, or ValueError (nothing is changed)."""
         names = [e["name"] for e in self._table]
         if own["params"] != names:
-            raise ValueError("this optimizer state was saved for other parameters "
-                             f"({len(own['params'])} recorded, {len(names)} here, or different names)")
+            raise ValueError(
+                "this optimizer state was saved for other parameters "
+                f"({len(own['params'])} recorded, {len(names)} here, or different names)"
+            )
         if own["distribution"] != self.distribution:
-            raise ValueError(f"this optimizer state has distribution={own['distribution']!r}, "
-                             f"the optimizer {self.distribution!r}")
+            raise ValueError(
+                f"this optimizer state has distribution={own['distribution']!r}, the optimizer {self.distribution!r}"
+            )
 
     def _restore_keyed_state(self, own: dict) -> None:
         """Restore the counter and seed; the trajectory reopens at the state's length on the next record."""

@@ -31,8 +31,22 @@ class NonFiniteLossError(FloatingPointError):
     """The closure returned NaN or infinity; the parameters were restored and not updated."""
 
 
-def _check_options(*, lr, eps, weight_decay, seed, distribution, n_perturbations, estimator, layerwise,
-                   grad_norm_every, grad_norm_probes, fuse_next, on_nonfinite, backend) -> None:
+def _check_options(
+    *,
+    lr,
+    eps,
+    weight_decay,
+    seed,
+    distribution,
+    n_perturbations,
+    estimator,
+    layerwise,
+    grad_norm_every,
+    grad_norm_probes,
+    fuse_next,
+    on_nonfinite,
+    backend,
+) -> None:
     """MeZO's arguments, each bad one a ValueError naming it (before anything is built)."""
     if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
         raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
@@ -50,11 +64,13 @@ def _check_options(*, lr, eps, weight_decay, seed, distribution, n_perturbations
         _check_n(n_perturbations)
         est = estimators.get(estimator)
         if n_perturbations < est.min_n:
-            raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least "
-                             f"{est.min_n})")
+            raise ValueError(
+                f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator needs at least {est.min_n})"
+            )
         if est.max_n is not None and n_perturbations > est.max_n:
-            raise ValueError(f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most "
-                             f"{est.max_n})")
+            raise ValueError(
+                f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most {est.max_n})"
+            )
     if layerwise not in variants.LAYERWISE:
         raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
     if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
@@ -62,8 +78,10 @@ def _check_options(*, lr, eps, weight_decay, seed, distribution, n_perturbations
     if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
         raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
     if fuse_next and (estimators.get(estimator).clean_start or layerwise != "none"):
-        raise ValueError("fuse_next=True works with the two-sided estimator without layerwise scaling only "
-                         "(the next step must start from its clean weights): pass fuse_next=False")
+        raise ValueError(
+            "fuse_next=True works with the two-sided estimator without layerwise scaling only "
+            "(the next step must start from its clean weights): pass fuse_next=False"
+        )
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
     if backend is not None:
@@ -199,10 +217,21 @@ class MeZO(KeyedOptimizer):
         grad_norm_every: int = 0,
         grad_norm_probes: int = 1,
     ):
-        _check_options(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, distribution=distribution,
-                       n_perturbations=n_perturbations, estimator=estimator, layerwise=layerwise,
-                       grad_norm_every=grad_norm_every, grad_norm_probes=grad_norm_probes, fuse_next=fuse_next,
-                       on_nonfinite=on_nonfinite, backend=backend)
+        _check_options(
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            seed=seed,
+            distribution=distribution,
+            n_perturbations=n_perturbations,
+            estimator=estimator,
+            layerwise=layerwise,
+            grad_norm_every=grad_norm_every,
+            grad_norm_probes=grad_norm_probes,
+            fuse_next=fuse_next,
+            on_nonfinite=on_nonfinite,
+            backend=backend,
+        )
         super().__init__(_prepare_params(params, weight_decay), dict(lr=lr, weight_decay=weight_decay))
         self.eps = float(eps)
         self.fuse_next = bool(fuse_next)
@@ -219,14 +248,22 @@ class MeZO(KeyedOptimizer):
         self._norms_step: int | None = None  # the step whose probes estimated them
         self.rule = self._make_rule()
         wanted = self._estimator.rule  # an estimator and a rule made for each other (HiZOO's) go only together
-        if (wanted is not None and self.rule.name != wanted) or (wanted is None and getattr(self.rule, "estimator", None)):
-            raise ValueError(f"the {estimator} estimator and the {self.rule.name} update rule do not go together: "
-                             "use zotune.HiZOO for HiZOO")
+        if (wanted is not None and self.rule.name != wanted) or (
+            wanted is None and getattr(self.rule, "estimator", None)
+        ):
+            raise ValueError(
+                f"the {estimator} estimator and the {self.rule.name} update rule do not go together: "
+                "use zotune.HiZOO for HiZOO"
+            )
         if self.rule.name == "hizoo" and (distribution == "sphere" or layerwise != "none"):
-            raise ValueError("HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
-                             "or 'rademacher' and no layerwise scaling")
+            raise ValueError(
+                "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
+                "or 'rademacher' and no layerwise scaling"
+            )
         self.projected_grads: list[float] | None = None  # g_j of the last applied step
-        self.last_extras: tuple[float, ...] = ()  # the estimator's extra scalars of the last applied step (HiZOO's kappa)
+        self.last_extras: tuple[
+            float, ...
+        ] = ()  # the estimator's extra scalars of the last applied step (HiZOO's kappa)
         self.last_step_skipped = False  # the last step's loss (or estimate) was not finite: nothing was updated
         self.forward_passes: int | None = 0  # closure calls so far (None: resumed from a state that did not count)
         self.projected_grad: float | None = None  # g of the last applied step
@@ -263,8 +300,11 @@ class MeZO(KeyedOptimizer):
         if self.layerwise != "none":
             out["layerwise"] = self.layerwise
         if self.layerwise == "grad-norm":
-            out.update(layer_groups=self._layers(), grad_norm_every=self.grad_norm_every,
-                       grad_norm_probes=self.grad_norm_probes)
+            out.update(
+                layer_groups=self._layers(),
+                grad_norm_every=self.grad_norm_every,
+                grad_norm_probes=self.grad_norm_probes,
+            )
         if self.rule.header() is not None:
             out["variant"] = self.rule.header()
         return out
@@ -332,8 +372,12 @@ class MeZO(KeyedOptimizer):
         if missing:
             import warnings
 
-            warnings.warn(f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
-                          "norms were filled in from the others", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
+                "norms were filled in from the others",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         mean_sq = [sum(q) / len(q) if q else None for q in squares]
         self.layer_norms = variants.grad_norm_scales(mean_sq, layers, [p.numel() for p in self._all()[0]])
         self._norms_step = t
@@ -343,16 +387,21 @@ class MeZO(KeyedOptimizer):
         n = _check_n(n(step), f"n_perturbations({step})") if callable(n) else n
         est = self._estimator
         if n < est.min_n or (est.max_n is not None and n > est.max_n):
-            raise ValueError(f"the {est.name} estimator needs n_perturbations from {est.min_n} to "
-                             f"{est.max_n or variants.MAX_PERTURBATIONS}, got {n} at step {step}")
+            raise ValueError(
+                f"the {est.name} estimator needs n_perturbations from {est.min_n} to "
+                f"{est.max_n or variants.MAX_PERTURBATIONS}, got {n} at step {step}"
+            )
         return n
 
     def _groups(self) -> list[variants.Group]:
         out, start = [], 0
         for i, g in enumerate(self.param_groups):
             index = list(range(start, start + len(g["params"])))
-            out.append(variants.Group(list(g["params"]), self._keys(i), index, functional.f32(g["lr"]),
-                                      functional.f32(g["weight_decay"])))
+            out.append(
+                variants.Group(
+                    list(g["params"]), self._keys(i), index, functional.f32(g["lr"]), functional.f32(g["weight_decay"])
+                )
+            )
             start += len(g["params"])
         return out
 
@@ -409,8 +458,13 @@ class MeZO(KeyedOptimizer):
         carry = probe.carry
         u = update_of(plan, self._directions(), grads, carry, fuse_next=self.fuse_next, extras=extras)
         groups = self._groups()
-        self.rule.apply(groups, u, distribution=self._directions().zdist,
-                        rounding_seed=u.seeds[0] if self.stochastic_rounding else None, backend=self.backend)
+        self.rule.apply(
+            groups,
+            u,
+            distribution=self._directions().zdist,
+            rounding_seed=u.seeds[0] if self.stochastic_rounding else None,
+            backend=self.backend,
+        )
         lrs = tuple(g.lr for g in groups)
         self._record_scales(t, plan.scales)
         if extras:
@@ -476,8 +530,9 @@ class MeZO(KeyedOptimizer):
             "pending": self._pending,
             "forward_passes": self.forward_passes,
             # the last hyper-parameters written to the trajectory, so a resumed file continues identically
-            "written_hyper": None if self._written_hyper is None else
-            [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
+            "written_hyper": None
+            if self._written_hyper is None
+            else [self._written_hyper.eps, list(self._written_hyper.weight_decays)],
         }
         variant_options = self._variant_header()
         if variant_options:  # only for the variants: plain MeZO's state is unchanged
@@ -527,11 +582,14 @@ class MeZO(KeyedOptimizer):
         self._check_keyed_state(mezo)
         for option in ("fuse_next", "stochastic_rounding"):
             if mezo[option] != getattr(self, option):
-                raise ValueError(f"this optimizer state has {option}={mezo[option]!r}, "
-                                 f"the optimizer {getattr(self, option)!r}")
+                raise ValueError(
+                    f"this optimizer state has {option}={mezo[option]!r}, the optimizer {getattr(self, option)!r}"
+                )
         if mezo.get("variants", {}) != self._variant_header():
-            raise ValueError(f"this optimizer state was saved with the variant options {mezo.get('variants', {})}, "
-                             f"the optimizer has {self._variant_header()}: build it with the same options")
+            raise ValueError(
+                f"this optimizer state was saved with the variant options {mezo.get('variants', {})}, "
+                f"the optimizer has {self._variant_header()}: build it with the same options"
+            )
         super().load_state_dict(state_dict)
         self._restore_keyed_state(mezo)
         self.eps = float(mezo["eps"])
@@ -545,7 +603,9 @@ class MeZO(KeyedOptimizer):
         self._pending = mezo.get("pending")
         self.forward_passes = mezo.get("forward_passes")
         written = mezo.get("written_hyper")
-        self._written_hyper = None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))
+        self._written_hyper = (
+            None if written is None or self._resume_at is None else Hyper(written[0], tuple(written[1]))
+        )
 
     def _rebuild_moments(self, trajectory_bytes: int | None, count: int) -> None:
         """Stored-state momentum/Adam: recompute m (and v) from the trajectory's (seed, g) records.
@@ -561,14 +621,18 @@ class MeZO(KeyedOptimizer):
             self.rule.m.clear(), self.rule.v.clear()
             return
         if self.trajectory_path is None or trajectory_bytes is None:
-            raise ValueError("resuming stored-state momentum/Adam rebuilds m and v from the trajectory: build the "
-                             "optimizer with trajectory= (the file of the run), or use state='history'")
+            raise ValueError(
+                "resuming stored-state momentum/Adam rebuilds m and v from the trajectory: build the "
+                "optimizer with trajectory= (the file of the run), or use state='history'"
+            )
         traj: Trajectory = read_trajectory(self.trajectory_path, size=trajectory_bytes)  # as at the checkpoint
         rule = variants.make_rule(self.rule.header())
         walk(traj, self._all()[0], exact=False, finish=False, update=False, rule=rule, backend=self.backend)
         if rule.count != count:
-            raise ValueError(f"the trajectory holds {rule.count} updates, the optimizer state {count}: "
-                             "they belong to different checkpoints")
+            raise ValueError(
+                f"the trajectory holds {rule.count} updates, the optimizer state {count}: "
+                "they belong to different checkpoints"
+            )
         self.rule.m, self.rule.v = rule.m, rule.v
 
 
@@ -602,8 +666,19 @@ class MeZOMomentum(MeZO):
     Reference: Malladi et al. 2023 (arXiv 2305.17333), §2.2 "MeZO extensions" and Appendix B.
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
-                 beta: float = 0.9, window: int = 32, state: str = "history", **kwargs):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        beta: float = 0.9,
+        window: int = 32,
+        state: str = "history",
+        **kwargs,
+    ):
         _check_rule_args(beta=beta, window=window, state=state)
         self._rule_args = dict(beta1=float(beta), beta2=0.0, window=int(window), stored=state == "stored")
         super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
@@ -642,14 +717,30 @@ class MeZOAdam(MeZO):
     Reference: Malladi et al. 2023 (arXiv 2305.17333), §2.2 and Appendix B.
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
-                 betas: tuple[float, float] = (0.9, 0.999), adam_eps: float = 1e-8, window: int = 32,
-                 state: str = "history", **kwargs):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        window: int = 32,
+        state: str = "history",
+        **kwargs,
+    ):
         _check_rule_args(beta=betas[0], beta2=betas[1], window=window, state=state, names=("betas[0]", "betas[1]"))
         if not (adam_eps > 0 and math.isfinite(adam_eps)):
             raise ValueError(f"Invalid adam_eps: {adam_eps} (must be a finite number > 0)")
-        self._rule_args = dict(beta1=float(betas[0]), beta2=float(betas[1]), window=int(window),
-                               stored=state == "stored", adam_eps=float(adam_eps))
+        self._rule_args = dict(
+            beta1=float(betas[0]),
+            beta2=float(betas[1]),
+            window=int(window),
+            stored=state == "stored",
+            adam_eps=float(adam_eps),
+        )
         super().__init__(params, lr, eps, weight_decay, seed, **kwargs)
 
     def _make_rule(self):
@@ -678,12 +769,31 @@ class FZOO(MeZO):
             opt.step(lambda: model(**batch).loss)
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
-                 n_perturbations: int | Callable[[int], int] = 8, distribution: str = "rademacher", **kwargs):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        n_perturbations: int | Callable[[int], int] = 8,
+        distribution: str = "rademacher",
+        **kwargs,
+    ):
         if "estimator" in kwargs:
             raise TypeError("FZOO sets estimator='fzoo'; use zotune.MeZO for another estimator")
-        super().__init__(params, lr, eps, weight_decay, seed, estimator="fzoo", n_perturbations=n_perturbations,
-                         distribution=distribution, **kwargs)
+        super().__init__(
+            params,
+            lr,
+            eps,
+            weight_decay,
+            seed,
+            estimator="fzoo",
+            n_perturbations=n_perturbations,
+            distribution=distribution,
+            **kwargs,
+        )
 
 
 class HiZOO(MeZO):
@@ -709,8 +819,17 @@ class HiZOO(MeZO):
         opt = zotune.HiZOO(model.named_parameters(), lr=1e-6, eps=1e-3, alpha=1e-6)
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, *,
-                 alpha: float = 1e-6, **kwargs):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        alpha: float = 1e-6,
+        **kwargs,
+    ):
         if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
             raise ValueError(f"Invalid alpha: {alpha} (must be in [0, 1])")
         for fixed in ("estimator", "n_perturbations"):
@@ -723,8 +842,9 @@ class HiZOO(MeZO):
         return variants.HiZOORule(self._alpha)
 
 
-def _check_rule_args(*, beta: float, window: int, state: str, beta2: float = 0.5,
-                     names: tuple[str, str] = ("beta", "beta2")) -> None:
+def _check_rule_args(
+    *, beta: float, window: int, state: str, beta2: float = 0.5, names: tuple[str, str] = ("beta", "beta2")
+) -> None:
     for name, b in zip(names, (beta, beta2)):
         if not (isinstance(b, (int, float)) and 0 <= b < 1):
             raise ValueError(f"Invalid {name}: {b} (must be in [0, 1))")

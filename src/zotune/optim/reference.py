@@ -30,10 +30,25 @@ class ReferenceVariant:
     sum d_l / c_l^2 = d, then perturbs along z / c_l and estimates with c_l z.
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, *, n: int = 1,
-                 estimator: str = "two-sided", distribution: str = "gaussian", layerwise: str = "none",
-                 rule: str = "sgd", beta1: float = 0.9, beta2: float = 0.999, adam_eps: float = 1e-8,
-                 weight_decay: float = 0.0, grad_norm_every: int = 0, grad_norm_probes: int = 1):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        *,
+        n: int = 1,
+        estimator: str = "two-sided",
+        distribution: str = "gaussian",
+        layerwise: str = "none",
+        rule: str = "sgd",
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        adam_eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        grad_norm_every: int = 0,
+        grad_norm_probes: int = 1,
+    ):
         self.params = list(params)
         self.grad_norm_every, self.grad_norm_probes = grad_norm_every, grad_norm_probes
         self.norms: list[float] | None = None  # grad-norm: c_l per tensor
@@ -50,8 +65,10 @@ class ReferenceVariant:
     def z(self, seed: int) -> list[torch.Tensor]:
         """The perturbation of ``seed`` for every parameter (before the layerwise scale)."""
         dist = "gaussian" if self.distribution == "sphere" else self.distribution
-        zs = [torch.from_numpy(rng.z(dist, seed, rng.param_key(name), 0, p.numel())).reshape(p.shape).double()
-              for name, p in self.params]
+        zs = [
+            torch.from_numpy(rng.z(dist, seed, rng.param_key(name), 0, p.numel())).reshape(p.shape).double()
+            for name, p in self.params
+        ]
         if self.distribution == "sphere":
             d = sum(p.numel() for _, p in self.params)
             norm = math.sqrt(sum(float((z * z).sum()) for z in zs))
@@ -93,13 +110,20 @@ class ReferenceVariant:
         if self.rule == "sgd":
             direction = ghat
         elif self.rule == "momentum":
-            direction = [sum((1 - self.beta1) * self.beta1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates))
-                         for i in range(len(theta))]
+            direction = [
+                sum((1 - self.beta1) * self.beta1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates))
+                for i in range(len(theta))
+            ]
         else:
             b1, b2 = self.beta1, self.beta2
-            m = [sum((1 - b1) * b1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates)) for i in range(len(theta))]
-            v = [sum((1 - b2) * b2 ** (c - 1 - k) * e[i] ** 2 for k, e in enumerate(self.estimates))
-                 for i in range(len(theta))]
+            m = [
+                sum((1 - b1) * b1 ** (c - 1 - k) * e[i] for k, e in enumerate(self.estimates))
+                for i in range(len(theta))
+            ]
+            v = [
+                sum((1 - b2) * b2 ** (c - 1 - k) * e[i] ** 2 for k, e in enumerate(self.estimates))
+                for i in range(len(theta))
+            ]
             direction = [(mi / (1 - b1**c)) / ((vi / (1 - b2**c)).sqrt() + self.adam_eps) for mi, vi in zip(m, v)]
             self.m, self.v = m, v
         for (_, p), x, dx in zip(self.params, theta, direction):
@@ -120,8 +144,12 @@ class ReferenceVariant:
             squares = []
             for r in range(self.grad_norm_probes):
                 seed = layer_probe_seed(self.seed, t, i, r, len(layers))
-                z = {x: torch.from_numpy(rng.z(dist, seed, rng.param_key(names[x]), 0, theta[x].numel()))
-                     .reshape(theta[x].shape).double() for x in layer}
+                z = {
+                    x: torch.from_numpy(rng.z(dist, seed, rng.param_key(names[x]), 0, theta[x].numel()))
+                    .reshape(theta[x].shape)
+                    .double()
+                    for x in layer
+                }
                 losses = []
                 for sign in (1.0, -1.0):
                     for x in layer:
@@ -147,8 +175,18 @@ class ReferenceHiZOO:
     checking that a test can tell the two apart.
     """
 
-    def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, *, alpha: float = 1e-10,
-                 distribution: str = "gaussian", weight_decay: float = 0.0, update_with_old_s: bool = False):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        seed: int = 0,
+        *,
+        alpha: float = 1e-10,
+        distribution: str = "gaussian",
+        weight_decay: float = 0.0,
+        update_with_old_s: bool = False,
+    ):
         self.params = list(params)
         self.lr, self.eps, self.seed, self.alpha, self.wd = lr, eps, seed, alpha, weight_decay
         self.distribution, self.update_with_old_s = distribution, update_with_old_s
@@ -161,8 +199,12 @@ class ReferenceHiZOO:
     def step(self, closure) -> float:
         seed = rng.step_seed(self.seed, self.step_count)
         theta = [p.detach().double().clone() for _, p in self.params]
-        zs = [torch.from_numpy(rng.z(self.distribution, seed, rng.param_key(name), 0, p.numel())).reshape(p.shape)
-              .double() for name, p in self.params]
+        zs = [
+            torch.from_numpy(rng.z(self.distribution, seed, rng.param_key(name), 0, p.numel()))
+            .reshape(p.shape)
+            .double()
+            for name, p in self.params
+        ]
 
         def loss_at(sign):
             for (_, p), x, s, z in zip(self.params, theta, self.s, zs):

@@ -64,8 +64,9 @@ def _resolve_params(target, header: dict) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None,
-           steps: int | None = None):
+def replay(
+    target, trajectory, *, exact: bool = True, finish: bool = True, backend: str | None = None, steps: int | None = None
+):
     """Rebuild fine-tuned weights from the base weights and a trajectory, with no data and no forward pass.
 
     Args:
@@ -105,8 +106,17 @@ def replay(target, trajectory, *, exact: bool = True, finish: bool = True, backe
     return target
 
 
-def walk(traj: Trajectory, tensors, *, exact: bool = True, finish: bool = True, update: bool = True,
-         rule=None, backend: str | None = None, until: int | None = None):
+def walk(
+    traj: Trajectory,
+    tensors,
+    *,
+    exact: bool = True,
+    finish: bool = True,
+    update: bool = True,
+    rule=None,
+    backend: str | None = None,
+    until: int | None = None,
+):
     """Apply a parsed trajectory's records to ``tensors`` (the header's parameter table, in order).
 
     The engine of :func:`replay`. With ``update=False`` no tensor is modified: only ``rule`` (an
@@ -174,19 +184,22 @@ class _Walker:
             self.pending = None
         else:
             if self.pending is not None and self.pending != record.step:
-                raise TrajectoryError(f"corrupted trajectory: record {n} is step {record.step} but step "
-                                      f"{self.pending} is pending")
+                raise TrajectoryError(
+                    f"corrupted trajectory: record {n} is step {record.step} but step {self.pending} is pending"
+                )
             self._step(n, record)
 
     def _layer_probe(self, record: LayerProbe) -> None:
         """Repeat a per-layer probe pass's sweeps (they leave float rounding behind, so exact replay needs them)."""
         if not self.layers:
-            raise TrajectoryError("corrupted trajectory: a layer-probe record in a file whose header has no "
-                                  "layer_groups")
+            raise TrajectoryError(
+                "corrupted trajectory: a layer-probe record in a file whose header has no layer_groups"
+            )
         probes = LayerProbes(self.directions, self.layers, record.step, record.probes, self.eps)
         if record.applied > len(probes.plan):
-            raise TrajectoryError(f"corrupted trajectory: step {record.step} records {record.applied} probe sweeps "
-                                  f"of {len(probes.plan)}")
+            raise TrajectoryError(
+                f"corrupted trajectory: step {record.step} records {record.applied} probe sweeps of {len(probes.plan)}"
+            )
         probes.run(recorded(None), until=record.applied)
         probes.undo()
 
@@ -227,8 +240,16 @@ class _Walker:
                 raise TrajectoryError(f"corrupted trajectory: record {n} (step {record.step}) has no extras record")
             extras = self.extras_of.values
         u = update_of(plan, self.directions, grads, carry, fuse_next=self.fused, extras=extras)
-        groups = [variants.Group([self.tensors[i] for i in g], [self.keys[i] for i in g], g, lr, wd)
-                  for g, lr, wd in zip(self.groups, record.lrs, self.wds)]
-        self.rule.apply(groups, u, distribution=self.directions.zdist, rounding_seed=u.seeds[0] if self.sr else None,
-                        backend=self.backend, update=self.update)
+        groups = [
+            variants.Group([self.tensors[i] for i in g], [self.keys[i] for i in g], g, lr, wd)
+            for g, lr, wd in zip(self.groups, record.lrs, self.wds)
+        ]
+        self.rule.apply(
+            groups,
+            u,
+            distribution=self.directions.zdist,
+            rounding_seed=u.seeds[0] if self.sr else None,
+            backend=self.backend,
+            update=self.update,
+        )
         self.pending = record.step + 1 if self.fused else None

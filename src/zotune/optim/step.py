@@ -32,8 +32,14 @@ _FACTOR_CACHE = 256  # sphere factors kept (each costs one pass over the paramet
 class Directions:
     """The perturbations of a run over a fixed list of tensors (table order) and their keys."""
 
-    def __init__(self, params: Sequence[torch.Tensor], keys: Sequence[int], seed: int, distribution: str,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        keys: Sequence[int],
+        seed: int,
+        distribution: str,
+        backend: str | None = None,
+    ):
         self.params, self.keys = list(params), list(keys)
         self.seed0 = int(seed)
         self.sphere = distribution == "sphere"
@@ -67,15 +73,26 @@ class Directions:
             terms.append((seed, mult * eps * self.factor(seed), scales))
         if self.elementwise is not None:  # u = s z elementwise: the preconditioned sweep, tensor by tensor
             for i, (p, key, s) in enumerate(zip(self.params, self.keys, self.elementwise, strict=True)):
-                functional.scaled_sweep_(p, key, s, [(seed, c if sc is None else c * sc[i]) for seed, c, sc in terms],
-                                         distribution=self.zdist, backend=self.backend)
+                functional.scaled_sweep_(
+                    p,
+                    key,
+                    s,
+                    [(seed, c if sc is None else c * sc[i]) for seed, c, sc in terms],
+                    distribution=self.zdist,
+                    backend=self.backend,
+                )
             return
         variants.sweep_terms_(self.params, self.keys, terms, distribution=self.zdist, backend=self.backend)
 
     def sweep_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
         """theta_i += coefficient * z(seed) on the tensors ``index`` only (a per-layer probe)."""
-        variants.sweep_terms_([self.params[i] for i in index], [self.keys[i] for i in index],
-                              [(seed, coefficient, None)], distribution=self.zdist, backend=self.backend)
+        variants.sweep_terms_(
+            [self.params[i] for i in index],
+            [self.keys[i] for i in index],
+            [(seed, coefficient, None)],
+            distribution=self.zdist,
+            backend=self.backend,
+        )
 
 
 @dataclass(frozen=True)
@@ -157,8 +174,15 @@ def recorded(phase: int | None) -> Callable[[int], float]:
     return evaluate
 
 
-def update_of(plan: StepPlan, directions: Directions, grads: Sequence[float], carry: tuple[int, float] | None,
-              *, fuse_next: bool = False, extras: Sequence[float] = ()) -> variants.StepUpdate:
+def update_of(
+    plan: StepPlan,
+    directions: Directions,
+    grads: Sequence[float],
+    carry: tuple[int, float] | None,
+    *,
+    fuse_next: bool = False,
+    extras: Sequence[float] = (),
+) -> variants.StepUpdate:
     """The update of a probed step: seeds, sphere factors, the coefficients, what to restore and what to fuse."""
     t, eps = plan.step, plan.eps
     seeds = [directions.seed(t, j) for j in range(len(grads))]
@@ -167,8 +191,17 @@ def update_of(plan: StepPlan, directions: Directions, grads: Sequence[float], ca
         seed_next = directions.seed(t + 1)
         next_terms = [(seed_next, eps * directions.factor(seed_next))]
     carried = None if carry is None else (carry[0], carry[1] * eps)
-    return variants.StepUpdate(t, seeds, [directions.factor(s) for s in seeds], list(grads), plan.scales, carried,
-                               next_terms, plan.probe_scales, tuple(extras))
+    return variants.StepUpdate(
+        t,
+        seeds,
+        [directions.factor(s) for s in seeds],
+        list(grads),
+        plan.scales,
+        carried,
+        next_terms,
+        plan.probe_scales,
+        tuple(extras),
+    )
 
 
 class LayerProbes:

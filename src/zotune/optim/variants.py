@@ -73,8 +73,10 @@ def layer_scales(params: Sequence[torch.Tensor], chunk: int = 1 << 20) -> list[f
     out = []
     for p in params:
         flat = p.detach().reshape(-1)
-        sumsq = sum(float(torch.dot(part, part)) for part in (flat[i : i + chunk].double()
-                                                              for i in range(0, flat.numel(), chunk)))
+        sumsq = sum(
+            float(torch.dot(part, part))
+            for part in (flat[i : i + chunk].double() for i in range(0, flat.numel(), chunk))
+        )
         out.append(functional.f32(math.sqrt(sumsq / p.numel())) if sumsq > 0 else 1.0)
     return out
 
@@ -111,8 +113,9 @@ def layer_probe_sweeps(n_layers: int, probes: int) -> list[tuple[int, int, float
     return [(i, r, c) for i in range(n_layers) for r in range(probes) for c in (1.0, -2.0, 1.0)]
 
 
-def grad_norm_scales(squares: Sequence[float | None], groups: Sequence[Sequence[int]],
-                     sizes: Sequence[int]) -> list[float]:
+def grad_norm_scales(
+    squares: Sequence[float | None], groups: Sequence[Sequence[int]], sizes: Sequence[int]
+) -> list[float]:
     """c_l per tensor from each layer's mean squared probe estimate (the gradient-norm variant).
 
     A per-layer probe gives ``g_l = z_l . grad_l L`` (two-sided, only layer l perturbed), and
@@ -148,20 +151,35 @@ def inverse_scales(scales: Sequence[float]) -> list[float]:
     return [functional.f32(1.0 / c) for c in scales]
 
 
-def sweep_terms_(params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None,
-                 backend=None) -> None:
+def sweep_terms_(
+    params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None, backend=None
+) -> None:
     """theta_l <- scale theta_l + sum(c * s_l[term] * z(seed)) over terms ``(seed, c, s)``.
 
     ``s`` is None (no per-tensor factor) or one factor per tensor of ``params`` (layerwise). Without
     any per-tensor factor this is one :func:`~zotune.optim.functional.sweep_` over all tensors.
     """
     if all(s is None for _, _, s in terms):
-        functional.sweep_(params, keys, [(seed, c) for seed, c, _ in terms], scale=scale, distribution=distribution,
-                          rounding_seed=rounding_seed, backend=backend)
+        functional.sweep_(
+            params,
+            keys,
+            [(seed, c) for seed, c, _ in terms],
+            scale=scale,
+            distribution=distribution,
+            rounding_seed=rounding_seed,
+            backend=backend,
+        )
         return
     for i, (p, key) in enumerate(zip(params, keys, strict=True)):
-        functional.sweep_([p], [key], [(seed, c if s is None else c * s[i]) for seed, c, s in terms], scale=scale,
-                          distribution=distribution, rounding_seed=rounding_seed, backend=backend)
+        functional.sweep_(
+            [p],
+            [key],
+            [(seed, c if s is None else c * s[i]) for seed, c, s in terms],
+            scale=scale,
+            distribution=distribution,
+            rounding_seed=rounding_seed,
+            backend=backend,
+        )
 
 
 @dataclass
@@ -211,8 +229,9 @@ class SGDRule:
     def load(self, state, optimizer=None) -> None:
         pass
 
-    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
-              update: bool = True) -> None:
+    def apply(
+        self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
+    ) -> None:
         if not update:
             return
         n = len(u.grads)
@@ -230,8 +249,16 @@ class SGDRule:
             svec = _pick(u.scales, grp.index)
             terms = restore + [(s, a * c, svec) for s, a, c in zip(u.seeds, u.factors, coefs)]
             terms += [(s, c, None) for s, c in u.next_terms]
-            sweep_terms_(grp.params, grp.keys, terms, scales=None, scale=scale, distribution=distribution,
-                         rounding_seed=rounding_seed, backend=backend)
+            sweep_terms_(
+                grp.params,
+                grp.keys,
+                terms,
+                scales=None,
+                scale=scale,
+                distribution=distribution,
+                rounding_seed=rounding_seed,
+                backend=backend,
+            )
 
 
 class _MomentRule:
@@ -247,15 +274,21 @@ class _MomentRule:
         self.v: dict[int, torch.Tensor] = {}
 
     def header(self) -> dict:
-        out = {"name": self.name, "beta1": self.beta1, "window": self.window,
-               "state": "stored" if self.stored else "history"}
+        out = {
+            "name": self.name,
+            "beta1": self.beta1,
+            "window": self.window,
+            "state": "stored" if self.stored else "history",
+        }
         if self.adam:
             out.update(beta2=self.beta2, adam_eps=self.adam_eps)
         return out
 
     def state(self) -> dict:
-        return {"count": self.count,
-                "history": None if self.stored else [list(map(list, h[:3])) + [h[3]] for h in self.history]}
+        return {
+            "count": self.count,
+            "history": None if self.stored else [list(map(list, h[:3])) + [h[3]] for h in self.history],
+        }
 
     def load(self, state, optimizer=None) -> None:
         self.count = int(state["count"])
@@ -268,8 +301,9 @@ class _MomentRule:
         n = len(grads)
         return [(s, a * (g / n) * (1.0 if svec is None else svec[i])) for s, a, g in zip(seeds, factors, grads)]
 
-    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
-              update: bool = True) -> None:
+    def apply(
+        self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
+    ) -> None:
         self.count += 1
         if not self.stored:
             self.history.append((list(u.seeds), list(u.factors), list(u.grads), u.scales))
@@ -303,12 +337,28 @@ class _MomentRule:
                     ages = range(len(hist) - 1, -1, -1)
                     w1 = [(1.0 - b1) * b1**a for a in ages]
                     w2 = [(1.0 - b2) * b2**a for a in range(len(hist) - 1, -1, -1)]
-                functional.moment_sweep_(p, key, estimates=estimates, weights1=w1, weights2=w2 if self.adam else None,
-                                         m=self.m.get(i), v=self.v.get(i) if self.adam else None, beta1=b1, beta2=b2,
-                                         restore=restore, next_terms=u.next_terms, scale=scale, lr=lr,
-                                         bias1=bias1 if self.adam else 1.0, bias2=bias2, adam_eps=self.adam_eps,
-                                         update=update, distribution=distribution, rounding_seed=rounding_seed,
-                                         backend=backend)
+                functional.moment_sweep_(
+                    p,
+                    key,
+                    estimates=estimates,
+                    weights1=w1,
+                    weights2=w2 if self.adam else None,
+                    m=self.m.get(i),
+                    v=self.v.get(i) if self.adam else None,
+                    beta1=b1,
+                    beta2=b2,
+                    restore=restore,
+                    next_terms=u.next_terms,
+                    scale=scale,
+                    lr=lr,
+                    bias1=bias1 if self.adam else 1.0,
+                    bias2=bias2,
+                    adam_eps=self.adam_eps,
+                    update=update,
+                    distribution=distribution,
+                    rounding_seed=rounding_seed,
+                    backend=backend,
+                )
 
     def _history_momentum(self, grp: Group, u: StepUpdate, scale, distribution, rounding_seed, backend) -> None:
         lr, b1 = grp.lr, self.beta1
@@ -324,8 +374,15 @@ class _MomentRule:
             svec = _pick(scales, grp.index)
             terms += [(s, -lr * w * (g / n) * a, svec) for s, a, g in zip(seeds, factors, grads)]
         terms += [(s, c, None) for s, c in u.next_terms]
-        sweep_terms_(grp.params, grp.keys, terms, scale=scale, distribution=distribution,
-                     rounding_seed=rounding_seed, backend=backend)
+        sweep_terms_(
+            grp.params,
+            grp.keys,
+            terms,
+            scale=scale,
+            distribution=distribution,
+            rounding_seed=rounding_seed,
+            backend=backend,
+        )
 
 
 class MomentumRule(_MomentRule):
@@ -382,8 +439,9 @@ class HiZOORule:
                 self.m[i] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
         return [self.m[i] for i in range(len(params))]
 
-    def apply(self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend,
-              update: bool = True) -> None:
+    def apply(
+        self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
+    ) -> None:
         self.count += 1
         (kappa,) = u.extras
         restore = 0.0 if u.carry is None else -u.carry[1]
@@ -392,10 +450,22 @@ class HiZOORule:
             for p, key, i in zip(grp.params, grp.keys, grp.index):
                 if i not in self.m:
                     self.m[i] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
-                functional.hizoo_update_(p if update else None, key, self.m[i], seed=u.seeds[0], restore=restore,
-                                         g=u.grads[0], kappa=kappa, alpha=self.alpha, scale=scale, lr=grp.lr,
-                                         update=update, distribution=distribution, rounding_seed=rounding_seed,
-                                         backend=backend)
+                functional.hizoo_update_(
+                    p if update else None,
+                    key,
+                    self.m[i],
+                    seed=u.seeds[0],
+                    restore=restore,
+                    g=u.grads[0],
+                    kappa=kappa,
+                    alpha=self.alpha,
+                    scale=scale,
+                    lr=grp.lr,
+                    update=update,
+                    distribution=distribution,
+                    rounding_seed=rounding_seed,
+                    backend=backend,
+                )
 
 
 RULES: dict[str, type] = {"sgd": SGDRule, "momentum": MomentumRule, "adam": AdamRule, "hizoo": HiZOORule}  # by name
@@ -410,5 +480,10 @@ def make_rule(spec: dict | None):
         return HiZOORule(float(spec["alpha"]))
     if cls is None:
         raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")
-    return cls(float(spec["beta1"]), float(spec.get("beta2", 0.999)), int(spec["window"]),
-               spec["state"] == "stored", float(spec.get("adam_eps", 1e-8)))
+    return cls(
+        float(spec["beta1"]),
+        float(spec.get("beta2", 0.999)),
+        int(spec["window"]),
+        spec["state"] == "stored",
+        float(spec.get("adam_eps", 1e-8)),
+    )

@@ -66,8 +66,9 @@ def register(task: Task) -> Task:
         raise TaskError(f"register() takes a Task instance, got {type(task).__name__}")
     name = task.name
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise TaskError(f"task name {name!r} is malformed: use lowercase letters, digits and '_', "
-                        f"starting with a letter")
+        raise TaskError(
+            f"task name {name!r} is malformed: use lowercase letters, digits and '_', starting with a letter"
+        )
     if name in _REGISTRY:
         raise TaskError(f"task {name!r} is already registered")
     if task.kind not in KINDS:
@@ -86,8 +87,9 @@ def get_task(name: str) -> Task:
         pass
     wanted = str(name).lower()
     # the most similar name; ties go to the earliest registered (sst3 -> sst2, not sst5)
-    score, best = max(((difflib.SequenceMatcher(None, wanted, known).ratio(), -order), known)
-                      for order, known in enumerate(_REGISTRY))
+    score, best = max(
+        ((difflib.SequenceMatcher(None, wanted, known).ratio(), -order), known) for order, known in enumerate(_REGISTRY)
+    )
     hint = f" did you mean {best!r}?" if score[0] >= 0.6 else ""
     raise TaskError(f"unknown task {name!r};{hint} known: {', '.join(list_tasks())}")
 

@@ -70,8 +70,17 @@ class Task:
     label_words: Sequence[str] = field(default_factory=tuple)  # for classification
     protocols: tuple[str, ...] = ("paper-causal",)  # sampling protocols; the first is the default
 
-    def splits(self, data_dir, *, seed: int = 0, train: int | None = None, validation: int | None = None,
-               test: int | None = None, protocol: str | None = None, k: int = 16) -> Splits:
+    def splits(
+        self,
+        data_dir,
+        *,
+        seed: int = 0,
+        train: int | None = None,
+        validation: int | None = None,
+        test: int | None = None,
+        protocol: str | None = None,
+        k: int = 16,
+    ) -> Splits:
         """Sample the splits from ``data_dir`` (a folder laid out like ``shared/data``).
 
         ``train``/``validation``/``test`` of None take the protocol's sizes (paper-causal: 1000, 500,
@@ -85,5 +94,7 @@ class Task:
     def check_model_kind(self, model_kind: str) -> None:
         """Raise :class:`TaskError` unless this task has a template for ``model_kind``."""
         if model_kind not in self.model_kinds:
-            raise TaskError(f"task {self.name!r} has no template for {model_kind!r} models "
-                            f"(it supports: {', '.join(self.model_kinds)})")
+            raise TaskError(
+                f"task {self.name!r} has no template for {model_kind!r} models "
+                f"(it supports: {', '.join(self.model_kinds)})"
+            )

@@ -69,8 +69,10 @@ def _template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name.strip() or name.isdigit() or any(c in name for c in ".[]"):
-            raise TaskError(f"template placeholder {{{name}}} is not a field name; use {{field}} with the "
-                            f"record's field, or {{mask}} for a masked LM's label word")
+            raise TaskError(
+                f"template placeholder {{{name}}} is not a field name; use {{field}} with the "
+                f"record's field, or {{mask}} for a masked LM's label word"
+            )
         if name not in names:
             names.append(name)
     return names
@@ -93,21 +95,31 @@ class CustomTaskConfig:
 
     def __post_init__(self):
         if not isinstance(self.template, str) or not self.template.strip():
-            raise TaskError("custom task needs a template, e.g. template: \"{sentence} It was\"")
+            raise TaskError('custom task needs a template, e.g. template: "{sentence} It was"')
         names = _template_fields(self.template)
         if not [n for n in names if n != "mask"]:
             raise TaskError("template has no {field} placeholder: name at least one field of the records")
         if self.template.count("{mask}") > 1:
             raise TaskError("template has {mask} more than once; a masked LM predicts one label word")
-        chosen = [n for n, v in (("label_words", self.label_words), ("target_field", self.target_field),
-                                 ("options_field", self.options_field)) if v]
+        chosen = [
+            n
+            for n, v in (
+                ("label_words", self.label_words),
+                ("target_field", self.target_field),
+                ("options_field", self.options_field),
+            )
+            if v
+        ]
         if len(chosen) != 1:
-            raise TaskError("custom task needs exactly one of label_words (classification), options_field "
-                            f"(multiple choice) or target_field (generation); got {', '.join(chosen) or 'none'}")
+            raise TaskError(
+                "custom task needs exactly one of label_words (classification), options_field "
+                f"(multiple choice) or target_field (generation); got {', '.join(chosen) or 'none'}"
+            )
         if self.label_words is not None:
             if not isinstance(self.label_words, dict) or len(self.label_words) < 2:
-                raise TaskError("label_words must map at least two label values to words, "
-                                "e.g. {\"0\": \" terrible\", \"1\": \" great\"}")
+                raise TaskError(
+                    'label_words must map at least two label values to words, e.g. {"0": " terrible", "1": " great"}'
+                )
             self.label_words = {_key(k): str(v) for k, v in self.label_words.items()}
         if (self.label_words or self.options_field) and not self.label_field:
             raise TaskError(f"{chosen[0]} needs label_field: the field holding each record's label")
@@ -150,8 +162,13 @@ class CustomTask(Task):
         if not isinstance(config, CustomTaskConfig):
             raise TaskError(f"CustomTask takes a CustomTaskConfig, got {type(config).__name__}")
         masked = "{mask}" in config.template
-        super().__init__(name=config.name, kind=config.kind, model_kinds=("masked",) if masked else ("causal",),
-                         label_words=tuple((config.label_words or {}).values()), protocols=("paper-causal",))
+        super().__init__(
+            name=config.name,
+            kind=config.kind,
+            model_kinds=("masked",) if masked else ("causal",),
+            label_words=tuple((config.label_words or {}).values()),
+            protocols=("paper-causal",),
+        )
         self.config = config
 
     # -- rendering -----------------------------------------------------------------------------
@@ -175,15 +192,19 @@ class CustomTask(Task):
                 except json.JSONDecodeError:
                     options = None
             if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-                raise TaskError(f"options field {c.options_field!r} must be a list of at least two strings "
-                                f"(in CSV: a JSON list), got {self._field(record, c.options_field)!r}")
+                raise TaskError(
+                    f"options field {c.options_field!r} must be a list of at least two strings "
+                    f"(in CSV: a JSON list), got {self._field(record, c.options_field)!r}"
+                )
             label = self._label(record, [_key(i) for i in range(len(options))], options)
             return Instance(prompt, tuple(c.option_prefix + o for o in options), label)
         answers = self._field(record, c.target_field)
         answers = [answers] if isinstance(answers, str) else answers
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
-            raise TaskError(f"target field {c.target_field!r} must be a non-empty string or list of strings, "
-                            f"got {self._field(record, c.target_field)!r}")
+            raise TaskError(
+                f"target field {c.target_field!r} must be a non-empty string or list of strings, "
+                f"got {self._field(record, c.target_field)!r}"
+            )
         return Instance(prompt, target=c.option_prefix + answers[0], answers=tuple(answers))
 
     @staticmethod
@@ -201,8 +222,9 @@ class CustomTask(Task):
             return keys.index(_key(value))
         if value in texts:
             return list(texts).index(value)
-        raise TaskError(f"label {value!r} in field {field!r} is not a known label "
-                        f"(known: {', '.join(map(repr, keys))})")
+        raise TaskError(
+            f"label {value!r} in field {field!r} is not a known label (known: {', '.join(map(repr, keys))})"
+        )
 
     # -- data ----------------------------------------------------------------------------------
     def load(self, path, data_dir=None) -> list[dict]:
@@ -221,16 +243,27 @@ class CustomTask(Task):
                 raise TaskError(f"{rows.where(i)}: label field {self.config.label_field!r} is missing or empty")
         return list(rows)
 
-    def splits(self, data_dir=None, *, seed: int = 0, train: int | None = None, validation: int | None = None,
-               test: int | None = None, protocol: str | None = None, k: int = 16) -> Splits:
+    def splits(
+        self,
+        data_dir=None,
+        *,
+        seed: int = 0,
+        train: int | None = None,
+        validation: int | None = None,
+        test: int | None = None,
+        protocol: str | None = None,
+        k: int = 16,
+    ) -> Splits:
         """The files' records: train/test sampled down to ``train``/``test`` (None: all); validation
         from its file, or drawn from the train file (``validation`` of them, default none)."""
         if protocol not in (None, "paper-causal"):
             raise TaskError(f"custom tasks sample their files by 'paper-causal' only, got protocol {protocol!r}")
         c = self.config
         rng = random.Random(seed)
-        pools = {split: self.load(getattr(c, split), data_dir) if getattr(c, split) else []
-                 for split in ("train", "validation", "test")}
+        pools = {
+            split: self.load(getattr(c, split), data_dir) if getattr(c, split) else []
+            for split in ("train", "validation", "test")
+        }
         notes = [f"custom task {c.name!r}, seed {seed}"]
         if c.validation:
             train_rows = _take(pools["train"], train, rng, "train", notes)

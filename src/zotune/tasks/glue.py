@@ -101,8 +101,9 @@ class _LmbffTask(FileTask):
         pool, test, convert = self._kshot_pool()
         if k != 16 or seed not in LMBFF_SEEDS:
             return pool, test, None
-        read, opts = (read_csv, (("fieldnames", ("label", "text")),)) if self.lmbff_ext == "csv" \
-            else (read_tsv, self.lmbff_read)
+        read, opts = (
+            (read_csv, (("fieldnames", ("label", "text")),)) if self.lmbff_ext == "csv" else (read_tsv, self.lmbff_read)
+        )
         fixed = [Source(self._lmbff(split, seed), read, convert, opts) for split in ("train", self.lmbff_dev)]
         fixed.append(Source(self._lmbff("test", seed), read, convert, opts) if self.lmbff_test else None)
         return pool, test, tuple(fixed)
@@ -130,8 +131,9 @@ class SST2(_LmbffTask):
     protocols: tuple = ("paper-causal", "kshot")
 
     def paper_sources(self):
-        return [Source("alps_train.tsv", read_tsv, _SST2_TSV), Source("alps_dev.tsv", read_tsv, _SST2_TSV)], \
-            [Source("alps_test.tsv", read_tsv, _SST2_TSV)]
+        return [Source("alps_train.tsv", read_tsv, _SST2_TSV), Source("alps_dev.tsv", read_tsv, _SST2_TSV)], [
+            Source("alps_test.tsv", read_tsv, _SST2_TSV)
+        ]
 
     def _kshot_pool(self):
         train, test = self.paper_sources()
@@ -147,8 +149,9 @@ class SST2(_LmbffTask):
     def splits(self, data_dir, *, seed=0, train=None, validation=None, test=None, protocol=None, k=16):
         if data_dir is None and self._protocol(protocol) == "paper-causal":
             return bundled_sst2_splits(seed=seed, train=train, validation=validation, test=test)
-        return super().splits(data_dir, seed=seed, train=train, validation=validation, test=test,
-                              protocol=protocol, k=k)
+        return super().splits(
+            data_dir, seed=seed, train=train, validation=validation, test=test, protocol=protocol, k=k
+        )
 
 
 _LABEL_TEXT = (("fieldnames", ("label", "text")),)
@@ -168,8 +171,11 @@ class SST5(_LmbffTask):
 
     def _kshot_pool(self):
         convert = _sentence("text")
-        return [Source("dpt_train.tsv", read_tsv, convert, _LABEL_TEXT)], \
-            [Source("dpt_test.tsv", read_tsv, convert, _LABEL_TEXT)], convert
+        return (
+            [Source("dpt_train.tsv", read_tsv, convert, _LABEL_TEXT)],
+            [Source("dpt_test.tsv", read_tsv, convert, _LABEL_TEXT)],
+            convert,
+        )
 
     def render(self, record, model_kind="masked"):
         self.check_model_kind(model_kind)
@@ -191,8 +197,11 @@ class TREC(_LmbffTask):
 
     def _kshot_pool(self):
         convert = _sentence("text")
-        return [Source("dpt_train.csv", read_csv, convert, _LABEL_TEXT)], \
-            [Source("dpt_test.csv", read_csv, convert, _LABEL_TEXT)], convert
+        return (
+            [Source("dpt_train.csv", read_csv, convert, _LABEL_TEXT)],
+            [Source("dpt_test.csv", read_csv, convert, _LABEL_TEXT)],
+            convert,
+        )
 
     def render(self, record, model_kind="masked"):
         self.check_model_kind(model_kind)
@@ -218,9 +227,14 @@ class SNLI(_LmbffTask):
 
     def _kshot_pool(self):
         ppft = _pair("text_a", "text_b")
-        return [Source("ppft_glue_pretrain_train.json", read_json_records, ppft),
-                Source("ppft_glue_pretrain_dev.json", read_json_records, ppft)], \
-            [Source("gennli_dev.jsonl", read_jsonl)], _pair("sentence1", "sentence2", "gold_label")
+        return (
+            [
+                Source("ppft_glue_pretrain_train.json", read_json_records, ppft),
+                Source("ppft_glue_pretrain_dev.json", read_json_records, ppft),
+            ],
+            [Source("gennli_dev.jsonl", read_jsonl)],
+            _pair("sentence1", "sentence2", "gold_label"),
+        )
 
     def render(self, record, model_kind="masked"):
         self.check_model_kind(model_kind)
@@ -256,7 +270,7 @@ class RTE(_LmbffTask):
     def render(self, record, model_kind="causal"):
         self.check_model_kind(model_kind)
         if model_kind == "causal":  # MeZO RTETemplate (PromptSource)
-            prompt = f"{record['premise']}\nDoes this mean that \"{record['hypothesis']}\" is true? Yes or No?\n"
+            prompt = f'{record["premise"]}\nDoes this mean that "{record["hypothesis"]}" is true? Yes or No?\n'
             return Instance(prompt, ("Yes", "No"), self.label_index(record))
         return Instance(_nli_masked(record), (" Yes", " No"), self.label_index(record))
 
@@ -269,8 +283,9 @@ TASKS = (SST2(), SST5(), TREC(), SNLI(), MNLI(), RTE())
 BUNDLE_SIZES = (1000, 500)  # train, validation drawn with random.Random(0)
 
 
-def bundled_sst2_splits(*, seed: int = 0, train: int | None = None, validation: int | None = None,
-                        test: int | None = None) -> Splits:
+def bundled_sst2_splits(
+    *, seed: int = 0, train: int | None = None, validation: int | None = None, test: int | None = None
+) -> Splits:
     """The SST-2 sample shipped in ``zotune/data/sst2`` (drawn once with seed 0, see PROVENANCE.txt).
 
     Asking for fewer examples than the bundle holds subsamples it with ``random.Random(seed)``;
@@ -318,5 +333,4 @@ def build_sst2_bundle(data_dir) -> dict[str, list[dict]]:
     n_train, n_val = shrink(len(pool), BUNDLE_SIZES)
     idx = random.Random(0).sample(range(len(pool)), n_train + n_val)
     test = task.load(data_dir, task.paper_sources()[1])
-    return {"train": [pool[i] for i in idx[:n_train]], "validation": [pool[i] for i in idx[n_train:]],
-            "test": test}
+    return {"train": [pool[i] for i in idx[:n_train]], "validation": [pool[i] for i in idx[n_train:]], "test": test}

@@ -72,8 +72,9 @@ class SQuAD(_QA):
         return [Source("train-v1.1-subset.jsonl", read_jsonl)], [Source("dev-v1.1.jsonl", read_jsonl)]
 
     def prompt_and_answers(self, record):
-        prompt = (f"Title: {record['title']}\nContext: {record['context']}\n"
-                  f"Question: {record['question'].strip()}\nAnswer:")
+        prompt = (
+            f"Title: {record['title']}\nContext: {record['context']}\nQuestion: {record['question'].strip()}\nAnswer:"
+        )
         return prompt, _distinct(a["text"].strip() for a in record["answers"])
 
 
@@ -105,8 +106,9 @@ class DROP(_QA):
     folder: str = "DROP"
 
     def paper_sources(self):
-        return [Source("drop_1000.jsonl", _read_origin("drop_dataset_train"), part="official train questions")], \
-            [Source("drop_1000.jsonl", _read_origin("drop_dataset_dev"), part="official dev questions")]
+        return [Source("drop_1000.jsonl", _read_origin("drop_dataset_train"), part="official train questions")], [
+            Source("drop_1000.jsonl", _read_origin("drop_dataset_dev"), part="official dev questions")
+        ]
 
     def prompt_and_answers(self, record):
         return f"Passage: {record['passage']}\nQuestion: {record['question'].strip()}\nAnswer:", drop_answers(record)
@@ -114,12 +116,14 @@ class DROP(_QA):
 
 def _read_origin(prefix: str):
     """A reader of ``drop_1000.jsonl`` keeping the records whose ``origin`` starts with ``prefix``."""
+
     def read(path):
         rows = read_jsonl(path)
         keep = [i for i, record in enumerate(rows) if str(record.get("origin", "")).startswith(prefix)]
         if not keep:
             raise TaskError(f"{path}: no record has an 'origin' starting with {prefix!r}")
         return Rows(rows.path, [rows[i] for i in keep], [rows.locations[i] for i in keep])
+
     return read
 
 

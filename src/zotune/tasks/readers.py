@@ -109,8 +109,10 @@ def read_tsv(path, *, fieldnames=None, ragged_last: bool = False) -> Rows:
             if ragged_last and len(cells) > len(fieldnames):
                 cells = cells[: len(fieldnames) - 1] + cells[-1:]
             else:
-                raise TaskError(f"{path}:{number}: expected {len(fieldnames)} tab-separated columns "
-                                f"({', '.join(fieldnames)}), got {len(cells)}")
+                raise TaskError(
+                    f"{path}:{number}: expected {len(fieldnames)} tab-separated columns "
+                    f"({', '.join(fieldnames)}), got {len(cells)}"
+                )
         rows.append_at(dict(zip(fieldnames, cells)), number)
     return _nonempty(rows)
 
@@ -134,8 +136,10 @@ def read_csv(path, *, fieldnames=None) -> Rows:
                 fieldnames = cells
                 continue
             if len(cells) != len(fieldnames):
-                raise TaskError(f"{path}:{number}: expected {len(fieldnames)} comma-separated columns "
-                                f"({', '.join(fieldnames)}), got {len(cells)}")
+                raise TaskError(
+                    f"{path}:{number}: expected {len(fieldnames)} comma-separated columns "
+                    f"({', '.join(fieldnames)}), got {len(cells)}"
+                )
             rows.append_at(dict(zip(fieldnames, cells)), number)
     except csv.Error as err:
         raise TaskError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
@@ -178,7 +182,7 @@ def read_json_records(path) -> Rows:
         try:
             keys = sorted(data, key=int)
         except ValueError:
-            raise TaskError(f"{path}: expected a JSON object keyed by index (\"0\", \"1\", ...)") from None
+            raise TaskError(f'{path}: expected a JSON object keyed by index ("0", "1", ...)') from None
         items = [(key, data[key]) for key in keys]
     elif isinstance(data, list):
         items = list(enumerate(data))
@@ -224,8 +228,11 @@ def read_multirc(path) -> Rows:
                     "paragraph": paragraph,
                     "question": q_text,
                     "answer": _field(answer, "text", path, number, "answer"),
-                    "idx": {"paragraph": passage_record.get("idx"), "question": question.get("idx"),
-                            "answer": answer.get("idx")},
+                    "idx": {
+                        "paragraph": passage_record.get("idx"),
+                        "question": question.get("idx"),
+                        "answer": answer.get("idx"),
+                    },
                 }
                 if "label" in answer:
                     record["label"] = answer["label"]
@@ -259,9 +266,17 @@ def read_record(path) -> Rows:
                 a_text = _field(answer, "text", path, number, "answer")
                 if a_text not in answers:
                     answers.append(a_text)
-            rows.append_at({"passage": text, "query": _field(qa, "query", path, number, "qas entry"),
-                            "entities": sorted(entities), "answers": answers, "idx": qa.get("idx"),
-                            "source": item.get("source")}, number)
+            rows.append_at(
+                {
+                    "passage": text,
+                    "query": _field(qa, "query", path, number, "qas entry"),
+                    "entities": sorted(entities),
+                    "answers": answers,
+                    "idx": qa.get("idx"),
+                    "source": item.get("source"),
+                },
+                number,
+            )
     return _nonempty(rows)
 
 
@@ -276,6 +291,5 @@ def read_rows(path) -> Rows:
     """Read a headed file by its extension: ``.jsonl``, ``.json``, ``.csv`` or ``.tsv``."""
     reader = _BY_SUFFIX.get(Path(path).suffix.lower())
     if reader is None:
-        raise TaskError(f"{path}: unsupported file type {Path(path).suffix!r}; "
-                        f"use one of {', '.join(_BY_SUFFIX)}")
+        raise TaskError(f"{path}: unsupported file type {Path(path).suffix!r}; use one of {', '.join(_BY_SUFFIX)}")
     return reader(path)

@@ -52,9 +52,17 @@ def _sizes(train, validation, test) -> tuple[int, int, int]:
     return sizes
 
 
-def paper_causal(train_pool: Sequence[dict], test_pool: Sequence[dict] | None, *, seed: int,
-                 train: int | None = None, validation: int | None = None, test: int | None = None,
-                 train_source: str = "the train split", test_source: str = "the validation split") -> Splits:
+def paper_causal(
+    train_pool: Sequence[dict],
+    test_pool: Sequence[dict] | None,
+    *,
+    seed: int,
+    train: int | None = None,
+    validation: int | None = None,
+    test: int | None = None,
+    train_source: str = "the train split",
+    test_source: str = "the validation split",
+) -> Splits:
     """The paper-causal protocol. ``test_pool=None``: draw all three splits from ``train_pool``."""
     n_train, n_val, n_test = _sizes(train, validation, test)
     rng = random.Random(seed)
@@ -63,19 +71,25 @@ def paper_causal(train_pool: Sequence[dict], test_pool: Sequence[dict] | None, *
         order = rng.sample(range(len(train_pool)), len(train_pool))
         sizes = shrink(len(order), (n_test, n_train, n_val))
         if sizes != (n_test, n_train, n_val):
-            notes.append(f"only {len(order)} labelled examples for {n_train}+{n_val}+{n_test} requested: "
-                         f"scaled down in proportion")
+            notes.append(
+                f"only {len(order)} labelled examples for {n_train}+{n_val}+{n_test} requested: "
+                f"scaled down in proportion"
+            )
         n_test, n_train, n_val = sizes
-        test_idx, train_idx = order[:n_test], order[n_test:n_test + n_train]
-        val_idx = order[n_test + n_train:n_test + n_train + n_val]
-        notes.insert(0, f"test {n_test}, train {n_train}, validation {n_val} drawn disjointly from "
-                        f"{train_source} ({len(train_pool)}) with seed {seed}")
+        test_idx, train_idx = order[:n_test], order[n_test : n_test + n_train]
+        val_idx = order[n_test + n_train : n_test + n_train + n_val]
+        notes.insert(
+            0,
+            f"test {n_test}, train {n_train}, validation {n_val} drawn disjointly from "
+            f"{train_source} ({len(train_pool)}) with seed {seed}",
+        )
         pick = [train_pool[i] for i in train_idx], [train_pool[i] for i in val_idx], [train_pool[i] for i in test_idx]
         return Splits(*pick, note="; ".join(notes))
     sizes = shrink(len(train_pool), (n_train, n_val))
     if sizes != (n_train, n_val):
-        notes.append(f"only {len(train_pool)} training examples for {n_train}+{n_val} requested: "
-                     f"scaled down in proportion")
+        notes.append(
+            f"only {len(train_pool)} training examples for {n_train}+{n_val} requested: scaled down in proportion"
+        )
     n_train, n_val = sizes
     idx = rng.sample(range(len(train_pool)), n_train + n_val)
     if n_test >= len(test_pool):
@@ -84,10 +98,14 @@ def paper_causal(train_pool: Sequence[dict], test_pool: Sequence[dict] | None, *
     else:
         test_rows = [test_pool[i] for i in rng.sample(range(len(test_pool)), n_test)]
         test_note = f"test {n_test} drawn from {test_source} ({len(test_pool)})"
-    notes.insert(0, f"train {n_train}, validation {n_val} drawn disjointly from {train_source} "
-                    f"({len(train_pool)}) with seed {seed}; {test_note}")
-    return Splits([train_pool[i] for i in idx[:n_train]], [train_pool[i] for i in idx[n_train:]], test_rows,
-                  note="; ".join(notes))
+    notes.insert(
+        0,
+        f"train {n_train}, validation {n_val} drawn disjointly from {train_source} "
+        f"({len(train_pool)}) with seed {seed}; {test_note}",
+    )
+    return Splits(
+        [train_pool[i] for i in idx[:n_train]], [train_pool[i] for i in idx[n_train:]], test_rows, note="; ".join(notes)
+    )
 
 
 def _cap(rows: list, n: int | None, rng: random.Random, name: str, notes: list) -> list:
@@ -99,9 +117,19 @@ def _cap(rows: list, n: int | None, rng: random.Random, name: str, notes: list) 
     return [rows[i] for i in rng.sample(range(len(rows)), n)]
 
 
-def kshot(pool: Sequence[dict] | None, test_rows: Sequence[dict], label_of: Callable[[dict], int], *, k: int,
-          seed: int, fixed: tuple[Sequence[dict], Sequence[dict]] | None = None, train: int | None = None,
-          validation: int | None = None, test: int | None = None, source: str = "the train split") -> Splits:
+def kshot(
+    pool: Sequence[dict] | None,
+    test_rows: Sequence[dict],
+    label_of: Callable[[dict], int],
+    *,
+    k: int,
+    seed: int,
+    fixed: tuple[Sequence[dict], Sequence[dict]] | None = None,
+    train: int | None = None,
+    validation: int | None = None,
+    test: int | None = None,
+    source: str = "the train split",
+) -> Splits:
     """The kshot protocol: ``fixed`` = the LM-BFF (train, validation) files, else sample ``pool``."""
     if not isinstance(k, int) or k < 1:
         raise TaskError(f"k must be a positive integer (16 or 512 in the paper), got {k!r}")
@@ -119,14 +147,16 @@ def kshot(pool: Sequence[dict] | None, test_rows: Sequence[dict], label_of: Call
             idx = by_label[label]
             rng.shuffle(idx)
             train_idx += idx[:k]
-            val_idx += idx[k:2 * k]
+            val_idx += idx[k : 2 * k]
             if len(idx) < 2 * k:
                 notes.append(f"class {label} has only {len(idx)} examples for 2x{k}")
         rng.shuffle(train_idx)
         rng.shuffle(val_idx)
         train_rows, val_rows = [pool[i] for i in train_idx], [pool[i] for i in val_idx]
-        notes.insert(0, f"{k} per class for train and for validation drawn disjointly from {source} "
-                        f"({len(pool)}) with seed {seed}")
+        notes.insert(
+            0,
+            f"{k} per class for train and for validation drawn disjointly from {source} ({len(pool)}) with seed {seed}",
+        )
     if test is None or test >= len(test_rows):
         notes.append(f"test: the full test set ({len(test_rows)})")
     train_rows = _cap(train_rows, train, rng, "train", notes)
@@ -178,8 +208,9 @@ class FileTask(Task):
         try:
             return self.labels.index(key)
         except ValueError:
-            raise TaskError(f"unknown label {value!r} for task {self.name!r} "
-                            f"(expected one of {', '.join(map(repr, self.labels))})") from None
+            raise TaskError(
+                f"unknown label {value!r} for task {self.name!r} (expected one of {', '.join(map(repr, self.labels))})"
+            ) from None
 
     def load(self, data_dir, sources: Sequence[Source]) -> list[dict]:
         """Read, normalise and check (by rendering) the records of ``sources``, concatenated."""
@@ -192,11 +223,13 @@ class FileTask(Task):
                     record = source.convert(row) if source.convert else row
                     instance = self.render(record, self.model_kinds[0])
                 except KeyError as err:
-                    raise TaskError(f"{rows.where(i)}: record has no field {err.args[0]!r} "
-                                    f"(task {self.name!r} needs it)") from None
+                    raise TaskError(
+                        f"{rows.where(i)}: record has no field {err.args[0]!r} (task {self.name!r} needs it)"
+                    ) from None
                 except (TypeError, AttributeError, IndexError) as err:
-                    raise TaskError(f"{rows.where(i)}: record does not fit task {self.name!r} "
-                                    f"({type(err).__name__}: {err})") from None
+                    raise TaskError(
+                        f"{rows.where(i)}: record does not fit task {self.name!r} ({type(err).__name__}: {err})"
+                    ) from None
                 except TaskError as err:
                     raise TaskError(f"{rows.where(i)}: {err}") from None
                 if instance.label is None and self.kind != "generation":
@@ -209,8 +242,10 @@ class FileTask(Task):
         path = folder / file
         if not path.is_file():
             where = "folder is missing" if not folder.is_dir() else "file is missing"
-            raise TaskError(f"task {self.name!r} expects {file} in {folder} ({where}; "
-                            f"lay data_dir out like shared/data: one subfolder per task)")
+            raise TaskError(
+                f"task {self.name!r} expects {file} in {folder} ({where}; "
+                f"lay data_dir out like shared/data: one subfolder per task)"
+            )
         return path
 
     def _describe(self, sources: Sequence[Source]) -> str:
@@ -221,23 +256,42 @@ class FileTask(Task):
         if protocol not in PROTOCOLS:
             raise TaskError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
         if protocol not in self.protocols:
-            raise TaskError(f"task {self.name!r} has no {protocol!r} protocol "
-                            f"(it supports: {', '.join(self.protocols)})")
+            raise TaskError(
+                f"task {self.name!r} has no {protocol!r} protocol (it supports: {', '.join(self.protocols)})"
+            )
         return protocol
 
-    def splits(self, data_dir, *, seed: int = 0, train: int | None = None, validation: int | None = None,
-               test: int | None = None, protocol: str | None = None, k: int = 16) -> Splits:
+    def splits(
+        self,
+        data_dir,
+        *,
+        seed: int = 0,
+        train: int | None = None,
+        validation: int | None = None,
+        test: int | None = None,
+        protocol: str | None = None,
+        k: int = 16,
+    ) -> Splits:
         protocol = self._protocol(protocol)
         if data_dir is None:
-            raise TaskError(f"task {self.name!r} needs data_dir (a folder laid out like shared/data); "
-                            f"bundled data exists only for sst2 with the paper-causal protocol")
+            raise TaskError(
+                f"task {self.name!r} needs data_dir (a folder laid out like shared/data); "
+                f"bundled data exists only for sst2 with the paper-causal protocol"
+            )
         if protocol == "paper-causal":
             train_sources, test_sources = self.paper_sources()
             pool = self.load(data_dir, train_sources)
             test_pool = None if test_sources is None else self.load(data_dir, test_sources)
-            return paper_causal(pool, test_pool, seed=seed, train=train, validation=validation, test=test,
-                                train_source=self._describe(train_sources),
-                                test_source=self._describe(test_sources or ()))
+            return paper_causal(
+                pool,
+                test_pool,
+                seed=seed,
+                train=train,
+                validation=validation,
+                test=test,
+                train_source=self._describe(train_sources),
+                test_source=self._describe(test_sources or ()),
+            )
         pool_sources, test_sources, fixed_sources = self.kshot_sources(k, seed)
         note = ""
         if fixed_sources is not None:  # LM-BFF's files where present, else sample as for any k
@@ -250,7 +304,17 @@ class FileTask(Task):
             test_sources = [fixed_sources[2]] if fixed_sources[2] else test_sources
         else:
             pool = self.load(data_dir, pool_sources)
-        splits = kshot(pool, self.load(data_dir, test_sources), self.label_index, k=k, seed=seed, fixed=fixed,
-                       train=train, validation=validation, test=test, source=self._describe(pool_sources))
+        splits = kshot(
+            pool,
+            self.load(data_dir, test_sources),
+            self.label_index,
+            k=k,
+            seed=seed,
+            fixed=fixed,
+            train=train,
+            validation=validation,
+            test=test,
+            source=self._describe(pool_sources),
+        )
         splits.note += note
         return splits

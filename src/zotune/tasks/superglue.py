@@ -82,7 +82,7 @@ class CB(_SuperGLUE):
     labels: tuple = ("entailment", "contradiction", "neutral")
 
     def prompt(self, record):
-        return f"Suppose {record['premise']} Can we infer that \"{record['hypothesis']}\"? Yes, No, or Maybe?\n"
+        return f'Suppose {record["premise"]} Can we infer that "{record["hypothesis"]}"? Yes, No, or Maybe?\n'
 
 
 @dataclass
@@ -117,8 +117,10 @@ class WSC(_SuperGLUE):
 
     def prompt(self, record):
         target = record["target"]
-        return (f"{record['text']}\nIn the previous sentence, does the pronoun "
-                f"\"{target['span2_text'].lower()}\" refer to {target['span1_text']}? Yes or No?\n")
+        return (
+            f"{record['text']}\nIn the previous sentence, does the pronoun "
+            f'"{target["span2_text"].lower()}" refer to {target["span1_text"]}? Yes or No?\n'
+        )
 
 
 @dataclass
@@ -131,8 +133,10 @@ class WiC(_SuperGLUE):
     labels: tuple = ("false", "true")
 
     def prompt(self, record):
-        return (f"Does the word \"{record['word']}\" have the same meaning in these two sentences? Yes, No?\n"
-                f"{record['sentence1']}\n{record['sentence2']}\n")
+        return (
+            f'Does the word "{record["word"]}" have the same meaning in these two sentences? Yes, No?\n'
+            f"{record['sentence1']}\n{record['sentence2']}\n"
+        )
 
 
 @dataclass
@@ -150,8 +154,10 @@ class MultiRC(_SuperGLUE):
         return [Source(self.train_file, read_multirc)], [Source(self.test_file, read_multirc)]
 
     def prompt(self, record):
-        return (f"{record['paragraph']}\nQuestion: {record['question']}\n"
-                f"I found this answer \"{record['answer']}\". Is that correct? Yes or No?\n")
+        return (
+            f"{record['paragraph']}\nQuestion: {record['question']}\n"
+            f'I found this answer "{record["answer"]}". Is that correct? Yes or No?\n'
+        )
 
 
 def _copa_choice(choice: str) -> str:

@@ -34,8 +34,10 @@ class Retemplated(Task):
 
     def __init__(self, task: Task, template: str | None = None, label_words: Sequence[str] | None = None):
         if task.kind != "classification":
-            raise TaskError(f"task.template and task.label_words apply to classification tasks; {task.name} is "
-                            f"{task.kind.replace('_', '-')}: define a custom task (task.name: custom) for its prompt")
+            raise TaskError(
+                f"task.template and task.label_words apply to classification tasks; {task.name} is "
+                f"{task.kind.replace('_', '-')}: define a custom task (task.name: custom) for its prompt"
+            )
         if template is None and label_words is None:
             raise TaskError("Retemplated needs a template, label words, or both")
         if template is not None:
@@ -50,10 +52,13 @@ class Retemplated(Task):
         words = tuple(label_words) if label_words is not None else tuple(task.label_words)
         if len(words) != len(task.label_words):
             known = ", ".join(f"{label} = {word!r}" for label, word in zip(task.labels, task.label_words))
-            raise TaskError(f"task.label_words has {len(words)} words; {task.name} has {len(task.label_words)} "
-                            f"labels, in this order: {known}")
-        super().__init__(name=task.name, kind=task.kind, model_kinds=model_kinds, label_words=words,
-                         protocols=task.protocols)
+            raise TaskError(
+                f"task.label_words has {len(words)} words; {task.name} has {len(task.label_words)} "
+                f"labels, in this order: {known}"
+            )
+        super().__init__(
+            name=task.name, kind=task.kind, model_kinds=model_kinds, label_words=words, protocols=task.protocols
+        )
         self.task, self.template = task, template
 
     def splits(self, data_dir, **options) -> Splits:
@@ -67,8 +72,9 @@ class Retemplated(Task):
         for name in self.fields:
             if name not in record:
                 fields = ", ".join(str(k) for k in record if k != "label")
-                raise TaskError(f"task.template names {{{name}}}, which {self.name}'s records do not have "
-                                f"(they have: {fields})")
+                raise TaskError(
+                    f"task.template names {{{name}}}, which {self.name}'s records do not have (they have: {fields})"
+                )
             value = record[name]
             values[name] = value if isinstance(value, str) else json.dumps(value)
         values["mask"] = MASK

@@ -14,6 +14,7 @@ from zotune.version import __version__
 
 __all__ = ["main"]
 
+
 def _train_epilog() -> str:
     """The config fields, listed from the dataclasses themselves so the help cannot go stale."""
     import dataclasses
@@ -21,15 +22,18 @@ def _train_epilog() -> str:
 
     from zotune.config import section_classes
 
-    sections = "; ".join(f"{name} ({', '.join(f.name for f in dataclasses.fields(cls))})"
-                         for name, cls in section_classes().items())
-    return "\n".join([
-        "Any config field can be given as --section.field VALUE or, where unique, --field VALUE:",
-        "  zotune train --task.name rte --data_dir ../shared/data --lr 1e-6 --steps 2000",
-        "  zotune train --config run.yaml --batch_size 8",
-        *textwrap.wrap(f"Sections and fields: {sections}.", 100),
-        "With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample.",
-    ])
+    sections = "; ".join(
+        f"{name} ({', '.join(f.name for f in dataclasses.fields(cls))})" for name, cls in section_classes().items()
+    )
+    return "\n".join(
+        [
+            "Any config field can be given as --section.field VALUE or, where unique, --field VALUE:",
+            "  zotune train --task.name rte --data_dir ../shared/data --lr 1e-6 --steps 2000",
+            "  zotune train --config run.yaml --batch_size 8",
+            *textwrap.wrap(f"Sections and fields: {sections}.", 100),
+            "With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample.",
+        ]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,56 +44,101 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zotune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = sub.add_parser("train", help="fine-tune a model on a task with MeZO (the main job)",
-                           description="Fine-tune with MeZO: zero-shot evaluation, training with periodic "
-                                       "validation, the best checkpoint, the test score, logs and a plot.",
-                           epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("--config", help="a YAML file with sections model, task, optimizer, train")
-    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR (after Ctrl-C, SIGTERM, a crash, its time limit or its last step); "
-                       "of the config, only --steps (more of them) and --optimizer.lr (for the steps still to come), "
-                       "both under a constant schedule, --time_limit (minutes in all, the time before "
-                       "included), --divergence, --progress and --snapshot may change")
+    _train_arguments(sub)
+    _replay_arguments(sub)
+    _compare_arguments(sub)
+    _plot_arguments(sub)
+    mem = sub.add_parser(
+        "memory",
+        help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
+        description="Predicts, from a model's shapes alone, the peak memory of inference, "
+        "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.",
+    )
+    _memory_arguments(mem)
 
-    ev = sub.add_parser("eval", help="evaluate a model, a run's best checkpoint, or base + trajectory on a task",
-                        epilog="Other config fields as in `zotune train` (e.g. --task.name, --data_dir, --test).")
+    _demo_arguments(sub)
+    return parser
+
+
+def _train_arguments(sub) -> None:
+    """`zotune train` and `zotune eval`."""
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model on a task with MeZO (the main job)",
+        description="Fine-tune with MeZO: zero-shot evaluation, training with periodic "
+        "validation, the best checkpoint, the test score, logs and a plot.",
+        epilog=_train_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("--config", help="a YAML file with sections model, task, optimizer, train")
+    train.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR (after Ctrl-C, SIGTERM, a crash, its time limit or its last step); "
+        "of the config, only --steps (more of them) and --optimizer.lr (for the steps still to come), "
+        "both under a constant schedule, --time_limit (minutes in all, the time before "
+        "included), --divergence, --progress and --snapshot may change",
+    )
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model, a run's best checkpoint, or base + trajectory on a task",
+        epilog="Other config fields as in `zotune train` (e.g. --task.name, --data_dir, --test).",
+    )
     ev.add_argument("--config", help="a YAML file (as for train)")
     ev.add_argument("--run", metavar="DIR", help="a run directory: its config, and its best weights")
     ev.add_argument("--trajectory", metavar="FILE", help="replay this trajectory onto the model first")
     ev.add_argument("--split", default="test", choices=("train", "validation", "test"), help="default: test")
 
-    _replay_arguments(sub)
 
+def _compare_arguments(sub) -> None:
+    """`zotune compare`."""
     cmp = sub.add_parser(
-        "compare", help="run methods x tasks x seeds (zero-shot, ICL, LP, MeZO, FT, ...) into one table",
+        "compare",
+        help="run methods x tasks x seeds (zero-shot, ICL, LP, MeZO, FT, ...) into one table",
         description="Runs a grid of methods, tasks and seeds, each cell in its own process (resumable: cells "
-                    "already done are skipped), and writes the paper's Table-1-shaped markdown table with each "
-                    "method's peak memory.",
+        "already done are skipped), and writes the paper's Table-1-shaped markdown table with each "
+        "method's peak memory.",
         epilog="Grid keys (override any as --key value; lists as a,b,c): tasks, methods, seeds, output_dir, isolate, jobs "
-               "(cells at once), run (sections of the train config), method_overrides, task_overrides, icl, lp, ft.\n"
-               "Methods: " + ", ".join(_methods()) + ".\n"
-               "Example: zotune compare --config examples/grid.yaml --tasks sst2 --seeds 0,1",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(cells at once), run (sections of the train config), method_overrides, task_overrides, icl, lp, ft.\n"
+        "Methods: " + ", ".join(_methods()) + ".\n"
+        "Example: zotune compare --config examples/grid.yaml --tasks sst2 --seeds 0,1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmp.add_argument("--config", help="a grid YAML file (see examples/grid.yaml)")
-    cmp.add_argument("--table-only", action="store_true",
-                     help="run nothing: write the table of the cells finished so far (the rest shown as –)")
+    cmp.add_argument(
+        "--table-only",
+        action="store_true",
+        help="run nothing: write the table of the cells finished so far (the rest shown as –)",
+    )
 
-    plot = sub.add_parser("plot", help="draw learning curves: one run's, or several side by side",
-                          description="Draws the training loss and the validation metric of runs (finished, "
-                                      "interrupted or still running) from their metrics.jsonl.")
+
+def _plot_arguments(sub) -> None:
+    """`zotune plot`."""
+    plot = sub.add_parser(
+        "plot",
+        help="draw learning curves: one run's, or several side by side",
+        description="Draws the training loss and the validation metric of runs (finished, "
+        "interrupted or still running) from their metrics.jsonl.",
+    )
     plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by zotune train")
-    plot.add_argument("--out", metavar="FILE",
-                      help="the PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)")
+    plot.add_argument(
+        "--out",
+        metavar="FILE",
+        help="the PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)",
+    )
     plot.add_argument("--x", default="step", choices=("step", "minutes"), help="the x axis (default: step)")
     plot.add_argument("--labels", metavar="A,B,...", help="one legend label per run (default: the directory names)")
 
-    mem = sub.add_parser("memory", help="predict peak GPU memory of inference, MeZO (+LoRA/prefix) and backprop",
-                         description="Predicts, from a model's shapes alone, the peak memory of inference, "
-                                     "MeZO (full, LoRA, prefix), reference-style MeZO and backprop with Adam.")
-    _memory_arguments(mem)
 
-    demo = sub.add_parser("demo", help="fine-tune a tiny built-in model on a toy task and print the loss falling",
-                          description="MeZO memorises random token sequences with a tiny Llama built from a "
-                                      "config: no download, a few seconds on a laptop CPU.")
+def _demo_arguments(sub) -> None:
+    """`zotune demo`."""
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune a tiny built-in model on a toy task and print the loss falling",
+        description="MeZO memorises random token sequences with a tiny Llama built from a "
+        "config: no download, a few seconds on a laptop CPU.",
+    )
     from zotune.demo import DemoConfig
 
     defaults = DemoConfig()
@@ -97,7 +146,6 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=defaults.lr, help=f"learning rate (default {defaults.lr})")
     demo.add_argument("--eps", type=float, default=defaults.eps, help=f"perturbation scale (default {defaults.eps})")
     demo.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
-    return parser
 
 
 def _methods() -> list[str]:
@@ -122,30 +170,44 @@ def _plot(args, rest) -> int:
 
 
 def _replay_arguments(sub) -> None:
-    rp = sub.add_parser("replay", help="rebuild fine-tuned weights from a base model and a trajectory",
-                        description="Replays the trajectory onto the base model (no data, no forward pass) "
-                                    "and saves the result with its config and tokenizer, loadable by from_pretrained.")
+    rp = sub.add_parser(
+        "replay",
+        help="rebuild fine-tuned weights from a base model and a trajectory",
+        description="Replays the trajectory onto the base model (no data, no forward pass) "
+        "and saves the result with its config and tokenizer, loadable by from_pretrained.",
+    )
     rp.add_argument("--base", required=True, help="the base model (as for --model.name)")
     rp.add_argument("--trajectory", required=True, metavar="FILE")
     rp.add_argument("--out", required=True, metavar="DIR")
     rp.add_argument("--dtype", default=None, help="the dtype the run trained in (default: the run's, else float32)")
-    rp.add_argument("--device", default=None,
-                    help="where to replay: cpu, cuda or cuda:N (default: the device in summary.json beside the "
-                         "trajectory, else the run's model.device). Bit for bit on the kind of device the run "
-                         "trained on")
-    rp.add_argument("--config", metavar="FILE",
-                    help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
-                         "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors")
-    rp.add_argument("--step", default=None, metavar="N|best",
-                    help="replay the first N steps only (default: all); 'best': up to the run's best validation "
-                         "(best/best.json beside the trajectory), the weights its test was of")
+    rp.add_argument(
+        "--device",
+        default=None,
+        help="where to replay: cpu, cuda or cuda:N (default: the device in summary.json beside the "
+        "trajectory, else the run's model.device). Bit for bit on the kind of device the run "
+        "trained on",
+    )
+    rp.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the run's config.yaml, for its tuning mode (default: config.yaml beside the trajectory, "
+        "if any). LoRA is merged into the saved weights; prefixes go to prefix.safetensors",
+    )
+    rp.add_argument(
+        "--step",
+        default=None,
+        metavar="N|best",
+        help="replay the first N steps only (default: all); 'best': up to the run's best validation "
+        "(best/best.json beside the trajectory), the weights its test was of",
+    )
 
 
 def _memory_arguments(mem: argparse.ArgumentParser) -> None:
     from zotune.memory import DTYPES
 
-    mem.add_argument("--model", required=True,
-                     help="a hub id or local directory, a config.json, or an OPT size like opt-13b")
+    mem.add_argument(
+        "--model", required=True, help="a hub id or local directory, a config.json, or an OPT size like opt-13b"
+    )
     mem.add_argument("--gpu-memory", default=None, help="memory of one GPU, e.g. 80GB: says what fits")
     mem.add_argument("--dtype", default="float16", choices=DTYPES)
     mem.add_argument("--batch", type=int, default=16)
@@ -158,8 +220,18 @@ def _memory_arguments(mem: argparse.ArgumentParser) -> None:
 def _memory(args, rest) -> int:
     from zotune.memory import report
 
-    print(report(args.model, gpu_memory=args.gpu_memory, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                 lora_rank=args.lora_rank, prefix_tokens=args.prefix_tokens, eager_attention=args.eager_attention))
+    print(
+        report(
+            args.model,
+            gpu_memory=args.gpu_memory,
+            dtype=args.dtype,
+            batch=args.batch,
+            seq=args.seq,
+            lora_rank=args.lora_rank,
+            prefix_tokens=args.prefix_tokens,
+            eager_attention=args.eager_attention,
+        )
+    )
     return 0
 
 
@@ -218,10 +290,20 @@ def _replay(args, rest) -> int:
 
     if rest:
         raise ConfigError(f"unexpected arguments: {' '.join(rest)}")
-    done = export(args.base, args.trajectory, args.out, step=args.step, config=args.config, device=args.device,
-                  dtype=args.dtype, log=lambda m: print(m, file=sys.stderr))
-    extra = {"lora": " (LoRA merged into the weights)",
-             "prefix": " (the base model; the trained prefixes in prefix.safetensors)"}.get(done.tuning, "")
+    done = export(
+        args.base,
+        args.trajectory,
+        args.out,
+        step=args.step,
+        config=args.config,
+        device=args.device,
+        dtype=args.dtype,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    extra = {
+        "lora": " (LoRA merged into the weights)",
+        "prefix": " (the base model; the trained prefixes in prefix.safetensors)",
+    }.get(done.tuning, "")
     print(f"replayed {done.steps} steps onto {args.base}; saved to {done.out}{extra}")
     return 0
 
@@ -248,8 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "memory" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    command = {"train": _train, "eval": _eval, "replay": _replay, "compare": _compare, "plot": _plot,
-               "memory": _memory}[args.command]
+    command = {
+        "train": _train,
+        "eval": _eval,
+        "replay": _replay,
+        "compare": _compare,
+        "plot": _plot,
+        "memory": _memory,
+    }[args.command]
     from zotune.errors import UserError
 
     try:

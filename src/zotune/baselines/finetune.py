@@ -50,8 +50,7 @@ class FinetuneConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"finetune.lr must be a finite number > 0, got {self.lr} (the paper uses 1e-5 to 8e-5)")
         if not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise ConfigError(f"finetune.epochs must be a finite number > 0, got {self.epochs}; "
-                              "or set finetune.steps")
+            raise ConfigError(f"finetune.epochs must be a finite number > 0, got {self.epochs}; or set finetune.steps")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"finetune.steps must be >= 1 (or None to use epochs), got {self.steps}")
         if self.batch_size < 1:
@@ -63,8 +62,9 @@ class FinetuneConfig:
         if self.eval_every is not None and self.eval_every < 1:
             raise ConfigError(f"finetune.eval_every must be >= 1 (or None: once per epoch), got {self.eval_every}")
         if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise ConfigError(f"finetune.max_grad_norm must be a finite number > 0 (or None: no clipping), "
-                              f"got {self.max_grad_norm}")
+            raise ConfigError(
+                f"finetune.max_grad_norm must be a finite number > 0 (or None: no clipping), got {self.max_grad_norm}"
+            )
 
 
 def _batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -97,14 +97,18 @@ def _adam_step(model, objective, opt, params: list, batch: list, config: Finetun
     loss = objective.loss(model, batch, config.forward_chunks)
     value = float(loss.detach())
     if not math.isfinite(value):
-        raise FloatingPointError(f"fine-tuning loss is {value} at step {step}: lower finetune.lr (now "
-                                 f"{config.lr:g}); the weights are those after step {step - 1}")
+        raise FloatingPointError(
+            f"fine-tuning loss is {value} at step {step}: lower finetune.lr (now "
+            f"{config.lr:g}); the weights are those after step {step - 1}"
+        )
     loss.backward()
     # With max_grad_norm=None the norm is still computed (an infinite bound clips nothing), to catch NaNs.
     norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf)
     if not math.isfinite(float(norm)):
-        raise FloatingPointError(f"fine-tuning gradient norm is {float(norm)} at step {step}: lower "
-                                 f"finetune.lr (now {config.lr:g}); the weights are those after step {step - 1}")
+        raise FloatingPointError(
+            f"fine-tuning gradient norm is {float(norm)} at step {step}: lower "
+            f"finetune.lr (now {config.lr:g}); the weights are those after step {step - 1}"
+        )
     opt.step()
     return value
 
@@ -128,8 +132,9 @@ def _restore_best(best: dict | None, trainable, total: int, log: Callable[[str],
         log(f"restored the best validation weights (step {best['step']} of {total})")
 
 
-def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size: int = 32,
-             log: Callable[[str], None] = print) -> dict:
+def finetune(
+    prepared, config: FinetuneConfig | None = None, *, eval_batch_size: int = 32, log: Callable[[str], None] = print
+) -> dict:
     """Fine-tune ``prepared``'s trainable parameters with AdamW; test the best validation weights.
 
     Batches are drawn without replacement within each epoch; validation runs every
@@ -167,8 +172,10 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
     metric = objective.metric_name
     opt = torch.optim.AdamW(decay_groups([p for _, p in trainable], config.weight_decay), lr=config.lr)
     n_params = sum(p.numel() for _, p in trainable)
-    log(f"fine-tuning {n_params:,} parameters with AdamW (lr {config.lr:g}, batch {config.batch_size}): "
-        f"{total} steps, {len(train)} training examples, validation every {every} steps")
+    log(
+        f"fine-tuning {n_params:,} parameters with AdamW (lr {config.lr:g}, batch {config.batch_size}): "
+        f"{total} steps, {len(train)} training examples, validation every {every} steps"
+    )
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -189,22 +196,43 @@ def finetune(prepared, config: FinetuneConfig | None = None, *, eval_batch_size:
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if validation and (step % every == 0 or step == total):
-                val = evaluate_split(objective, model, validation, eval_batch_size, "validation", config.progress)
-                best = _best_of(best, step, val, metric, trainable)
+                best = _validate(prepared, trainable, best, step, eval_batch_size, config.progress, log)
                 bar.set_postfix({**postfix, f"best_val_{metric}": f"{100 * best['metrics'][metric]:.1f}"})
-                if not config.progress:  # with a bar the postfix shows it; lines would break the bar
-                    log(f"step {step}: validation {metric} {100 * val[metric]:.1f} "
-                        f"(best {100 * best['metrics'][metric]:.1f} at step {best['step']})")
     finally:
         bar.close()
         opt.zero_grad(set_to_none=True)  # the gradients are as large as the trained weights: free them
         model.train(was_training)
     _restore_best(best, trainable, total, log)
-    test = (evaluate_split(objective, model, encoded["test"], eval_batch_size, "test", config.progress)
-            if encoded["test"] else {})
+    test = (
+        evaluate_split(objective, model, encoded["test"], eval_batch_size, "test", config.progress)
+        if encoded["test"]
+        else {}
+    )
     elapsed = time.perf_counter() - started
     if test:
         log(f"fine-tuned: test {metric} {100 * test[metric]:.1f}; {total} steps, {elapsed:.0f} s")
-    return {"validation": best["metrics"] if best else {}, "best_step": best["step"] if best else total,
-            "test": test, "steps": total, "wall_time_s": round(elapsed, 2), "trainable_parameters": n_params,
-            "losses": losses}
+    best = best or {"metrics": {}, "step": total}
+    return {
+        "validation": best["metrics"],
+        "best_step": best["step"],
+        "test": test,
+        "steps": total,
+        "wall_time_s": round(elapsed, 2),
+        "trainable_parameters": n_params,
+        "losses": losses,
+    }
+
+
+def _validate(prepared, trainable, best, step, eval_batch_size, progress, log) -> dict:
+    """Evaluate the validation split at ``step`` and keep the best weights so far (``_best_of``)."""
+    objective, metric = prepared.objective, prepared.objective.metric_name
+    val = evaluate_split(
+        objective, prepared.loaded.model, prepared.encoded["validation"], eval_batch_size, "validation", progress
+    )
+    best = _best_of(best, step, val, metric, trainable)
+    if not progress:  # with a bar the postfix shows it; lines would break the bar
+        log(
+            f"step {step}: validation {metric} {100 * val[metric]:.1f} "
+            f"(best {100 * best['metrics'][metric]:.1f} at step {best['step']})"
+        )
+    return best

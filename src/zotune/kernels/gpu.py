@@ -162,8 +162,11 @@ def _rademacher_bits(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
     """
     w0, w1, w2, w3 = _words(g0 // 128, BLOCK // 128, 0, key_lo, key_hi, seed_lo, seed_hi)
     j = tl.arange(0, 4)[None, :, None]
-    w = tl.where(j < 2, tl.where(j == 0, w0[:, None, None], w1[:, None, None]),
-                 tl.where(j == 2, w2[:, None, None], w3[:, None, None]))
+    w = tl.where(
+        j < 2,
+        tl.where(j == 0, w0[:, None, None], w1[:, None, None]),
+        tl.where(j == 2, w2[:, None, None], w3[:, None, None]),
+    )
     return ((w >> tl.arange(0, 32).to(tl.uint32)[None, None, :]) & 1) != 0
 
 
@@ -202,9 +205,30 @@ def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constex
 
 
 @triton.jit
-def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
-                NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
-                ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_tile(
+    base,
+    offset,
+    n,
+    start,
+    key_lo,
+    key_hi,
+    tile,
+    s0_lo,
+    s0_hi,
+    s1_lo,
+    s1_hi,
+    r_lo,
+    r_hi,
+    scale,
+    c0,
+    c1,
+    NT: tl.constexpr,
+    FILL: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    ROUND: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Tile ``tile`` of the tensor at element ``offset`` from base: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)].
 
     The tensor holds elements start .. start + n - 1 of the parameter keyed (key_lo, key_hi) (uint32);
@@ -216,12 +240,17 @@ def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_l
     g0 = (start // BLOCK + tile) * BLOCK  # first global element index of this tile
     first = offset + (g0 - start)  # element offset of the tile's first element from base
     if ALIGN > 1:  # (first // ALIGN) * ALIGN == first: a form the compiler's alignment analysis sees, where
-        first = (first // ALIGN) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
+        first = (
+            first // ALIGN
+        ) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
     # Gaussian: a (BLOCK // 4, 4) tile, one Philox block per row (lanes picked in registers);
     # Rademacher: a (BLOCK // 128, 4, 32) tile, (Philox block, word, bit), contiguous along its last two axes
     if RADEMACHER:
-        tile_idx = (tl.arange(0, BLOCK // 128)[:, None, None] * 128 + tl.arange(0, 4)[None, :, None] * 32
-                    + tl.arange(0, 32)[None, None, :])
+        tile_idx = (
+            tl.arange(0, BLOCK // 128)[:, None, None] * 128
+            + tl.arange(0, 4)[None, :, None] * 32
+            + tl.arange(0, 32)[None, None, :]
+        )
     else:
         tile_idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     ptrs = base + first + tile_idx
@@ -242,8 +271,9 @@ def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_l
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             v = x * scale + tl.where(b0, c0, -c0)
             if NT == 2:
-                b1 = _rademacher_bits(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True),
-                                      key_lo, key_hi, BLOCK)
+                b1 = _rademacher_bits(
+                    g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
+                )
                 v = v + tl.where(b1, c1, -c1)
     else:
         z0 = _gaussian(g0, s0_lo, s0_hi, key_lo, key_hi, BLOCK)
@@ -256,15 +286,20 @@ def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_l
                 x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             v = x * scale + c0 * z0
             if NT == 2:
-                z1 = _gaussian(g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo,
-                               key_hi, BLOCK)
+                z1 = _gaussian(
+                    g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
+                )
                 v = v + c1 * z1
     if ROUND:
         r_lo = r_lo.to(tl.uint32, bitcast=True)
         r_hi = r_hi.to(tl.uint32, bitcast=True)
         if RADEMACHER:  # the rounding stream's (block, lane) tile, as for the Gaussian; rare (16-bit updates)
-            out = tl.reshape(_round_stochastic(tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi,
-                                               base.dtype.element_ty, BLOCK), [BLOCK // 128, 4, 32])
+            out = tl.reshape(
+                _round_stochastic(
+                    tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi, base.dtype.element_ty, BLOCK
+                ),
+                [BLOCK // 128, 4, 32],
+            )
         else:
             out = _round_stochastic(v, g0, r_lo, r_hi, key_lo, key_hi, base.dtype.element_ty, BLOCK)
     else:
@@ -276,9 +311,26 @@ def _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_l
 
 
 @triton.jit(do_not_specialize=["s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
-def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
-                  NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
-                  ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_kernel(
+    base,
+    table,
+    tiles,
+    s0_lo,
+    s0_hi,
+    s1_lo,
+    s1_hi,
+    r_lo,
+    r_hi,
+    scale,
+    c0,
+    c1,
+    NT: tl.constexpr,
+    FILL: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    ROUND: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile of one of many tensors (see _sweep_tile), found through the launch table.
 
     table: int64 rows (element offset from base, n, start, key lo, key hi, first tile) per tensor;
@@ -293,23 +345,85 @@ def _sweep_kernel(base, table, tiles, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, sc
     key_lo = tl.load(row + 3).to(tl.uint32)
     key_hi = tl.load(row + 4).to(tl.uint32)
     tile = pid - tl.load(row + 5)
-    _sweep_tile(base, offset, n, start, key_lo, key_hi, tile, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
-                NT, FILL, RADEMACHER, ROUND, ALIGN, BLOCK)
+    _sweep_tile(
+        base,
+        offset,
+        n,
+        start,
+        key_lo,
+        key_hi,
+        tile,
+        s0_lo,
+        s0_hi,
+        s1_lo,
+        s1_hi,
+        r_lo,
+        r_hi,
+        scale,
+        c0,
+        c1,
+        NT,
+        FILL,
+        RADEMACHER,
+        ROUND,
+        ALIGN,
+        BLOCK,
+    )
 
 
 @triton.jit(do_not_specialize=["n", "start", "key_lo", "key_hi", "s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])
-def _sweep_kernel_one(base, n, start, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
-                      NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr,
-                      ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _sweep_kernel_one(
+    base,
+    n,
+    start,
+    key_lo,
+    key_hi,
+    s0_lo,
+    s0_hi,
+    s1_lo,
+    s1_hi,
+    r_lo,
+    r_hi,
+    scale,
+    c0,
+    c1,
+    NT: tl.constexpr,
+    FILL: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    ROUND: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile of a single tensor (see _sweep_tile), described by scalar arguments: no launch table.
 
     A sweep issued one tensor at a time (layerwise scales, the more-than-two-terms path) then costs a
     launch and nothing else: no table to build, cache or copy to the device. key_lo, key_hi: int32 bit
     patterns; n, start: integers (int32 or int64, as Triton passes them).
     """
-    _sweep_tile(base, 0, n.to(tl.int64), start.to(tl.int64), key_lo.to(tl.uint32, bitcast=True),
-                key_hi.to(tl.uint32, bitcast=True), tl.program_id(0), s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi,
-                scale, c0, c1, NT, FILL, RADEMACHER, ROUND, ALIGN, BLOCK)
+    _sweep_tile(
+        base,
+        0,
+        n.to(tl.int64),
+        start.to(tl.int64),
+        key_lo.to(tl.uint32, bitcast=True),
+        key_hi.to(tl.uint32, bitcast=True),
+        tl.program_id(0),
+        s0_lo,
+        s0_hi,
+        s1_lo,
+        s1_hi,
+        r_lo,
+        r_hi,
+        scale,
+        c0,
+        c1,
+        NT,
+        FILL,
+        RADEMACHER,
+        ROUND,
+        ALIGN,
+        BLOCK,
+    )
 
 
 @triton.jit(do_not_specialize=["start", "seed_lo", "seed_hi", "key_lo", "key_hi"])  # an int argument equal
@@ -319,8 +433,9 @@ def _words_kernel(out, n, start, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.con
     g0 = (start // BLOCK + tl.program_id(0)) * BLOCK
     local = g0 - start + tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     mask = (local >= 0) & (local < n)
-    w0, w1, w2, w3 = _words(g0 // 4, BLOCK // 4, 1, key_lo.to(tl.uint32), key_hi.to(tl.uint32),
-                            seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    w0, w1, w2, w3 = _words(
+        g0 // 4, BLOCK // 4, 1, key_lo.to(tl.uint32), key_hi.to(tl.uint32), seed_lo.to(tl.uint32), seed_hi.to(tl.uint32)
+    )
     w = _lanes(w0, w1, w2, w3)
     tl.store(out + local, w.to(tl.int32, bitcast=True), mask=mask)
 
@@ -350,8 +465,9 @@ def _check(x: torch.Tensor) -> None:
     if x.dtype not in _DTYPES:
         raise TypeError(f"the triton backend supports float32, bfloat16 and float16, got {x.dtype}")
     if not _device_ok(x) or not x.is_contiguous():
-        raise ValueError(f"the triton backend needs contiguous CUDA tensors, got device={x.device}, "
-                         f"contiguous={x.is_contiguous()}")
+        raise ValueError(
+            f"the triton backend needs contiguous CUDA tensors, got device={x.device}, contiguous={x.is_contiguous()}"
+        )
 
 
 # Launch plans of multi-tensor sweeps, least recently used first. A plan is what one list of tensors
@@ -383,8 +499,16 @@ def _plan(tensors, keys, starts, block: int) -> list:
     if not len(tensors) == len(keys) == len(starts):
         raise ValueError(f"{len(tensors)} tensors, {len(keys)} keys and {len(starts)} starts: one of each per tensor")
     T = torch.Tensor  # map over C methods: no Python bytecode per tensor (this runs on every sweep)
-    ident = (block, tuple(map(T.data_ptr, tensors)), tuple(map(T.numel, tensors)), tuple(map(_dtype, tensors)),
-             tuple(map(T.get_device, tensors)), all(map(T.is_contiguous, tensors)), tuple(keys), tuple(starts))
+    ident = (
+        block,
+        tuple(map(T.data_ptr, tensors)),
+        tuple(map(T.numel, tensors)),
+        tuple(map(_dtype, tensors)),
+        tuple(map(T.get_device, tensors)),
+        all(map(T.is_contiguous, tensors)),
+        tuple(keys),
+        tuple(starts),
+    )
     hit = _PLANS.get(ident)
     if hit is not None:
         _PLANS.move_to_end(ident)
@@ -438,8 +562,47 @@ def _tables(group: list[tuple[int, torch.Tensor, int, int]], block: int):
     return table, tiles, align, host
 
 
-def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0, fill: bool = False,
-          rounding_seed: int | None = None, block: int | None = None) -> None:
+def _sweep_one(
+    x, key: int, start: int, seeds, scale: float, c0: float, c1: float, rounding_seed, fill: bool, consts: dict
+) -> None:
+    """:func:`sweep` of one tensor, described to its kernel by scalar arguments (no launch table)."""
+    _check(x)
+    n = x.numel()
+    rng._check_range(start, n)
+    if n == 0:
+        return
+    block = consts["BLOCK"]
+    vec = max(1, 16 // x.element_size())
+    align = vec if x.data_ptr() % 16 == 0 and start % vec == 0 else 1
+    ntiles = (start + n - 1) // block - start // block + 1
+    _STATS["single"] += 1
+    _sweep_kernel_one[(ntiles,)](
+        x.detach(),
+        n,
+        start,
+        *_halves32(key),
+        *seeds,
+        scale,
+        c0,
+        c1,
+        ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill,
+        ALIGN=align,
+        **consts,
+    )
+
+
+def sweep(
+    tensors,
+    keys,
+    starts,
+    distribution: str,
+    terms,
+    *,
+    scale: float = 1.0,
+    fill: bool = False,
+    rounding_seed: int | None = None,
+    block: int | None = None,
+) -> None:
     """In place, for every tensor: x <- (0 if fill else x * scale) + sum(c * z(s) for s, c in terms).
 
     One launch per dtype. A single tensor is described to its kernel by scalar arguments; several go
@@ -461,36 +624,42 @@ def sweep(tensors, keys, starts, distribution: str, terms, *, scale: float = 1.0
     block = int(block or BLOCK)
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128, got {block}")
-    seeds = (*_halves32(terms[0][0]), *(_halves32(terms[1][0]) if len(terms) == 2 else (0, 0)),
-             *_halves32(rounding_seed or 0))
+    seeds = (
+        *_halves32(terms[0][0]),
+        *(_halves32(terms[1][0]) if len(terms) == 2 else (0, 0)),
+        *_halves32(rounding_seed or 0),
+    )
     c0 = float(terms[0][1])
     c1 = float(terms[1][1]) if len(terms) == 2 else 0.0
     rademacher = distribution == "rademacher"
     # FMA contraction named, not left to Triton's default (which a later Triton turns off): on for the Gaussian,
     # whose bits were made with it; off for Rademacher, whose sum x * scale + (+-c) is then rounded twice, as in
     # the reference and as the previous kernel's contraction (into fma(c, z, x * scale)) did.
-    consts = dict(NT=len(terms), FILL=bool(fill), RADEMACHER=rademacher, BLOCK=block,
-                  num_warps=4 if block <= 1024 else 8, enable_fp_fusion=not rademacher)
+    consts = dict(
+        NT=len(terms),
+        FILL=bool(fill),
+        RADEMACHER=rademacher,
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+        enable_fp_fusion=not rademacher,
+    )
     if len(tensors) == len(keys) == len(starts) == 1:  # fill, axpy, a per-tensor sweep: scalar arguments
-        x, key, start = tensors[0], keys[0], int(starts[0])
-        _check(x)
-        n = x.numel()
-        rng._check_range(start, n)
-        if n == 0:
-            return
-        vec = max(1, 16 // x.element_size())
-        align = vec if x.data_ptr() % 16 == 0 and start % vec == 0 else 1
-        ntiles = (start + n - 1) // block - start // block + 1
-        _STATS["single"] += 1
-        _sweep_kernel_one[(ntiles,)](
-            x.detach(), n, start, *_halves32(key), *seeds, float(scale), c0, c1,
-            ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill, ALIGN=align, **consts)
+        _sweep_one(tensors[0], keys[0], int(starts[0]), seeds, float(scale), c0, c1, rounding_seed, fill, consts)
         return
     for index, table, tiles, align, _ in _plan(tensors, keys, starts, block):
         x = tensors[index]
         _sweep_kernel[(tiles.numel(),)](
-            x.detach(), table, tiles, *seeds, float(scale), c0, c1,
-            ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill, ALIGN=align, **consts)
+            x.detach(),
+            table,
+            tiles,
+            *seeds,
+            float(scale),
+            c0,
+            c1,
+            ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill,
+            ALIGN=align,
+            **consts,
+        )
 
 
 def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) -> None:

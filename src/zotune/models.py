@@ -70,8 +70,11 @@ class ModelConfig:
     prefix_tokens: int = 5  # prefix tuning: trained key/value tokens per layer (the paper: 5)
 
     def __post_init__(self):
-        if self.tuning not in ("full", "lora", "prefix", "head"):
-            raise ModelError(f"model.tuning must be full, lora, prefix or head, got {self.tuning!r}")
+        from zotune.tuning import TUNINGS  # the tuning modes' registry (tuning.py imports this module)
+
+        if self.tuning not in TUNINGS:
+            choices = f"{', '.join(TUNINGS[:-1])} or {TUNINGS[-1]}"
+            raise ModelError(f"model.tuning must be {choices}, got {self.tuning!r}")
         if self.lora_r < 1 or self.prefix_tokens < 1:
             raise ModelError(
                 f"model.lora_r and model.prefix_tokens must be >= 1, got {self.lora_r}, {self.prefix_tokens}"

@@ -49,7 +49,7 @@ from zotune.tasks.base import MASK, Instance, Splits, Task, TaskError
 from zotune.tasks.readers import Rows, read_rows
 from zotune.tasks.sampling import shrink
 
-__all__ = ["CustomTask", "CustomTaskConfig"]
+__all__ = ["CustomTask", "CustomTaskConfig", "template_fields"]
 
 _SUFFIXES = (".jsonl", ".csv", ".tsv")
 
@@ -59,7 +59,8 @@ def _key(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _template_fields(template: str) -> list[str]:
+def template_fields(template: str) -> list[str]:
+    """The ``{field}`` names of a prompt template, in order; a malformed template is a one-line TaskError."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as err:
@@ -96,7 +97,7 @@ class CustomTaskConfig:
     def __post_init__(self):
         if not isinstance(self.template, str) or not self.template.strip():
             raise TaskError('custom task needs a template, e.g. template: "{sentence} It was"')
-        names = _template_fields(self.template)
+        names = template_fields(self.template)
         if not [n for n in names if n != "mask"]:
             raise TaskError("template has no {field} placeholder: name at least one field of the records")
         if self.template.count("{mask}") > 1:
@@ -152,7 +153,7 @@ class CustomTaskConfig:
     @property
     def template_fields(self) -> list[str]:
         """The record fields the template names ({mask} excluded)."""
-        return [n for n in _template_fields(self.template) if n != "mask"]
+        return [n for n in template_fields(self.template) if n != "mask"]
 
 
 class CustomTask(Task):

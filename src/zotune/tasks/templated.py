@@ -24,7 +24,7 @@ from dataclasses import replace
 from typing import Sequence
 
 from zotune.tasks.base import MASK, Instance, Splits, Task, TaskError
-from zotune.tasks.custom import _template_fields
+from zotune.tasks.custom import template_fields
 
 __all__ = ["Retemplated"]
 
@@ -41,7 +41,7 @@ class Retemplated(Task):
         if template is None and label_words is None:
             raise TaskError("Retemplated needs a template, label words, or both")
         if template is not None:
-            names = _template_fields(template)
+            names = template_fields(template)
             if names.count("mask") > 1 or template.count("{mask}") > 1:
                 raise TaskError("task.template may hold {mask} once (where a masked LM's label word goes)")
             self.fields = [n for n in names if n != "mask"]

@@ -76,3 +76,65 @@ def test_the_trajectory_format_imports_nothing_from_the_optimizer():
 
 def test_nothing_imports_the_cli():
     assert not [str(rel) for rel, path in _modules() if rel.name != "cli.py" and "cli" in _imports(path)]
+
+
+def _module_of(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def _exists(name: str) -> bool:
+    base = SRC.joinpath(*name.split(".")) if name else SRC
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def _edges(path: Path) -> set[str]:
+    """The zotune modules ``path`` depends on: ``from zotune.x import y`` is zotune.x.y where that is a module."""
+    out = set()
+    tree = ast.parse(path.read_text())
+    typing_only = {  # `if TYPE_CHECKING:` imports never run
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            out |= {a.name.removeprefix("zotune").lstrip(".") for a in node.names if a.name.split(".")[0] == "zotune"}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "zotune":
+            module = node.module.removeprefix("zotune").lstrip(".")
+            for a in node.names:
+                sub = f"{module}.{a.name}".lstrip(".")
+                out.add(sub if _exists(sub) else module)
+    return out
+
+
+def test_no_import_cycle_between_modules():
+    """Module-level and lazy imports alike; a package's __init__ re-exporting its modules is not a cycle."""
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        module = _module_of(path)
+        graph[module] = {m for m in _edges(path) if m != module}
+    inits = {_module_of(p) for p in SRC.rglob("__init__.py")}
+    for module in graph:  # a module's import of its own package's __init__ stands for the names it re-exports
+        graph[module] = {m for m in graph[module] if not (m in inits and module.startswith(m + ".") or m == "")}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n) :] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state and m not in inits:
+            visit(m)

@@ -52,6 +52,9 @@ class ModelError(UserError):
     """A model that cannot be found or loaded; the message says what was tried."""
 
 
+TUNINGS = ("full", "lora", "prefix", "head")  # the tuning modes, implemented by zotune.tuning.apply_tuning
+
+
 @dataclass
 class ModelConfig:
     """Which model to fine-tune and how."""
@@ -70,8 +73,6 @@ class ModelConfig:
     prefix_tokens: int = 5  # prefix tuning: trained key/value tokens per layer (the paper: 5)
 
     def __post_init__(self):
-        from zotune.tuning import TUNINGS  # the tuning modes' registry (tuning.py imports this module)
-
         if self.tuning not in TUNINGS:
             choices = f"{', '.join(TUNINGS[:-1])} or {TUNINGS[-1]}"
             raise ModelError(f"model.tuning must be {choices}, got {self.tuning!r}")

@@ -24,11 +24,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from zotune.models import LoadedModel, ModelConfig, ModelError
+from zotune.models import TUNINGS, LoadedModel, ModelConfig, ModelError
 
 __all__ = ["LORA_TARGETS", "TUNINGS", "apply_tuning", "lora_targets", "merge_lora", "tune_loaded"]
 
-TUNINGS = ("full", "lora", "prefix", "head")
 # Query and value projections by model_type (model.lora_targets overrides; unlisted types: q_proj, v_proj).
 LORA_TARGETS = {
     "llama": ["q_proj", "v_proj"],

@@ -153,6 +153,13 @@ METHODS: dict[str, Method] = {
         {"lr": [1e-5, 2e-5, 5e-5]},
         "HiZOO (diagonal preconditioner, alpha 1e-6)",
     ),
+    # LOZO's directions U V^T / sqrt(r) have unit-variance entries, as MeZO's z: MeZO's rates.
+    "lozo": Method(
+        2,
+        {"optimizer": {"distribution": "lowrank", "lowrank_rank": 2, "lowrank_every": 50}},
+        {"lr": [1e-5, 2e-5, 5e-5]},
+        "LOZO (rank-2 directions, V redrawn every 50 steps)",
+    ),
     "one-sided-4": Method(
         5,
         {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},

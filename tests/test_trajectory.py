@@ -60,6 +60,24 @@ def test_fast_replay_is_within_rounding(tmp_path, toy_model, regression_data):
     _assert_replayed(trained, base, atol=40 * 2 * ulp32(1.0))
 
 
+def test_fast_replay_of_a_fused_run_with_flushes(tmp_path, toy_model, regression_data):
+    """A flush record in single-sweep replay removes nothing (no perturbation was fused in there)."""
+    trained = toy_model()
+    path = tmp_path / "run.zot"
+    opt = MeZO(trained.named_parameters(), lr=5e-3, fuse_next=True, trajectory=path)
+    for t in range(20):
+        opt.step(mse_closure(trained, *regression_data))
+        if t % 7 == 6:
+            opt.flush()  # an evaluation mid-run
+    opt.flush()
+    assert sum(isinstance(r, Flush) for r in read_trajectory(path).records) == 3
+    base = toy_model()
+    replay(base, path, exact=False)
+    # as test_fast_replay_is_within_rounding: <= 4 half-ulps of |theta| + 2 eps |z| < 2 a step, 20 steps
+    assert max(float(p.detach().abs().max()) for p in trained.parameters()) < 1.5
+    _assert_replayed(trained, base, atol=20 * 2 * ulp32(1.0))
+
+
 def test_replay_with_schedule_skips_and_flushes(tmp_path, toy_model, regression_data):
     trained = toy_model()
     path = tmp_path / "run.zot"

@@ -207,7 +207,7 @@ def test_sphere_coordinates_are_those_of_a_uniform_sphere():
 
 def test_sphere_leaves_gaussian_and_rademacher_bits_alone():
     assert rng.DISTRIBUTIONS == ("gaussian", "rademacher")
-    assert rng.PERTURBATIONS == ("gaussian", "rademacher", "sphere")
+    assert rng.PERTURBATIONS == ("gaussian", "rademacher", "sphere", "lowrank")  # the optimizer's directions
 
 
 @pytest.mark.parametrize("rule", ["momentum", "adam"])

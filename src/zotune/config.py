@@ -101,7 +101,10 @@ class OptimConfig:
     eps: float = 1e-3  # perturbation scale
     weight_decay: float = 0.0  # on matrices only
     seed: int = 0  # seeds the perturbations
-    distribution: str = "gaussian"  # or "rademacher", or "sphere" (uniform on the sphere of radius sqrt(d))
+    distribution: str = "gaussian"  # or "rademacher", "sphere" (uniform on the sphere of radius sqrt(d)), or "lowrank"
+    # (LOZO: U V^T / sqrt(rank) on each matrix, U drawn each step, V every lowrank_every steps; SGD or history momentum)
+    lowrank_rank: int = 2  # distribution "lowrank": the rank of the factors
+    lowrank_every: int = 50  # distribution "lowrank": steps between draws of V (LOZO's nu)
     fuse_next: bool = True  # two sweeps per step instead of three (two-sided, non-layerwise runs only; else off)
     schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
     warmup_steps: int = 0  # linear warm-up before the schedule
@@ -167,7 +170,7 @@ class OptimConfig:
             )
         if not (0 <= self.hizoo_alpha <= 1):
             raise ConfigError(f"optimizer.hizoo_alpha must be in [0, 1], got {self.hizoo_alpha}")
-        for name in ("n_ramp_steps", "window", "grad_norm_probes"):
+        for name in ("n_ramp_steps", "window", "grad_norm_probes", "lowrank_rank", "lowrank_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ConfigError(f"optimizer.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not (isinstance(self.grad_norm_every, int) and self.grad_norm_every >= 0):

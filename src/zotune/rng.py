@@ -61,7 +61,8 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("gaussian", "rademacher")  # element-wise streams: what the kernels generate
-PERTURBATIONS = (*DISTRIBUTIONS, "sphere")  # what an optimizer accepts ("sphere" is Gaussian, renormalised)
+PERTURBATIONS = (*DISTRIBUTIONS, "sphere", "lowrank")  # what an optimizer accepts ("sphere": Gaussian renormalised;
+# "lowrank": U V^T / sqrt(r) on matrices, zotune.optim.step.Directions)
 STREAM_Z = 0
 STREAM_ROUNDING = 1
 _STREAM_SEED = 0x5EED5EED  # counter word that separates derived step seeds from everything else

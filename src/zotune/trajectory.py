@@ -48,7 +48,9 @@ byte for byte what it was, and every older file reads and replays as before):
                          of plain updates without perturbation sweeps (written by
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
-      "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d))
+      "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)), or
+                         "lowrank" (U V^T / sqrt(rank) on matrices, zotune.optim.step.Directions), with
+      "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V
       "layerwise"        "param-norm" or "grad-norm"
       "layer_groups"     grad-norm: the layers, as lists of indices into the parameter table
       "grad_norm_every", "grad_norm_probes"   grad-norm: informational
@@ -323,6 +325,7 @@ _IDENTITY = (
     "layerwise",
     "variant",
     "layer_groups",
+    "lowrank",
 )
 
 

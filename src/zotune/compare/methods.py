@@ -144,6 +144,9 @@ register(
 # HiZOO (arXiv 2402.15173): its s starts at 1, where its step is MeZO's, so MeZO's rate and the config's alpha
 # (chosen from the kappa measured on SmolLM2). One float32 tensor per parameter beyond inference.
 register(Method("hizoo", "HiZOO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "hizoo"}}))
+# LOZO (arXiv 2410.07698): low-rank directions U V^T / sqrt(r) on the matrices (rank 2, V redrawn every 50 steps);
+# its entries have unit variance, as z's, so MeZO's rate.
+register(Method("lozo", "LOZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"distribution": "lowrank"}}))
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

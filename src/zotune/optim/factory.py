@@ -45,6 +45,8 @@ def make_optimizer(
         layerwise=oc.layerwise,
         grad_norm_every=oc.grad_norm_every,
         grad_norm_probes=oc.grad_norm_probes,
+        lowrank_rank=oc.lowrank_rank,
+        lowrank_every=oc.lowrank_every,
     )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
     if oc.estimator == "hizoo":

@@ -135,6 +135,17 @@ def sweep_(
             rounding stream; float32 parameters ignore it.
         backend: a name from ``zotune.kernels.available()``; ``None`` picks the fastest per device.
     """
+    if distribution.startswith("lowrank:"):
+        _lowrank_sweep_(
+            params,
+            keys,
+            terms,
+            int(distribution.split(":")[1]),
+            scale=scale,
+            rounding_seed=rounding_seed,
+            backend=backend,
+        )
+        return
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     terms = [(int(s), float(c)) for s, c in terms]
@@ -178,6 +189,60 @@ def sweep_(
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
     for multi, flats, flat_keys, bases in batched.values():
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
+
+
+def lowrank_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int, be):
+    """(U, V) of a low-rank direction ``u = U V^T / sqrt(rank)`` on matrix ``p`` (m x n): U (m x rank) from the
+    Gaussian stream of ``seeds[0]``, V (n x rank) from that of ``seeds[1]``, both with p's key, row-major:
+    (m + n) rank floats, the only memory the direction takes."""
+    m, n = p.shape
+    u = torch.empty(m * rank, dtype=torch.float32, device=p.device)
+    be.fill(u, "gaussian", seeds[0], key, 0)
+    v = torch.empty(n * rank, dtype=torch.float32, device=p.device)
+    be.fill(v, "gaussian", seeds[1], key, 0)
+    return u.view(m, rank), v.view(n, rank)
+
+
+def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_seed, backend) -> None:
+    """:func:`sweep_` along low-rank directions (LOZO, arXiv 2410.07698): on each matrix
+    ``theta <- scale theta + sum(c U V^T / sqrt(rank))`` over terms ``((seed_U, seed_V), c)``; any other tensor
+    (biases, norms) moves along the Gaussian z of seed_U, as LOZO perturbs vectors.
+
+    Rows in chunks, the product as ``rank`` broadcast multiply-adds (elementwise float32, so the same on every
+    run; no matmul whose blocking could change the bits). No fused kernel: this torch path is every backend's.
+    """
+    if isinstance(rounding_seed, tuple):
+        rounding_seed = rounding_seed[0]
+    terms = [((int(s[0]), int(s[1])), float(c)) for s, c in terms]
+    for p, key in zip(params, keys, strict=True):
+        if p.dim() != 2:
+            sweep_(
+                [p],
+                [key],
+                [(s[0], c) for s, c in terms],
+                scale=scale,
+                distribution="gaussian",
+                rounding_seed=rounding_seed,
+                backend=backend,
+            )
+            continue
+        if hasattr(p, "placements"):
+            raise ValueError("low-rank directions do not support sharded (DTensor) parameters yet")
+        be = kernels.select(p.device, backend)
+        m, n = p.shape
+        factors = [lowrank_factors(p, key, seeds, rank, be) for seeds, _ in terms]
+        flat, step = _flat(p), max(1, be.chunk // max(n, 1))
+        for r0 in range(0, m, step):
+            rows = slice(r0, min(m, r0 + step))
+            part = flat[r0 * n : rows.stop * n]
+            work = _float_work(part)
+            if scale != 1.0:
+                work.mul_(scale)
+            block = work.view(-1, n)
+            for (_, c), (u, v) in zip(terms, factors):
+                for k in range(rank):
+                    block.addcmul_(u[rows, k : k + 1], v[:, k].unsqueeze(0), value=c / rank**0.5)
+            _write_back(part, work, rounding_seed, key, r0 * n, be)
 
 
 def _sweep_chunk(be, x, distribution, key, start, scale, terms) -> None:

@@ -216,6 +216,8 @@ class MeZO(KeyedOptimizer):
         layerwise: str = "none",
         grad_norm_every: int = 0,
         grad_norm_probes: int = 1,
+        lowrank_rank: int = 2,
+        lowrank_every: int = 50,
     ):
         _check_options(
             lr=lr,
@@ -244,6 +246,7 @@ class MeZO(KeyedOptimizer):
         self.layerwise = layerwise
         self.grad_norm_every = grad_norm_every
         self.grad_norm_probes = grad_norm_probes
+        self.lowrank_rank, self.lowrank_every = lowrank_rank, lowrank_every
         self.layer_norms: list[float] | None = None  # grad-norm: c_l per tensor, once estimated
         self._norms_step: int | None = None  # the step whose probes estimated them
         self.rule = self._make_rule()
@@ -255,7 +258,23 @@ class MeZO(KeyedOptimizer):
                 f"the {estimator} estimator and the {self.rule.name} update rule do not go together: "
                 "use zotune.HiZOO for HiZOO"
             )
-        if self.rule.name == "hizoo" and (distribution == "sphere" or layerwise != "none"):
+        if distribution == "lowrank" and (
+            layerwise != "none" or self.rule.name not in ("sgd", "momentum") or getattr(self.rule, "stored", False)
+        ):
+            raise ValueError(
+                "low-rank directions work with the SGD rule and history momentum, without layerwise "
+                "scaling (stored momentum, Adam and HiZOO draw element-wise z)"
+            )
+        if not (
+            isinstance(lowrank_rank, int)
+            and lowrank_rank >= 1
+            and isinstance(lowrank_every, int)
+            and lowrank_every >= 1
+        ):
+            raise ValueError(
+                f"Invalid lowrank_rank / lowrank_every: {lowrank_rank!r}, {lowrank_every!r} (integers >= 1)"
+            )
+        if self.rule.name == "hizoo" and (distribution in ("sphere", "lowrank") or layerwise != "none"):
             raise ValueError(
                 "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
                 "or 'rademacher' and no layerwise scaling"
@@ -299,6 +318,8 @@ class MeZO(KeyedOptimizer):
             out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
         if self.layerwise != "none":
             out["layerwise"] = self.layerwise
+        if self.distribution == "lowrank":
+            out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
         if self.layerwise == "grad-norm":
             out.update(
                 layer_groups=self._layers(),
@@ -322,7 +343,14 @@ class MeZO(KeyedOptimizer):
     def _directions(self) -> Directions:
         """The run's perturbations over the current tensors (rebuilt when a parameter group is added)."""
         if getattr(self, "_dirs_table", None) is not self._table:
-            self._dirs = Directions(*self._all(), self.seed, self.distribution, self.backend)
+            self._dirs = Directions(
+                *self._all(),
+                self.seed,
+                self.distribution,
+                self.backend,
+                lowrank_rank=self.lowrank_rank,
+                lowrank_every=self.lowrank_every,
+            )
             self._dirs_table = self._table
         self._dirs.seed0 = self.seed  # load_state_dict may change it
         elementwise = getattr(self.rule, "elementwise", None)  # a preconditioned rule (HiZOO): u = s z

@@ -143,7 +143,16 @@ class _Walker:
         if [i for g in self.groups for i in g] != list(range(len(keys))):
             raise TrajectoryError("corrupted trajectory: its groups do not list the parameter table in order")
         self.tensors, self.keys = list(tensors), keys
-        self.directions = Directions(self.tensors, keys, int(header["seed"]), header["distribution"], backend)
+        lowrank = header.get("lowrank", {})
+        self.directions = Directions(
+            self.tensors,
+            keys,
+            int(header["seed"]),
+            header["distribution"],
+            backend,
+            lowrank_rank=int(lowrank.get("rank", 2)),
+            lowrank_every=int(lowrank.get("every", 50)),
+        )
         self.backend, self.update = backend, update
         name = header.get("estimator", "two-sided")
         self.forward = name == "forward-gradient"  # plain updates: no perturbation was ever applied

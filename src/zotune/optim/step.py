@@ -29,8 +29,16 @@ __all__ = ["Directions", "LayerProbes", "Probe", "StepPlan", "update_of"]
 _FACTOR_CACHE = 256  # sphere factors kept (each costs one pass over the parameters to recompute)
 
 
+LOWRANK_V_INDEX = 1 << 31  # perturbation indices of the low-rank V factors (n-SPSA uses j < 100, probes < 2^31)
+
+
 class Directions:
-    """The perturbations of a run over a fixed list of tensors (table order) and their keys."""
+    """The perturbations of a run over a fixed list of tensors (table order) and their keys.
+
+    ``distribution="lowrank"`` (LOZO, arXiv 2410.07698): on each matrix ``u_j = U V^T / sqrt(rank)`` with U drawn
+    afresh each step and V every ``lowrank_every`` steps, both from the keyed stream (nothing stored: a
+    direction's seed is the pair (seed of U, seed of V)); vectors move along Gaussian z.
+    """
 
     def __init__(
         self,
@@ -39,16 +47,24 @@ class Directions:
         seed: int,
         distribution: str,
         backend: str | None = None,
+        *,
+        lowrank_rank: int = 2,
+        lowrank_every: int = 50,
     ):
         self.params, self.keys = list(params), list(keys)
         self.seed0 = int(seed)
         self.sphere = distribution == "sphere"
-        self.zdist = "gaussian" if self.sphere else distribution  # the element-wise stream the sweeps draw
+        self.lowrank = (lowrank_rank, lowrank_every) if distribution == "lowrank" else None
+        # the stream the sweeps draw: "sphere" is the Gaussian one, rescaled; "lowrank:r" the factors' (functional)
+        self.zdist = "gaussian" if self.sphere else f"lowrank:{lowrank_rank}" if self.lowrank else distribution
         self.backend = backend
         self._factors: dict[int, float] = {}
         self.elementwise: list[torch.Tensor] | None = None  # a per-element scale per tensor (HiZOO's s), or None
 
-    def seed(self, t: int, j: int = 0) -> int:
+    def seed(self, t: int, j: int = 0):
+        """Direction j of step t: its seed, or (seed of U, seed of V) for low-rank directions."""
+        if self.lowrank is not None:
+            return rng.step_seed(self.seed0, t, j), rng.step_seed(self.seed0, t // self.lowrank[1], LOWRANK_V_INDEX + j)
         return rng.step_seed(self.seed0, t, j)
 
     def factor(self, seed: int) -> float:

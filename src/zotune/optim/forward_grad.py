@@ -19,7 +19,7 @@ import torch
 from zotune import kernels, rng
 from zotune.optim import functional
 from zotune.optim.groups import decay_groups
-from zotune.optim.keyed import KeyedOptimizer
+from zotune.optim.keyed import KeyedOptimizer, check_arguments
 from zotune.optim.mezo import NonFiniteLossError
 from zotune.trajectory import Hyper, Skip, Step
 
@@ -157,18 +157,9 @@ class ForwardGradient(KeyedOptimizer):
         backend: str | None = None,
         trajectory: str | os.PathLike | None = None,
     ):
-        if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
-            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
-        if not (isinstance(seed, int) and 0 <= seed < 2**64):
-            raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
+        check_arguments(lr=lr, weight_decay=weight_decay, seed=seed, on_nonfinite=on_nonfinite, backend=backend)
         if distribution not in rng.DISTRIBUTIONS:
             raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.DISTRIBUTIONS)})")
-        if on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
-        if backend is not None:
-            kernels.get(backend)
         super().__init__(_prepare_params(params, weight_decay), dict(lr=lr, weight_decay=weight_decay))
         self.on_nonfinite = on_nonfinite
         self.backend = backend

@@ -9,15 +9,16 @@ checkpoint's length) lives here once; each optimizer keeps its own step and its 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
-from zotune import rng
+from zotune import kernels, rng
 from zotune.trajectory import Hyper, TrajectoryWriter
 from zotune.version import __version__
 
-__all__ = ["KeyedOptimizer", "param_table"]
+__all__ = ["KeyedOptimizer", "check_arguments", "param_table"]
 
 
 def param_table(param_groups) -> list[dict]:
@@ -47,6 +48,20 @@ def param_table(param_groups) -> list[dict]:
             )
         seen[entry["key"]] = entry["name"]
     return table
+
+
+def check_arguments(*, lr, weight_decay, seed, on_nonfinite, backend) -> None:
+    """The arguments every keyed optimizer takes, each bad one a ValueError naming it."""
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
+    if not (isinstance(seed, int) and 0 <= seed < 2**64):
+        raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
+    if backend is not None:
+        kernels.get(backend)
 
 
 class KeyedOptimizer(torch.optim.Optimizer):

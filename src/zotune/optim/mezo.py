@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from zotune import kernels, rng
+from zotune import rng
 from zotune.optim import estimators, functional, variants
 from zotune.optim.groups import decay_groups
-from zotune.optim.keyed import KeyedOptimizer, param_table
+from zotune.optim.keyed import KeyedOptimizer, check_arguments, param_table
 from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, update_of
 from zotune.trajectory import Extras, Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
@@ -48,14 +48,9 @@ def _check_options(
     backend,
 ) -> None:
     """MeZO's arguments, each bad one a ValueError naming it (before anything is built)."""
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"Invalid learning rate: {lr} (must be a finite number >= 0)")
+    check_arguments(lr=lr, weight_decay=weight_decay, seed=seed, on_nonfinite=on_nonfinite, backend=backend)
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and math.isfinite(weight_decay)):
-        raise ValueError(f"Invalid weight_decay: {weight_decay} (must be a finite number >= 0)")
-    if not (isinstance(seed, int) and 0 <= seed < 2**64):
-        raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**64))")
     if distribution not in rng.PERTURBATIONS:
         raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
     if estimator not in estimators.ESTIMATORS:
@@ -82,10 +77,6 @@ def _check_options(
             "fuse_next=True works with the two-sided estimator without layerwise scaling only "
             "(the next step must start from its clean weights): pass fuse_next=False"
         )
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"Invalid on_nonfinite: {on_nonfinite!r} (choose 'raise' or 'skip')")
-    if backend is not None:
-        kernels.get(backend)
 
 
 def _prepare_params(params, weight_decay: float) -> list:

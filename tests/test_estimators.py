@@ -167,3 +167,36 @@ def test_forward_passes_count_every_closure_call_and_survive_the_state():
     assert fresh.forward_passes is None
     fresh.step(_scripted([1.0, 0.5, 0.7, 0.2]))
     assert fresh.forward_passes is None and math.isfinite(fresh.projected_grad)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        'zotune.FZOO([("p", p)], lr=1e-9, n_perturbations=4)',
+        'zotune.MeZO([("p", p)], lr=1e-9, distribution="lowrank", lowrank_rank=4, fuse_next=True)',
+        'zotune.HiZOO([("p", p)], lr=1e-9)',  # its s (64 MB) is made in the warm-up step: nothing more after
+    ],
+)
+def test_the_new_methods_allocate_nothing_parameter_sized_per_step(build):
+    """A 64 MB matrix: after a warm-up step, further steps grow the peak by a few chunks at most (4 MB each, which
+    glibc may keep after the first step), never by a parameter-sized tensor: < 32 MB."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import resource, torch, zotune
+        p = torch.nn.Parameter(torch.zeros(4096, 4096) + 0.5)
+        opt = {build}
+        closure = lambda: p[0, :1000].sum()
+        opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools, HiZOO's s
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        opt.step(closure)
+        opt.step(closure)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    assert growth_mb < 32, f"peak memory grew by {growth_mb} MB during a step on a 64 MB parameter"

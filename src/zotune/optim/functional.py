@@ -469,18 +469,19 @@ def hizoo_update_(
     sflat = s.view(-1)
     flat = _flat(p) if p is not None else None
     n, chunk = sflat.numel(), be.chunk
-    zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=device)
+    zbuf, dbuf, tbuf = (torch.empty(min(chunk, n), dtype=torch.float32, device=device) for _ in range(3))
     for start in range(0, n, chunk):
         sc = sflat[start : start + chunk]
-        z = zbuf[: sc.numel()]
+        z, d, t = zbuf[: sc.numel()], dbuf[: sc.numel()], tbuf[: sc.numel()]
         be.fill(z, distribution, seed, key, base + start)
         part = flat[start : start + chunk] if update and flat is not None else None
         work = None
         if part is not None:
             work = _float_work(part)
             work.addcmul_(sc, z, value=restore)
-        d = sc * sc
-        sc.copy_(d.mul_(1.0 - alpha).add_(z * z / (sc * sc), alpha=alpha * kappa).sqrt_())
+        torch.mul(sc, sc, out=d)  # s^2, and z^2 / s^2, in chunk buffers: no temporary per chunk
+        torch.mul(z, z, out=t).div_(d)
+        sc.copy_(d.mul_(1.0 - alpha).add_(t, alpha=alpha * kappa).sqrt_())
         if work is None:
             continue
         if scale != 1.0:

@@ -8,7 +8,7 @@ from zotune import HiZOO, MeZO, replay
 from zotune.config import ConfigError, OptimConfig
 from zotune.optim import make_optimizer
 from zotune.optim.reference import ReferenceHiZOO
-from zotune.trajectory import Extras, Step, read_trajectory
+from zotune.trajectory import Extras, MultiStep, Skip, Step, read_trajectory
 
 LR, EPS, ALPHA = 1e-2, 1e-2, 3e-3  # s grows from 1 to ~1.8 in six steps, stably; eps 1e-2 keeps kappa's float32 noise
 # (80 ulp of L over 2 eps^2) at 1e-4 of its size
@@ -179,3 +179,66 @@ def test_bad_options_and_configs_are_refused(toy_model):
         OptimConfig(estimator="hizoo", n_perturbations=2)
     opt = make_optimizer(params, OptimConfig(estimator="hizoo", hizoo_alpha=1e-7))
     assert isinstance(opt, HiZOO) and opt.rule.alpha == 1e-7 and not opt.fuse_next
+
+
+@pytest.mark.parametrize(
+    "tuning, method",
+    [
+        ("lora", ["--estimator", "hizoo"]),
+        ("prefix", ["--estimator", "fzoo", "--n_perturbations", "2"]),
+        ("head", ["--distribution", "lowrank"]),
+    ],
+)
+def test_the_new_methods_train_lora_prefix_and_head_and_replay(model_dir, tmp_path, tuning, method):
+    """Each tuning mode's trainable set under a new method: a run, and `zotune replay` of its trajectory."""
+    from zotune.cli import main
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--model.tuning",
+        tuning,
+        "--steps",
+        "3",
+        "--eval_every",
+        "3",
+        "--train",
+        "12",
+        "--validation",
+        "8",
+        "--test",
+        "8",
+        "--batch_size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(out),
+        *method,
+    ]
+    assert main(args) == 0
+    traj = read_trajectory(out / "trajectory.zot")
+    assert (
+        sum(isinstance(r, (Step, MultiStep)) for r in traj.records) + sum(isinstance(r, Skip) for r in traj.records)
+        == 3
+    )
+    assert (
+        main(
+            [
+                "replay",
+                "--base",
+                str(model_dir),
+                "--config",
+                str(out / "config.yaml"),
+                "--trajectory",
+                str(out / "trajectory.zot"),
+                "--out",
+                str(tmp_path / "replayed"),
+            ]
+        )
+        == 0
+    )

@@ -435,6 +435,8 @@ class HiZOORule:
     def elementwise(self, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """s for every tensor (in table order), ones where not yet made: the probes' per-element scale."""
         for i, p in enumerate(params):
+            if hasattr(p, "placements"):
+                raise ValueError("HiZOO does not support sharded (DTensor) parameters yet: its diagonal is per element")
             if i not in self.m:
                 self.m[i] = torch.ones(p.shape, dtype=torch.float32, device=p.device)
         return [self.m[i] for i in range(len(params))]

@@ -43,6 +43,18 @@ def test_runs_are_drawn_side_by_side_against_steps_or_minutes(tmp_path):
     assert list(fig.axes[1].get_lines()[0].get_xdata()) == [0, 1.0, 2.0]
     assert fig.axes[0].get_xlabel() == "wall-clock minutes"
 
+    # against forward passes: those its step rows recorded (two a step here; b recorded none)
+    for run, per_step in ((a, 2), (b, None)):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            if "loss" in r and per_step:
+                r["forward_passes"] = per_step * r["step"]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = plot._draw_runs([plot._load(a), plot._load(b)], ["a", "b"], "passes")
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [2, 4, 6, 8]
+    assert list(fig.axes[1].get_lines()[0].get_xdata()) == [0, 4, 8]
+    assert list(fig.axes[0].get_lines()[1].get_xdata()) == [] and fig.axes[0].get_xlabel() == "training forward passes"
+
     out = tmp_path / "figs" / "both.png"
     assert main(["plot", str(a), str(b), "--out", str(out), "--x", "minutes", "--labels", "1e-5,2e-5"]) == 0
     assert _is_png(out)
@@ -64,7 +76,7 @@ def test_bad_plot_input_is_one_line(tmp_path, capsys):
     # a last line still being written by a training run is left out
     (a / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
     assert plot._rows(a / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
-    with pytest.raises(plot.PlotError, match="x must be step or minutes"):
+    with pytest.raises(plot.PlotError, match="x must be step, minutes, passes"):
         plot.plot_runs([a], tmp_path / "y.png", x="tokens")
 
 

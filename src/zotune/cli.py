@@ -127,7 +127,12 @@ def _plot_arguments(sub) -> None:
         metavar="FILE",
         help="the PNG to write (default: RUN_DIR/curves.png for one run, curves.png here for several)",
     )
-    plot.add_argument("--x", default="step", choices=("step", "minutes"), help="the x axis (default: step)")
+    plot.add_argument(
+        "--x",
+        default="step",
+        choices=("step", "minutes", "passes"),
+        help="the x axis: steps, wall-clock minutes or training forward passes (default: step)",
+    )
     plot.add_argument("--labels", metavar="A,B,...", help="one legend label per run (default: the directory names)")
 
 

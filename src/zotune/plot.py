@@ -140,15 +140,20 @@ def redraw_run(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     return plot_run(run_dir / "metrics.jsonl", out_path or run_dir / "curves.png", metric or "accuracy")
 
 
+X_AXES = ("step", "minutes", "passes")  # what plot_runs can put on the x axis
+
+
 def plot_runs(run_dirs, out_path: str | Path, x: str = "step", labels=None) -> Path:
     """Several runs' learning curves in one PNG: the smoothed training loss (left) and the validation
-    metric (right) of each, against steps or wall-clock minutes (``x``: ``step`` or ``minutes``).
+    metric (right) of each, against steps, wall-clock minutes or training forward passes (``x``: ``step``,
+    ``minutes`` or ``passes``: the unit to compare estimators that take different passes a step by; runs
+    written before the count was recorded have no points on that axis).
 
     ``run_dirs``: directories written by ``zotune train`` (finished, interrupted or still running);
     ``labels``: one per run (default: the directory names). Needs matplotlib. Returns ``out_path``.
     """
-    if x not in ("step", "minutes"):
-        raise PlotError(f"x must be step or minutes, got {x!r}")
+    if x not in X_AXES:
+        raise PlotError(f"x must be {', '.join(X_AXES)}, got {x!r}")
     run_dirs = [Path(d) for d in run_dirs]
     if not run_dirs:
         raise PlotError("no run directory to plot")
@@ -170,9 +175,10 @@ def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for (rows, metric), label in zip(runs, labels):
         train = [r for r in rows if r.get("loss") is not None]
-        # where a step lies on the x axis (minutes: the elapsed time its training row recorded)
+        # where a step lies on the x axis (minutes, passes: what its training row recorded)
         minutes = {r["step"]: r["elapsed"] / 60 for r in train if "elapsed" in r}
-        at = (lambda step: step) if x == "step" else minutes.get
+        passes = {r["step"]: r["forward_passes"] for r in train if r.get("forward_passes") is not None}
+        at = {"step": lambda step: step, "minutes": minutes.get, "passes": passes.get}[x]
         train = [r for r in train if at(r["step"]) is not None]
         (line,) = left.plot(
             [at(r["step"]) for r in train], _smooth([r["loss"] for r in train]), linewidth=1.6, label=label
@@ -185,7 +191,7 @@ def _draw_runs(runs: list[tuple[list[dict], str | None]], labels: list[str], x: 
         if zero is not None:
             vx, vy = [0, *vx], [100 * zero, *vy]
         right.plot(vx, vy, marker="o", markersize=3, linewidth=1.4, color=line.get_color(), label=label)
-    xlabel = "step" if x == "step" else "wall-clock minutes"
+    xlabel = {"step": "step", "minutes": "wall-clock minutes", "passes": "training forward passes"}[x]
     left.set_xlabel(xlabel)
     left.set_ylabel("training loss (smoothed)")
     right.set_xlabel(xlabel)

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterable
 import torch
 
 from zotune import rng
-from zotune.optim import estimators, functional, variants
+from zotune.optim import estimators, functional, scales, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, check_arguments, param_table
-from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, update_of
+from zotune.optim.step import Directions, Probe, StepPlan, update_of
 from zotune.trajectory import Extras, Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
 __all__ = ["FZOO", "HiZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
@@ -238,8 +238,7 @@ class MeZO(KeyedOptimizer):
         self.grad_norm_every = grad_norm_every
         self.grad_norm_probes = grad_norm_probes
         self.lowrank_rank, self.lowrank_every = lowrank_rank, lowrank_every
-        self.layer_norms: list[float] | None = None  # grad-norm: c_l per tensor, once estimated
-        self._norms_step: int | None = None  # the step whose probes estimated them
+        self._scales = scales.make_scales(layerwise, every=grad_norm_every, probes=grad_norm_probes)
         self.rule = self._make_rule()
         wanted = self._estimator.rule  # an estimator and a rule made for each other (HiZOO's) go only together
         if (wanted is not None and self.rule.name != wanted) or (
@@ -307,16 +306,9 @@ class MeZO(KeyedOptimizer):
         n = self.n_perturbations
         if callable(n) or n != 1:
             out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
-        if self.layerwise != "none":
-            out["layerwise"] = self.layerwise
+        out.update(self._scales.header([e["name"] for e in self._table]))
         if self.distribution == "lowrank":
             out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
-        if self.layerwise == "grad-norm":
-            out.update(
-                layer_groups=self._layers(),
-                grad_norm_every=self.grad_norm_every,
-                grad_norm_probes=self.grad_norm_probes,
-            )
         if self.rule.header() is not None:
             out["variant"] = self.rule.header()
         return out
@@ -348,20 +340,16 @@ class MeZO(KeyedOptimizer):
         self._dirs.elementwise = None if elementwise is None else elementwise(self._dirs.params)
         return self._dirs
 
-    def _layers(self) -> list[list[int]]:
-        return variants.layer_groups([e["name"] for e in self._table])
-
     def _plan(self, t: int, closure, eps: float) -> StepPlan:
         """Step t's description: n, the estimator, a pending fused perturbation and the layerwise scales."""
         n = self._n_at(t)
-        scales = probe_scales = None
-        if self.layerwise == "param-norm":
-            scales = variants.layer_scales(self._all()[0])
-        elif self.layerwise == "grad-norm":
-            if self.layer_norms is None or (self.grad_norm_every and t - self._norms_step >= self.grad_norm_every):
-                self._estimate_layer_norms(t, closure, eps)
-            scales, probe_scales = self.layer_norms, variants.inverse_scales(self.layer_norms)
-        return StepPlan(t, n, self._estimator, eps, self._pending is not None, scales, probe_scales)
+        factors, probe_factors = self._scales.for_step(self, t, closure, eps)
+        return StepPlan(t, n, self._estimator, eps, self._pending is not None, factors, probe_factors)
+
+    @property
+    def layer_norms(self) -> list[float] | None:
+        """``layerwise="grad-norm"``: the c_l per tensor once estimated (None before, and for the other choices)."""
+        return getattr(self._scales, "norms", None)
 
     def _evaluator(self, closure):
         """``evaluate(k)`` for the step's description: the closure, with the pending perturbation consumed."""
@@ -374,32 +362,6 @@ class MeZO(KeyedOptimizer):
             return closure()
 
         return evaluate
-
-    def _estimate_layer_norms(self, t: int, closure, eps: float) -> None:
-        """The per-layer probe pass: c_l = sqrt(mean g_l^2), g_l from layer l perturbed alone by +-eps z."""
-        layers = self._layers()
-        probes = LayerProbes(self._directions(), layers, t, self.grad_norm_probes, eps)
-        try:
-            squares = probes.run(self._evaluator(closure))
-        except BaseException:
-            probes.undo()
-            raise
-        finally:
-            self._in_step = False
-            self._record(LayerProbe(t, self.grad_norm_probes, probes.applied))
-        missing = sum(1 for q in squares if not q)
-        if missing:
-            import warnings
-
-            warnings.warn(
-                f"step {t}: {missing} of {len(layers)} layers had no finite probe loss; their gradient "
-                "norms were filled in from the others",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        mean_sq = [sum(q) / len(q) if q else None for q in squares]
-        self.layer_norms = variants.grad_norm_scales(mean_sq, layers, [p.numel() for p in self._all()[0]])
-        self._norms_step = t
 
     def _n_at(self, step: int) -> int:
         n = self.n_perturbations
@@ -557,9 +519,7 @@ class MeZO(KeyedOptimizer):
         if variant_options:  # only for the variants: plain MeZO's state is unchanged
             state["mezo"]["variants"] = variant_options
             state["mezo"]["rule"] = self.rule.state()
-        if self.layerwise == "grad-norm":
-            state["mezo"]["layer_norms"] = self.layer_norms
-            state["mezo"]["norms_step"] = self._norms_step
+        state["mezo"].update(self._scales.state())  # grad-norm: its c_l and their step
         return state
 
     def moment_tensors(self) -> dict[str, torch.Tensor]:
@@ -617,8 +577,7 @@ class MeZO(KeyedOptimizer):
             count = int(mezo["rule"]["count"])
             if self.rule.stored and not (moments is not None and self._install_moments(moments, count)):
                 self._rebuild_moments(mezo["trajectory_bytes"], count)
-        if self.layerwise == "grad-norm":
-            self.layer_norms, self._norms_step = mezo.get("layer_norms"), mezo.get("norms_step")
+        self._scales.load(mezo)
         self._pending = mezo.get("pending")
         self.forward_passes = mezo.get("forward_passes")
         written = mezo.get("written_hyper")

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 
 from zotune.optim import estimators, variants
+from zotune.optim.scales import make_scales
 from zotune.optim.step import Directions, LayerProbes, Probe, StepPlan, recorded, update_of
 from zotune.trajectory import (
     Extras,
@@ -161,7 +162,7 @@ class _Walker:
         self.fused = header["fuse_next"] and self.exact
         self.sr = header["stochastic_rounding"]
         self.layerwise = header.get("layerwise", "none") != "none"
-        self.grad_norm = header.get("layerwise") == "grad-norm"
+        self.scales = make_scales(header.get("layerwise", "none"))
         self.layers = [list(g) for g in header.get("layer_groups", [])]
         self.rule = rule if rule is not None else variants.make_rule(header.get("variant"))
         self.eps = self.wds = self.pending = self.scales_of = self.extras_of = None
@@ -218,7 +219,7 @@ class _Walker:
             if self.scales_of is None or self.scales_of.step != t:
                 raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
             scales = list(self.scales_of.scales)
-        probe_scales = variants.inverse_scales(scales) if self.grad_norm else None  # grad-norm probes along z / c_l
+        probe_scales = None if scales is None else self.scales.probe_scales(scales)  # grad-norm: along z / c_l
         return StepPlan(t, count, self.estimator, self.eps, self.pending is not None, scales, probe_scales)
 
     def _step(self, n: int, record) -> None:

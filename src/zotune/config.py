@@ -21,7 +21,7 @@ import yaml
 from zotune import rng
 from zotune.errors import UserError
 from zotune.models import ModelConfig
-from zotune.optim import estimators, variants
+from zotune.optim import estimators, scales, variants
 
 __all__ = [
     "ConfigError",
@@ -145,7 +145,7 @@ class OptimConfig:
             "estimator": tuple(estimators.ESTIMATORS),
             "variant": tuple(variants.RULES),
             "state": ("history", "stored"),
-            "layerwise": variants.LAYERWISE,
+            "layerwise": tuple(scales.SCALES),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

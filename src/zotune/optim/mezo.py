@@ -66,8 +66,8 @@ def _check_options(
             raise ValueError(
                 f"Invalid n_perturbations: {n_perturbations} (the {estimator} estimator takes at most {est.max_n})"
             )
-    if layerwise not in variants.LAYERWISE:
-        raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(variants.LAYERWISE)})")
+    if layerwise not in scales.SCALES:
+        raise ValueError(f"Invalid layerwise: {layerwise!r} (choose one of {', '.join(scales.SCALES)})")
     if not (isinstance(grad_norm_every, int) and grad_norm_every >= 0):
         raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
     if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):

@@ -25,7 +25,6 @@ from zotune import rng
 from zotune.optim import functional
 
 __all__ = [
-    "LAYERWISE",
     "MAX_PERTURBATIONS",
     "AdamRule",
     "HiZOORule",
@@ -44,7 +43,6 @@ __all__ = [
     "sweep_terms_",
 ]
 
-LAYERWISE = ("none", "param-norm", "grad-norm")
 MAX_PERTURBATIONS = 100  # a skip record stores the failing evaluation in one byte: 2n + 1 <= 255
 LAYER_PROBE_INDEX = 1 << 20  # perturbation indices of the per-layer probes (n-SPSA uses j < 100)
 

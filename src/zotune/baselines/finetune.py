@@ -203,9 +203,15 @@ def finetune(
         opt.zero_grad(set_to_none=True)  # the gradients are as large as the trained weights: free them
         model.train(was_training)
     _restore_best(best, trainable, total, log)
+    return _finish(prepared, best, total, n_params, losses, started, eval_batch_size, config.progress, log)
+
+
+def _finish(prepared, best, total, n_params, losses, started, eval_batch_size, progress, log) -> dict:
+    """The test of the restored weights, and :func:`finetune`'s result."""
+    metric, test_split = prepared.objective.metric_name, prepared.encoded["test"]
     test = (
-        evaluate_split(objective, model, encoded["test"], eval_batch_size, "test", config.progress)
-        if encoded["test"]
+        evaluate_split(prepared.objective, prepared.loaded.model, test_split, eval_batch_size, "test", progress)
+        if test_split
         else {}
     )
     elapsed = time.perf_counter() - started

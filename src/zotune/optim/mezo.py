@@ -240,12 +240,26 @@ class MeZO(KeyedOptimizer):
         self.lowrank_rank, self.lowrank_every = lowrank_rank, lowrank_every
         self._scales = scales.make_scales(layerwise, every=grad_norm_every, probes=grad_norm_probes)
         self.rule = self._make_rule()
+        self._check_composition(distribution, layerwise)
+        self.projected_grads: list[float] | None = None  # g_j of the last applied step
+        # the estimator's extra scalars of the last applied step (HiZOO's kappa)
+        self.last_extras: tuple[float, ...] = ()
+        self.last_step_skipped = False  # the last step's loss (or estimate) was not finite: nothing was updated
+        self.forward_passes: int | None = 0  # closure calls so far (None: resumed from a state that did not count)
+        self.projected_grad: float | None = None  # g of the last applied step
+        self.last_losses: tuple[float, float] | None = None  # (L+, L-) of the last step
+        self._pending: int | None = None  # step whose +eps perturbation the parameters carry
+        self._in_step = False
+        self._setup(seed, distribution, trajectory)
+
+    def _check_composition(self, distribution: str, layerwise: str) -> None:
+        """The components that do not compose, each a ValueError saying what to use instead."""
         wanted = self._estimator.rule  # an estimator and a rule made for each other (HiZOO's) go only together
         if (wanted is not None and self.rule.name != wanted) or (
             wanted is None and getattr(self.rule, "estimator", None)
         ):
             raise ValueError(
-                f"the {estimator} estimator and the {self.rule.name} update rule do not go together: "
+                f"the {self.estimator} estimator and the {self.rule.name} update rule do not go together: "
                 "use zotune.HiZOO for HiZOO"
             )
         if distribution == "lowrank" and (
@@ -256,30 +270,19 @@ class MeZO(KeyedOptimizer):
                 "scaling (stored momentum, Adam and HiZOO draw element-wise z)"
             )
         if not (
-            isinstance(lowrank_rank, int)
-            and lowrank_rank >= 1
-            and isinstance(lowrank_every, int)
-            and lowrank_every >= 1
+            isinstance(self.lowrank_rank, int)
+            and self.lowrank_rank >= 1
+            and isinstance(self.lowrank_every, int)
+            and self.lowrank_every >= 1
         ):
             raise ValueError(
-                f"Invalid lowrank_rank / lowrank_every: {lowrank_rank!r}, {lowrank_every!r} (integers >= 1)"
+                f"Invalid lowrank_rank / lowrank_every: {self.lowrank_rank!r}, {self.lowrank_every!r} (integers >= 1)"
             )
         if self.rule.name == "hizoo" and (distribution in ("sphere", "lowrank") or layerwise != "none"):
             raise ValueError(
                 "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
                 "or 'rademacher' and no layerwise scaling"
             )
-        self.projected_grads: list[float] | None = None  # g_j of the last applied step
-        self.last_extras: tuple[
-            float, ...
-        ] = ()  # the estimator's extra scalars of the last applied step (HiZOO's kappa)
-        self.last_step_skipped = False  # the last step's loss (or estimate) was not finite: nothing was updated
-        self.forward_passes: int | None = 0  # closure calls so far (None: resumed from a state that did not count)
-        self.projected_grad: float | None = None  # g of the last applied step
-        self.last_losses: tuple[float, float] | None = None  # (L+, L-) of the last step
-        self._pending: int | None = None  # step whose +eps perturbation the parameters carry
-        self._in_step = False
-        self._setup(seed, distribution, trajectory)
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def _keys(self, group_index: int) -> list[int]:

@@ -427,6 +427,12 @@ def _check(cell: Cell) -> bool:
     if not path.is_file():
         return False
     wanted, recorded = cell.config.to_dict(), yaml.safe_load(path.read_text()) or {}
+    # a field that a later zotune added, at its default, is the config the cell ran with
+    defaults = RunConfig().to_dict()
+    for section, values in wanted.items():
+        for key, value in values.items():
+            if key not in recorded.get(section, {}) and value == defaults.get(section, {}).get(key):
+                recorded.setdefault(section, {})[key] = value
     if recorded != wanted:
         diff = [
             f"{s}.{k}: {recorded.get(s, {}).get(k)!r} -> {v!r}"

@@ -257,3 +257,21 @@ def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp
     plan = (out / "plan.json").read_text()
     assert conv.main(["--resume", str(out), "--budget", "20"], log=QUIET) == 2  # other steps: refused, not mixed
     assert (out / "plan.json").read_text() == plan
+
+
+def test_a_cell_started_before_a_config_field_was_added_still_resumes(tmp_path):
+    """cell.yaml written by an older zotune lacks later fields: at their defaults they are the same config."""
+    import yaml
+
+    from zotune.config import RunConfig
+
+    config = RunConfig()
+    cell = conv.Cell("tune", "sst2", "mezo", 0, {"lr": 1e-5}, tmp_path, config)
+    older = config.to_dict()
+    del older["optimizer"]["lowrank_rank"]  # a field this version added, at its default
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(older))
+    assert conv._check(cell) is True
+    older["optimizer"]["lr"] = 2e-5  # a real difference is still refused
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigError, match="another config"):
+        conv._check(cell)

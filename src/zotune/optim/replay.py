@@ -161,7 +161,6 @@ class _Walker:
         self.exact = exact and not self.forward
         self.fused = header["fuse_next"] and self.exact
         self.sr = header["stochastic_rounding"]
-        self.layerwise = header.get("layerwise", "none") != "none"
         self.scales = make_scales(header.get("layerwise", "none"))
         self.layers = [list(g) for g in header.get("layer_groups", [])]
         self.rule = rule if rule is not None else variants.make_rule(header.get("variant"))
@@ -215,7 +214,7 @@ class _Walker:
 
     def _plan(self, n: int, record, count: int) -> StepPlan:
         t, scales = record.step, None
-        if self.layerwise:
+        if self.scales.name != "none":  # layerwise: the step's factors come from its "L" record
             if self.scales_of is None or self.scales_of.step != t:
                 raise TrajectoryError(f"corrupted trajectory: record {n} (step {t}) has no layer-scale record")
             scales = list(self.scales_of.scales)

@@ -162,6 +162,13 @@ METHODS: dict[str, Method] = {
         {"lr": [5e-5, 1e-4, 2e-4]},
         "LOZO (rank-2 directions, V redrawn every 50 steps)",
     ),
+    # KerZOO's coefficient has MeZO's mean and 2.5x its standard deviation (cubic kernel): MeZO's rates and below.
+    "kerzoo": Method(
+        2,
+        {"optimizer": {"estimator": "kerzoo"}},
+        {"lr": [2e-5, 5e-5, 1e-4]},
+        "KerZOO (r ~ U(-1, 1), cubic kernel)",
+    ),
     "one-sided-4": Method(
         5,
         {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},

@@ -114,7 +114,7 @@ def test_fzoo_needs_two_directions_and_clean_starts():
         FZOO(_params(), lr=1e-6, fuse_next=True)
     with pytest.raises(ConfigError, match="n_perturbations must be from 2 to 100"):
         OptimConfig(estimator="fzoo")
-    with pytest.raises(ConfigError, match="estimator must be one of two-sided, one-sided, fzoo, hizoo"):
+    with pytest.raises(ConfigError, match="estimator must be one of two-sided, one-sided, fzoo, hizoo, kerzoo"):
         OptimConfig(estimator="fzo")
     with pytest.raises(ValueError, match="needs n_perturbations from 2"):  # a schedule that drops below 2
         MeZO(_params(), lr=1e-6, estimator="fzoo", n_perturbations=lambda t: 1).step(_scripted([1.0, 2.0]))

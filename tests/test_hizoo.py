@@ -187,6 +187,7 @@ def test_bad_options_and_configs_are_refused(toy_model):
         ("lora", ["--estimator", "hizoo"]),
         ("prefix", ["--estimator", "fzoo", "--n_perturbations", "2"]),
         ("head", ["--distribution", "lowrank"]),
+        ("prefix", ["--estimator", "kerzoo"]),
     ],
 )
 def test_the_new_methods_train_lora_prefix_and_head_and_replay(model_dir, tmp_path, tuning, method):

@@ -116,7 +116,9 @@ class OptimConfig:
     estimator: str = "two-sided"  # zotune.optim.estimators: "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
     # (L(+eps) - L) / eps, "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
     # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it), or
-    # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo")
+    # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo"), "kerzoo" (KerZOO: two-sided
+    # at a keyed random multiple r of eps, weighted by K(r) = 15r(5-7r^2)/4, which cancels the eps^2 bias; MeZO's
+    # rates, a noisier step) or "kerzoo-linear" (K(r) = 3r)
     variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum" or "adam"
     beta1: float = 0.9  # momentum / Adam: decay of the first moment
     beta2: float = 0.999  # Adam: decay of the second moment (with state "history" prefer <= 0.99)

@@ -12,7 +12,8 @@ SC 2011). One call maps a 128-bit counter and a 64-bit key to four 32-bit words:
     counter = (block, stream, key & 0xFFFFFFFF, key >> 32)
 
 ``stream`` separates independent uses of the same (seed, key): ``STREAM_Z`` for the perturbation,
-``STREAM_ROUNDING`` for the bits of stochastic rounding.
+``STREAM_ROUNDING`` for the bits of stochastic rounding, ``STREAM_RADIUS`` for a direction's random
+scale (:func:`radius`, KerZOO's r; key 0, block 0).
 
 Gaussian (``"gaussian"``): element ``i`` lives in block ``i // 4``, lane ``i % 4``. The words
 ``(w0, w1)`` of a block give lanes 0 and 1, ``(w2, w3)`` lanes 2 and 3, by Box–Muller::
@@ -48,12 +49,14 @@ import numpy as np
 __all__ = [
     "DISTRIBUTIONS",
     "PERTURBATIONS",
+    "STREAM_RADIUS",
     "STREAM_ROUNDING",
     "STREAM_Z",
     "gaussian",
     "param_key",
     "philox4x32",
     "rademacher",
+    "radius",
     "rounding_words",
     "sphere_factor",
     "step_seed",
@@ -65,6 +68,7 @@ PERTURBATIONS = (*DISTRIBUTIONS, "sphere", "lowrank")  # what an optimizer accep
 # "lowrank": U V^T / sqrt(r) on matrices, zotune.optim.step.Directions)
 STREAM_Z = 0
 STREAM_ROUNDING = 1
+STREAM_RADIUS = 2
 _STREAM_SEED = 0x5EED5EED  # counter word that separates derived step seeds from everything else
 
 _M0 = np.uint64(0xD2511F53)
@@ -109,6 +113,17 @@ def step_seed(seed: int, step: int, index: int = 0) -> int:
     seed, step = int(seed) % 2**64, int(step) % 2**64
     w = philox4x32(step & 0xFFFFFFFF, step >> 32, int(index) & 0xFFFFFFFF, _STREAM_SEED, seed & 0xFFFFFFFF, seed >> 32)
     return int(w[0]) | (int(w[1]) << 32)
+
+
+def radius(seed: int) -> float:
+    """A direction's random scale r ~ U(-1, 1), keyed by the direction's seed (KerZOO, arXiv 2505.18886).
+
+    The first word of block 0 of stream ``STREAM_RADIUS`` (key 0): ``r = ((w >> 8) + 1/2) * 2**-23 - 1``,
+    the midpoints of 2**24 equal cells, so r is symmetric about 0 and never 0; rounded to float32.
+    """
+    seed = int(seed) % 2**64
+    w = philox4x32(0, STREAM_RADIUS, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+    return float(np.float32(((int(w[0]) >> 8) + 0.5) * 2.0**-23 - 1.0))
 
 
 def _blocks(seed: int, key: int, stream: int, first: int, last: int):

@@ -147,6 +147,11 @@ register(Method("hizoo", "HiZOO", _mezo, {"model": {"tuning": "full"}, "optimize
 # LOZO (arXiv 2410.07698): low-rank directions U V^T / sqrt(r) on the matrices (rank 2, V redrawn every 50 steps);
 # its entries have unit variance, as z's, so MeZO's rate.
 register(Method("lozo", "LOZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"distribution": "lowrank"}}))
+# KerZOO (arXiv 2505.18886): MeZO's step in the mean, with 2.5x its noise (the cubic kernel's E[(r K)^2] = 6.25):
+# MeZO's rate divided by 2.5. benchmarks/convergence.py tunes it.
+register(
+    Method("kerzoo", "KerZOO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "kerzoo", "lr": 2e-5}})
+)
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

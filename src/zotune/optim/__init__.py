@@ -7,12 +7,13 @@ tested against.
 from zotune.optim.accumulate import accumulate
 from zotune.optim.factory import make_optimizer
 from zotune.optim.forward_grad import ForwardGradient
-from zotune.optim.mezo import FZOO, HiZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
+from zotune.optim.mezo import FZOO, HiZOO, KerZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
 
 __all__ = [
     "FZOO",
     "ForwardGradient",
     "HiZOO",
+    "KerZOO",
     "MeZO",
     "MeZOAdam",
     "MeZOMomentum",

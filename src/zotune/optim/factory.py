@@ -34,7 +34,7 @@ def make_optimizer(
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:
         n = oc.n_perturbations
-    fuse = oc.fuse_next and not estimators.get(oc.estimator).clean_start and oc.layerwise == "none"
+    fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none"
     common = dict(
         distribution=oc.distribution,
         fuse_next=fuse,

@@ -72,7 +72,7 @@ def _check_options(
         raise ValueError(f"Invalid grad_norm_every: {grad_norm_every!r} (an integer >= 0; 0: estimate once)")
     if not (isinstance(grad_norm_probes, int) and 1 <= grad_norm_probes <= 1000):
         raise ValueError(f"Invalid grad_norm_probes: {grad_norm_probes!r} (an integer from 1 to 1000)")
-    if fuse_next and (estimators.get(estimator).clean_start or layerwise != "none"):
+    if fuse_next and (not estimators.get(estimator).fusable or layerwise != "none"):
         raise ValueError(
             "fuse_next=True works with the two-sided estimator without layerwise scaling only "
             "(the next step must start from its clean weights): pass fuse_next=False"
@@ -821,6 +821,46 @@ class HiZOO(MeZO):
 
     def _make_rule(self):
         return variants.HiZOORule(self._alpha)
+
+
+class KerZOO(MeZO):
+    r"""KerZOO (Mi et al., "KerZOO: Kernel Function Informed Zeroth-Order Optimization for Accurate and
+    Accelerated LLM Fine-Tuning", arXiv 2505.18886): MeZO's two-sided step with each direction probed at
+    a random multiple r of eps and its difference weighted by a kernel K(r)::
+
+        r ~ U(-1, 1) (keyed: zotune.rng.radius of the direction's seed)
+        c = K(r) (L(theta + eps r z) - L(theta - eps r z)) / (2 eps),   theta <- theta - lr c z
+
+    ``kernel="cubic"`` (K(r) = 15 r (5 - 7 r^2) / 4) keeps the gradient term's mean and cancels the eps^2
+    bias of the two-sided difference; ``"linear"`` (K(r) = 3 r) only keeps the mean. The rates are on
+    MeZO's scale, but a step is noisier (:class:`zotune.optim.estimators.KerZOO`). :class:`MeZO` with
+    ``estimator="kerzoo"`` (``"kerzoo-linear"``): two forward passes a step, inference's memory, the
+    same trajectory as MeZO's (r is derived from the seed, not stored), bit-exact replay. ``fuse_next``
+    is not offered.
+
+    Example::
+
+        opt = zotune.KerZOO(model.named_parameters(), lr=2e-5, eps=1e-3)
+    """
+
+    KERNELS = {"cubic": "kerzoo", "linear": "kerzoo-linear"}
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        kernel: str = "cubic",
+        **kwargs,
+    ):
+        if kernel not in self.KERNELS:
+            raise ValueError(f"Invalid kernel: {kernel!r} (choose one of {', '.join(self.KERNELS)})")
+        if "estimator" in kwargs:
+            raise TypeError("KerZOO sets its estimator from kernel=; use zotune.MeZO for another estimator")
+        super().__init__(params, lr, eps, weight_decay, seed, estimator=self.KERNELS[kernel], **kwargs)
 
 
 def _check_rule_args(

@@ -240,7 +240,7 @@ class _Walker:
             probe = Probe(plan, self.directions)
             if self.update:
                 probe.run(recorded(None))
-            carry = self.estimator.carry_after(len(plan.sweeps) - 1)
+            carry = probe.carried(len(plan.sweeps) - 1)
         elif self.pending is not None:
             self.sweep(record.step, [(0, -1.0)], None)
         extras = ()

@@ -146,13 +146,21 @@ class Probe:
         self.losses: list[float] = []
         self.first = None  # the first evaluation's value, as ``evaluate`` returned it
         self.carry: tuple[int, float] | None = None  # (j, multiple of eps) the parameters hold now
+        # the multiple of eps each direction is probed at (KerZOO's keyed r_j; 1.0 for the others)
+        self.radii = [plan.estimator.radius(directions.seed(plan.step, j)) for j in range(plan.n)]
+
+    def carried(self, k: int) -> tuple[int, float] | None:
+        """(j, multiple of eps) the parameters hold after sweep k: the estimator's, times r_j."""
+        c = self.plan.estimator.carry_after(k)
+        return None if c is None else (c[0], c[1] * self.radii[c[0]])
 
     def run(self, evaluate: Callable[[int], object], *, until: int | None = None) -> None:
         plan = self.plan
         for k, pairs in enumerate(plan.sweeps[:until]):
             if not (k == 0 and plan.pending):
+                pairs = [(j, mult * self.radii[j]) for j, mult in pairs]
                 self.directions.sweep(plan.step, pairs, plan.eps, plan.perturb_scales)
-            self.carry = plan.estimator.carry_after(k)
+            self.carry = self.carried(k)
             value = evaluate(k)
             if k == 0:
                 self.first = value
@@ -167,7 +175,7 @@ class Probe:
 
     def estimate(self) -> list[float]:
         """The coefficients c_j (float32) of a complete probe; NaN where they are not finite."""
-        return self.plan.estimator.estimate(self.losses, self.plan.n, self.plan.eps)
+        return self.plan.estimator.estimate(self.losses, self.plan.n, self.plan.eps, self.radii)
 
     def extras(self) -> tuple[float, ...]:
         """The estimator's extra scalars of a complete probe (HiZOO's kappa); empty for most."""

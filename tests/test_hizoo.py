@@ -188,6 +188,7 @@ def test_bad_options_and_configs_are_refused(toy_model):
         ("prefix", ["--estimator", "fzoo", "--n_perturbations", "2"]),
         ("head", ["--distribution", "lowrank"]),
         ("prefix", ["--estimator", "kerzoo"]),
+        ("lora", ["--optimizer.sparsity", "0.5"]),
     ],
 )
 def test_the_new_methods_train_lora_prefix_and_head_and_replay(model_dir, tmp_path, tuning, method):

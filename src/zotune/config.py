@@ -105,6 +105,9 @@ class OptimConfig:
     # (LOZO: U V^T / sqrt(rank) on each matrix, U drawn each step, V every lowrank_every steps; SGD or history momentum)
     lowrank_rank: int = 2  # distribution "lowrank": the rank of the factors
     lowrank_every: int = 50  # distribution "lowrank": steps between draws of V (LOZO's nu)
+    sparsity: float = 0.0  # Sparse-MeZO: the fraction of each matrix left still (its largest magnitudes); the rest
+    # (|theta| <= the matrix's 1 - sparsity quantile, from the clean weights each step) is perturbed and updated.
+    # 0: off. SGD rule, gaussian or rademacher, no layerwise; fuse_next is turned off. A bit a parameter per step
     fuse_next: bool = True  # two sweeps per step instead of three (two-sided, non-layerwise runs only; else off)
     schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
     warmup_steps: int = 0  # linear warm-up before the schedule
@@ -169,6 +172,15 @@ class OptimConfig:
             raise ConfigError(
                 f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
                 f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)"
+            )
+        if not (0 <= self.sparsity < 1):
+            raise ConfigError(f"optimizer.sparsity must be in [0, 1), got {self.sparsity}")
+        if self.sparsity and (
+            self.variant != "sgd" or self.distribution not in rng.DISTRIBUTIONS or self.layerwise != "none"
+        ):
+            raise ConfigError(
+                "optimizer.sparsity (Sparse-MeZO) works with variant sgd, distribution gaussian or rademacher and "
+                "layerwise none"
             )
         if not (0 <= self.hizoo_alpha <= 1):
             raise ConfigError(f"optimizer.hizoo_alpha must be in [0, 1], got {self.hizoo_alpha}")

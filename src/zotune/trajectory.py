@@ -326,6 +326,7 @@ _IDENTITY = (
     "variant",
     "layer_groups",
     "lowrank",
+    "sparsity",
 )
 
 

@@ -152,6 +152,9 @@ register(Method("lozo", "LOZO", _mezo, {"model": {"tuning": "full"}, "optimizer"
 register(
     Method("kerzoo", "KerZOO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "kerzoo", "lr": 2e-5}})
 )
+# Sparse-MeZO (arXiv 2402.15751): a quarter of each matrix (its smallest magnitudes) perturbed and updated. The
+# paper finds the sparse step tolerates larger rates than MeZO's; the default rate here is MeZO's until measured.
+register(Method("sparse-mezo", "Sparse-MeZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"sparsity": 0.75}}))
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

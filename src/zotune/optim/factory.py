@@ -34,7 +34,7 @@ def make_optimizer(
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:
         n = oc.n_perturbations
-    fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none"
+    fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none" and not oc.sparsity
     common = dict(
         distribution=oc.distribution,
         fuse_next=fuse,
@@ -47,6 +47,7 @@ def make_optimizer(
         grad_norm_probes=oc.grad_norm_probes,
         lowrank_rank=oc.lowrank_rank,
         lowrank_every=oc.lowrank_every,
+        sparsity=oc.sparsity,
     )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
     if oc.estimator == "hizoo":

@@ -23,6 +23,7 @@ float32 chunk buffer and are rounded back to nearest, or stochastically in the u
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ __all__ = [
     "gaussian_sumsq",
     "hizoo_update_",
     "local_shard",
+    "magnitude_mask",
     "moment_sweep_",
     "scaled_sweep_",
     "stochastic_round_",
@@ -119,6 +121,7 @@ def sweep_(
     distribution: str = "gaussian",
     rounding_seed: int | None = None,
     backend: str | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> None:
     """In place, for every parameter: theta <- scale*theta + sum(c * z(seed) for seed, c in terms).
 
@@ -134,7 +137,25 @@ def sweep_(
         rounding_seed: when set, bf16/fp16 results are rounded stochastically with this seed's
             rounding stream; float32 parameters ignore it.
         backend: a name from ``zotune.kernels.available()``; ``None`` picks the fastest per device.
+        masks: per tensor, None or the packed bits of :func:`magnitude_mask`: then ``z`` is ``m * z`` on that
+            tensor (Sparse-MeZO); the masked tensors go through a chunked torch path (no fused kernel).
     """
+    if masks is not None:  # Sparse-MeZO: the masked tensors one by one, the rest as usual
+        rest = [i for i, m in enumerate(masks) if m is None]
+        for p, key, bits in zip(params, keys, masks, strict=True):
+            if bits is not None:
+                _masked_sweep_(p, key, bits, terms, scale, distribution, rounding_seed, backend)
+        if rest:
+            sweep_(
+                [params[i] for i in rest],
+                [keys[i] for i in rest],
+                terms,
+                scale=scale,
+                distribution=distribution,
+                rounding_seed=rounding_seed,
+                backend=backend,
+            )
+        return
     if distribution.startswith("lowrank:"):
         _lowrank_sweep_(
             params,
@@ -189,6 +210,74 @@ def sweep_(
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
     for multi, flats, flat_keys, bases in batched.values():
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
+
+
+MASK_SAMPLE = 1 << 16  # elements of a tensor, evenly strided, whose magnitudes set its threshold
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def magnitude_mask(p: torch.Tensor, sparsity: float, *, chunk: int = 1 << 20) -> torch.Tensor:
+    """Sparse-MeZO's mask of one tensor, packed 8 elements a byte (bit i of byte k: element 8k + i).
+
+    m = |theta| <= h with h the ``1 - sparsity`` quantile of |theta| over at most ~2 x :data:`MASK_SAMPLE`
+    elements taken at a fixed stride (``h`` is the ``ceil((1 - sparsity) s)``-th smallest of the s sampled
+    magnitudes, an element's own value, so every device and every run finds the same one). A pure function
+    of the tensor's bits: the optimizer computes it from the clean weights at the start of a step, replay
+    from the same weights, and neither keeps it past the step (memory: one bit a parameter while it lives).
+    Hand-written because no library packs a boolean tensor into bits in torch (numpy's packbits would
+    copy through the host).
+    """
+    if hasattr(p, "placements"):
+        raise ValueError("sparse directions need whole tensors: a DTensor (FSDP2 shard) has no whole-tensor threshold")
+    flat = _flat(p)
+    n = flat.numel()
+    stride = max(1, n // MASK_SAMPLE)
+    sample = flat[::stride].abs().float()
+    k = min(sample.numel(), max(1, math.ceil((1.0 - sparsity) * sample.numel())))
+    h = sample.kthvalue(k).values
+    bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=p.device)
+    weights = _BITS.to(p.device)
+    chunk -= chunk % 8
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk]
+        m = part.abs().float() <= h
+        if m.numel() % 8:
+            m = torch.cat([m, m.new_zeros(8 - m.numel() % 8)])
+        torch.sum(
+            m.view(-1, 8).to(torch.uint8) * weights,
+            dim=1,
+            dtype=torch.uint8,
+            out=bits[start // 8 : (start + m.numel()) // 8],
+        )
+    return bits
+
+
+def _unpack(bits: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of a packed mask as float32 0 / 1 (``start`` a multiple of 8)."""
+    b = bits[start // 8 : (start + count + 7) // 8]
+    return (b.unsqueeze(1) & _BITS.to(b.device)).ne(0).view(-1)[:count].float()
+
+
+def _masked_sweep_(p, key, bits, terms, scale, distribution, rounding_seed, backend) -> None:
+    """theta <- scale theta + sum(c m z): a chunk of float32 work, its z and its unpacked mask at a time."""
+    if distribution not in rng.DISTRIBUTIONS:
+        raise ValueError(
+            f"sparse directions draw element-wise z ({', '.join(rng.DISTRIBUTIONS)}), not {distribution!r}"
+        )
+    be = kernels.select(p.device, backend)
+    flat = _flat(p)
+    n, chunk = flat.numel(), be.chunk - be.chunk % 8
+    zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
+    for start in range(0, n, chunk):
+        part = flat[start : start + chunk]
+        z, m = zbuf[: part.numel()], _unpack(bits, start, part.numel())
+        work = _float_work(part)
+        if scale != 1.0:
+            work.mul_(scale)
+        for seed, c in terms:
+            be.fill(z, distribution, int(seed), key, start)
+            work.addcmul_(m, z, value=float(c))
+        _write_back(part, work, rounding_seed, key, start, be)
 
 
 def lowrank_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int, be):

@@ -168,12 +168,24 @@ class MeZO(KeyedOptimizer):
         trajectory: a file to append each step's (seed, projected gradient, lr, ...) to, for
             :func:`zotune.replay`; see :mod:`zotune.trajectory`.
         n_perturbations: n of n-SPSA (1 to 100), or a callable ``step -> n``.
-        estimator: ``"two-sided"`` (the paper's default) or ``"one-sided"`` (needs ``fuse_next=False``:
-            the unperturbed loss comes first).
+        estimator: ``"two-sided"`` (the paper's default), ``"one-sided"`` (needs ``fuse_next=False``:
+            the unperturbed loss comes first), or another of :data:`zotune.optim.estimators.ESTIMATORS`
+            (``"fzoo"``, ``"hizoo"``, ``"kerzoo"``: see :class:`FZOO`, :class:`HiZOO`, :class:`KerZOO`).
         layerwise: ``"none"``, ``"param-norm"`` or ``"grad-norm"`` (need ``fuse_next=False``: the scales
             are taken at the clean weights of each step).
         grad_norm_every: ``"grad-norm"``: re-estimate the layer norms every this many steps (0: once).
         grad_norm_probes: ``"grad-norm"``: probes per layer and estimate (c_l = sqrt(mean g_l^2)).
+        lowrank_rank, lowrank_every: ``distribution="lowrank"`` (LOZO): the factors' rank, and the steps
+            between draws of V.
+        sparsity: Sparse-MeZO (Liu et al., arXiv 2402.15751): in (0, 1), each matrix is perturbed and
+            updated only where ``|theta| <= h``, h its ``1 - sparsity`` magnitude quantile (u = m z, so
+            ``theta -+ eps m z`` and ``theta <- theta - lr g m z``); vectors move as in MeZO. The mask is
+            computed from the clean weights at the start of every step (replay computes the same one)
+            and held for that step only, one bit a parameter
+            (:func:`~zotune.optim.functional.magnitude_mask`). It is not recomputed from the perturbed
+            weights, as "on the fly" in the forward pass would: an element near h could then cross it
+            between the sweeps and not be restored. SGD rule, Gaussian or Rademacher z, no layerwise,
+            ``fuse_next=False``; chunked torch sweeps (no fused kernel). 0: off.
 
     Example::
 
@@ -209,6 +221,7 @@ class MeZO(KeyedOptimizer):
         grad_norm_probes: int = 1,
         lowrank_rank: int = 2,
         lowrank_every: int = 50,
+        sparsity: float = 0.0,
     ):
         _check_options(
             lr=lr,
@@ -238,6 +251,7 @@ class MeZO(KeyedOptimizer):
         self.grad_norm_every = grad_norm_every
         self.grad_norm_probes = grad_norm_probes
         self.lowrank_rank, self.lowrank_every = lowrank_rank, lowrank_every
+        self.sparsity = sparsity
         self._scales = scales.make_scales(layerwise, every=grad_norm_every, probes=grad_norm_probes)
         self.rule = self._make_rule()
         self._check_composition(distribution, layerwise)
@@ -278,6 +292,16 @@ class MeZO(KeyedOptimizer):
             raise ValueError(
                 f"Invalid lowrank_rank / lowrank_every: {self.lowrank_rank!r}, {self.lowrank_every!r} (integers >= 1)"
             )
+        if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
+            raise ValueError(f"Invalid sparsity: {self.sparsity!r} (the fraction of each matrix left still, in [0, 1))")
+        if self.sparsity and (
+            self.rule.name != "sgd" or distribution not in rng.DISTRIBUTIONS or layerwise != "none" or self.fuse_next
+        ):
+            raise ValueError(
+                "sparse directions (Sparse-MeZO) work with the SGD rule, Gaussian or Rademacher z, no layerwise "
+                "scaling and fuse_next=False (each step's mask comes from its clean weights; momentum, Adam and "
+                "HiZOO would need the masks of earlier steps or their own per-element state)"
+            )
         if self.rule.name == "hizoo" and (distribution in ("sphere", "lowrank") or layerwise != "none"):
             raise ValueError(
                 "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
@@ -312,6 +336,8 @@ class MeZO(KeyedOptimizer):
         out.update(self._scales.header([e["name"] for e in self._table]))
         if self.distribution == "lowrank":
             out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
+        if self.sparsity:
+            out["sparsity"] = float(self.sparsity)
         if self.rule.header() is not None:
             out["variant"] = self.rule.header()
         return out
@@ -336,6 +362,7 @@ class MeZO(KeyedOptimizer):
                 self.backend,
                 lowrank_rank=self.lowrank_rank,
                 lowrank_every=self.lowrank_every,
+                sparsity=self.sparsity,
             )
             self._dirs_table = self._table
         self._dirs.seed0 = self.seed  # load_state_dict may change it

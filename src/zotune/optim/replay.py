@@ -153,6 +153,7 @@ class _Walker:
             backend,
             lowrank_rank=int(lowrank.get("rank", 2)),
             lowrank_every=int(lowrank.get("every", 50)),
+            sparsity=float(header.get("sparsity", 0.0)),
         )
         self.backend, self.update = backend, update
         name = header.get("estimator", "two-sided")

@@ -50,8 +50,11 @@ class Directions:
         *,
         lowrank_rank: int = 2,
         lowrank_every: int = 50,
+        sparsity: float = 0.0,
     ):
         self.params, self.keys = list(params), list(keys)
+        self.sparsity = float(sparsity)
+        self._masks: tuple[int, list] | None = None  # (step, per tensor None or its packed mask) of sparse directions
         self.seed0 = int(seed)
         self.sphere = distribution == "sphere"
         self.lowrank = (lowrank_rank, lowrank_every) if distribution == "lowrank" else None
@@ -79,6 +82,22 @@ class Directions:
             self._factors[seed] = rng.sphere_factor(sumsq, d)
         return self._factors[seed]
 
+    def mask_step(self, t: int) -> None:
+        """Sparse directions (Sparse-MeZO): compute step t's masks from the weights as they are now, which must
+        be the clean weights of step t (the :class:`Probe` calls this before its first sweep). The matrices
+        are masked (:func:`~zotune.optim.functional.magnitude_mask`); vectors (biases, norms) move as usual."""
+        if self.sparsity:
+            masks = [functional.magnitude_mask(p, self.sparsity) if p.dim() >= 2 else None for p in self.params]
+            self._masks = (t, masks)
+
+    def masks_at(self, t: int) -> list | None:
+        """Step t's masks (computed now if this step has none yet), or None for dense directions."""
+        if not self.sparsity:
+            return None
+        if self._masks is None or self._masks[0] != t:
+            self.mask_step(t)
+        return self._masks[1]
+
     def sweep(self, t: int, pairs: Sequence[tuple[int, float]], eps: float, scales=None) -> None:
         """One probe sweep: theta += sum(multiple * eps * a_j * s_l * z_j) over ``pairs`` of (j, multiple)."""
         if not pairs:
@@ -98,7 +117,9 @@ class Directions:
                     backend=self.backend,
                 )
             return
-        variants.sweep_terms_(self.params, self.keys, terms, distribution=self.zdist, backend=self.backend)
+        variants.sweep_terms_(
+            self.params, self.keys, terms, distribution=self.zdist, backend=self.backend, masks=self.masks_at(t)
+        )
 
     def sweep_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
         """theta_i += coefficient * z(seed) on the tensors ``index`` only (a per-layer probe)."""
@@ -146,6 +167,7 @@ class Probe:
         self.losses: list[float] = []
         self.first = None  # the first evaluation's value, as ``evaluate`` returned it
         self.carry: tuple[int, float] | None = None  # (j, multiple of eps) the parameters hold now
+        directions.mask_step(plan.step)  # sparse directions: this step's masks, from its clean weights
         # the multiple of eps each direction is probed at (KerZOO's keyed r_j; 1.0 for the others)
         self.radii = [plan.estimator.radius(directions.seed(plan.step, j)) for j in range(plan.n)]
 
@@ -225,6 +247,7 @@ def update_of(
         next_terms,
         plan.probe_scales,
         tuple(extras),
+        directions.masks_at(t),
     )
 
 

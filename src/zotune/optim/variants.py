@@ -150,12 +150,22 @@ def inverse_scales(scales: Sequence[float]) -> list[float]:
 
 
 def sweep_terms_(
-    params, keys, terms, *, scales=None, scale: float = 1.0, distribution: str, rounding_seed=None, backend=None
+    params,
+    keys,
+    terms,
+    *,
+    scales=None,
+    scale: float = 1.0,
+    distribution: str,
+    rounding_seed=None,
+    backend=None,
+    masks=None,
 ) -> None:
     """theta_l <- scale theta_l + sum(c * s_l[term] * z(seed)) over terms ``(seed, c, s)``.
 
     ``s`` is None (no per-tensor factor) or one factor per tensor of ``params`` (layerwise). Without
     any per-tensor factor this is one :func:`~zotune.optim.functional.sweep_` over all tensors.
+    ``masks`` (Sparse-MeZO, no per-tensor factors): per tensor None or its packed mask, z -> m z.
     """
     if all(s is None for _, _, s in terms):
         functional.sweep_(
@@ -166,8 +176,11 @@ def sweep_terms_(
             distribution=distribution,
             rounding_seed=rounding_seed,
             backend=backend,
+            masks=masks,
         )
         return
+    if masks is not None:
+        raise ValueError("sparse directions take no per-tensor factors (layerwise scaling)")
     for i, (p, key) in enumerate(zip(params, keys, strict=True)):
         functional.sweep_(
             [p],
@@ -195,6 +208,7 @@ class StepUpdate:
     # s_l (the gradient-norm variant probes along z / c_l and updates along c_l z); None: p_l = s_l
     probe_scales: list[float] | None = None
     extras: tuple[float, ...] = ()  # the estimator's extra scalars (HiZOO: kappa)
+    masks: list | None = None  # Sparse-MeZO: per tensor of the optimizer, None or its packed mask of this step
 
 
 @dataclass
@@ -256,6 +270,7 @@ class SGDRule:
                 distribution=distribution,
                 rounding_seed=rounding_seed,
                 backend=backend,
+                masks=None if u.masks is None else [u.masks[i] for i in grp.index],
             )
 
 

@@ -176,6 +176,14 @@ METHODS: dict[str, Method] = {
         {"lr": [1e-4, 2e-4, 5e-4]},
         "Sparse-MeZO (the 25% smallest magnitudes of each matrix)",
     ),
+    # ZO-Muon's update has norm sqrt(r) per matrix whatever the losses: its rates are on their own scale (see
+    # zotune.compare's zo-muon entry); eps 1e-2 for directions whose entries are ~sqrt(r / m) rather than 1.
+    "zo-muon": Method(
+        8,
+        {"optimizer": {"variant": "muon", "lowrank_rank": 8, "n_perturbations": 4, "eps": 1e-2}},
+        {"lr": [1e-2, 3e-2, 1e-1]},
+        "ZO-Muon (4 two-sided queries, rank-8 subspaces, P redrawn every 50 steps)",
+    ),
     "one-sided-4": Method(
         5,
         {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},

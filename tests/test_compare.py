@@ -152,6 +152,8 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     kerzoo = cmp.cell_config(grid, "kerzoo", "sst2", 0).optimizer
     assert (kerzoo.estimator, kerzoo.lr) == ("kerzoo", 2e-5)
     assert cmp.cell_config(grid, "sparse-mezo", "sst2", 0).optimizer.sparsity == 0.75
+    muon = cmp.cell_config(grid, "zo-muon", "sst2", 0).optimizer
+    assert (muon.variant, muon.distribution, muon.lowrank_rank) == ("muon", "subspace", 8)
 
 
 def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):

@@ -189,6 +189,7 @@ def test_bad_options_and_configs_are_refused(toy_model):
         ("head", ["--distribution", "lowrank"]),
         ("prefix", ["--estimator", "kerzoo"]),
         ("lora", ["--optimizer.sparsity", "0.5"]),
+        ("lora", ["--optimizer.variant", "muon", "--n_perturbations", "2"]),
     ],
 )
 def test_the_new_methods_train_lora_prefix_and_head_and_replay(model_dir, tmp_path, tuning, method):

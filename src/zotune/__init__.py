@@ -11,6 +11,7 @@ from zotune.optim import (
     MeZOAdam,
     MeZOMomentum,
     NonFiniteLossError,
+    ZOMuon,
     accumulate,
     make_optimizer,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "Trajectory",
     "TrajectoryError",
     "UserError",
+    "ZOMuon",
     "__version__",
     "accumulate",
     "distributed",

@@ -122,7 +122,9 @@ class OptimConfig:
     # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo"), "kerzoo" (KerZOO: two-sided
     # at a keyed random multiple r of eps, weighted by K(r) = 15r(5-7r^2)/4, which cancels the eps^2 bias; MeZO's
     # rates, a noisier step) or "kerzoo-linear" (K(r) = 3r)
-    variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum" or "adam"
+    variant: str = "sgd"  # update rule: "sgd" (MeZO), "momentum", "adam", or "muon" (ZO-Muon: on each matrix
+    # theta -= lr P msign(1/N sum c_i Psi_i) along subspace directions u_i = P Psi_i, P orthonormal of rank
+    # lowrank_rank redrawn every lowrank_every steps; sets distribution "subspace"; only matrices move)
     beta1: float = 0.9  # momentum / Adam: decay of the first moment
     beta2: float = 0.999  # Adam: decay of the second moment (with state "history" prefer <= 0.99)
     adam_eps: float = 1e-8  # Adam: the denominator's guard
@@ -172,6 +174,17 @@ class OptimConfig:
             raise ConfigError(
                 f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
                 f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)"
+            )
+        if self.variant == "muon" and self.distribution == "gaussian":
+            self.distribution = "subspace"  # the directions ZO-Muon's rule is made for
+        if self.variant == "muon" and self.distribution != "subspace":
+            raise ConfigError(f"optimizer.variant 'muon' needs distribution 'subspace', got {self.distribution!r}")
+        if self.distribution in ("lowrank", "subspace") and (
+            self.variant not in ("sgd", "momentum", "muon") or self.state == "stored" and self.variant == "momentum"
+        ):
+            raise ConfigError(
+                f"optimizer.distribution {self.distribution!r} works with variant sgd, history momentum "
+                f"or muon, got {self.variant!r}" + (" with state 'stored'" if self.variant == "momentum" else "")
             )
         if not (0 <= self.sparsity < 1):
             raise ConfigError(f"optimizer.sparsity must be in [0, 1), got {self.sparsity}")

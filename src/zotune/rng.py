@@ -64,8 +64,8 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("gaussian", "rademacher")  # element-wise streams: what the kernels generate
-PERTURBATIONS = (*DISTRIBUTIONS, "sphere", "lowrank")  # what an optimizer accepts ("sphere": Gaussian renormalised;
-# "lowrank": U V^T / sqrt(r) on matrices, zotune.optim.step.Directions)
+PERTURBATIONS = (*DISTRIBUTIONS, "sphere", "lowrank", "subspace")  # what an optimizer accepts ("sphere": Gaussian
+# renormalised; "lowrank": U V^T / sqrt(r) on matrices; "subspace": P Psi, P orthonormal; zotune.optim.step.Directions)
 STREAM_Z = 0
 STREAM_ROUNDING = 1
 STREAM_RADIUS = 2

@@ -155,6 +155,21 @@ register(
 # Sparse-MeZO (arXiv 2402.15751): a quarter of each matrix (its smallest magnitudes) perturbed and updated. The
 # paper finds the sparse step tolerates larger rates than MeZO's; the default rate here is MeZO's until measured.
 register(Method("sparse-mezo", "Sparse-MeZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"sparsity": 0.75}}))
+# ZO-Muon (arXiv 2602.17155): 4 two-sided queries in rank-8 subspaces (P redrawn every 50 steps). Its update has
+# norm sqrt(r) per matrix whatever the losses, so its rate is on another scale: about 0.005 lr per element on a
+# 576 x 576 matrix, so 3e-2 moves it about as far as MeZO's default does; eps 1e-2 because u = P Psi has entries
+# of about sqrt(r / m) (0.12 at m = 576) where MeZO's z has 1. benchmarks/convergence.py tunes it.
+register(
+    Method(
+        "zo-muon",
+        "ZO-Muon",
+        _mezo,
+        {
+            "model": {"tuning": "full"},
+            "optimizer": {"variant": "muon", "lowrank_rank": 8, "n_perturbations": 4, "lr": 3e-2, "eps": 1e-2},
+        },
+    )
+)
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

@@ -7,7 +7,7 @@ tested against.
 from zotune.optim.accumulate import accumulate
 from zotune.optim.factory import make_optimizer
 from zotune.optim.forward_grad import ForwardGradient
-from zotune.optim.mezo import FZOO, HiZOO, KerZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError
+from zotune.optim.mezo import FZOO, HiZOO, KerZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, ZOMuon
 
 __all__ = [
     "FZOO",
@@ -18,6 +18,7 @@ __all__ = [
     "MeZOAdam",
     "MeZOMomentum",
     "NonFiniteLossError",
+    "ZOMuon",
     "accumulate",
     "make_optimizer",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from zotune.optim import estimators
-from zotune.optim.mezo import HiZOO, MeZO, MeZOAdam, MeZOMomentum
+from zotune.optim.mezo import HiZOO, MeZO, MeZOAdam, MeZOMomentum, ZOMuon
 from zotune.optim.variants import linear_n
 
 __all__ = ["make_optimizer"]
@@ -34,7 +34,8 @@ def make_optimizer(
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:
         n = oc.n_perturbations
-    fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none" and not oc.sparsity
+    fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none"
+    fuse = fuse and not oc.sparsity and oc.variant != "muon"  # each step's mask / update needs its clean weights
     common = dict(
         distribution=oc.distribution,
         fuse_next=fuse,
@@ -53,6 +54,8 @@ def make_optimizer(
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
         return HiZOO(*args, alpha=oc.hizoo_alpha, **common)
+    if oc.variant == "muon":
+        return ZOMuon(*args, **{**common, "distribution": "subspace"})
     if oc.variant == "momentum":
         return MeZOMomentum(*args, beta=oc.beta1, window=oc.window, state=oc.state, **common)
     if oc.variant == "adam":

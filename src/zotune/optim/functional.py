@@ -38,8 +38,11 @@ __all__ = [
     "local_shard",
     "magnitude_mask",
     "moment_sweep_",
+    "msign",
+    "muon_update_",
     "scaled_sweep_",
     "stochastic_round_",
+    "subspace_factors",
     "sweep_",
 ]
 
@@ -156,15 +159,17 @@ def sweep_(
                 backend=backend,
             )
         return
-    if distribution.startswith("lowrank:"):
+    if distribution.startswith(("lowrank:", "subspace:")):
+        kind, rank = distribution.split(":")
         _lowrank_sweep_(
             params,
             keys,
             terms,
-            int(distribution.split(":")[1]),
+            int(rank),
             scale=scale,
             rounding_seed=rounding_seed,
             backend=backend,
+            subspace=kind == "subspace",
         )
         return
     if distribution not in rng.DISTRIBUTIONS:
@@ -292,10 +297,84 @@ def lowrank_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int
     return u.view(m, rank), v.view(n, rank)
 
 
-def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_seed, backend) -> None:
+def subspace_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int, be):
+    """(P, Psi^T) of a subspace direction ``u = P Psi`` on matrix ``p`` (m x n) (ZO-Muon, arXiv 2602.17155):
+    P (m x r, r = min(rank, m)) the orthonormal factor of the QR of a Gaussian from ``seeds[1]`` (the columns'
+    signs fixed so that R's diagonal is positive), Psi^T (n x r) Gaussian from ``seeds[0]``. The QR runs in
+    float64 and P is rounded to float32 once: the same bits on one backend (LAPACK's order is its own)."""
+    m, n = p.shape
+    r = min(rank, m)
+    g = torch.empty(m * r, dtype=torch.float32, device=p.device)
+    be.fill(g, "gaussian", seeds[1], key, 0)
+    q, rr = torch.linalg.qr(g.view(m, r).double())
+    q = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(q.dtype)
+    psi = torch.empty(n * r, dtype=torch.float32, device=p.device)
+    be.fill(psi, "gaussian", seeds[0], key, 0)
+    return q.float(), psi.view(n, r)
+
+
+def msign(g: torch.Tensor) -> torch.Tensor:
+    """The matrix sign U V^T of ``g`` (its polar factor, from the SVD; 0 for 0), in g's dtype.
+
+    ZO-Muon's paper approximates it by Newton-Schulz, as Muon does on GPUs in bf16; its estimate is r x n with r
+    small, so the exact factor costs next to nothing and has no iteration count to choose."""
+    if not bool(torch.any(g != 0)):
+        return torch.zeros_like(g)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    return u @ vh
+
+
+def muon_update_(
+    p: torch.Tensor,
+    key: int,
+    *,
+    seeds: Sequence[tuple[int, int]],
+    grads: Sequence[float],
+    rank: int,
+    lr: float,
+    scale: float = 1.0,
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """ZO-Muon's update of one matrix: ``theta <- scale theta - lr P msign(G)``, ``G = 1/N sum_i c_i Psi_i``.
+
+    P and every Psi_i regenerated from the step's seeds (all directions share P); G (r x n) summed and its sign
+    taken in float64, the result rounded to float32 once; then added by rows in chunks as ``r`` broadcast
+    multiply-adds, as the low-rank sweep (no parameter-sized temporary).
+    """
+    if hasattr(p, "placements"):
+        raise ValueError("ZO-Muon does not support sharded (DTensor) parameters yet")
+    be = kernels.select(p.device, backend)
+    m, n = p.shape
+    proj = None
+    acc = None
+    for pair, c in zip(seeds, grads, strict=True):
+        proj, psi_t = subspace_factors(p, key, (int(pair[0]), int(pair[1])), rank, be)
+        term = psi_t.double() * (float(c) / len(grads))
+        acc = term if acc is None else acc.add_(term)
+    o = msign(acc.T.contiguous()).float()  # r x n
+    flat, step = _flat(p), max(1, be.chunk // max(n, 1))
+    for r0 in range(0, m, step):
+        rows = slice(r0, min(m, r0 + step))
+        part = flat[r0 * n : rows.stop * n]
+        work = _float_work(part)
+        if scale != 1.0:
+            work.mul_(scale)
+        block = work.view(-1, n)
+        for k in range(o.shape[0]):
+            block.addcmul_(proj[rows, k : k + 1], o[k].unsqueeze(0), value=-lr)
+        _write_back(part, work, rounding_seed, key, r0 * n, be)
+
+
+def _lowrank_sweep_(
+    params, keys, terms, rank: int, *, scale: float, rounding_seed, backend, subspace: bool = False
+) -> None:
     """:func:`sweep_` along low-rank directions (LOZO, arXiv 2410.07698): on each matrix
     ``theta <- scale theta + sum(c U V^T / sqrt(rank))`` over terms ``((seed_U, seed_V), c)``; any other tensor
     (biases, norms) moves along the Gaussian z of seed_U, as LOZO perturbs vectors.
+
+    ``subspace`` (ZO-Muon's directions, :func:`subspace_factors`): ``u = P Psi`` on each matrix with P orthonormal
+    (from seed_V, which all of a step's directions share) and no 1/sqrt(rank); other tensors do not move.
 
     Rows in chunks, the product as ``rank`` broadcast multiply-adds (elementwise float32, so the same on every
     run; no matmul whose blocking could change the bits). No fused kernel: this torch path is every backend's.
@@ -304,6 +383,11 @@ def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_se
         rounding_seed = rounding_seed[0]
     terms = [((int(s[0]), int(s[1])), float(c)) for s, c in terms]
     for p, key in zip(params, keys, strict=True):
+        if p.dim() != 2 and subspace:
+            if scale != 1.0:  # weight decay still applies; the direction has no part here
+                with torch.no_grad():
+                    p.mul_(scale)
+            continue
         if p.dim() != 2:
             sweep_(
                 [p],
@@ -319,7 +403,9 @@ def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_se
             raise ValueError("low-rank directions do not support sharded (DTensor) parameters yet")
         be = kernels.select(p.device, backend)
         m, n = p.shape
-        factors = [lowrank_factors(p, key, seeds, rank, be) for seeds, _ in terms]
+        make = subspace_factors if subspace else lowrank_factors
+        factors = [make(p, key, seeds, rank, be) for seeds, _ in terms]
+        norm = 1.0 if subspace else rank**0.5
         flat, step = _flat(p), max(1, be.chunk // max(n, 1))
         for r0 in range(0, m, step):
             rows = slice(r0, min(m, r0 + step))
@@ -329,8 +415,8 @@ def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_se
                 work.mul_(scale)
             block = work.view(-1, n)
             for (_, c), (u, v) in zip(terms, factors):
-                for k in range(rank):
-                    block.addcmul_(u[rows, k : k + 1], v[:, k].unsqueeze(0), value=c / rank**0.5)
+                for k in range(u.shape[1]):
+                    block.addcmul_(u[rows, k : k + 1], v[:, k].unsqueeze(0), value=c / norm)
             _write_back(part, work, rounding_seed, key, r0 * n, be)
 
 

@@ -276,12 +276,19 @@ class MeZO(KeyedOptimizer):
                 f"the {self.estimator} estimator and the {self.rule.name} update rule do not go together: "
                 "use zotune.HiZOO for HiZOO"
             )
-        if distribution == "lowrank" and (
-            layerwise != "none" or self.rule.name not in ("sgd", "momentum") or getattr(self.rule, "stored", False)
+        if distribution in ("lowrank", "subspace") and (
+            layerwise != "none"
+            or self.rule.name not in ("sgd", "momentum", "muon")
+            or getattr(self.rule, "stored", False)
         ):
             raise ValueError(
-                "low-rank directions work with the SGD rule and history momentum, without layerwise "
-                "scaling (stored momentum, Adam and HiZOO draw element-wise z)"
+                "low-rank directions work with the SGD rule and history momentum (and subspace ones with ZO-Muon's), "
+                "without layerwise scaling (stored momentum, Adam and HiZOO draw element-wise z)"
+            )
+        wants = getattr(self.rule, "distribution", None)  # a rule made for one kind of direction (ZO-Muon's)
+        if (wants is not None and distribution != wants) or (self.rule.name == "muon" and self.fuse_next):
+            raise ValueError(
+                f"the {self.rule.name} update rule needs distribution={wants!r} and fuse_next=False: use zotune.ZOMuon"
             )
         if not (
             isinstance(self.lowrank_rank, int)
@@ -334,7 +341,7 @@ class MeZO(KeyedOptimizer):
         if callable(n) or n != 1:
             out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
         out.update(self._scales.header([e["name"] for e in self._table]))
-        if self.distribution == "lowrank":
+        if self.distribution in ("lowrank", "subspace"):
             out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
         if self.sparsity:
             out["sparsity"] = float(self.sparsity)
@@ -888,6 +895,61 @@ class KerZOO(MeZO):
         if "estimator" in kwargs:
             raise TypeError("KerZOO sets its estimator from kernel=; use zotune.MeZO for another estimator")
         super().__init__(params, lr, eps, weight_decay, seed, estimator=self.KERNELS[kernel], **kwargs)
+
+
+class ZOMuon(MeZO):
+    r"""ZO-Muon (Lang et al., "Powering Up Zeroth-Order Training via Subspace Gradient Orthogonalization",
+    arXiv 2602.17155): zeroth-order estimates in a random subspace of each matrix, orthogonalized as Muon does::
+
+        u_i = P Psi_i     (P: m x r orthonormal, redrawn every ``lowrank_every`` steps; Psi_i: r x n Gaussian)
+        c_i = the estimator's coefficient along u_i    (two-sided: (L(theta + eps u_i) - L(theta - eps u_i)) / 2 eps)
+        G = 1/N sum_i c_i Psi_i,   theta <- theta - lr P msign(G)
+
+    :class:`MeZO` with ``distribution="subspace"`` and the ``"muon"`` update rule
+    (:class:`zotune.optim.variants.MuonRule`); N = ``n_perturbations`` queries (2N forward passes two-sided,
+    N + 1 one-sided). Only 2-D weight matrices move; biases and norms stay as they are. Memory: inference's,
+    plus P and G of one matrix at a time during the update ((m + n) r floats). msign is the exact polar factor
+    of the r x n estimate (an SVD; the paper approximates it by Newton-Schulz iterations). The trajectory is
+    MeZO's (seeds and c_i); replay rebuilds each update bit for bit on the same backend (the QR and the SVD
+    run in float64 through the backend's LAPACK). Each update has the same size whatever the losses (the
+    singular values of msign are 1): its rate is not MeZO's.
+
+    Example::
+
+        opt = zotune.ZOMuon(model.named_parameters(), lr=1e-3, eps=1e-2, n_perturbations=4, lowrank_rank=8)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        n_perturbations: int | Callable[[int], int] = 4,
+        lowrank_rank: int = 8,
+        lowrank_every: int = 50,
+        **kwargs,
+    ):
+        if kwargs.get("distribution", "subspace") != "subspace":
+            raise TypeError("ZOMuon sets distribution='subspace'; use zotune.MeZO for another distribution")
+        kwargs.pop("distribution", None)
+        super().__init__(
+            params,
+            lr,
+            eps,
+            weight_decay,
+            seed,
+            distribution="subspace",
+            n_perturbations=n_perturbations,
+            lowrank_rank=lowrank_rank,
+            lowrank_every=lowrank_every,
+            **kwargs,
+        )
+
+    def _make_rule(self):
+        return variants.MuonRule()
 
 
 def _check_rule_args(

@@ -38,6 +38,10 @@ class Directions:
     ``distribution="lowrank"`` (LOZO, arXiv 2410.07698): on each matrix ``u_j = U V^T / sqrt(rank)`` with U drawn
     afresh each step and V every ``lowrank_every`` steps, both from the keyed stream (nothing stored: a
     direction's seed is the pair (seed of U, seed of V)); vectors move along Gaussian z.
+    ``distribution="subspace"`` (ZO-Muon, arXiv 2602.17155): ``u_j = P Psi_j`` with P orthonormal (m x rank),
+    one per matrix for every direction of the step and redrawn every ``lowrank_every`` steps, and Psi_j
+    Gaussian (rank x n); other tensors have no part in it (:func:`zotune.optim.functional.subspace_factors`).
+    ``sparsity`` (Sparse-MeZO): z masked on each matrix by :meth:`mask_step`.
     """
 
     def __init__(
@@ -57,9 +61,11 @@ class Directions:
         self._masks: tuple[int, list] | None = None  # (step, per tensor None or its packed mask) of sparse directions
         self.seed0 = int(seed)
         self.sphere = distribution == "sphere"
-        self.lowrank = (lowrank_rank, lowrank_every) if distribution == "lowrank" else None
-        # the stream the sweeps draw: "sphere" is the Gaussian one, rescaled; "lowrank:r" the factors' (functional)
-        self.zdist = "gaussian" if self.sphere else f"lowrank:{lowrank_rank}" if self.lowrank else distribution
+        self.lowrank = (lowrank_rank, lowrank_every) if distribution in ("lowrank", "subspace") else None
+        self.shared_v = distribution == "subspace"  # ZO-Muon: one P per matrix for all of a step's directions
+        # the stream the sweeps draw: "sphere" is the Gaussian one, rescaled; "lowrank:r" / "subspace:r" the
+        # factors' (functional)
+        self.zdist = "gaussian" if self.sphere else f"{distribution}:{lowrank_rank}" if self.lowrank else distribution
         self.backend = backend
         self._factors: dict[int, float] = {}
         self.elementwise: list[torch.Tensor] | None = None  # a per-element scale per tensor (HiZOO's s), or None
@@ -67,7 +73,8 @@ class Directions:
     def seed(self, t: int, j: int = 0):
         """Direction j of step t: its seed, or (seed of U, seed of V) for low-rank directions."""
         if self.lowrank is not None:
-            return rng.step_seed(self.seed0, t, j), rng.step_seed(self.seed0, t // self.lowrank[1], LOWRANK_V_INDEX + j)
+            v = LOWRANK_V_INDEX + (0 if self.shared_v else j)
+            return rng.step_seed(self.seed0, t, j), rng.step_seed(self.seed0, t // self.lowrank[1], v)
         return rng.step_seed(self.seed0, t, j)
 
     def factor(self, seed: int) -> float:

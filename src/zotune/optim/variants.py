@@ -29,6 +29,7 @@ __all__ = [
     "AdamRule",
     "HiZOORule",
     "MomentumRule",
+    "MuonRule",
     "RULES",
     "SGDRule",
     "StepUpdate",
@@ -483,7 +484,78 @@ class HiZOORule:
                 )
 
 
-RULES: dict[str, type] = {"sgd": SGDRule, "momentum": MomentumRule, "adam": AdamRule, "hizoo": HiZOORule}  # by name
+class MuonRule:
+    r"""ZO-Muon's update (Lang et al., arXiv 2602.17155): on each matrix, with the step's N directions
+    ``u_i = P Psi_i`` (``distribution="subspace"``: P orthonormal, m x r, shared by the step's directions and
+    redrawn every ``lowrank_every`` steps; Psi_i Gaussian, r x n)::
+
+        G = 1/N sum_i c_i Psi_i          (the subspace gradient estimate, r x n)
+        theta <- (1 - lr wd) theta - lr P msign(G)
+
+    after the carried probe is removed; c_i are the estimator's coefficients. Tensors that are not matrices
+    neither move nor are updated (the directions have no part on them). Stateless: the trajectory's seeds
+    and c_i rebuild every update (:func:`zotune.optim.functional.muon_update_`).
+    """
+
+    name = "muon"
+    stored = False
+    distribution = "subspace"  # the directions it needs
+
+    def header(self) -> dict:
+        return {"name": self.name}
+
+    def state(self) -> dict | None:
+        return None
+
+    def load(self, state, optimizer=None) -> None:
+        pass
+
+    def apply(
+        self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
+    ) -> None:
+        if not update:
+            return
+        if not distribution.startswith("subspace:"):
+            raise ValueError(f"the muon rule needs distribution 'subspace', got {distribution!r}")
+        rank = int(distribution.split(":")[1])
+        if isinstance(rounding_seed, tuple):
+            rounding_seed = rounding_seed[0]
+        for grp in groups:
+            scale = 1.0 - grp.lr * grp.weight_decay
+            if u.carry is not None:  # remove the carried probe (and apply the weight decay) in one sweep
+                j, c = u.carry
+                sweep_terms_(
+                    grp.params,
+                    grp.keys,
+                    [(u.seeds[j], -scale * c * u.factors[j], None)],
+                    scale=scale,
+                    distribution=distribution,
+                    rounding_seed=rounding_seed,
+                    backend=backend,
+                )
+            elif scale != 1.0:
+                sweep_terms_(grp.params, grp.keys, [], scale=scale, distribution=distribution, backend=backend)
+            for p, key in zip(grp.params, grp.keys):
+                if p.dim() == 2:
+                    functional.muon_update_(
+                        p,
+                        key,
+                        seeds=u.seeds,
+                        grads=u.grads,
+                        rank=rank,
+                        lr=grp.lr,
+                        rounding_seed=rounding_seed,
+                        backend=backend,
+                    )
+
+
+RULES: dict[str, type] = {
+    "sgd": SGDRule,
+    "momentum": MomentumRule,
+    "adam": AdamRule,
+    "hizoo": HiZOORule,
+    "muon": MuonRule,
+}  # by name
 
 
 def make_rule(spec: dict | None):
@@ -493,6 +565,8 @@ def make_rule(spec: dict | None):
     cls = RULES.get(spec["name"])
     if cls is HiZOORule:
         return HiZOORule(float(spec["alpha"]))
+    if cls is MuonRule:
+        return MuonRule()
     if cls is None:
         raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")
     return cls(

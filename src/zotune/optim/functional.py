@@ -346,10 +346,14 @@ def muon_update_(
         raise ValueError("ZO-Muon does not support sharded (DTensor) parameters yet")
     be = kernels.select(p.device, backend)
     m, n = p.shape
-    proj = None
-    acc = None
+    proj, acc = None, None
     for pair, c in zip(seeds, grads, strict=True):
-        proj, psi_t = subspace_factors(p, key, (int(pair[0]), int(pair[1])), rank, be)
+        if proj is None:  # the step's directions share P (seed_V): one QR
+            proj, psi_t = subspace_factors(p, key, (int(pair[0]), int(pair[1])), rank, be)
+        else:
+            psi_t = torch.empty(n * proj.shape[1], dtype=torch.float32, device=p.device)
+            be.fill(psi_t, "gaussian", int(pair[0]), key, 0)
+            psi_t = psi_t.view(n, -1)
         term = psi_t.double() * (float(c) / len(grads))
         acc = term if acc is None else acc.add_(term)
     o = msign(acc.T.contiguous()).float()  # r x n

@@ -12,8 +12,8 @@ from conftest import mse_closure, ulp32
 import zotune
 from zotune import FZOO, MeZO, MeZOAdam, MeZOMomentum, replay, rng
 from zotune.config import ConfigError, OptimConfig
+from zotune.optim import directions, make_optimizer
 from zotune.optim import functional as F
-from zotune.optim import make_optimizer
 from zotune.optim import variants as V
 from zotune.optim.reference import ReferenceVariant
 from zotune.trajectory import MultiStep, Skip, Step, TrajectoryWriter, read_trajectory
@@ -207,7 +207,9 @@ def test_sphere_coordinates_are_those_of_a_uniform_sphere():
 
 def test_sphere_leaves_gaussian_and_rademacher_bits_alone():
     assert rng.DISTRIBUTIONS == ("gaussian", "rademacher")
-    assert rng.PERTURBATIONS == ("gaussian", "rademacher", "sphere", "lowrank")  # the optimizer's directions
+    # the optimizer's directions: the element-wise streams, and kinds built on them
+    assert tuple(directions.KINDS) == ("gaussian", "rademacher", "sphere", "lowrank", "subspace")
+    assert [k for k, v in directions.KINDS.items() if v.elementwise and not v.sphere] == list(rng.DISTRIBUTIONS)
 
 
 @pytest.mark.parametrize("rule", ["momentum", "adam"])

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from zotune import rng
 from zotune.errors import UserError
 from zotune.models import ModelConfig
+from zotune.optim import directions as kinds
 from zotune.optim import estimators, scales, variants
 
 __all__ = [
@@ -147,7 +147,7 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         choices = {
-            "distribution": rng.PERTURBATIONS,
+            "distribution": tuple(kinds.KINDS),
             "n_schedule": ("constant", "linear"),
             "estimator": tuple(estimators.ESTIMATORS),
             "variant": tuple(variants.RULES),
@@ -179,7 +179,8 @@ class OptimConfig:
             self.distribution = "subspace"  # the directions ZO-Muon's rule is made for
         if self.variant == "muon" and self.distribution != "subspace":
             raise ConfigError(f"optimizer.variant 'muon' needs distribution 'subspace', got {self.distribution!r}")
-        if self.distribution in ("lowrank", "subspace") and (
+        kind = kinds.get(self.distribution)
+        if not kind.elementwise and (
             self.variant not in ("sgd", "momentum", "muon") or self.state == "stored" and self.variant == "momentum"
         ):
             raise ConfigError(
@@ -188,9 +189,7 @@ class OptimConfig:
             )
         if not (0 <= self.sparsity < 1):
             raise ConfigError(f"optimizer.sparsity must be in [0, 1), got {self.sparsity}")
-        if self.sparsity and (
-            self.variant != "sgd" or self.distribution not in rng.DISTRIBUTIONS or self.layerwise != "none"
-        ):
+        if self.sparsity and (self.variant != "sgd" or not kind.elementwise or kind.sphere or self.layerwise != "none"):
             raise ConfigError(
                 "optimizer.sparsity (Sparse-MeZO) works with variant sgd, distribution gaussian or rademacher and "
                 "layerwise none"

@@ -48,7 +48,6 @@ import numpy as np
 
 __all__ = [
     "DISTRIBUTIONS",
-    "PERTURBATIONS",
     "STREAM_RADIUS",
     "STREAM_ROUNDING",
     "STREAM_Z",
@@ -64,8 +63,6 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("gaussian", "rademacher")  # element-wise streams: what the kernels generate
-PERTURBATIONS = (*DISTRIBUTIONS, "sphere", "lowrank", "subspace")  # what an optimizer accepts ("sphere": Gaussian
-# renormalised; "lowrank": U V^T / sqrt(r) on matrices; "subspace": P Psi, P orthonormal; zotune.optim.step.Directions)
 STREAM_Z = 0
 STREAM_ROUNDING = 1
 STREAM_RADIUS = 2

@@ -44,19 +44,24 @@ byte for byte what it was, and every older file reads and replays as before):
       "estimator"        a name of zotune.optim.estimators.ESTIMATORS other than the default "two-sided":
                          "one-sided", or "fzoo" (its "N" records hold the normalized coefficients
                          (l_j - l_0) / (eps sigma), so replay needs nothing more), or "hizoo" ("S" records
-                         hold c, a "K" record before each its kappa); "forward-gradient" marks a trajectory
+                         hold c, a "K" record before each its kappa), or "kerzoo" / "kerzoo-linear" (the
+                         kernel-weighted coefficients; each direction's r comes from its seed);
+                         "forward-gradient" marks a trajectory
                          of plain updates without perturbation sweeps (written by
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
       "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)), or
-                         "lowrank" (U V^T / sqrt(rank) on matrices, zotune.optim.step.Directions), with
-      "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V
+                         "lowrank" (U V^T / sqrt(rank) on matrices) or "subspace" (P Psi, P orthonormal;
+                         zotune.optim.directions), with
+      "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V (of P)
+      "sparsity"         Sparse-MeZO: the fraction of each matrix left still (masks from each step's weights)
       "layerwise"        "param-norm" or "grad-norm"
       "layer_groups"     grad-norm: the layers, as lists of indices into the parameter table
       "grad_norm_every", "grad_norm_probes"   grad-norm: informational
       "variant"          the update rule: {"name": "momentum" | "adam", "beta1", "beta2",
                          "adam_eps", "window", "state": "history" | "stored"}, or {"name": "hizoo",
-                         "alpha"} (its diagonal s evolves from the seeds and the "K" records alone)
+                         "alpha"} (its diagonal s evolves from the seeds and the "K" records alone), or
+                         {"name": "muon"} (ZO-Muon: each update rebuilt from the seeds and coefficients)
 
 A skip record's phase is the 1-based index of the loss evaluation that came out non-finite
 (two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided and fzoo: 1 for L(theta), j+2 for L+_j); a step

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from zotune import rng
+from zotune.optim import directions as kinds
 from zotune.optim import estimators, functional, scales, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, check_arguments, param_table
@@ -51,8 +51,8 @@ def _check_options(
     check_arguments(lr=lr, weight_decay=weight_decay, seed=seed, on_nonfinite=on_nonfinite, backend=backend)
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise ValueError(f"Invalid eps: {eps} (must be a finite number > 0)")
-    if distribution not in rng.PERTURBATIONS:
-        raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(rng.PERTURBATIONS)})")
+    if distribution not in kinds.KINDS:
+        raise ValueError(f"Invalid distribution: {distribution!r} (choose one of {', '.join(kinds.KINDS)})")
     if estimator not in estimators.ESTIMATORS:
         raise ValueError(f"Invalid estimator: {estimator!r} (choose one of {', '.join(estimators.ESTIMATORS)})")
     if not callable(n_perturbations):
@@ -276,7 +276,8 @@ class MeZO(KeyedOptimizer):
                 f"the {self.estimator} estimator and the {self.rule.name} update rule do not go together: "
                 "use zotune.HiZOO for HiZOO"
             )
-        if distribution in ("lowrank", "subspace") and (
+        kind = kinds.get(distribution)
+        if not kind.elementwise and (
             layerwise != "none"
             or self.rule.name not in ("sgd", "momentum", "muon")
             or getattr(self.rule, "stored", False)
@@ -302,14 +303,14 @@ class MeZO(KeyedOptimizer):
         if not (isinstance(self.sparsity, (int, float)) and 0 <= self.sparsity < 1):
             raise ValueError(f"Invalid sparsity: {self.sparsity!r} (the fraction of each matrix left still, in [0, 1))")
         if self.sparsity and (
-            self.rule.name != "sgd" or distribution not in rng.DISTRIBUTIONS or layerwise != "none" or self.fuse_next
+            self.rule.name != "sgd" or not kind.elementwise or kind.sphere or layerwise != "none" or self.fuse_next
         ):
             raise ValueError(
                 "sparse directions (Sparse-MeZO) work with the SGD rule, Gaussian or Rademacher z, no layerwise "
                 "scaling and fuse_next=False (each step's mask comes from its clean weights; momentum, Adam and "
                 "HiZOO would need the masks of earlier steps or their own per-element state)"
             )
-        if self.rule.name == "hizoo" and (distribution in ("sphere", "lowrank") or layerwise != "none"):
+        if self.rule.name == "hizoo" and (kind.sphere or not kind.elementwise or layerwise != "none"):
             raise ValueError(
                 "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
                 "or 'rademacher' and no layerwise scaling"
@@ -341,7 +342,7 @@ class MeZO(KeyedOptimizer):
         if callable(n) or n != 1:
             out["n_perturbations"] = getattr(n, "description", "callable") if callable(n) else n
         out.update(self._scales.header([e["name"] for e in self._table]))
-        if self.distribution in ("lowrank", "subspace"):
+        if not kinds.get(self.distribution).elementwise:
             out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
         if self.sparsity:
             out["sparsity"] = float(self.sparsity)

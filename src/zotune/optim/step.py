@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from zotune import rng
+from zotune.optim import directions as kinds
 from zotune.optim import functional, variants
+from zotune.optim.directions import LOWRANK_V_INDEX  # noqa: F401  (re-exported: where the tests and users found it)
 from zotune.optim.estimators import Estimator
 
 __all__ = ["Directions", "LayerProbes", "Probe", "StepPlan", "update_of"]
@@ -29,19 +31,15 @@ __all__ = ["Directions", "LayerProbes", "Probe", "StepPlan", "update_of"]
 _FACTOR_CACHE = 256  # sphere factors kept (each costs one pass over the parameters to recompute)
 
 
-LOWRANK_V_INDEX = 1 << 31  # perturbation indices of the low-rank V factors (n-SPSA uses j < 100, probes < 2^31)
-
-
 class Directions:
     """The perturbations of a run over a fixed list of tensors (table order) and their keys.
 
-    ``distribution="lowrank"`` (LOZO, arXiv 2410.07698): on each matrix ``u_j = U V^T / sqrt(rank)`` with U drawn
-    afresh each step and V every ``lowrank_every`` steps, both from the keyed stream (nothing stored: a
-    direction's seed is the pair (seed of U, seed of V)); vectors move along Gaussian z.
-    ``distribution="subspace"`` (ZO-Muon, arXiv 2602.17155): ``u_j = P Psi_j`` with P orthonormal (m x rank),
-    one per matrix for every direction of the step and redrawn every ``lowrank_every`` steps, and Psi_j
-    Gaussian (rank x n); other tensors have no part in it (:func:`zotune.optim.functional.subspace_factors`).
-    ``sparsity`` (Sparse-MeZO): z masked on each matrix by :meth:`mask_step`.
+    ``distribution`` names a registered kind (:data:`zotune.optim.directions.KINDS`): element-wise Gaussian or
+    Rademacher z, the sphere, or factors of each matrix: ``"lowrank"`` (LOZO, arXiv 2410.07698: ``U V^T /
+    sqrt(rank)``, U each step, V every ``lowrank_every`` steps; a direction's seed is the pair of its factors'
+    seeds, nothing stored) and ``"subspace"`` (ZO-Muon, arXiv 2602.17155: ``P Psi_j``, P orthonormal and shared
+    by a step's directions; :func:`zotune.optim.functional.subspace_factors`). ``sparsity`` (Sparse-MeZO): z
+    masked on each matrix by :meth:`mask_step`; :attr:`elementwise` (HiZOO): z scaled per element.
     """
 
     def __init__(
@@ -60,22 +58,17 @@ class Directions:
         self.sparsity = float(sparsity)
         self._masks: tuple[int, list] | None = None  # (step, per tensor None or its packed mask) of sparse directions
         self.seed0 = int(seed)
-        self.sphere = distribution == "sphere"
-        self.lowrank = (lowrank_rank, lowrank_every) if distribution in ("lowrank", "subspace") else None
-        self.shared_v = distribution == "subspace"  # ZO-Muon: one P per matrix for all of a step's directions
-        # the stream the sweeps draw: "sphere" is the Gaussian one, rescaled; "lowrank:r" / "subspace:r" the
-        # factors' (functional)
-        self.zdist = "gaussian" if self.sphere else f"{distribution}:{lowrank_rank}" if self.lowrank else distribution
+        self.kind = kinds.get(distribution)
+        self.sphere = self.kind.sphere
+        self.every = lowrank_every
+        self.zdist = self.kind.stream(lowrank_rank)  # the stream the functional sweeps draw
         self.backend = backend
         self._factors: dict[int, float] = {}
         self.elementwise: list[torch.Tensor] | None = None  # a per-element scale per tensor (HiZOO's s), or None
 
     def seed(self, t: int, j: int = 0):
-        """Direction j of step t: its seed, or (seed of U, seed of V) for low-rank directions."""
-        if self.lowrank is not None:
-            v = LOWRANK_V_INDEX + (0 if self.shared_v else j)
-            return rng.step_seed(self.seed0, t, j), rng.step_seed(self.seed0, t // self.lowrank[1], v)
-        return rng.step_seed(self.seed0, t, j)
+        """Direction j of step t: its seed, or the pair of its factors' seeds (the kind's)."""
+        return self.kind.seed(self.seed0, t, j, self.every)
 
     def factor(self, seed: int) -> float:
         """a = sqrt(d) / ||x(seed)|| for the sphere distribution (one extra pass, cached); 1.0 otherwise."""

@@ -41,6 +41,60 @@ def mse_closure(model, x, y):
     return closure
 
 
+def steps_with_a_skip(opt, model, data, steps: int, skip_at: int) -> None:
+    """``steps`` optimizer steps on the regression loss, the one at ``skip_at`` with a NaN loss (skipped, its warning
+    silenced): what a replay test records (opt built with ``on_nonfinite="skip"``)."""
+    import warnings
+
+    for t in range(steps):
+        closure = (lambda: torch.tensor(float("nan"))) if t == skip_at else mse_closure(model, *data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(closure)
+
+
+def assert_resume_matches(make, toy_model, data, steps: int, split: int) -> dict:
+    """``make(named_parameters)`` builds an optimizer. ``steps`` straight steps must equal ``split`` steps, the
+    weights and the state_dict taken into a fresh model and optimizer, then the rest, bit for bit. Returns the
+    state_dict (for tests of what it refuses)."""
+    straight = toy_model()
+    opt = make(straight.named_parameters())
+    for _ in range(steps):
+        opt.step(mse_closure(straight, *data))
+    first = toy_model()
+    opt1 = make(first.named_parameters())
+    for _ in range(split):
+        opt1.step(mse_closure(first, *data))
+    state = opt1.state_dict()
+    resumed = toy_model()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = make(resumed.named_parameters())
+    opt2.load_state_dict(state)
+    for _ in range(steps - split):
+        opt2.step(mse_closure(resumed, *data))
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+    return state
+
+
+def assert_interrupt_restores(opt, model, data, eps: float = 1e-3) -> None:
+    """A KeyboardInterrupt in the closure's second call: the step must undo its perturbation. Tolerance: the probe's
+    sweep and the undo each round once, by half an ulp of |theta| + eps |u| (|u| <= 6: Gaussian z is below 5.8)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return mse_closure(model, *data)()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    for p, p0 in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=2 * ulp32(float(p0.abs().max()) + eps * 6))
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random Llama and its tokenizer saved as a model folder, for runs through the CLI."""

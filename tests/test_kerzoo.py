@@ -2,12 +2,11 @@
 the bias it removes, replay and resume, and what it refuses."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import mse_closure, ulp32
+from conftest import assert_interrupt_restores, assert_resume_matches, mse_closure, steps_with_a_skip, ulp32
 
 from zotune import KerZOO, MeZO, replay, rng
 from zotune.config import ConfigError, OptimConfig
@@ -99,11 +98,7 @@ def test_replay_and_the_trajectory(tmp_path, toy_model, regression_data):
     model = toy_model()
     path = tmp_path / "k.zot"
     opt = KerZOO(model.named_parameters(), lr=1e-2, n_perturbations=2, trajectory=path, on_nonfinite="skip")
-    for t in range(7):
-        closure = (lambda: torch.tensor(float("nan"))) if t == 3 else mse_closure(model, *regression_data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the skipped step's warning
-            opt.step(closure)
+    steps_with_a_skip(opt, model, regression_data, 7, skip_at=3)
     opt.flush()
     traj = read_trajectory(path)
     assert traj.header["estimator"] == "kerzoo" and len(traj.steps) == 6  # r is derived, not recorded
@@ -115,39 +110,12 @@ def test_replay_and_the_trajectory(tmp_path, toy_model, regression_data):
 
 @pytest.mark.parametrize("options", [dict(), dict(distribution="lowrank"), dict(kernel="linear")])
 def test_resume_continues_bit_for_bit(toy_model, regression_data, options):
-    straight = toy_model()
-    opt = KerZOO(straight.named_parameters(), lr=1e-2, **options)
-    for _ in range(6):
-        opt.step(mse_closure(straight, *regression_data))
-    first = toy_model()
-    opt1 = KerZOO(first.named_parameters(), lr=1e-2, **options)
-    for _ in range(3):
-        opt1.step(mse_closure(first, *regression_data))
-    resumed = toy_model()
-    resumed.load_state_dict(first.state_dict())
-    opt2 = KerZOO(resumed.named_parameters(), lr=1e-2, **options)
-    opt2.load_state_dict(opt1.state_dict())
-    for _ in range(3):
-        opt2.step(mse_closure(resumed, *regression_data))
-    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    assert_resume_matches(lambda ps: KerZOO(ps, lr=1e-2, **options), toy_model, regression_data, 6, 3)
 
 
 def test_an_interrupted_step_restores_the_weights(toy_model, regression_data):
     model = toy_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = KerZOO(model.named_parameters(), lr=1e-2)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return mse_closure(model, *regression_data)()
-
-    with pytest.raises(KeyboardInterrupt):
-        opt.step(closure)
-    for p, p0 in zip(model.parameters(), before):  # +eps r z then -eps r z: back within the sweeps' rounding
-        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=2 * ulp32(float(p0.abs().max()) + 1e-3 * 6))
+    assert_interrupt_restores(KerZOO(model.named_parameters(), lr=1e-2), model, regression_data)
 
 
 def test_options_configs_and_refusals(toy_model):

@@ -2,12 +2,11 @@
 memory and what it refuses."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import mse_closure, ulp32
+from conftest import assert_interrupt_restores, assert_resume_matches, mse_closure, steps_with_a_skip, ulp32
 
 from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
 from zotune.config import ConfigError, OptimConfig
@@ -103,11 +102,7 @@ def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression
     model = toy_model(dtype=dtype)
     path = tmp_path / "s.zot"
     opt = MeZO(model.named_parameters(), lr=1e-2, sparsity=0.7, trajectory=path, on_nonfinite="skip", **options)
-    for t in range(6):
-        closure = (lambda: torch.tensor(float("nan"))) if t == 2 else mse_closure(model, *regression_data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the skipped step's warning
-            opt.step(closure)
+    steps_with_a_skip(opt, model, regression_data, 6, skip_at=2)
     opt.flush()
     base = toy_model(dtype=dtype)
     replay(base, path)
@@ -116,42 +111,14 @@ def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression
 
 
 def test_resume_continues_bit_for_bit(toy_model, regression_data):
-    kwargs = dict(lr=1e-2, sparsity=0.5)
-    straight = toy_model()
-    opt = MeZO(straight.named_parameters(), **kwargs)
-    for _ in range(6):
-        opt.step(mse_closure(straight, *regression_data))
-    first = toy_model()
-    opt1 = MeZO(first.named_parameters(), **kwargs)
-    for _ in range(3):
-        opt1.step(mse_closure(first, *regression_data))
-    resumed = toy_model()
-    resumed.load_state_dict(first.state_dict())
-    opt2 = MeZO(resumed.named_parameters(), **kwargs)
-    opt2.load_state_dict(opt1.state_dict())
-    for _ in range(3):
-        opt2.step(mse_closure(resumed, *regression_data))
-    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    state = assert_resume_matches(lambda ps: MeZO(ps, lr=1e-2, sparsity=0.5), toy_model, regression_data, 6, 3)
     with pytest.raises(ValueError, match="variant options"):  # another sparsity is another run
-        MeZO(toy_model().named_parameters(), lr=1e-2, sparsity=0.6).load_state_dict(opt1.state_dict())
+        MeZO(toy_model().named_parameters(), lr=1e-2, sparsity=0.6).load_state_dict(state)
 
 
 def test_an_interrupted_step_restores_the_weights(toy_model, regression_data):
-    model = toy_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = MeZO(model.named_parameters(), lr=1e-2, sparsity=0.5)
-    calls = []
-
-    def closure():
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return mse_closure(model, *regression_data)()
-
-    with pytest.raises(KeyboardInterrupt):
-        opt.step(closure)
-    for p, p0 in zip(model.parameters(), before):  # +eps m z then -eps m z with the same mask
-        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=2 * ulp32(float(p0.abs().max()) + 1e-3 * 6))
+    model = toy_model()  # +eps m z then -eps m z with the same mask
+    assert_interrupt_restores(MeZO(model.named_parameters(), lr=1e-2, sparsity=0.5), model, regression_data)
 
 
 def test_what_does_not_compose_is_refused(toy_model):

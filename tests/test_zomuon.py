@@ -1,12 +1,10 @@
 """ZO-Muon (arXiv 2602.17155): the subspace directions, msign, a step against an explicit reference, replay,
 resume and what it refuses."""
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
-from conftest import mse_closure, ulp32
+from conftest import assert_resume_matches, mse_closure, steps_with_a_skip, ulp32
 
 from zotune import MeZO, MeZOAdam, ZOMuon, replay, rng
 from zotune.config import ConfigError, OptimConfig
@@ -112,11 +110,7 @@ def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression
     model = toy_model()
     path = tmp_path / "m.zot"
     opt = ZOMuon(model.named_parameters(), lr=1e-2, lowrank_rank=2, trajectory=path, on_nonfinite="skip", **options)
-    for t in range(6):
-        closure = (lambda: torch.tensor(float("nan"))) if t == 3 else mse_closure(model, *regression_data)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the skipped step's warning
-            opt.step(closure)
+    steps_with_a_skip(opt, model, regression_data, 6, skip_at=3)
     opt.flush()
     base = toy_model()
     replay(base, path)
@@ -125,22 +119,9 @@ def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression
 
 
 def test_resume_continues_bit_for_bit(toy_model, regression_data):
-    kwargs = dict(lr=1e-2, lowrank_rank=2, lowrank_every=2)
-    straight = toy_model()
-    opt = ZOMuon(straight.named_parameters(), **kwargs)
-    for _ in range(5):
-        opt.step(mse_closure(straight, *regression_data))
-    first = toy_model()
-    opt1 = ZOMuon(first.named_parameters(), **kwargs)
-    for _ in range(3):
-        opt1.step(mse_closure(first, *regression_data))
-    resumed = toy_model()
-    resumed.load_state_dict(first.state_dict())
-    opt2 = ZOMuon(resumed.named_parameters(), **kwargs)
-    opt2.load_state_dict(opt1.state_dict())
-    for _ in range(2):
-        opt2.step(mse_closure(resumed, *regression_data))
-    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    assert_resume_matches(
+        lambda ps: ZOMuon(ps, lr=1e-2, lowrank_rank=2, lowrank_every=2), toy_model, regression_data, 5, 3
+    )
 
 
 def test_it_lowers_the_loss_of_a_toy_regression(toy_model, regression_data):

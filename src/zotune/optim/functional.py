@@ -357,6 +357,14 @@ def muon_update_(
         term = psi_t.double() * (float(c) / len(grads))
         acc = term if acc is None else acc.add_(term)
     o = msign(acc.T.contiguous()).float()  # r x n
+    _outer_rows_(p, key, [(proj, o, -lr)], scale=scale, rounding_seed=rounding_seed, be=be)
+
+
+def _outer_rows_(p, key, products, *, scale: float, rounding_seed, be) -> None:
+    """``theta <- scale theta + sum(c U W)`` on matrix p over ``products`` (U m x r, W r x n, c): rows in chunks,
+    each product as r broadcast multiply-adds (elementwise float32, so the same bits on every run: no matmul
+    whose blocking could change them), and no temporary larger than a chunk."""
+    m, n = p.shape
     flat, step = _flat(p), max(1, be.chunk // max(n, 1))
     for r0 in range(0, m, step):
         rows = slice(r0, min(m, r0 + step))
@@ -365,8 +373,9 @@ def muon_update_(
         if scale != 1.0:
             work.mul_(scale)
         block = work.view(-1, n)
-        for k in range(o.shape[0]):
-            block.addcmul_(proj[rows, k : k + 1], o[k].unsqueeze(0), value=-lr)
+        for u, w, c in products:
+            for k in range(u.shape[1]):
+                block.addcmul_(u[rows, k : k + 1], w[k].unsqueeze(0), value=c)
         _write_back(part, work, rounding_seed, key, r0 * n, be)
 
 
@@ -406,22 +415,13 @@ def _lowrank_sweep_(
         if hasattr(p, "placements"):
             raise ValueError("low-rank directions do not support sharded (DTensor) parameters yet")
         be = kernels.select(p.device, backend)
-        m, n = p.shape
         make = subspace_factors if subspace else lowrank_factors
-        factors = [make(p, key, seeds, rank, be) for seeds, _ in terms]
         norm = 1.0 if subspace else rank**0.5
-        flat, step = _flat(p), max(1, be.chunk // max(n, 1))
-        for r0 in range(0, m, step):
-            rows = slice(r0, min(m, r0 + step))
-            part = flat[r0 * n : rows.stop * n]
-            work = _float_work(part)
-            if scale != 1.0:
-                work.mul_(scale)
-            block = work.view(-1, n)
-            for (_, c), (u, v) in zip(terms, factors):
-                for k in range(u.shape[1]):
-                    block.addcmul_(u[rows, k : k + 1], v[:, k].unsqueeze(0), value=c / norm)
-            _write_back(part, work, rounding_seed, key, r0 * n, be)
+        products = []
+        for seeds, c in terms:
+            u, v = make(p, key, seeds, rank, be)
+            products.append((u, v.T, c / norm))
+        _outer_rows_(p, key, products, scale=scale, rounding_seed=rounding_seed, be=be)
 
 
 def _sweep_chunk(be, x, distribution, key, start, scale, terms) -> None:

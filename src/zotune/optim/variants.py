@@ -484,7 +484,7 @@ class HiZOORule:
                 )
 
 
-class MuonRule:
+class MuonRule(SGDRule):
     r"""ZO-Muon's update (Lang et al., arXiv 2602.17155): on each matrix, with the step's N directions
     ``u_i = P Psi_i`` (``distribution="subspace"``: P orthonormal, m x r, shared by the step's directions and
     redrawn every ``lowrank_every`` steps; Psi_i Gaussian, r x n)::
@@ -498,17 +498,10 @@ class MuonRule:
     """
 
     name = "muon"
-    stored = False
     distribution = "subspace"  # the directions it needs
 
     def header(self) -> dict:
         return {"name": self.name}
-
-    def state(self) -> dict | None:
-        return None
-
-    def load(self, state, optimizer=None) -> None:
-        pass
 
     def apply(
         self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True

@@ -52,6 +52,12 @@ Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for anoth
   small (one test example is 1 point): differences of a few points are within noise, which is why
   every final run has two seeds at least.
 
+Methods (``--methods``): every entry of ``METHODS`` below, one per estimator, direction kind or rule of
+issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, sparse-mezo, zo-muon, one-sided-4.
+The default runs mezo, fzoo and hizoo; one 10-minute GPU call holds about three methods on both tasks,
+so the others go in a second call (``--methods mezo,kerzoo,sparse-mezo,zo-muon --out ...``: mezo again,
+its rows being every other row's target).
+
 Presets (options given on the command line win):
 
 - ``--preset cpu``: 1,000 forward passes per final run, 200 per grid point, validation every 100,

@@ -53,9 +53,10 @@ Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for anoth
   every final run has two seeds at least.
 
 Methods (``--methods``): every entry of ``METHODS`` below, one per estimator, direction kind or rule of
-issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, sparse-mezo, zo-muon, one-sided-4.
+issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, subzero, sparse-mezo, zo-muon,
+one-sided-4.
 The default runs mezo, fzoo and hizoo; one 10-minute GPU call holds about three methods on both tasks,
-so the others go in a second call (``--methods mezo,kerzoo,sparse-mezo,zo-muon --out ...``: mezo again,
+so the others go in further calls (``--methods mezo,kerzoo,sparse-mezo,zo-muon --out ...``: mezo again,
 its rows being every other row's target).
 
 Presets (options given on the command line win):
@@ -167,6 +168,13 @@ METHODS: dict[str, Method] = {
         {"optimizer": {"distribution": "lowrank", "lowrank_rank": 2, "lowrank_every": 50}},
         {"lr": [5e-5, 1e-4, 2e-4]},
         "LOZO (rank-2 directions, V redrawn every 50 steps)",
+    ),
+    # SubZero's U Z V^T is scaled to entries of unit variance, as MeZO's z: MeZO's rates (as LOZO's).
+    "subzero": Method(
+        2,
+        {"optimizer": {"distribution": "subzero", "lowrank_rank": 2, "lowrank_every": 50}},
+        {"lr": [5e-5, 1e-4, 2e-4]},
+        "SubZero (rank-2 U Z V^T, U and V redrawn every 50 steps)",
     ),
     # KerZOO's coefficient has MeZO's mean and 2.5x its standard deviation (cubic kernel): MeZO's rates and below.
     "kerzoo": Method(

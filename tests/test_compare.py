@@ -152,6 +152,7 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     kerzoo = cmp.cell_config(grid, "kerzoo", "sst2", 0).optimizer
     assert (kerzoo.estimator, kerzoo.lr) == ("kerzoo", 2e-5)
     assert cmp.cell_config(grid, "sparse-mezo", "sst2", 0).optimizer.sparsity == 0.75
+    assert cmp.cell_config(grid, "subzero", "sst2", 0).optimizer.distribution == "subzero"
     muon = cmp.cell_config(grid, "zo-muon", "sst2", 0).optimizer
     assert (muon.variant, muon.distribution, muon.lowrank_rank) == ("muon", "subspace", 8)
 

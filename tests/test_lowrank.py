@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import mse_closure, ulp32
+from conftest import assert_resume_matches, mse_closure, steps_with_a_skip, ulp32
 
 from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
 from zotune.config import ConfigError, OptimConfig
@@ -147,3 +147,53 @@ def test_what_does_not_compose_is_refused(toy_model):
         OptimConfig(distribution="lowrank", lowrank_every=0)
     opt = make_optimizer(params, OptimConfig(distribution="lowrank", lowrank_rank=4, lowrank_every=7))
     assert (opt.distribution, opt.lowrank_rank, opt.lowrank_every) == ("lowrank", 4, 7)
+
+
+def _explicit_subzero(name, shape, seeds, rank):
+    """SubZero's u in float64 by its definition: sqrt(m n) / r U Z V^T, U and V the sign-fixed QRs of the Gaussians
+    of the window's seed (V: of rng.step_seed(seed, 0, 1)), Z the r x r Gaussian of the direction's seed."""
+    m, n = shape
+    key = rng.param_key(name)
+
+    def orthonormal(rows, seed):
+        q, r_ = np.linalg.qr(rng.gaussian(seed, key, 0, rows * rank).astype(np.float64).reshape(rows, rank))
+        return q * np.where(np.diag(r_) < 0, -1.0, 1.0)
+
+    u, v = orthonormal(m, seeds[1]), orthonormal(n, rng.step_seed(seeds[1], 0, 1))
+    z = rng.gaussian(seeds[0], key, 0, rank * rank).astype(np.float64).reshape(rank, rank)
+    return math.sqrt(m * n) / rank * u @ z @ v.T
+
+
+def test_the_subzero_sweep_adds_c_u_z_v_transposed_with_unit_variance_entries():
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"w": (40, 40), "b": (40,)}
+    params = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    before = {k: p.double().numpy().copy() for k, p in params.items()}
+    terms = [((11, 12), 0.3), ((13, 12), -0.7)]
+    keys = [rng.param_key(k) for k in shapes]
+    functional.sweep_(list(params.values()), keys, terms, distribution="subzero:3", backend="reference")
+    expected = before["w"] + sum(c * _explicit_subzero("w", shapes["w"], s, 3) for s, c in terms)
+    # float32: the factors and Z V^T rounded once each, then 3 multiply-adds per term: a few ulp of the largest value
+    bound = 2 * (2 + 2 * 3 * len(terms)) * ulp32(float(np.abs(expected).max()) + 3)
+    assert np.abs(params["w"].double().numpy() - expected).max() <= bound
+    z_b = [rng.gaussian(s[0], keys[1], 0, 40).astype(np.float64) for s, _ in terms]  # vectors: LOZO's Gaussian z
+    np.testing.assert_allclose(
+        params["b"].numpy(), before["b"] + sum(c * z for (_, c), z in zip(terms, z_b)), atol=1e-6
+    )
+    # the scale: E ||U Z V^T||^2 = r^2, so after sqrt(m n) / r the mean squared entry is 1 (over 200 draws, within 10%)
+    mean_square = np.mean([np.mean(_explicit_subzero("w", (40, 40), (s, 12), 3) ** 2) for s in range(200)])
+    assert mean_square == pytest.approx(1.0, rel=0.1)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(n_perturbations=2, estimator="one-sided")])
+def test_subzero_replays_and_resumes_bit_for_bit(tmp_path, toy_model, regression_data, options):
+    model = toy_model()
+    path = tmp_path / "sz.zot"
+    make = lambda ps, **kw: MeZO(ps, lr=1e-2, distribution="subzero", lowrank_every=2, **options, **kw)  # noqa: E731
+    opt = make(model.named_parameters(), trajectory=path, on_nonfinite="skip")
+    steps_with_a_skip(opt, model, regression_data, 6, skip_at=3)
+    opt.flush()
+    base = toy_model()
+    replay(base, path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+    assert_resume_matches(make, toy_model, regression_data, 5, 2)

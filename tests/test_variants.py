@@ -208,7 +208,7 @@ def test_sphere_coordinates_are_those_of_a_uniform_sphere():
 def test_sphere_leaves_gaussian_and_rademacher_bits_alone():
     assert rng.DISTRIBUTIONS == ("gaussian", "rademacher")
     # the optimizer's directions: the element-wise streams, and kinds built on them
-    assert tuple(directions.KINDS) == ("gaussian", "rademacher", "sphere", "lowrank", "subspace")
+    assert tuple(directions.KINDS) == ("gaussian", "rademacher", "sphere", "lowrank", "subspace", "subzero")
     assert [k for k, v in directions.KINDS.items() if v.elementwise and not v.sphere] == list(rng.DISTRIBUTIONS)
 
 

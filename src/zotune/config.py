@@ -101,8 +101,10 @@ class OptimConfig:
     eps: float = 1e-3  # perturbation scale
     weight_decay: float = 0.0  # on matrices only
     seed: int = 0  # seeds the perturbations
-    distribution: str = "gaussian"  # or "rademacher", "sphere" (uniform on the sphere of radius sqrt(d)), or "lowrank"
-    # (LOZO: U V^T / sqrt(rank) on each matrix, U drawn each step, V every lowrank_every steps; SGD or history momentum)
+    distribution: str = "gaussian"  # or "rademacher", "sphere" (uniform on the sphere of radius sqrt(d)), "lowrank"
+    # (LOZO: U V^T / sqrt(rank) on each matrix, U drawn each step, V every lowrank_every steps; SGD or history momentum),
+    # "subzero" (SubZero: U Z V^T sqrt(m n) / rank, U and V orthonormal every lowrank_every steps, Z each step; the
+    # same rules) or "subspace" (ZO-Muon's P Psi: variant "muon")
     lowrank_rank: int = 2  # distribution "lowrank": the rank of the factors
     lowrank_every: int = 50  # distribution "lowrank": steps between draws of V (LOZO's nu)
     sparsity: float = 0.0  # Sparse-MeZO: the fraction of each matrix left still (its largest magnitudes); the rest

@@ -147,6 +147,9 @@ register(Method("hizoo", "HiZOO", _mezo, {"model": {"tuning": "full"}, "optimize
 # LOZO (arXiv 2410.07698): low-rank directions U V^T / sqrt(r) on the matrices (rank 2, V redrawn every 50 steps);
 # its entries have unit variance, as z's, so MeZO's rate.
 register(Method("lozo", "LOZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"distribution": "lowrank"}}))
+# SubZero (arXiv 2410.08989): U Z V^T with orthonormal U, V (rank 2, redrawn every 50 steps), scaled to unit-variance
+# entries as MeZO's z: MeZO's rate.
+register(Method("subzero", "SubZero", _mezo, {"model": {"tuning": "full"}, "optimizer": {"distribution": "subzero"}}))
 # KerZOO (arXiv 2505.18886): MeZO's step in the mean, with 2.5x its noise (the cubic kernel's E[(r K)^2] = 6.25):
 # MeZO's rate divided by 2.5. benchmarks/convergence.py tunes it.
 register(

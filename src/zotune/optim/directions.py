@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from zotune import rng
 
-__all__ = ["KINDS", "LOWRANK_V_INDEX", "Kind", "LowRank", "Sphere", "Subspace", "get", "register"]
+__all__ = ["KINDS", "LOWRANK_V_INDEX", "Kind", "LowRank", "Sphere", "SubZero", "Subspace", "get", "register"]
 
 LOWRANK_V_INDEX = 1 << 31  # perturbation indices of the low-rank V factors (n-SPSA uses j < 100, probes < 2^31)
 
@@ -65,6 +65,12 @@ class Subspace(LowRank):
     shared_v = True
 
 
+class SubZero(Subspace):
+    """SubZero's U Z V^T on each matrix (arXiv 2410.08989): U and V orthonormal, one pair for all of a step's
+    directions and redrawn every ``every`` steps, Z an r x r Gaussian each direction, scaled by sqrt(m n) / r so
+    that its entries have MeZO's unit variance; vectors move along Gaussian z, as LOZO's."""
+
+
 KINDS: dict[str, Kind] = {}
 
 
@@ -76,7 +82,14 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
-for _k in (Kind("gaussian"), Kind("rademacher"), Sphere("sphere"), LowRank("lowrank"), Subspace("subspace")):
+for _k in (
+    Kind("gaussian"),
+    Kind("rademacher"),
+    Sphere("sphere"),
+    LowRank("lowrank"),
+    Subspace("subspace"),
+    SubZero("subzero"),
+):
     register(_k)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "scaled_sweep_",
     "stochastic_round_",
     "subspace_factors",
+    "subzero_factors",
     "sweep_",
 ]
 
@@ -159,7 +160,7 @@ def sweep_(
                 backend=backend,
             )
         return
-    if distribution.startswith(("lowrank:", "subspace:")):
+    if distribution.startswith(("lowrank:", "subspace:", "subzero:")):
         kind, rank = distribution.split(":")
         _lowrank_sweep_(
             params,
@@ -169,7 +170,7 @@ def sweep_(
             scale=scale,
             rounding_seed=rounding_seed,
             backend=backend,
-            subspace=kind == "subspace",
+            kind=kind,
         )
         return
     if distribution not in rng.DISTRIBUTIONS:
@@ -297,20 +298,53 @@ def lowrank_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int
     return u.view(m, rank), v.view(n, rank)
 
 
+def _orthonormal(rows: int, r: int, seed: int, key: int, be, device) -> torch.Tensor:
+    """A rows x r float32 matrix with orthonormal columns: the QR of the Gaussian ``rows * r`` of (seed, key),
+    row-major, in float64 with the columns' signs fixed so that R's diagonal is positive, rounded once. The same
+    bits on one backend (LAPACK's order is its own)."""
+    g = torch.empty(rows * r, dtype=torch.float32, device=device)
+    be.fill(g, "gaussian", seed, key, 0)
+    q, rr = torch.linalg.qr(g.view(rows, r).double())
+    return (q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(q.dtype)).float()
+
+
 def subspace_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int, be):
     """(P, Psi^T) of a subspace direction ``u = P Psi`` on matrix ``p`` (m x n) (ZO-Muon, arXiv 2602.17155):
-    P (m x r, r = min(rank, m)) the orthonormal factor of the QR of a Gaussian from ``seeds[1]`` (the columns'
-    signs fixed so that R's diagonal is positive), Psi^T (n x r) Gaussian from ``seeds[0]``. The QR runs in
-    float64 and P is rounded to float32 once: the same bits on one backend (LAPACK's order is its own)."""
+    P (m x r, r = min(rank, m)) orthonormal from ``seeds[1]`` (:func:`_orthonormal`), Psi^T (n x r) Gaussian
+    from ``seeds[0]``."""
     m, n = p.shape
     r = min(rank, m)
-    g = torch.empty(m * r, dtype=torch.float32, device=p.device)
-    be.fill(g, "gaussian", seeds[1], key, 0)
-    q, rr = torch.linalg.qr(g.view(m, r).double())
-    q = q * torch.where(torch.diagonal(rr) < 0, -1.0, 1.0).to(q.dtype)
     psi = torch.empty(n * r, dtype=torch.float32, device=p.device)
     be.fill(psi, "gaussian", seeds[0], key, 0)
-    return q.float(), psi.view(n, r)
+    return _orthonormal(m, r, seeds[1], key, be, p.device), psi.view(n, r)
+
+
+def subzero_factors(p: torch.Tensor, key: int, seeds: tuple[int, int], rank: int, be):
+    """(U, Z V^T) of a SubZero direction ``u = U Z V^T`` on matrix ``p`` (m x n) (arXiv 2410.08989): U (m x r) and
+    V (n x r) orthonormal (:func:`_orthonormal`), both from the window's ``seeds[1]`` (V from the derived seed
+    ``rng.step_seed(seeds[1], 0, 1)``, so a square matrix's U and V differ), Z (r x r, r = min(rank, m, n))
+    Gaussian from ``seeds[0]``; Z V^T formed in float64 and rounded once."""
+    m, n = p.shape
+    r = min(rank, m, n)
+    u = _orthonormal(m, r, seeds[1], key, be, p.device)
+    v = _orthonormal(n, r, rng.step_seed(seeds[1], 0, 1), key, be, p.device)
+    z = torch.empty(r * r, dtype=torch.float32, device=p.device)
+    be.fill(z, "gaussian", seeds[0], key, 0)
+    return u, (z.view(r, r).double() @ v.double().T).float()
+
+
+def _products(kind: str, p, key, seeds, rank, be):
+    """(A, B, norm) of a factor kind's direction on matrix p: u = A B / norm, A m x k, B k x n."""
+    m, n = p.shape
+    if kind == "lowrank":  # LOZO: U V^T / sqrt(r), entries of unit variance
+        u, v = lowrank_factors(p, key, seeds, rank, be)
+        return u, v.T, rank**0.5
+    if kind == "subspace":  # ZO-Muon: P Psi as the paper has it
+        q, psi_t = subspace_factors(p, key, seeds, rank, be)
+        return q, psi_t.T, 1.0
+    # SubZero: E ||U Z V^T||^2 = r^2; times sqrt(m n) / r, its entries have MeZO's unit variance (and rates)
+    u, zv = subzero_factors(p, key, seeds, rank, be)
+    return u, zv, u.shape[1] / math.sqrt(m * n)
 
 
 def msign(g: torch.Tensor) -> torch.Tensor:
@@ -379,15 +413,15 @@ def _outer_rows_(p, key, products, *, scale: float, rounding_seed, be) -> None:
         _write_back(part, work, rounding_seed, key, r0 * n, be)
 
 
-def _lowrank_sweep_(
-    params, keys, terms, rank: int, *, scale: float, rounding_seed, backend, subspace: bool = False
-) -> None:
-    """:func:`sweep_` along low-rank directions (LOZO, arXiv 2410.07698): on each matrix
-    ``theta <- scale theta + sum(c U V^T / sqrt(rank))`` over terms ``((seed_U, seed_V), c)``; any other tensor
-    (biases, norms) moves along the Gaussian z of seed_U, as LOZO perturbs vectors.
+def _lowrank_sweep_(params, keys, terms, rank: int, *, scale: float, rounding_seed, backend, kind: str) -> None:
+    """:func:`sweep_` along low-rank directions over terms ``((seed, seed_window), c)``:
 
-    ``subspace`` (ZO-Muon's directions, :func:`subspace_factors`): ``u = P Psi`` on each matrix with P orthonormal
-    (from seed_V, which all of a step's directions share) and no 1/sqrt(rank); other tensors do not move.
+    - ``"lowrank"`` (LOZO, arXiv 2410.07698): ``theta <- scale theta + sum(c U V^T / sqrt(rank))`` on each matrix;
+      any other tensor (biases, norms) moves along the Gaussian z of the first seed, as LOZO perturbs vectors;
+    - ``"subzero"`` (SubZero, arXiv 2410.08989): ``c sqrt(m n) / r U Z V^T`` (:func:`subzero_factors`), vectors
+      as LOZO's;
+    - ``"subspace"`` (ZO-Muon's directions, :func:`subspace_factors`): ``c P Psi`` on each matrix with P
+      orthonormal (from the window's seed, which all of a step's directions share); other tensors do not move.
 
     Rows in chunks, the product as ``rank`` broadcast multiply-adds (elementwise float32, so the same on every
     run; no matmul whose blocking could change the bits). No fused kernel: this torch path is every backend's.
@@ -396,7 +430,7 @@ def _lowrank_sweep_(
         rounding_seed = rounding_seed[0]
     terms = [((int(s[0]), int(s[1])), float(c)) for s, c in terms]
     for p, key in zip(params, keys, strict=True):
-        if p.dim() != 2 and subspace:
+        if p.dim() != 2 and kind == "subspace":
             if scale != 1.0:  # weight decay still applies; the direction has no part here
                 with torch.no_grad():
                     p.mul_(scale)
@@ -415,12 +449,10 @@ def _lowrank_sweep_(
         if hasattr(p, "placements"):
             raise ValueError("low-rank directions do not support sharded (DTensor) parameters yet")
         be = kernels.select(p.device, backend)
-        make = subspace_factors if subspace else lowrank_factors
-        norm = 1.0 if subspace else rank**0.5
         products = []
         for seeds, c in terms:
-            u, v = make(p, key, seeds, rank, be)
-            products.append((u, v.T, c / norm))
+            a, b, norm = _products(kind, p, key, seeds, rank, be)
+            products.append((a, b, c / norm))
         _outer_rows_(p, key, products, scale=scale, rounding_seed=rounding_seed, be=be)
 
 

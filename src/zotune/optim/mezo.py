@@ -156,7 +156,9 @@ class MeZO(KeyedOptimizer):
         weight_decay: L2 penalty, applied in the update sweep. With a flat list of parameters it
             goes to tensors of rank >= 2 only (not to biases and normalisation weights).
         seed: the run's seed; step t perturbs with ``zotune.rng.step_seed(seed, t)``.
-        distribution: ``"gaussian"`` (the paper) or ``"rademacher"``.
+        distribution: ``"gaussian"`` (the paper), ``"rademacher"``, ``"sphere"``, or factors of each matrix:
+            ``"lowrank"`` (LOZO), ``"subzero"`` (SubZero), ``"subspace"`` (ZO-Muon's: :class:`ZOMuon`); the
+            registered kinds of :mod:`zotune.optim.directions`.
         fuse_next: fuse the next step's +eps perturbation into the update sweep. The parameters then
             carry that perturbation between steps: call :meth:`flush` (or use :meth:`unperturbed`,
             or :meth:`attach` to the model once) before evaluating or saving. ``state_dict`` flushes.

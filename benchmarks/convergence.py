@@ -195,7 +195,7 @@ METHODS: dict[str, Method] = {
     "zo-muon": Method(
         8,
         {"optimizer": {"variant": "muon", "lowrank_rank": 8, "n_perturbations": 4, "eps": 1e-2}},
-        {"lr": [1e-2, 3e-2, 1e-1]},
+        {"lr": [1e-1, 3e-1, 1.0]},  # 1e-2..1e-1 barely moved it (RESULTS.md, 2026-12-06): best at the top
         "ZO-Muon (4 two-sided queries, rank-8 subspaces, P redrawn every 50 steps)",
     ),
     "one-sided-4": Method(

@@ -144,35 +144,36 @@ def sweep_(
         masks: per tensor, None or the packed bits of :func:`magnitude_mask`: then ``z`` is ``m * z`` on that
             tensor (Sparse-MeZO); the masked tensors go through a chunked torch path (no fused kernel).
     """
-    if masks is not None:  # Sparse-MeZO: the masked tensors one by one, the rest as usual
-        rest = [i for i, m in enumerate(masks) if m is None]
-        for p, key, bits in zip(params, keys, masks, strict=True):
-            if bits is not None:
-                _masked_sweep_(p, key, bits, terms, scale, distribution, rounding_seed, backend)
-        if rest:
-            sweep_(
-                [params[i] for i in rest],
-                [keys[i] for i in rest],
-                terms,
-                scale=scale,
-                distribution=distribution,
-                rounding_seed=rounding_seed,
-                backend=backend,
-            )
-        return
-    if distribution.startswith(("lowrank:", "subspace:", "subzero:")):
+    options = dict(scale=scale, rounding_seed=rounding_seed, backend=backend)
+    if masks is not None:
+        _masked_sweeps_(params, keys, terms, masks, distribution, **options)
+    elif distribution.startswith(("lowrank:", "subspace:", "subzero:")):
         kind, rank = distribution.split(":")
-        _lowrank_sweep_(
-            params,
-            keys,
+        _lowrank_sweep_(params, keys, terms, int(rank), kind=kind, **options)
+    else:
+        _elementwise_sweep_(params, keys, terms, distribution, **options)
+
+
+def _masked_sweeps_(params, keys, terms, masks, distribution, *, scale, rounding_seed, backend) -> None:
+    """Sparse-MeZO's :func:`sweep_`: the masked tensors one by one (:func:`_masked_sweep_`), the rest as usual."""
+    for p, key, bits in zip(params, keys, masks, strict=True):
+        if bits is not None:
+            _masked_sweep_(p, key, bits, terms, scale, distribution, rounding_seed, backend)
+    rest = [i for i, m in enumerate(masks) if m is None]
+    if rest:
+        sweep_(
+            [params[i] for i in rest],
+            [keys[i] for i in rest],
             terms,
-            int(rank),
             scale=scale,
+            distribution=distribution,
             rounding_seed=rounding_seed,
             backend=backend,
-            kind=kind,
         )
-        return
+
+
+def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_seed, backend) -> None:
+    """:func:`sweep_` along element-wise z: the backend's multi-tensor kernel where it has one, else chunked."""
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     terms = [(int(s), float(c)) for s, c in terms]

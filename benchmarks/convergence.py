@@ -22,7 +22,10 @@ crash) continues with ``zotune.train.run(None, resume=...)``, and a cell whose r
   forward passes (``budget // passes per step`` steps), validated every ``--eval-passes`` forward
   passes (``eval_passes // passes per step`` steps), the best validation weights tested; and
   ``inference/<task>/result.json``, the peak memory of the same model doing only inference (the
-  validation split and the loss of the longest training batch, no optimizer).
+  validation split and the loss of the longest training batch, no optimizer). A tuned rate whose
+  final run diverges (train.divergence stops it) was chosen on too short a horizon: the method moves
+  to its grid's next smaller rate and both seeds run again (the same rule for every method; the
+  diverged runs are kept under ``final/<task>/<method>/diverged/`` and the table notes them).
 - ``table``: ``table.md`` (printed; ``--append FILE`` also appends it to FILE with the date, the
   machine and the command) and ``curves-<task>.png``: validation accuracy against forward passes,
   every method and seed.
@@ -735,14 +738,70 @@ def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
     return chosen, failures
 
 
+def lower_point(method: str, point: dict) -> dict | None:
+    """The grid point with the next smaller rate and every other field the same; None at the grid's bottom."""
+    lower = [p for p in grid_points(method) if p["lr"] < point["lr"] and {**p, "lr": point["lr"]} == point]
+    return max(lower, key=lambda p: p["lr"]) if lower else None
+
+
+def step_down(plan: Plan, chosen: dict, log) -> bool:
+    """Move every method whose tuned rate diverged in a final run to its grid's next smaller rate.
+
+    Tuning ranks rates over ``tune_budget`` forward passes, a fifth of the final budget, and a short horizon
+    favours large rates: a rate that held for 200 passes can diverge by 800 (tuned MeZO's 1e-4 on SST-2 did,
+    RESULTS.md). A control that diverges makes an easy target, so the rule, the same for every method, is the
+    practitioner's: the next smaller rate of the same grid, and both seeds run again with it. The diverged runs
+    move to ``final/TASK/METHOD/diverged/POINT/`` (the table notes them); at the grid's bottom the method stays
+    and its row says it diverged. Returns whether a method moved (its final cells are to run).
+    """
+    moved = False
+    for task in plan.tasks:
+        for method in plan.methods:
+            entry = chosen.get(task, {}).get(method)
+            if not entry:
+                continue
+            folder = Path(plan.out) / "final" / task / method
+            summaries = {s: _read_optional(folder / f"seed{s}" / "run" / "summary.json") for s in plan.seeds}
+            diverged = {s: v["steps"] for s, v in summaries.items() if v.get("stopped") == "diverged"}
+            if not diverged:
+                continue
+            point, lower = entry["point"], lower_point(method, entry["point"])
+            if lower is None:
+                continue
+            aside = folder / "diverged" / point_name(point)
+            aside.mkdir(parents=True, exist_ok=True)
+            for seed in plan.seeds:
+                if (folder / f"seed{seed}").is_dir():
+                    (folder / f"seed{seed}").rename(aside / f"seed{seed}")
+            entry.setdefault("diverged_in_final", []).append(
+                {"point": point, "steps": {str(s): n for s, n in diverged.items()}}
+            )
+            entry["point"] = lower
+            moved = True
+            log(
+                f"{TASK_TITLES.get(task, task)}: {method} at {point_name(point)} diverged in its final run "
+                f"(seed {', '.join(map(str, diverged))}); running it at {point_name(lower)} (the runs that "
+                f"diverged are in {aside})"
+            )
+    return moved
+
+
 def phase_final(plan: Plan, deadline, log) -> list[str]:
-    chosen = _read_optional(Path(plan.out) / "chosen.json")
+    path = Path(plan.out) / "chosen.json"
+    chosen = _read_optional(path)
     missing = untuned(plan, chosen)
     if len(missing) == len(plan.tasks) * len(plan.methods):
         raise ConfigError("no method is tuned yet: run --phase tune first")
     if missing:
         log(f"not tuned yet, so not run: {', '.join(missing)} (run --phase tune)")
-    return run_cells(final_cells(plan, chosen), plan, deadline, log)
+    failures, ran = [], False
+    while True:
+        moved = step_down(plan, chosen, log)  # a divergence in the runs before this command, or just now
+        if moved:
+            checkpoint.write_json(path, chosen)
+        if ran and not moved:
+            return failures
+        failures, ran = run_cells(final_cells(plan, chosen), plan, deadline, log), True
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -844,6 +903,13 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
                     f"{method} seed {s} records {recorded} forward passes for {summary['steps']} steps, not "
                     f"{m.passes_per_step} a step: its entry's passes_per_step is wrong"
                 )
+        for moved in chosen.get(task, {}).get(method, {}).get("diverged_in_final", []):
+            at = ", ".join(f"seed {s} at step {n}" for s, n in moved["steps"].items())
+            notes.append(
+                f"{method}: {point_name(moved['point'])} diverged in its final run ({at}), so both seeds ran at the "
+                f"grid's next smaller rate (the same rule for every method: tuning's {plan.tune_budget:,} passes "
+                f"favour large rates)"
+            )
         if method == REFERENCE:
             for s in seeds:
                 start = next((p.value for p in runs[s].points if p.step == 0), None)
@@ -902,7 +968,8 @@ def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
             lines.append(f"| {method} | not tuned yet | | | |")
             continue
         for row in entry["grid"]:
-            mark = "chosen" if row["point"] == entry["point"] else ""
+            failed = any(row["point"] == d["point"] for d in entry.get("diverged_in_final", []))
+            mark = "chosen" if row["point"] == entry["point"] else "diverged in the final run" if failed else ""
             stopped = f" ({row['stopped']})" if row.get("stopped") not in (None, "steps") else ""
             lines.append(
                 f"| {method} | {point_name(row['point'])}{stopped} | {_fmt(_pct(row['best_trained']))} | "

@@ -174,6 +174,42 @@ def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path)
     assert (tmp_path / "curves-sst2.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_tuned_rate_that_diverges_in_the_final_run_steps_down_for_both_seeds(tmp_path):
+    plan = conv.Plan(
+        methods=["mezo"], tasks=["sst2"], seeds=[0, 1], budget=40, tune_budget=20, eval_passes=10, model="tiny",
+        out=str(tmp_path), isolate=False,
+    )  # fmt: skip
+    grid = conv.grid_points("mezo")  # 5e-5, 1e-4, 2e-4
+    folder = tmp_path / "final" / "sst2" / "mezo"
+    _fake_run(folder / "seed0" / "run", 2, [0.5, 0.7, 0.5], 0.70, 0)
+    summary = json.loads((folder / "seed0" / "run" / "summary.json").read_text())
+    (folder / "seed0" / "run" / "summary.json").write_text(json.dumps({**summary, "stopped": "diverged"}))
+    _fake_run(folder / "seed1" / "run", 2, [0.5, 0.7, 0.72], 0.71, 1)  # held: it moves all the same
+    entry = {"point": grid[1], "grid": [{"point": p, "best_trained": 0.6, "last": 0.6} for p in grid]}
+    chosen = {"sst2": {"mezo": entry}}
+    messages = []
+    assert conv.step_down(plan, chosen, messages.append)
+    assert entry["point"] == grid[0] and entry["diverged_in_final"] == [{"point": grid[1], "steps": {"0": 4}}]
+    assert not (folder / "seed0").exists() and not (folder / "seed1").exists()  # both seeds run again
+    assert (folder / "diverged" / "lr0.0001" / "seed0" / "run" / "summary.json").is_file()
+    assert (folder / "diverged" / "lr0.0001" / "seed1" / "run" / "summary.json").is_file()
+    assert "mezo at lr0.0001 diverged in its final run (seed 0); running it at lr5e-05" in messages[0]
+    assert not conv.step_down(plan, chosen, QUIET)  # nothing diverged at the new rate (not run yet)
+    # the table says why, and the tuning table marks the rate that diverged
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    _fake_run(folder / "seed0" / "run", 2, [0.5, 0.68, 0.69], 0.69, 0)
+    table = conv.phase_table(plan, QUIET)
+    assert "- mezo: lr0.0001 diverged in its final run (seed 0 at step 4), so both seeds ran at" in table
+    assert "| mezo | lr0.0001 | 60.0 | 60.0 | diverged in the final run |" in table
+    assert "| mezo | lr5e-05 | 60.0 | 60.0 | chosen |" in table
+    # at the grid's bottom there is no smaller rate: the method stays (its row notes the divergence)
+    summary = json.loads((folder / "seed0" / "run" / "summary.json").read_text())
+    (folder / "seed0" / "run" / "summary.json").write_text(json.dumps({**summary, "stopped": "diverged"}))
+    assert not conv.step_down(plan, chosen, QUIET) and entry["point"] == grid[0]
+    assert "mezo seed 0 stopped early: diverged at step 4" in conv.phase_table(plan, QUIET)
+    assert conv.lower_point("mezo", grid[2]) == grid[1] and conv.lower_point("mezo", grid[0]) is None
+
+
 def _validations(run_dir: Path) -> list[tuple[int, float]]:
     """(step, validation accuracy) of a run, the start's (logged as zero_shot_validation_accuracy) included."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

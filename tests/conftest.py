@@ -104,3 +104,9 @@ def model_dir(tmp_path_factory):
     tiny.causal_lm("llama").save_pretrained(path)
     tiny.tokenizer().save_pretrained(path)
     return path
+
+
+def fused_addcmul() -> bool:
+    """Whether torch's addcmul_ rounds once (a fused multiply-add: its vectorised CPU kernel on FMA hardware)."""
+    a, b = torch.tensor([1.0 + 2.0**-12] * 16), torch.tensor([1.0 - 2.0**-12] * 16)  # a b = 1 - 2^-24, exactly
+    return bool(torch.full((16,), -1.0).addcmul_(a, b)[0] != 0.0)  # unfused, a b rounds to 1 and the sum to 0

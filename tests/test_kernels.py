@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fused_addcmul
 
 import zotune
 from zotune import kernels, rng
@@ -137,6 +138,49 @@ def test_independent_of_threads_and_pieces(cpu, distribution):
         assert torch.equal(piece, whole[a:b]), (a, b)
 
 
+def _packed(mask: torch.Tensor) -> torch.Tensor:
+    pad = torch.cat([mask, mask.new_zeros(-mask.numel() % 8)]).view(-1, 8).to(torch.uint8)
+    return (pad * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
+@pytest.mark.parametrize("start,n", [(0, 1), (8, 1001), (CHUNK - 8, 3 * CHUNK + 5)])
+@pytest.mark.parametrize("scale,terms", [(1.0, [(2**63 + 11, 1e-3)]), (0.9, [(1, 0.25), (2, -0.75)])])
+def test_masked_axpy_matches_the_torch_path(cpu, distribution, start, n, scale, terms):
+    """Sparse directions' fused pass against what it replaces: the same z, then x * scale and addcmul_ per term."""
+    key = 77
+    gen = torch.Generator().manual_seed(n)
+    x0 = torch.randn(n, generator=gen)
+    x0[:3] = torch.tensor([-0.0, 0.0, -0.0])[: min(3, n)]
+    mask = torch.rand(n, generator=gen) < 0.3
+    got = x0.clone()
+    cpu.masked_axpy(got, distribution, key, start, scale, terms, _packed(mask))
+    want, z = x0.clone(), torch.empty(n)
+    if scale != 1.0:
+        want.mul_(scale)
+    for seed, c in terms:
+        cpu.fill(z, distribution, seed, key, start)
+        want.addcmul_(mask.float(), z, value=c)
+    if fused_addcmul():  # torch rounds each term once, as the kernel's llvm.fma does: the same bits
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    else:  # torch rounds c z and the sum apart: one float32 rounding (2^-24 relative) per term apart
+        assert torch.allclose(got, want, rtol=2 * len(terms) * 2.0**-24, atol=0.0)
+    assert torch.equal(got[~mask], (x0 * scale)[~mask])  # masked-off elements only scale
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 1001, 3 * CHUNK + 5])
+def test_pack_mask_matches_the_torch_packing(cpu, n):
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    x[: min(n, 4)] = torch.tensor([0.5, -0.5, float("nan"), -0.0])[: min(n, 4)]  # ties at h, NaN, -0
+    bits = torch.full(((n + 7) // 8,), 0xA5, dtype=torch.uint8)  # overwritten, tail bits included
+    cpu.pack_mask(x, 0.5, bits)
+    assert torch.equal(bits, _packed(x.abs() <= 0.5))
+    with pytest.raises(ValueError, match="bytes"):
+        cpu.pack_mask(x, 0.5, torch.zeros(n // 8 + 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="bytes"):
+        cpu.masked_axpy(x, "gaussian", 1, 0, 1.0, [(1, 1.0)], torch.zeros(n // 8 + 2, dtype=torch.uint8))
+
+
 _ISA_SCRIPT = """
 import sys, numpy as np, torch
 from zotune.kernels import cpu
@@ -144,7 +188,9 @@ x = torch.empty(5000)
 cpu.fill(x, "gaussian", 2**63 + 17, 99, 3)
 y = torch.linspace(-1, 1, 5000)
 cpu.axpy(y, "gaussian", 99, 3, 0.75, [(5, 0.1), (6, -0.2)])
-np.save(sys.argv[1], np.stack([x.numpy(), y.numpy()]))
+w = torch.linspace(-1, 1, 5000)
+cpu.masked_axpy(w, "gaussian", 99, 0, 0.75, [(5, 0.1), (6, -0.2)], torch.full((625,), 0x5B, dtype=torch.uint8))
+np.save(sys.argv[1], np.stack([x.numpy(), y.numpy(), w.numpy()]))
 """
 
 
@@ -155,6 +201,8 @@ def test_same_bits_without_fma_or_avx(cpu, tmp_path):
     cpu.fill(x, "gaussian", 2**63 + 17, 99, 3)
     y = torch.linspace(-1, 1, 5000)
     cpu.axpy(y, "gaussian", 99, 3, 0.75, [(5, 0.1), (6, -0.2)])
+    w = torch.linspace(-1, 1, 5000)  # sparse directions' explicit llvm.fma: libm's fmaf without FMA, the same bits
+    cpu.masked_axpy(w, "gaussian", 99, 0, 0.75, [(5, 0.1), (6, -0.2)], torch.full((625,), 0x5B, dtype=torch.uint8))
     src = str(Path(zotune.__file__).resolve().parents[1])
     env = dict(
         os.environ,
@@ -167,7 +215,7 @@ def test_same_bits_without_fma_or_avx(cpu, tmp_path):
     env.pop("ZOTUNE_BACKEND", None)
     out = tmp_path / "sse2.npy"
     subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out)], env=env, check=True, timeout=300)
-    np.testing.assert_array_equal(np.load(out), np.stack([x.numpy(), y.numpy()]))
+    np.testing.assert_array_equal(np.load(out), np.stack([x.numpy(), y.numpy(), w.numpy()]))
 
 
 def test_rejects_bad_input(cpu):

@@ -6,7 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_interrupt_restores, assert_resume_matches, mse_closure, steps_with_a_skip, ulp32
+from conftest import (
+    assert_interrupt_restores,
+    assert_resume_matches,
+    fused_addcmul,
+    mse_closure,
+    steps_with_a_skip,
+    ulp32,
+)
 
 from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
 from zotune.config import ConfigError, OptimConfig
@@ -37,8 +44,8 @@ def test_the_mask_is_the_magnitudes_under_the_sampled_quantile(shape, sparsity):
         assert mask.sum() == max(1, math.ceil((1 - sparsity) * p.numel()))
     else:  # 150,300 elements sampled at stride 2: the quantile of the sample, within 1% of the whole's
         assert abs(mask.mean() - (1 - sparsity)) < 0.01
-    # chunking does not change it, including chunks that end inside a byte's tensor tail
-    assert torch.equal(functional.magnitude_mask(p, sparsity, chunk=64), bits)
+    # the torch path (the reference backend) and its chunking do not change it, tails inside a byte included
+    assert torch.equal(functional.magnitude_mask(p, sparsity, chunk=64, backend="reference"), bits)
 
 
 def test_the_mask_of_a_bfloat16_tensor_and_of_ties():
@@ -106,6 +113,35 @@ def test_replay_rebuilds_the_weights_bit_for_bit(tmp_path, toy_model, regression
     opt.flush()
     base = toy_model(dtype=dtype)
     replay(base, path)
+    for (name, p), q in zip(model.named_parameters(), base.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_trajectory_of_the_torch_path_replays_bit_for_bit_on_the_fused_kernel(
+    tmp_path, monkeypatch, toy_model, regression_data, dtype
+):
+    """The numba backend's masked pass and mask packing replaced a torch path (numba's z, then addcmul_): runs
+    written by either replay on the other, where torch's addcmul_ is a fused multiply-add (this machine's)."""
+    import dataclasses
+
+    from zotune import kernels
+
+    numba_backend = kernels._REGISTRY.get("numba")
+    if numba_backend is None or numba_backend.masked_axpy is None:
+        pytest.skip("no numba backend")
+    if not fused_addcmul():
+        pytest.skip("torch's addcmul_ is not fused here: the two paths differ by a rounding")
+    path = tmp_path / "torch-path.zot"
+    with monkeypatch.context() as m:
+        m.setitem(kernels._REGISTRY, "numba", dataclasses.replace(numba_backend, masked_axpy=None, pack_mask=None))
+        model = toy_model(dtype=dtype)
+        rounding = dtype != torch.float32
+        opt = MeZO(model.named_parameters(), lr=1e-2, sparsity=0.7, trajectory=path, stochastic_rounding=rounding)
+        steps_with_a_skip(opt, model, regression_data, 5, skip_at=-1)
+        opt.flush()
+    base = toy_model(dtype=dtype)
+    replay(base, path)  # the fused kernel
     for (name, p), q in zip(model.named_parameters(), base.parameters()):
         assert torch.equal(p, q), name
 

@@ -43,6 +43,11 @@ class Backend:
     # sweep(tensors, keys, starts, distribution, terms, *, scale, rounding_seed): the multi-tensor sweep, whole
     # tensors in their own dtype in one launch (one or two terms); None: the chunked axpy path per tensor
     sweep: Callable[..., None] | None = None
+    # masked_axpy(x, distribution, key, start, scale, terms, bits): axpy along m * z, m the packed mask bits of
+    # x's elements (Sparse-MeZO); pack_mask(x, threshold, bits): bits <- |x| <= threshold, packed 8 a byte.
+    # None: functional's torch path (the same numbers)
+    masked_axpy: Callable[..., None] | None = None
+    pack_mask: Callable[[torch.Tensor, float, torch.Tensor], None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -23,6 +23,9 @@ contraction, no reassociation, no approximate functions), so the bits do not dep
 instruction set either: SSE2, AVX2 and AVX-512 builds give identical results (checked), as should
 any IEEE-754 CPU (no intermediate is subnormal, so flush-to-zero modes do not matter either).
 FMA contraction would be ~15% faster but would tie the bits to the FMA unit and the compiler's choices.
+The one exception is explicit: the masked combine of sparse directions rounds each term as a fused
+multiply-add (``llvm.fma``, correctly rounded on any CPU), because that is what the torch path it
+replaces computes on this machine (``addcmul_``), and both must give a trajectory the same bits.
 
 Threads: as many workers per call as torch uses (``torch.get_num_threads()``, set by
 ``OMP_NUM_THREADS`` or ``torch.set_num_threads``), at most ``numba.get_num_threads()``: one knob
@@ -45,7 +48,7 @@ from numba.extending import intrinsic
 from zotune import rng
 from zotune.kernels import Backend
 
-__all__ = ["BACKEND", "CHUNK", "axpy", "fill", "rounding_words", "supports"]
+__all__ = ["BACKEND", "CHUNK", "axpy", "fill", "masked_axpy", "pack_mask", "rounding_words", "supports"]
 
 CHUNK = 8192  # elements per work item; a multiple of 128 (one Rademacher block)
 _SERIAL_BELOW = 2 * CHUNK  # smaller tensors skip the thread pool (its launch costs more than the work)
@@ -125,6 +128,18 @@ def _bits_f32(typingctx, x):
         return builder.bitcast(args[0], ir.FloatType())
 
     return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _fma32(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma: the FMA instruction, or libm's correctly rounded fmaf without one)."""
+    if not (a == types.float32 and b == types.float32 and c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,15 +296,63 @@ def _combine(x, xo, z0, z1, zo, m, nt, scale, c0, c1, fill):
             xs[i] = (xs[i] * scale + c0 * a[i]) + c1 * b[i]
 
 
+@njit(**_JIT)
+def _combine_masked(x, xo, z0, z1, zo, m, nt, scale, c0, c1, bits):
+    """Sparse directions: x = fma(c1 b, z1, fma(c0 b, z0, x * scale)) over x[xo:xo+m], b in {0., 1.} the bit of
+    each element in ``bits`` (packed, bit i of byte k: element 8k + i of x).
+
+    Rounded as the torch path of ``functional._masked_sweep_`` is on a CPU with FMA (``addcmul_`` there is one
+    fused multiply-add per term, measured), so the two give the same bits and trajectories written by either
+    replay on the other. ``b`` multiplies rather than selects, as that path's does: a masked-off -0.0 weight
+    becomes +0.0 in both.
+    """
+    xs = x[xo : xo + m]
+    a = z0[zo : zo + m]
+    b = z1[zo : zo + m] if nt == 2 else z0[zo : zo + m]
+    mb = bits[xo >> 3 :]  # xo is a multiple of 8 (chunks are CHUNK-aligned, x starts on a byte)
+    for i in range(m):
+        bit = _F(np.int32((np.int32(mb[i >> 3]) >> np.int32(i & 7)) & np.int32(1)))
+        v = xs[i] * scale
+        if nt == 2:
+            xs[i] = _fma32(c1 * bit, b[i], _fma32(c0 * bit, a[i], v))
+        else:
+            xs[i] = _fma32(c0 * bit, a[i], v)
+
+
+@njit(**_JIT)
+def _pack_bytes(x, h, bits, k0, k1):
+    """bits[k] = the byte of elements 8k .. 8k+7 of x with |x| <= h (bit i: element 8k + i), k in k0 .. k1-1."""
+    n = x.shape[0]
+    for k in range(k0, min(k1, n // 8)):  # whole bytes: branch-free, so LLVM vectorises it
+        xs = x[8 * k : 8 * k + 8]
+        byte = np.uint32(0)
+        for i in range(8):
+            byte |= np.uint32(abs(xs[i]) <= h) << np.uint32(i)
+        bits[k] = np.uint8(byte)
+    for k in range(max(k0, n // 8), k1):  # the last, partial byte
+        byte = np.uint32(0)
+        for j in range(8 * k, n):
+            byte |= np.uint32(abs(x[j]) <= h) << np.uint32(j - 8 * k)
+        bits[k] = np.uint8(byte)
+
+
+@njit(parallel=True, **_JIT)
+def _pack_parallel(x, h, bits, workers):
+    nbytes = bits.shape[0]
+    for w in prange(workers):
+        _pack_bytes(x, h, bits, w * nbytes // workers, (w + 1) * nbytes // workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # chunk loops (one worker's share) and their serial / parallel drivers
 
 
 @njit(**_JIT)
-def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs, scale, fill):
+def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits):
     """Chunks chunk0 .. chunk1-1 (global CHUNK-aligned) of x, which holds elements start .. start+len(x)-1.
 
-    seeds: int64 array (nt, 2) of (lo32, hi32); coefs: float32 array (nt,).
+    seeds: int64 array (nt, 2) of (lo32, hi32); coefs: float32 array (nt,); bits: x's packed mask (uint8), or
+    empty for dense directions.
     """
     end = start + x.shape[0]
     nt = seeds.shape[0]
@@ -315,24 +378,27 @@ def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs
                 _sign_blocks(nb, w0, w1, w2, w3, zt)
             else:
                 _gauss_blocks(nb, w0, w1, w2, w3, zt)
-        _combine(x, g0 - start, z0, z1, g0 - b0 * per, g1 - g0, nt, scale, c0, c1, fill)
+        if bits.shape[0]:
+            _combine_masked(x, g0 - start, z0, z1, g0 - b0 * per, g1 - g0, nt, scale, c0, c1, bits)
+        else:
+            _combine(x, g0 - start, z0, z1, g0 - b0 * per, g1 - g0, nt, scale, c0, c1, fill)
 
 
 @njit(**_JIT)
-def _z_serial(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill):
+def _z_serial(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits):
     first = start // CHUNK
     last = (start + x.shape[0] - 1) // CHUNK + 1
-    _z_chunks(x, start, first, last, rademacher, key_lo, key_hi, seeds, coefs, scale, fill)
+    _z_chunks(x, start, first, last, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits)
 
 
 @njit(parallel=True, **_JIT)
-def _z_parallel(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, workers):
+def _z_parallel(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits, workers):
     first = start // CHUNK
     nchunks = (start + x.shape[0] - 1) // CHUNK + 1 - first
     for w in prange(workers):
         lo = first + w * nchunks // workers
         hi = first + (w + 1) * nchunks // workers
-        _z_chunks(x, start, lo, hi, rademacher, key_lo, key_hi, seeds, coefs, scale, fill)
+        _z_chunks(x, start, lo, hi, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits)
 
 
 @njit(**_JIT)
@@ -405,7 +471,12 @@ def _workers(n: int) -> int:
     return max(1, min(numba.get_num_threads(), torch.get_num_threads(), n // CHUNK))
 
 
-def _run(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms, fill_: bool) -> None:
+_DENSE = np.empty(0, np.uint8)
+
+
+def _run(
+    x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms, fill_: bool, bits=_DENSE
+) -> None:
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     buf = _buffer(x)
@@ -424,9 +495,9 @@ def _run(x: torch.Tensor, distribution: str, key: int, start: int, scale: float,
     scale32 = np.float32(scale)
     workers = _workers(n)
     if workers == 1:
-        _z_serial(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_)
+        _z_serial(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_, bits)
     else:
-        _z_parallel(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_, workers)
+        _z_parallel(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_, bits, workers)
 
 
 def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) -> None:
@@ -437,6 +508,30 @@ def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) ->
 def axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms) -> None:
     """x[:] = x * scale + sum(c * z(s) for s, c in terms), in float32, in one pass over x."""
     _run(x, distribution, key, start, scale, terms, False)
+
+
+def masked_axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms, bits) -> None:
+    """x[:] = x * scale + sum(c * m * z(s) for s, c in terms), m the packed mask ``bits`` of x's elements (a
+    uint8 tensor, bit i of byte k: element 8k + i of x), in one pass over x (see :func:`_combine_masked`)."""
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.device.type != "cpu":
+        raise ValueError("bits must be a uint8 CPU tensor (functional.magnitude_mask's packing)")
+    if bits.numel() != (x.numel() + 7) // 8:
+        raise ValueError(f"bits holds {bits.numel()} bytes, and {x.numel()} elements need {(x.numel() + 7) // 8}")
+    packed = bits.contiguous().numpy()
+    _run(x, distribution, key, start, scale, terms, False, packed if packed.shape[0] else _DENSE)
+
+
+def pack_mask(x: torch.Tensor, threshold: float, bits: torch.Tensor) -> None:
+    """bits[k] = the byte of elements 8k .. 8k+7 of the float32 tensor x with |x| <= threshold (bit i: 8k + i)."""
+    buf = _buffer(x)
+    if bits.dtype != torch.uint8 or not bits.is_contiguous() or bits.numel() != (buf.shape[0] + 7) // 8:
+        raise ValueError(f"bits must be a contiguous uint8 tensor of {(buf.shape[0] + 7) // 8} bytes")
+    out = bits.numpy()
+    workers = _workers(buf.shape[0])
+    if workers == 1:
+        _pack_bytes(buf, np.float32(threshold), out, 0, out.shape[0])
+    else:
+        _pack_parallel(buf, np.float32(threshold), out, workers)
 
 
 def rounding_words(out: np.ndarray, seed: int, key: int, start: int) -> None:
@@ -463,4 +558,6 @@ def supports(device: torch.device) -> bool:
     return torch.device(device).type == "cpu"
 
 
-BACKEND = Backend("numba", fill, axpy, supports, priority=10, words=rounding_words)
+BACKEND = Backend(
+    "numba", fill, axpy, supports, priority=10, words=rounding_words, masked_axpy=masked_axpy, pack_mask=pack_mask
+)

@@ -187,7 +187,8 @@ class MeZO(KeyedOptimizer):
             (:func:`~zotune.optim.functional.magnitude_mask`). It is not recomputed from the perturbed
             weights, as "on the fly" in the forward pass would: an element near h could then cross it
             between the sweeps and not be restored. SGD rule, Gaussian or Rademacher z, no layerwise,
-            ``fuse_next=False``; chunked torch sweeps (no fused kernel). 0: off.
+            ``fuse_next=False``; on the CPU a numba pass per chunk does z, mask and update at once (a torch
+            path elsewhere, no GPU kernel yet). 0: off.
 
     Example::
 

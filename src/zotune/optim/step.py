@@ -87,7 +87,10 @@ class Directions:
         be the clean weights of step t (the :class:`Probe` calls this before its first sweep). The matrices
         are masked (:func:`~zotune.optim.functional.magnitude_mask`); vectors (biases, norms) move as usual."""
         if self.sparsity:
-            masks = [functional.magnitude_mask(p, self.sparsity) if p.dim() >= 2 else None for p in self.params]
+            masks = [
+                functional.magnitude_mask(p, self.sparsity, backend=self.backend) if p.dim() >= 2 else None
+                for p in self.params
+            ]
             self._masks = (t, masks)
 
     def masks_at(self, t: int) -> list | None:

@@ -15,7 +15,7 @@ from conftest import (
     ulp32,
 )
 
-from zotune import MeZO, MeZOAdam, MeZOMomentum, replay, rng
+from zotune import MeZO, MeZOAdam, MeZOMomentum, kernels, replay, rng
 from zotune.config import ConfigError, OptimConfig
 from zotune.optim import functional, make_optimizer
 
@@ -203,3 +203,28 @@ def test_it_allocates_one_bit_a_parameter_and_nothing_parameter_sized_per_step()
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip().splitlines()[-1]) < 32
+
+
+def test_the_torch_paths_work_in_bounded_chunks_with_the_same_bits(monkeypatch):
+    """On a backend whose chunk is a whole tensor (Triton) the torch paths still cut at FALLBACK_CHUNK, so no
+    temporary is parameter-sized; the cut changes no bit (z, masks and rounding are keyed by element index)."""
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(37, 29, generator=gen)
+    s = torch.rand(37, 29, generator=gen) + 0.5
+    bits = functional.magnitude_mask(p0, 0.6)
+
+    def run():
+        p, sc = p0.clone(), s.clone()
+        for backend in ("reference", "numba"):
+            functional.sweep_([p], [5], [(1, 0.1), (2, -0.3)], masks=[bits], scale=0.9, backend=backend)
+        functional.scaled_sweep_(p, 5, sc, [(3, 0.2)], backend="reference")
+        functional.hizoo_update_(p, 5, sc, seed=3, restore=-0.2, g=0.5, kappa=2.0, alpha=0.1, lr=0.01)
+        return p, sc
+
+    whole = run()
+    assert functional._chunk(kernels.get("reference")) == min(kernels.get("reference").chunk, functional.FALLBACK_CHUNK)
+    monkeypatch.setattr(functional, "FALLBACK_CHUNK", 64)  # 17 pieces of the 1,073 elements
+    assert functional._chunk(kernels.get("reference")) == 64
+    cut = run()
+    for a, b in zip(whole, cut):
+        assert torch.equal(a, b)

@@ -55,6 +55,15 @@ def f32(x: float) -> float:
     return float(np.float32(x))
 
 
+FALLBACK_CHUNK = 1 << 22  # elements: a torch path's temporaries stay under 16 MB of float32 on any backend
+
+
+def _chunk(be) -> int:
+    """Elements per piece of a chunked torch path: the backend's chunk, at most :data:`FALLBACK_CHUNK` (Triton's
+    is a whole tensor, which would make a float32 buffer the size of the largest parameter: an embedding's)."""
+    return min(be.chunk, FALLBACK_CHUNK)
+
+
 def _flat(p: torch.Tensor) -> torch.Tensor:
     if not p.is_contiguous():
         raise ValueError(
@@ -202,7 +211,7 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
             group[3].append(base)
             continue
         flat = _flat(p)
-        n, chunk = flat.numel(), be.chunk
+        n, chunk = flat.numel(), _chunk(be)
         buf = None if p.dtype == torch.float32 else torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
         for start in range(0, n, chunk):
             part = flat[start : start + chunk]
@@ -284,7 +293,7 @@ def _masked_sweep_(p, key, bits, terms, scale, distribution, rounding_seed, back
         )
     be = kernels.select(p.device, backend)
     flat = _flat(p)
-    n, chunk = flat.numel(), be.chunk - be.chunk % 8
+    n, chunk = flat.numel(), _chunk(be) - _chunk(be) % 8
     fused = be.masked_axpy is not None and len(terms) <= 2  # the backend's one pass: z, mask and update
     zbuf = None if fused else torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
     for start in range(0, n, chunk):
@@ -417,7 +426,7 @@ def _outer_rows_(p, key, products, *, scale: float, rounding_seed, be) -> None:
     each product as r broadcast multiply-adds (elementwise float32, so the same bits on every run: no matmul
     whose blocking could change them), and no temporary larger than a chunk."""
     m, n = p.shape
-    flat, step = _flat(p), max(1, be.chunk // max(n, 1))
+    flat, step = _flat(p), max(1, _chunk(be) // max(n, 1))
     for r0 in range(0, m, step):
         rows = slice(r0, min(m, r0 + step))
         part = flat[r0 * n : rows.stop * n]
@@ -497,6 +506,8 @@ def gaussian_sumsq(params, keys, seed: int, *, backend=None) -> float:
                 "(DTensor) parameters; use distribution='gaussian'"
             )
         be = kernels.select(p.device, backend)
+        # the backend's own chunk, not _chunk(be): the float64 sum's order (so the sphere factor's bits, which
+        # trajectories on that backend were written with) follows the chunking
         n, chunk = p.numel(), be.chunk
         buf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
         for start in range(0, n, chunk):
@@ -546,7 +557,7 @@ def moment_sweep_(
     p, base = local_shard(p)
     be = kernels.select(p.device, backend)
     flat = _flat(p)
-    n, chunk = flat.numel(), be.chunk
+    n, chunk = flat.numel(), _chunk(be)
     zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
     for start in range(0, n, chunk):
         part = flat[start : start + chunk]
@@ -651,7 +662,7 @@ def scaled_sweep_(
     p, base = local_shard(p)
     be = kernels.select(p.device, backend)
     flat, sflat = _flat(p), s.view(-1)
-    n, chunk = flat.numel(), be.chunk
+    n, chunk = flat.numel(), _chunk(be)
     zbuf = torch.empty(min(chunk, n), dtype=torch.float32, device=p.device)
     for start in range(0, n, chunk):
         part = flat[start : start + chunk]
@@ -697,7 +708,7 @@ def hizoo_update_(
     be = kernels.select(device, backend)
     sflat = s.view(-1)
     flat = _flat(p) if p is not None else None
-    n, chunk = sflat.numel(), be.chunk
+    n, chunk = sflat.numel(), _chunk(be)
     zbuf, dbuf, tbuf = (torch.empty(min(chunk, n), dtype=torch.float32, device=device) for _ in range(3))
     for start in range(0, n, chunk):
         sc = sflat[start : start + chunk]

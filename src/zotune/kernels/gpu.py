@@ -36,6 +36,10 @@ storage) and kept in a bounded least-recently-used cache. A single tensor (the s
 tensor at a time: layerwise scales, more than two terms) needs no table: its kernel takes the
 tensor's size, start and key as scalar arguments, so such a sweep costs one launch and no copy.
 
+Sparse directions (Sparse-MeZO) have their own one-pass kernel, ``masked_axpy``: a float32 chunk, z, the
+packed mask bit of each element and the update together (one FMA a term, torch's ``addcmul_`` rounding);
+functional's masked path calls it per chunk of at most ``FALLBACK_CHUNK`` elements on the float32 work.
+
 Interpreter: ``TRITON_INTERPRET=1`` must be set before this module is imported (Triton reads it when
 the kernels are decorated); the kernels then run on CPU tensors through NumPy, which the tests use.
 """
@@ -53,7 +57,7 @@ import triton.language as tl
 from zotune import rng
 from zotune.kernels import Backend
 
-__all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "supports", "sweep", "table_stats", "words"]
+__all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "masked_axpy", "supports", "sweep", "table_stats", "words"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 512 if INTERPRETED else 2048  # elements per program; a multiple of 128 (one Rademacher block)
@@ -426,6 +430,61 @@ def _sweep_kernel_one(
     )
 
 
+@triton.jit(do_not_specialize=["n", "start", "key_lo", "key_hi", "s0_lo", "s0_hi", "s1_lo", "s1_hi"])
+def _masked_kernel(
+    base,
+    bits,
+    n,
+    start,
+    key_lo,
+    key_hi,
+    s0_lo,
+    s0_hi,
+    s1_lo,
+    s1_hi,
+    scale,
+    c0,
+    c1,
+    NT: tl.constexpr,
+    RADEMACHER: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Sparse directions, one tile of a float32 tensor holding elements start .. start + n - 1 (start a multiple
+    of 8): x <- fma(c1 m, z1, fma(c0 m, z0, x * scale)), m in {0., 1.} the element's bit in ``bits`` (bit i of
+    byte k: element 8k + i of x), so masked-off elements only scale. One rounding a term, as torch's addcmul_
+    (the path this replaces, and the numba kernel's rule). key_lo .. s1_hi: int32 bit patterns."""
+    g0 = (start.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
+    if RADEMACHER:  # the stream's (block, word, bit) tile, as in _sweep_tile
+        idx = (
+            tl.arange(0, BLOCK // 128)[:, None, None] * 128
+            + tl.arange(0, 4)[None, :, None] * 32
+            + tl.arange(0, 32)[None, None, :]
+        )
+    else:
+        idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    local = g0 - start + idx
+    inside = (local >= 0) & (local < n)
+    x = tl.load(base + local, mask=inside, other=0.0)
+    byte = tl.load(bits + (local >> 3), mask=inside, other=0).to(tl.int32)
+    m = ((byte >> (local & 7).to(tl.int32)) & 1).to(tl.float32)
+    key_lo = key_lo.to(tl.uint32, bitcast=True)
+    key_hi = key_hi.to(tl.uint32, bitcast=True)
+    lo0, hi0 = s0_lo.to(tl.uint32, bitcast=True), s0_hi.to(tl.uint32, bitcast=True)
+    if RADEMACHER:
+        z0 = tl.where(_rademacher_bits(g0, lo0, hi0, key_lo, key_hi, BLOCK), 1.0, -1.0)
+    else:
+        z0 = _gaussian(g0, lo0, hi0, key_lo, key_hi, BLOCK)
+    v = tl.fma(c0 * m, z0, x * scale)
+    if NT == 2:
+        lo1, hi1 = s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True)
+        if RADEMACHER:
+            z1 = tl.where(_rademacher_bits(g0, lo1, hi1, key_lo, key_hi, BLOCK), 1.0, -1.0)
+        else:
+            z1 = _gaussian(g0, lo1, hi1, key_lo, key_hi, BLOCK)
+        v = tl.fma(c1 * m, z1, v)
+    tl.store(base + local, v, mask=inside)
+
+
 @triton.jit(do_not_specialize=["start", "seed_lo", "seed_hi", "key_lo", "key_hi"])  # an int argument equal
 # to 1 is otherwise compiled as a constant, which has no .to()
 def _words_kernel(out, n, start, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
@@ -672,6 +731,40 @@ def axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float,
     sweep([x], [key], [start], distribution, terms, scale=scale)
 
 
+def masked_axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale: float, terms, bits) -> None:
+    """x[:] = x * scale + sum(c * m * z(s) for s, c in terms) in one pass, m the packed mask ``bits`` of x's
+    elements (uint8, bit i of byte k: element 8k + i of x); x float32 (functional's float32 work)."""
+    if distribution not in rng.DISTRIBUTIONS:
+        raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
+    _check(x)
+    terms = [(int(s), float(c)) for s, c in terms]
+    if x.dtype != torch.float32 or not 1 <= len(terms) <= 2 or int(start) % 8:
+        raise ValueError("masked_axpy takes a float32 tensor, one or two terms and a start that is a multiple of 8")
+    n, start = x.numel(), int(start)
+    if bits.dtype != torch.uint8 or bits.device != x.device or bits.numel() != (n + 7) // 8:
+        raise ValueError(f"bits must be {(n + 7) // 8} uint8 bytes on {x.device}")
+    rng._check_range(start, n)
+    if n == 0:
+        return
+    block = BLOCK
+    seeds = (*_halves32(terms[0][0]), *(_halves32(terms[1][0]) if len(terms) == 2 else (0, 0)))
+    _masked_kernel[((start + n - 1) // block - start // block + 1,)](
+        x.detach(),
+        bits.contiguous(),
+        n,
+        start,
+        *_halves32(key),
+        *seeds,
+        float(scale),
+        terms[0][1],
+        terms[1][1] if len(terms) == 2 else 0.0,
+        NT=len(terms),
+        RADEMACHER=distribution == "rademacher",
+        BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
+
+
 def words(out, seed: int, key: int, start: int) -> None:
     """out[:] = rng.rounding_words(seed, key, start, len(out)); out a NumPy uint32 array or an int32 tensor."""
     import numpy as np
@@ -695,4 +788,6 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and not INTERPRETED
 
 
-BACKEND = Backend("triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words, sweep=sweep)
+BACKEND = Backend(
+    "triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words, sweep=sweep, masked_axpy=masked_axpy
+)

@@ -26,9 +26,10 @@ Times are the best of --repeats after a warm-up (medians are printed next to the
 timed round-robin, one call of each per round, so that other load on a shared machine hits them alike. Ratios are printed and, unless --no-append,
 appended as a dated markdown section (machine, versions, command) to benchmarks/RESULTS.md (or --results).
 
-With --more-sweeps two more sweeps are timed: the per-tensor path (one ``sweep_`` per tensor, as
+With --more-sweeps more sweeps are timed: the per-tensor path (one ``sweep_`` per tensor, as
 layerwise scales issue them) and a four-term sweep (n-SPSA's update, FZOO's N-term update), the two
-paths that do not take the one-launch multi-tensor sweep. With --kernel-time (CUDA) each sweep and
+paths that do not take the one-launch multi-tensor sweep, and Sparse-MeZO's masked sweep and its
+masks (sparsity 0.75), which run per tensor (a chunked pass of the backend's masked kernel). With --kernel-time (CUDA) each sweep and
 the step is run once more under torch.profiler: the kernels' summed device time, the number of
 kernel launches and of host-to-device copies are printed beside the wall time, so host work (Python,
 launches, copies) and kernel work can be told apart.
@@ -386,6 +387,14 @@ def main(argv=None) -> int:
             [(1, -EPS), (2, EPS), (3, -EPS), (4, EPS)],
             rounding_seed=3 if args.stochastic_rounding else None,
         )
+        # Sparse-MeZO (sparsity 0.75): a step computes its masks once, then sweeps along m z three times
+        masks = [F.magnitude_mask(p, 0.75) if p.dim() >= 2 else None for p in params]
+        timed["sweep: Gaussian +eps masked (Sparse-MeZO, 1 term)"] = lambda: F.sweep_(
+            params, keys, [(1, EPS)], masks=masks
+        )
+        timed["Sparse-MeZO masks (every matrix, from its weights)"] = lambda: [
+            F.magnitude_mask(p, 0.75) if p.dim() >= 2 else None for p in params
+        ]
     best = round_robin(timed, device, args.repeats)
     for name, (t, m) in best.items():
         rows.append((name, t, m))
@@ -482,6 +491,8 @@ def main(argv=None) -> int:
     for name in (
         "sweep: Gaussian +eps, one sweep_ per tensor (layerwise path)",
         "sweep: Gaussian 4 terms (n-SPSA / FZOO update path)",
+        "sweep: Gaussian +eps masked (Sparse-MeZO, 1 term)",
+        "Sparse-MeZO masks (every matrix, from its weights)",
     ):
         if name in t_sweeps:
             ratios.append((f"{name.removeprefix('sweep: ')} / copy sweep", t_sweeps[name] / copy_sweep))

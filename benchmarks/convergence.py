@@ -58,9 +58,10 @@ Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for anoth
 Methods (``--methods``): every entry of ``METHODS`` below, one per estimator, direction kind or rule of
 issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, subzero, sparse-mezo, zo-muon,
 one-sided-4.
-The default runs mezo, fzoo and hizoo; one 10-minute GPU call holds about three methods on both tasks,
-so the others go in further calls (``--methods mezo,kerzoo,sparse-mezo,zo-muon --out ...``: mezo again,
-its rows being every other row's target).
+The default runs mezo, sparse-mezo and hizoo (the control and the two that led the CPU tuning,
+RESULTS.md 2026-12-06); one 10-minute GPU call holds about three methods on both tasks, so the others
+go in further calls (``--methods mezo,fzoo,kerzoo,zo-muon --out ...``: mezo again, its rows being every
+other row's target).
 
 Presets (options given on the command line win):
 
@@ -75,9 +76,11 @@ Presets (options given on the command line win):
   passes per final run (tuned MeZO's 1,000 steps), 400 per grid point, validation every 200,
   seeds 0 and 1, eight cells at a time on the one GPU (one small model leaves most of it idle: ten
   SmolLM2 MeZO processes stepped ~3x faster in all than one), stopping at 8.5 minutes (the cells save
-  their state) and printing the table of what finished. About 22,000 forward passes with mezo and
-  fzoo on both tasks: at the ~70 a second that parallel SmolLM2 MeZO cells made on an H100, about
-  5 minutes of training, plus process starts and validations.
+  their state) and printing the table of what finished. About 10,400 forward passes per method on
+  both tasks (3 x 400 tuning and 2 x 2,000 final per task), 31,000 for the three default methods: at
+  the ~70 a second that parallel SmolLM2 MeZO cells made on an H100, about 7.5 minutes of training,
+  plus process starts and validations, so the last cells may stop at the limit with their state
+  saved; the same command (``--resume OUT``) finishes them in a second call.
 
 Peak memory is that of each cell's own process (RSS on a CPU, the CUDA allocator's peak on a GPU),
 so it is reported only for cells run in processes of their own or on a GPU (where it is reset before
@@ -226,7 +229,7 @@ TASK_TITLES = {
 BUNDLED = {"sst2"}  # tasks whose default data ships with zotune (data_dir stays None: the default run's)
 
 DEFAULTS = {
-    "methods": ["mezo", "fzoo", "hizoo"],
+    "methods": ["mezo", "sparse-mezo", "hizoo"],
     "tasks": ["sst2", "copa"],
     "seeds": [0, 1],
     "budget": 2000,

@@ -209,6 +209,22 @@ def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constex
 
 
 @triton.jit
+def _tile_index(RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """A tile's element offsets in the stream's own layout. Gaussian: (BLOCK // 4, 4), one Philox block per row
+    (lanes picked in registers); Rademacher: (BLOCK // 128, 4, 32), (Philox block, word, bit), contiguous along
+    its last two axes."""
+    if RADEMACHER:  # a static branch (one assignment each, one return: the form the kernels compiled with)
+        idx = (
+            tl.arange(0, BLOCK // 128)[:, None, None] * 128
+            + tl.arange(0, 4)[None, :, None] * 32
+            + tl.arange(0, 32)[None, None, :]
+        )
+    else:
+        idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    return idx
+
+
+@triton.jit
 def _sweep_tile(
     base,
     offset,
@@ -247,16 +263,7 @@ def _sweep_tile(
         first = (
             first // ALIGN
         ) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
-    # Gaussian: a (BLOCK // 4, 4) tile, one Philox block per row (lanes picked in registers);
-    # Rademacher: a (BLOCK // 128, 4, 32) tile, (Philox block, word, bit), contiguous along its last two axes
-    if RADEMACHER:
-        tile_idx = (
-            tl.arange(0, BLOCK // 128)[:, None, None] * 128
-            + tl.arange(0, 4)[None, :, None] * 32
-            + tl.arange(0, 32)[None, None, :]
-        )
-    else:
-        tile_idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    tile_idx = _tile_index(RADEMACHER, BLOCK)
     ptrs = base + first + tile_idx
     local = g0 - start + tile_idx
     mask = (local >= 0) & (local < n)
@@ -454,15 +461,7 @@ def _masked_kernel(
     byte k: element 8k + i of x), so masked-off elements only scale. One rounding a term, as torch's addcmul_
     (the path this replaces, and the numba kernel's rule). key_lo .. s1_hi: int32 bit patterns."""
     g0 = (start.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
-    if RADEMACHER:  # the stream's (block, word, bit) tile, as in _sweep_tile
-        idx = (
-            tl.arange(0, BLOCK // 128)[:, None, None] * 128
-            + tl.arange(0, 4)[None, :, None] * 32
-            + tl.arange(0, 32)[None, None, :]
-        )
-    else:
-        idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
-    local = g0 - start + idx
+    local = g0 - start + _tile_index(RADEMACHER, BLOCK)
     inside = (local >= 0) & (local < n)
     x = tl.load(base + local, mask=inside, other=0.0)
     byte = tl.load(bits + (local >> 3), mask=inside, other=0).to(tl.int32)

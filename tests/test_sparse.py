@@ -17,7 +17,7 @@ from conftest import (
 
 from zotune import MeZO, MeZOAdam, MeZOMomentum, kernels, replay, rng
 from zotune.config import ConfigError, OptimConfig
-from zotune.optim import functional, make_optimizer
+from zotune.optim import chunks, functional, make_optimizer, masked
 
 
 def _explicit_mask(p: torch.Tensor, sparsity: float) -> np.ndarray:
@@ -29,7 +29,7 @@ def _explicit_mask(p: torch.Tensor, sparsity: float) -> np.ndarray:
 
 
 def _unpacked(bits, p):
-    return functional._unpack(bits, 0, p.numel()).view(p.shape).bool().numpy()
+    return masked.unpack_mask(bits, 0, p.numel()).view(p.shape).bool().numpy()
 
 
 @pytest.mark.parametrize("shape, sparsity", [((37, 23), 0.75), ((300, 501), 0.5), ((3, 5), 0.9), ((8, 8), 0.0)])
@@ -222,9 +222,9 @@ def test_the_torch_paths_work_in_bounded_chunks_with_the_same_bits(monkeypatch):
         return p, sc
 
     whole = run()
-    assert functional._chunk(kernels.get("reference")) == min(kernels.get("reference").chunk, functional.FALLBACK_CHUNK)
-    monkeypatch.setattr(functional, "FALLBACK_CHUNK", 64)  # 17 pieces of the 1,073 elements
-    assert functional._chunk(kernels.get("reference")) == 64
+    assert chunks.chunk_size(kernels.get("reference")) == min(kernels.get("reference").chunk, chunks.FALLBACK_CHUNK)
+    monkeypatch.setattr(chunks, "FALLBACK_CHUNK", 64)  # 17 pieces of the 1,073 elements
+    assert chunks.chunk_size(kernels.get("reference")) == 64
     cut = run()
     for a, b in zip(whole, cut):
         assert torch.equal(a, b)

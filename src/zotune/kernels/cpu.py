@@ -301,7 +301,7 @@ def _combine_masked(x, xo, z0, z1, zo, m, nt, scale, c0, c1, bits):
     """Sparse directions: x = fma(c1 b, z1, fma(c0 b, z0, x * scale)) over x[xo:xo+m], b in {0., 1.} the bit of
     each element in ``bits`` (packed, bit i of byte k: element 8k + i of x).
 
-    Rounded as the torch path of ``functional._masked_sweep_`` is on a CPU with FMA (``addcmul_`` there is one
+    Rounded as the torch path of ``zotune.optim.masked.masked_sweep_`` is on a CPU with FMA (``addcmul_`` there is one
     fused multiply-add per term, measured), so the two give the same bits and trajectories written by either
     replay on the other. ``b`` multiplies rather than selects, as that path's does: a masked-off -0.0 weight
     becomes +0.0 in both.

@@ -184,7 +184,7 @@ class MeZO(KeyedOptimizer):
             ``theta -+ eps m z`` and ``theta <- theta - lr g m z``); vectors move as in MeZO. The mask is
             computed from the clean weights at the start of every step (replay computes the same one)
             and held for that step only, one bit a parameter
-            (:func:`~zotune.optim.functional.magnitude_mask`). It is not recomputed from the perturbed
+            (:func:`~zotune.optim.masked.magnitude_mask`). It is not recomputed from the perturbed
             weights, as "on the fly" in the forward pass would: an element near h could then cross it
             between the sweeps and not be restored. SGD rule, Gaussian or Rademacher z, no layerwise,
             ``fuse_next=False``; on the CPU a numba pass per chunk does z, mask and update at once (a torch

@@ -38,7 +38,7 @@ class Directions:
     Rademacher z, the sphere, or factors of each matrix: ``"lowrank"`` (LOZO, arXiv 2410.07698: ``U V^T /
     sqrt(rank)``, U each step, V every ``lowrank_every`` steps; a direction's seed is the pair of its factors'
     seeds, nothing stored) and ``"subspace"`` (ZO-Muon, arXiv 2602.17155: ``P Psi_j``, P orthonormal and shared
-    by a step's directions; :func:`zotune.optim.functional.subspace_factors`). ``sparsity`` (Sparse-MeZO): z
+    by a step's directions; :func:`zotune.optim.factored.subspace_factors`). ``sparsity`` (Sparse-MeZO): z
     masked on each matrix by :meth:`mask_step`; :attr:`elementwise` (HiZOO): z scaled per element.
     """
 
@@ -85,7 +85,7 @@ class Directions:
     def mask_step(self, t: int) -> None:
         """Sparse directions (Sparse-MeZO): compute step t's masks from the weights as they are now, which must
         be the clean weights of step t (the :class:`Probe` calls this before its first sweep). The matrices
-        are masked (:func:`~zotune.optim.functional.magnitude_mask`); vectors (biases, norms) move as usual."""
+        are masked (:func:`~zotune.optim.masked.magnitude_mask`); vectors (biases, norms) move as usual."""
         if self.sparsity:
             masks = [
                 functional.magnitude_mask(p, self.sparsity, backend=self.backend) if p.dim() >= 2 else None

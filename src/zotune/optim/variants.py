@@ -494,7 +494,7 @@ class MuonRule(SGDRule):
 
     after the carried probe is removed; c_i are the estimator's coefficients. Tensors that are not matrices
     neither move nor are updated (the directions have no part on them). Stateless: the trajectory's seeds
-    and c_i rebuild every update (:func:`zotune.optim.functional.muon_update_`).
+    and c_i rebuild every update (:func:`zotune.optim.factored.muon_update_`).
     """
 
     name = "muon"

@@ -122,31 +122,36 @@ def test_axpy_matches_reference(tk, distribution, nterms):
         _check_axpy(x.numpy(), x0.numpy(), 0.999, terms_z)
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-@pytest.mark.parametrize("nterms", [1, 2])
-def test_masked_axpy_matches_the_torch_path(tk, distribution, nterms):
+def _check_masked_axpy(module, device: str, distribution: str, nterms: int) -> None:
     """Sparse directions' one-pass kernel against the path it replaces on the GPU: the backend's z, then
     x * scale and addcmul_ by the unpacked mask per term; masked-off elements only scale."""
     key, g = 2**63 + 5, torch.Generator().manual_seed(9)
     terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)][:nterms]
     for start, n in [(0, 5), (8, 300), (1016, 1100)]:  # tiles of the default 512 elements, and across them
-        x0, mask = torch.randn(n, generator=g), torch.rand(n, generator=g) < 0.3
+        x0, mask = torch.randn(n, generator=g).to(device), (torch.rand(n, generator=g) < 0.3).to(device)
         bits = torch.cat([mask, mask.new_zeros(-n % 8)]).view(-1, 8).to(torch.uint8)
-        bits = (bits * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+        bits = (bits * weights).sum(1, dtype=torch.uint8)
         x = x0.clone()
-        tk.masked_axpy(x, distribution, key, start, 0.999, terms, bits)
-        want, z = x0 * np.float32(0.999), torch.empty(n)
+        module.masked_axpy(x, distribution, key, start, 0.999, terms, bits)
+        want, z = x0 * np.float32(0.999), torch.empty(n, device=device)
         for seed, c in terms:
-            tk.fill(z, distribution, seed, key, start)
+            module.fill(z, distribution, seed, key, start)
             want.addcmul_(mask.float(), z, value=c)
-        # the interpreter's fma may round the product apart: one float32 rounding of each c z term
+        # an fma on one side and a separately rounded product on the other: one float32 rounding of each c z term
         bound = EPS32 * (want.abs() + sum(abs(c) * 6.0 for _, c in terms))
         assert torch.all((x - want).abs() <= bound)
         assert torch.equal(x[~mask], x0[~mask] * np.float32(0.999))
     with pytest.raises(ValueError, match="multiple of 8"):
-        tk.masked_axpy(torch.zeros(8), "gaussian", key, 3, 1.0, terms, torch.zeros(1, dtype=torch.uint8))
+        module.masked_axpy(torch.zeros(8, device=device), "gaussian", key, 3, 1.0, terms, bits[:1])
     with pytest.raises(ValueError, match="uint8 bytes"):
-        tk.masked_axpy(torch.zeros(9), "gaussian", key, 0, 1.0, terms, torch.zeros(1, dtype=torch.uint8))
+        module.masked_axpy(torch.zeros(9, device=device), "gaussian", key, 0, 1.0, terms, bits[:1])
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("nterms", [1, 2])
+def test_masked_axpy_matches_the_torch_path(tk, distribution, nterms):
+    _check_masked_axpy(tk, "cpu", distribution, nterms)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -387,6 +392,15 @@ def test_gpu_sweep_matches_reference(distribution):
     functional.sweep_([ref], [key], terms, scale=0.999, distribution=distribution, backend="reference")
     ulp = torch.finfo(torch.float16).eps * ref.float().abs().clamp_min(1e-3)
     assert ((half.cpu().float() - ref.float()).abs() <= 2 * ulp).all()
+
+
+@cuda
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("nterms", [1, 2])
+def test_gpu_masked_axpy_matches_the_torch_path(distribution, nterms):
+    from zotune.kernels import gpu
+
+    _check_masked_axpy(gpu, "cuda", distribution, nterms)
 
 
 @cuda

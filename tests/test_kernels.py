@@ -179,6 +179,8 @@ def test_pack_mask_matches_the_torch_packing(cpu, n):
         cpu.pack_mask(x, 0.5, torch.zeros(n // 8 + 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="bytes"):
         cpu.masked_axpy(x, "gaussian", 1, 0, 1.0, [(1, 1.0)], torch.zeros(n // 8 + 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu.masked_axpy(x, "gaussian", 1, 4, 1.0, [(1, 1.0)], torch.zeros((n + 7) // 8, dtype=torch.uint8))
 
 
 _ISA_SCRIPT = """

@@ -517,6 +517,8 @@ def masked_axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale:
         raise ValueError("bits must be a uint8 CPU tensor (functional.magnitude_mask's packing)")
     if bits.numel() != (x.numel() + 7) // 8:
         raise ValueError(f"bits holds {bits.numel()} bytes, and {x.numel()} elements need {(x.numel() + 7) // 8}")
+    if int(start) % 8:  # chunks then start on a byte of bits (CHUNK is a multiple of 8)
+        raise ValueError(f"masked_axpy needs a start that is a multiple of 8, got {start}")
     packed = bits.contiguous().numpy()
     _run(x, distribution, key, start, scale, terms, False, packed if packed.shape[0] else _DENSE)
 

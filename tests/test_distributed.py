@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -195,7 +196,13 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["bad_variant"] = _error(lambda: zd.check_consistent(_optimizer(_mlp(5), n_perturbations=1 + rank)))
     result["out"] = os.path.join(out, f"rank{rank}.pt")
     torch.save(result, result["out"])
-    dist.destroy_process_group()
+    # end the rank without gloo's teardowns: a worker thread releasing a collective's tensors at exit can abort
+    # the process (SIGABRT, "terminate called without an active exception": seen here in CI) or hang it in
+    # destroy_process_group() (benchmarks/gloo_exit_abort.py); the barrier leaves no collective in flight
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _optimizer_of(params):

@@ -17,7 +17,12 @@ crash) continues with ``zotune.train.run(None, resume=...)``, and a cell whose r
 - ``tune``: ``tune/<task>/<method>/<lr...>/``, one run per grid point of seed 0 at ``--tune-budget``
   forward passes, without a test split (test data plays no part in the choice); then ``chosen.json``:
   per task and method the grid point with the best validation after the start (ties: the better last
-  validation, then the grid's order) and every point's scores.
+  validation, then the grid's order) and every point's scores. Where that best rate is at the grid's
+  edge, the optimum may lie past it: one more rate is tuned past that edge, spaced as the grid is
+  there, until the best is inside or ``--extend`` (default 2) rates were added on that side (the same
+  rule for every method, so tuning budgets differ only by what the rule asks; the tuning table marks
+  those rows). Final runs made at a rate that a new point displaced move to
+  ``final/<task>/<method>/superseded/``.
 - ``final``: ``final/<task>/<method>/seed<k>/``, each method at its chosen point for ``--budget``
   forward passes (``budget // passes per step`` steps), validated every ``--eval-passes`` forward
   passes (``eval_passes // passes per step`` steps), the best validation weights tested; and
@@ -237,6 +242,7 @@ DEFAULTS = {
     "eval_passes": 200,
     "jobs": 1,
     "time_limit": 0.0,
+    "extend": 2,
     "model": "smollm2-135m-instruct",
     "out": "runs/convergence",
 }
@@ -288,6 +294,7 @@ class Plan:
     jobs: int = 1
     isolate: bool = True
     time_limit: float = 0.0
+    extend: int = 2  # points a grid may grow past each edge (beyond_edge); 0: the grid alone
     overrides: list[str] = field(default_factory=list)  # --section.field value words for every cell
 
     def __post_init__(self):
@@ -315,6 +322,8 @@ class Plan:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}"
                 )
+        if not (isinstance(self.extend, int) and self.extend >= 0):
+            raise ConfigError(f"--extend must be a whole number >= 0, got {self.extend!r}")
         for m in self.methods:
             steps_for(self.tune_budget, METHODS[m].passes_per_step)
             steps_for(self.budget, METHODS[m].passes_per_step)
@@ -402,11 +411,12 @@ class Cell:
         return (self.dir / ("result.json" if self.kind == "inference" else "run/summary.json")).is_file()
 
 
-def tune_cells(plan: Plan) -> list[Cell]:
+def tune_cells(plan: Plan, points: dict | None = None) -> list[Cell]:
+    """The tuning cells: every method's grid on every task, or the ``(task, method) -> points`` given."""
     cells = []
     for task in plan.tasks:
         for method in plan.methods:
-            for point in grid_points(method):
+            for point in grid_points(method) if points is None else points[task, method]:
                 d = Path(plan.out) / "tune" / task / method / point_name(point)
                 cells.append(
                     Cell(
@@ -711,19 +721,55 @@ def reached_at(points: list[Point], target: float) -> Point | None:
 # -- the phases ----------------------------------------------------------------------------------------
 
 
+def beyond_edge(method: str, points: list[dict], best: int, extend: int) -> dict | None:
+    """The next rate past the grid's edge when tuning's best rate is at that edge; None when it is inside.
+
+    A best rate at the bottom (top) of the points run is not known to be the best: the optimum may lie
+    beyond it, and a control tuned at its grid's edge is not a tuned control. So the rule, the same for
+    every method: one more point past that edge, spaced as the grid is there (5e-6, 1e-5 -> 2.5e-6),
+    until the best is inside or ``extend`` points were added on that side. Only a grid of rates alone
+    extends (the grids here are); ``points`` are those run so far, the grid's first, ``best`` an index.
+    """
+    grid = grid_points(method)
+    if extend < 1 or len(points) < 2 or any(set(p) != {"lr"} for p in points):
+        return None
+    rates = sorted(p["lr"] for p in points)
+    lr = points[best]["lr"]
+    low, high = min(p["lr"] for p in grid), max(p["lr"] for p in grid)
+    if lr == rates[0]:
+        new, added = rates[0] * rates[0] / rates[1], sum(r < low for r in rates)
+    elif lr == rates[-1]:
+        new, added = rates[-1] * rates[-1] / rates[-2], sum(r > high for r in rates)
+    else:
+        return None
+    return {"lr": float(f"{new:.3g}")} if added < extend else None
+
+
 def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
-    cells = tune_cells(plan)
-    failures = run_cells(cells, plan, deadline, log)
+    """Run each method's grid (and the points past its edge that :func:`beyond_edge` asks for); choose."""
     path = Path(plan.out) / "chosen.json"
     chosen = _read_optional(path)
-    for task in plan.tasks:
-        for method in plan.methods:
+    points = {(t, m): grid_points(m) for t in plan.tasks for m in plan.methods}
+    while True:
+        cells = tune_cells(plan, points)
+        failures = run_cells(cells, plan, deadline, log)
+        grew = False
+        for (task, method), run in points.items():
             group = [c for c in cells if c.task == task and c.method == method]
             if not all(c.done for c in group):
                 continue
             curves = [read_curve(c.dir / "run", METHODS[method].passes_per_step) for c in group]
             best = choose(curves)
-            chosen.setdefault(task, {})[method] = {
+            extra = beyond_edge(method, run, best, plan.extend)
+            if extra is not None:
+                run.append(extra)
+                grew = True
+                log(
+                    f"{TASK_TITLES.get(task, task)}: {method}'s best rate, {point_name(group[best].point)}, is at "
+                    f"its grid's edge: tuning {point_name(extra)} too"
+                )
+                continue
+            entry = {
                 "point": group[best].point,
                 "tune_budget": plan.tune_budget,
                 "grid": [
@@ -736,14 +782,43 @@ def phase_tune(plan: Plan, deadline, log) -> tuple[dict, list[str]]:
                     for c, k in zip(group, curves)
                 ],
             }
-            log(f"{TASK_TITLES.get(task, task)}: {method} tuned to {point_name(group[best].point)}")
-    checkpoint.write_json(path, chosen)
-    return chosen, failures
+            tuned = chosen.setdefault(task, {})
+            tuned[method] = retuned(plan, task, method, tuned.get(method), entry, log)
+        checkpoint.write_json(path, chosen)
+        if not grew or failures:
+            return chosen, failures
 
 
-def lower_point(method: str, point: dict) -> dict | None:
-    """The grid point with the next smaller rate and every other field the same; None at the grid's bottom."""
-    lower = [p for p in grid_points(method) if p["lr"] < point["lr"] and {**p, "lr": point["lr"]} == point]
+def retuned(plan: Plan, task: str, method: str, old: dict | None, new: dict, log) -> dict:
+    """The method's entry after tuning: the old one when tuning found nothing new (it keeps a step down).
+
+    With new tuning results (a point past the grid's edge), rates that diverged in final runs before stay
+    stepped down from (:func:`step_down`), and final runs made at a rate no longer chosen move to
+    ``final/TASK/METHOD/superseded/POINT/``: every seed runs again at the new rate.
+    """
+    if old is None or old.get("grid") == new["grid"]:
+        return old or new
+    new["diverged_in_final"] = old.get("diverged_in_final", [])
+    failed, tuned = [d["point"] for d in new["diverged_in_final"]], [g["point"] for g in new["grid"]]
+    while new["point"] in failed and lower_point(tuned, new["point"]) is not None:
+        new["point"] = lower_point(tuned, new["point"])
+    folder = Path(plan.out) / "final" / task / method
+    if new["point"] != old["point"] and any((folder / f"seed{s}").is_dir() for s in plan.seeds):
+        aside = folder / "superseded" / point_name(old["point"])
+        aside.mkdir(parents=True, exist_ok=True)
+        for seed in plan.seeds:
+            if (folder / f"seed{seed}").is_dir():
+                (folder / f"seed{seed}").rename(aside / f"seed{seed}")
+        log(
+            f"{TASK_TITLES.get(task, task)}: {method} now tuned to {point_name(new['point'])}, not "
+            f"{point_name(old['point'])}: its final runs at that rate moved to {aside}"
+        )
+    return new
+
+
+def lower_point(points: list[dict], point: dict) -> dict | None:
+    """Of ``points`` (those tuned), the one with the next smaller rate and every other field the same."""
+    lower = [p for p in points if p["lr"] < point["lr"] and {**p, "lr": point["lr"]} == point]
     return max(lower, key=lambda p: p["lr"]) if lower else None
 
 
@@ -768,7 +843,8 @@ def step_down(plan: Plan, chosen: dict, log) -> bool:
             diverged = {s: v["steps"] for s, v in summaries.items() if v.get("stopped") == "diverged"}
             if not diverged:
                 continue
-            point, lower = entry["point"], lower_point(method, entry["point"])
+            point = entry["point"]
+            lower = lower_point([g["point"] for g in entry.get("grid", [])] or grid_points(method), point)
             if lower is None:
                 continue
             aside = folder / "diverged" / point_name(point)
@@ -960,7 +1036,8 @@ def _memory(plan: Plan, task: str, method: str, runs: dict, inference: dict | No
 def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
     lines = [
         f"Tuning on {TASK_TITLES.get(task, task)} (seed 0, validation; {plan.tune_budget:,} forward passes a "
-        f"point, the same number of points for every method):",
+        f"point, the same grid size for every method, and up to {plan.extend} more past an edge where the best was "
+        f"at it):",
         "",
         "| method | grid point | best validation after the start | last validation | |",
         "| --- | --- | ---: | ---: | --- |",
@@ -970,9 +1047,12 @@ def tuning_table(plan: Plan, task: str, chosen: dict) -> list[str]:
         if not entry:
             lines.append(f"| {method} | not tuned yet | | | |")
             continue
+        grid = grid_points(method)
         for row in entry["grid"]:
             failed = any(row["point"] == d["point"] for d in entry.get("diverged_in_final", []))
             mark = "chosen" if row["point"] == entry["point"] else "diverged in the final run" if failed else ""
+            if row["point"] not in grid:
+                mark = ", ".join(filter(None, ["past the grid's edge", mark]))
             stopped = f" ({row['stopped']})" if row.get("stopped") not in (None, "steps") else ""
             lines.append(
                 f"| {method} | {point_name(row['point'])}{stopped} | {_fmt(_pct(row['best_trained']))} | "
@@ -1103,6 +1183,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of the task data (default ../shared/data); SST-2 uses the bundled sample")
     p.add_argument("--jobs", type=int, help="cells at once, each in its own process (default 1)")
     p.add_argument(
+        "--extend",
+        type=int,
+        help="where tuning's best rate is at its grid's edge, tune this many more rates past it at most, "
+        "one at a time (default 2; 0: the grid alone)",
+    )
+    p.add_argument(
         "--isolate",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1145,6 +1231,7 @@ def make_plan(args, overrides: list[str]) -> Plan:
         "data_dir": args.data_dir,
         "jobs": args.jobs,
         "time_limit": args.time_limit,
+        "extend": args.extend,
     }
     values.update({k: v for k, v in given.items() if v is not None})
     for name in ("methods", "tasks"):

@@ -207,7 +207,65 @@ def test_a_tuned_rate_that_diverges_in_the_final_run_steps_down_for_both_seeds(t
     (folder / "seed0" / "run" / "summary.json").write_text(json.dumps({**summary, "stopped": "diverged"}))
     assert not conv.step_down(plan, chosen, QUIET) and entry["point"] == grid[0]
     assert "mezo seed 0 stopped early: diverged at step 4" in conv.phase_table(plan, QUIET)
-    assert conv.lower_point("mezo", grid[2]) == grid[1] and conv.lower_point("mezo", grid[0]) is None
+    assert conv.lower_point(grid, grid[2]) == grid[1] and conv.lower_point(grid, grid[0]) is None
+
+
+def test_a_best_rate_at_the_grids_edge_tunes_one_more_past_it_spaced_as_the_grid():
+    grid = conv.grid_points("mezo")  # 5e-5, 1e-4, 2e-4
+    assert conv.beyond_edge("mezo", grid, 0, 2) == {"lr": 2.5e-5}  # 5e-5 x (5e-5 / 1e-4)
+    assert conv.beyond_edge("mezo", grid, 2, 2) == {"lr": 4e-4}
+    assert conv.beyond_edge("mezo", grid, 1, 2) is None  # inside: tuned
+    assert conv.beyond_edge("mezo", grid, 0, 0) is None  # --extend 0: the grid alone
+    once = [*grid, {"lr": 2.5e-5}]
+    assert conv.beyond_edge("mezo", once, 3, 2) == {"lr": 1.25e-5}
+    assert conv.beyond_edge("mezo", [*once, {"lr": 1.25e-5}], 4, 2) is None  # two past the bottom: enough
+    assert conv.beyond_edge("mezo", once, 2, 2) == {"lr": 4e-4}  # the other side has its own two
+    both = [{"lr": 1e-5, "eps": 1e-3}, {"lr": 2e-5, "eps": 1e-3}]
+    assert conv.beyond_edge("mezo", both, 0, 2) is None  # only grids of rates alone extend
+
+
+def test_tuning_grows_past_the_edge_until_the_best_is_inside_and_moves_finals_it_displaced(tmp_path, monkeypatch):
+    plan = conv.Plan(
+        methods=["mezo"], tasks=["sst2"], seeds=[0, 1], budget=40, tune_budget=20, eval_passes=10, model="tiny",
+        out=str(tmp_path), isolate=False,
+    )  # fmt: skip
+    peak = math.log(2.5e-5)  # validation falls with the distance (in log rate) from 2.5e-5
+    ran = []
+
+    def fake_cells(cells, plan, deadline, log):
+        for cell in cells:
+            if not cell.done:
+                ran.append(cell.point["lr"])
+                value = 0.8 - 0.05 * abs(math.log(cell.point["lr"]) - peak)
+                _fake_run(cell.dir / "run", 2, [0.5, value - 0.01, value], value, 0)
+        return []
+
+    monkeypatch.setattr(conv, "run_cells", fake_cells)
+    old = {"point": {"lr": 5e-5}, "grid": [], "diverged_in_final": [{"point": {"lr": 1e-4}, "steps": {"0": 9}}]}
+    (tmp_path / "chosen.json").write_text(json.dumps({"sst2": {"mezo": old}}))
+    folder = tmp_path / "final" / "sst2" / "mezo"
+    _fake_run(folder / "seed0" / "run", 2, [0.5, 0.7, 0.7], 0.7, 0)
+    messages = []
+    chosen, failures = conv.phase_tune(plan, None, messages.append)
+    assert ran == [5e-5, 1e-4, 2e-4, 2.5e-5, 1.25e-5] and failures == []  # 2.5e-5 won, 1.25e-5 lost: inside
+    entry = chosen["sst2"]["mezo"]
+    assert entry["point"] == {"lr": 2.5e-5} and len(entry["grid"]) == 5
+    assert entry["diverged_in_final"] == old["diverged_in_final"]  # the history of the final runs stays
+    assert (folder / "superseded" / "lr5e-05" / "seed0" / "run" / "summary.json").is_file()
+    assert not (folder / "seed0").exists()  # every seed runs again at the new rate
+    assert "mezo's best rate, lr5e-05, is at its grid's edge: tuning lr2.5e-05 too" in messages[0]
+    assert "lr2.5e-05, is at its grid's edge: tuning lr1.25e-05 too" in messages[1]
+    assert "now tuned to lr2.5e-05, not lr5e-05: its final runs at that rate moved to" in messages[2]
+    assert json.loads((tmp_path / "chosen.json").read_text()) == chosen
+    # a step down after tuning is kept when tuning is run again and finds nothing new
+    entry.update(point={"lr": 1.25e-5}, diverged_in_final=[{"point": {"lr": 2.5e-5}, "steps": {"1": 3}}])
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    ran.clear()
+    again, _ = conv.phase_tune(plan, None, QUIET)
+    assert ran == [] and again["sst2"]["mezo"]["point"] == {"lr": 1.25e-5}
+    rows = [row for row in conv.tuning_table(plan, "sst2", again) if row.startswith("| mezo |")]
+    assert rows[3] == "| mezo | lr2.5e-05 | 80.0 | 80.0 | past the grid's edge, diverged in the final run |"
+    assert rows[4] == "| mezo | lr1.25e-05 | 76.5 | 76.5 | past the grid's edge, chosen |"
 
 
 def _validations(run_dir: Path) -> list[tuple[int, float]]:

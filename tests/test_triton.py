@@ -293,6 +293,18 @@ def test_stochastic_rounding_matches_reference_rule(tk, dtype, distribution):
     assert torch.equal(x, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_with_device_words_matches_the_host_words(tk, dtype):
+    """The Triton backend fills the rounding words where the data lies (no host copy): the same bits."""
+    assert zotune.kernels.gpu.BACKEND.device_words
+    x = torch.randn(700, generator=torch.Generator().manual_seed(3)) * 0.02 + 1e-5
+    for start in (0, 127, 2**33 + 7):  # across tiles, and words past 2**32
+        want, got = torch.empty(700, dtype=dtype), torch.empty(700, dtype=dtype)
+        functional.stochastic_round_(want, x, 2**63 + 3, 21, start)
+        functional.stochastic_round_(got, x, 2**63 + 3, 21, start, tk.words, on_device=True)
+        assert torch.equal(got, want) and not torch.equal(want, x.to(dtype))  # and some rounded up
+
+
 def test_stochastic_rounding_unbiased(tk):
     n = 4096
     x = torch.ones(n, dtype=torch.float16)

@@ -40,6 +40,8 @@ class Backend:
     chunk: int = 1 << 20  # elements per call: bounds any temporary the backend allocates
     # words(out, seed, key, start): out (1-D uint32 NumPy array) <- the rounding stream; None: the reference
     words: Callable[[object, int, int, int], None] | None = None
+    # words also fills a 1-D int32 torch tensor where the data lies (the same bits): no host round trip
+    device_words: bool = False
     # sweep(tensors, keys, starts, distribution, terms, *, scale, rounding_seed): the multi-tensor sweep, whole
     # tensors in their own dtype in one launch (one or two terms); None: the chunked axpy path per tensor
     sweep: Callable[..., None] | None = None

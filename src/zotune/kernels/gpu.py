@@ -788,5 +788,14 @@ def supports(device: torch.device) -> bool:
 
 
 BACKEND = Backend(
-    "triton", fill, axpy, supports, priority=20, chunk=1 << 62, words=words, sweep=sweep, masked_axpy=masked_axpy
+    "triton",
+    fill,
+    axpy,
+    supports,
+    priority=20,
+    chunk=1 << 62,
+    words=words,
+    device_words=True,
+    sweep=sweep,
+    masked_axpy=masked_axpy,
 )

@@ -53,11 +53,15 @@ def flat_view(p: torch.Tensor) -> torch.Tensor:
     return p.detach().view(-1)
 
 
-def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int, words_fn=None) -> None:
+def stochastic_round_(
+    dst: torch.Tensor, src: torch.Tensor, seed: int, key: int, start: int, words_fn=None, *, on_device: bool = False
+) -> None:
     """dst <- src (float32) rounded to dst's dtype, up or down with probability by distance.
 
     E[dst] = src exactly, so updates far below half an ulp survive on average. The uniform for
-    element i is the keyed rounding stream (:func:`zotune.rng.rounding_words`).
+    element i is the keyed rounding stream (:func:`zotune.rng.rounding_words`): the reference's, or
+    ``words_fn``'s (a backend's ``words``), which with ``on_device`` (the backend's ``device_words``)
+    fills an int32 tensor where ``src`` lies rather than a host array copied over.
     """
     nearest = src.to(dst.dtype)
     diff = src - nearest.float()
@@ -65,12 +69,17 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, seed: int, key: int,
     neighbour = torch.nextafter(nearest, toward)
     gap = neighbour.float() - nearest.float()
     prob = torch.where(gap != 0, diff / gap, torch.zeros_like(diff))
-    if words_fn is None:
-        words = rng.rounding_words(seed, key, start, src.numel())
-    else:  # a backend's fast generator of the same words
-        words = np.empty(src.numel(), dtype=np.uint32)
+    if words_fn is not None and on_device:  # the top 24 bits of each word, as the host path takes them
+        words = torch.empty(src.numel(), dtype=torch.int32, device=src.device)
         words_fn(words, seed, key, start)
-    u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).to(src.device)
+        u = ((words >> 8) & 0xFFFFFF).float() * 2.0**-24  # exact: 24-bit integers and a power of two
+    else:
+        if words_fn is None:
+            words = rng.rounding_words(seed, key, start, src.numel())
+        else:  # a backend's fast generator of the same words
+            words = np.empty(src.numel(), dtype=np.uint32)
+            words_fn(words, seed, key, start)
+        u = torch.from_numpy((words >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)).to(src.device)
     dst.copy_(torch.where(u < prob, neighbour, nearest))
 
 
@@ -118,4 +127,4 @@ def write_back(part, work, rounding_seed, key, start, be) -> None:
     if rounding_seed is None:
         part.copy_(work)
     else:
-        stochastic_round_(part, work, rounding_seed, key, start, be.words)
+        stochastic_round_(part, work, rounding_seed, key, start, be.words, on_device=be.device_words)

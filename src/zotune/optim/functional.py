@@ -193,7 +193,7 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
             if rounding_seed is None:
                 part.copy_(work)
             else:
-                stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
+                stochastic_round_(part, work, rounding_seed, key, base + start, be.words, on_device=be.device_words)
     for multi, flats, flat_keys, bases in batched.values():
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
 
@@ -311,7 +311,7 @@ def moment_sweep_(
             if rounding_seed is None:
                 part.copy_(work)
             else:
-                stochastic_round_(part, work, rounding_seed, key, base + start, be.words)
+                stochastic_round_(part, work, rounding_seed, key, base + start, be.words, on_device=be.device_words)
 
 
 def _chunk_moments(be, z, key, start, offset, *, estimates, weights1, weights2, m, v, beta1, beta2, adam, distribution):

@@ -62,7 +62,7 @@ Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for anoth
 
 Methods (``--methods``): every entry of ``METHODS`` below, one per estimator, direction kind or rule of
 issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, subzero, sparse-mezo, zo-muon,
-one-sided-4.
+sparse-fzoo (two of them composed), one-sided-4.
 The default runs mezo, sparse-mezo and hizoo (the control and the two that led the CPU tuning,
 RESULTS.md 2026-12-06); one 10-minute GPU call holds about three methods on both tasks, so the others
 go in further calls (``--methods mezo,fzoo,kerzoo,zo-muon --out ...``: mezo again, its rows being every
@@ -208,6 +208,22 @@ METHODS: dict[str, Method] = {
         {"optimizer": {"variant": "muon", "lowrank_rank": 8, "n_perturbations": 4, "eps": 1e-2}},
         {"lr": [1e-1, 3e-1, 1.0]},  # 1e-2..1e-1 barely moved it (RESULTS.md, 2026-12-06): best at the top
         "ZO-Muon (4 two-sided queries, rank-8 subspaces, P redrawn every 50 steps)",
+    ),
+    # FZOO's estimator on Sparse-MeZO's masked directions (the two compose: Rademacher z, the SGD rule); the
+    # normalized step moves each element about lr / (eps sqrt(N)) whatever the losses: FZOO's rates.
+    "sparse-fzoo": Method(
+        9,
+        {
+            "optimizer": {
+                "estimator": "fzoo",
+                "distribution": "rademacher",
+                "n_perturbations": 8,
+                "fuse_next": False,
+                "sparsity": 0.75,
+            }
+        },
+        {"lr": [5e-6, 1e-5, 2e-5]},
+        "Sparse-FZOO (FZOO on the 25% smallest magnitudes of each matrix)",
     ),
     "one-sided-4": Method(
         5,

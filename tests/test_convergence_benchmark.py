@@ -65,6 +65,26 @@ def test_each_cell_config_takes_its_methods_settings_and_its_budget_in_steps(tmp
     )
 
 
+@pytest.mark.parametrize("name", sorted(conv.METHODS))
+def test_every_method_is_a_valid_run_config_costing_the_passes_its_entry_says(name, tmp_path):
+    import torch
+
+    from zotune.optim import estimators
+    from zotune.optim.factory import make_optimizer
+
+    plan = conv.Plan(
+        methods=["mezo", name], tasks=["sst2"], seeds=[0], budget=200, tune_budget=40, eval_passes=20,
+        model="tiny", out=str(tmp_path),
+    )  # fmt: skip
+    for point in conv.grid_points(name):
+        o = conv.cell_config(plan, "sst2", name, point, phase="tune", seed=0, run_dir=tmp_path / "r").optimizer
+        sweeps = estimators.get(o.estimator).sweeps(o.n_perturbations)
+        assert len(sweeps) == conv.METHODS[name].passes_per_step  # the budget arithmetic counts these
+        assert o.lr == point["lr"]
+        params = [("w", torch.zeros(8, 4, requires_grad=True)), ("b", torch.zeros(4, requires_grad=True))]
+        make_optimizer(params, o)  # the options compose
+
+
 def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
     common = dict(tasks=["sst2"], seeds=[0], budget=100, tune_budget=20, eval_passes=10, model="m", out=str(tmp_path))
     with pytest.raises(ConfigError, match="must include 'mezo'"):

@@ -820,16 +820,26 @@ def retuned(plan: Plan, task: str, method: str, old: dict | None, new: dict, log
         new["point"] = lower_point(tuned, new["point"])
     folder = Path(plan.out) / "final" / task / method
     if new["point"] != old["point"] and any((folder / f"seed{s}").is_dir() for s in plan.seeds):
-        aside = folder / "superseded" / point_name(old["point"])
-        aside.mkdir(parents=True, exist_ok=True)
-        for seed in plan.seeds:
-            if (folder / f"seed{seed}").is_dir():
-                (folder / f"seed{seed}").rename(aside / f"seed{seed}")
+        aside = set_aside(folder, plan.seeds, folder / "superseded" / point_name(old["point"]))
         log(
             f"{TASK_TITLES.get(task, task)}: {method} now tuned to {point_name(new['point'])}, not "
             f"{point_name(old['point'])}: its final runs at that rate moved to {aside}"
         )
     return new
+
+
+def set_aside(folder: Path, seeds: list[int], aside: Path) -> Path:
+    """Move the final runs ``folder/seed<k>`` into ``aside`` (kept, never overwritten: a second move of the same
+    rate goes to ``aside-2``, ...). Returns the folder they went to."""
+    target, n = aside, 1
+    while any((target / f"seed{s}").exists() for s in seeds):
+        n += 1
+        target = aside.with_name(f"{aside.name}-{n}")
+    target.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        if (folder / f"seed{seed}").is_dir():
+            (folder / f"seed{seed}").rename(target / f"seed{seed}")
+    return target
 
 
 def lower_point(points: list[dict], point: dict) -> dict | None:
@@ -863,11 +873,7 @@ def step_down(plan: Plan, chosen: dict, log) -> bool:
             lower = lower_point([g["point"] for g in entry.get("grid", [])] or grid_points(method), point)
             if lower is None:
                 continue
-            aside = folder / "diverged" / point_name(point)
-            aside.mkdir(parents=True, exist_ok=True)
-            for seed in plan.seeds:
-                if (folder / f"seed{seed}").is_dir():
-                    (folder / f"seed{seed}").rename(aside / f"seed{seed}")
+            aside = set_aside(folder, plan.seeds, folder / "diverged" / point_name(point))
             entry.setdefault("diverged_in_final", []).append(
                 {"point": point, "steps": {str(s): n for s, n in diverged.items()}}
             )

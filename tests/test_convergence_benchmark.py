@@ -230,6 +230,20 @@ def test_a_tuned_rate_that_diverges_in_the_final_run_steps_down_for_both_seeds(t
     assert conv.lower_point(grid, grid[2]) == grid[1] and conv.lower_point(grid, grid[0]) is None
 
 
+def test_runs_set_aside_twice_at_one_rate_are_all_kept(tmp_path):
+    folder = tmp_path / "final" / "sst2" / "mezo"
+    for attempt in (1, 2):
+        _fake_run(folder / "seed0" / "run", 2, [0.5, 0.6], 0.6 + attempt / 100, 0)
+        assert conv.set_aside(folder, [0, 1], folder / "diverged" / "lr5e-05").name == (
+            "lr5e-05" if attempt == 1 else "lr5e-05-2"
+        )
+    tests = [
+        json.loads((folder / "diverged" / name / "seed0" / "run" / "summary.json").read_text())["test"]["accuracy"]
+        for name in ("lr5e-05", "lr5e-05-2")
+    ]
+    assert tests == [0.61, 0.62] and not (folder / "seed0").exists()
+
+
 def test_a_best_rate_at_the_grids_edge_tunes_one_more_past_it_spaced_as_the_grid():
     grid = conv.grid_points("mezo")  # 5e-5, 1e-4, 2e-4
     assert conv.beyond_edge("mezo", grid, 0, 2) == {"lr": 2.5e-5}  # 5e-5 x (5e-5 / 1e-4)

@@ -366,3 +366,18 @@ def test_a_decaying_schedule_refuses_a_new_learning_rate_on_resume(model_dir, tm
     capsys.readouterr()
     assert main(["train", "--resume", str(out), "--optimizer.lr", "1e-6"]) == 2
     assert "a resume cannot change optimizer.lr (start a new run)" in capsys.readouterr().err
+
+
+def test_a_resume_after_a_crash_that_tore_metrics_jsonl_drops_the_torn_lines(model_dir, tmp_path):
+    """A kill during a write leaves half a line; a crash of the machine can leave NUL bytes where the end was."""
+    out = tmp_path / "run"
+    common = ["--steps", "4", "--eval_every", "2", "--train", "16", "--validation", "4", "--test", "4"]
+    common += ["--batch_size", "4", "--progress", "false", "--output_dir", str(out)]
+    assert main(["train", "--model.name", str(model_dir), *common, "--time_limit", "1e-9"]) == 0
+    metrics = out / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_bytes(whole.encode() + b"\x00" * 300 + b"\n" + b'{"step": 2, "loss": 0.6')  # torn, no newline
+    assert main(["train", "--resume", str(out), "--time_limit", "0"]) == 0
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line is JSON again
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4

@@ -55,6 +55,15 @@ def write_json(path: str | os.PathLike, data) -> None:
     _atomic(Path(path), write)
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace a text file whole (a crash leaves the old file or the new one, never half of it)."""
+
+    def write(tmp):
+        Path(tmp).write_text(text)
+
+    _atomic(Path(path), write)
+
+
 def read_json(path: str | os.PathLike):
     """A JSON file a run wrote; one that is cut short or not JSON raises :class:`CheckpointError` naming it."""
     try:

@@ -250,19 +250,25 @@ class _Logger:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric rows logged after ``step`` (they belong to steps a resume will redo)."""
+    """Drop metric rows logged after ``step`` (they belong to steps a resume will redo).
+
+    Lines that are not JSON objects go too: a run killed in the middle of a write leaves a torn last
+    line, and a crash of the machine can leave a block of NUL bytes where the file's end was; the
+    resume writes those steps' rows again, so the file it continues is whole.
+    """
     import json
 
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = [
-        r
-        for r in rows
-        if (row := json.loads(r)).get("step", 0) <= step  # a finished run's test row goes too
-        and not any(key.startswith("test_") for key in row)
-    ]
-    path.write_text("".join(r + "\n" for r in rows))
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step and not any(k.startswith("test_") for k in row):
+            kept.append(line)  # (a finished run's test row goes too)
+    checkpoint.write_text(path, "".join(r + "\n" for r in kept))
 
 
 def _default_dir(config: RunConfig) -> Path:

@@ -525,7 +525,45 @@ def _claim(cell: Cell) -> None:
 
 
 def run_cell(cell_dir: Path, kind: str, *, isolated: bool, log: Callable[[str], None] = print) -> None:
-    """Run (or continue) the cell in ``cell_dir`` here, from its cell.yaml; raises Stopped if interrupted."""
+    """Run (or continue) the cell in ``cell_dir`` here, from its cell.yaml; raises Stopped if interrupted.
+
+    One process at a time: a second one (another command on the same OUT, or a restart begun before a
+    stopped cell has saved its state) would resume from a state the first then overwrites, and both would
+    write the same trajectory. ``cell_dir/lock`` holds the runner's PID; a lock whose process has gone is
+    taken over.
+    """
+    lock = cell_dir / "lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            owner = lock.read_text().strip()
+            if owner.isdigit() and _alive(int(owner)):
+                raise ConfigError(
+                    f"{cell_dir} is being run by process {owner}: wait for it or stop it (or delete {lock} if that "
+                    "process is not a benchmark: a PID can be reused)"
+                ) from None
+            lock.unlink(missing_ok=True)  # its runner has gone (killed, or the machine restarted)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        _run_locked_cell(cell_dir, kind, isolated=isolated, log=log)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _run_locked_cell(cell_dir: Path, kind: str, *, isolated: bool, log: Callable[[str], None]) -> None:
     import torch
 
     config = load_config(cell_dir / "cell.yaml")

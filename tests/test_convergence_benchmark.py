@@ -4,6 +4,7 @@ phases end to end on a tiny model (resumable: finished cells are skipped, a part
 import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -403,3 +404,20 @@ def test_a_cell_started_before_a_config_field_was_added_still_resumes(tmp_path):
     (tmp_path / "cell.yaml").write_text(yaml.safe_dump(older))
     with pytest.raises(ConfigError, match="another config"):
         conv._check(cell)
+
+
+def test_a_cell_runs_in_one_process_at_a_time(tmp_path):
+    """A second runner of a cell (a restart begun before the stopped one saved) is refused; a stale lock is not."""
+    import subprocess
+    import sys as _sys
+
+    cell = tmp_path / "cell"
+    _fake_run(cell / "run", 2, [0.5, 0.6], 0.6, 0)  # a finished cell: run_cell returns once it holds the lock
+    (cell / "cell.yaml").write_text("{}\n")
+    (cell / "lock").write_text(str(os.getpid()))  # this process is alive: someone runs the cell
+    with pytest.raises(ConfigError, match="is being run by process"):
+        conv.run_cell(cell, "final", isolated=False, log=QUIET)
+    gone = subprocess.run([_sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (cell / "lock").write_text(gone.stdout.strip())  # a runner that has exited
+    conv.run_cell(cell, "final", isolated=False, log=QUIET)
+    assert not (cell / "lock").exists()  # taken over, then released

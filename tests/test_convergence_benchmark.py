@@ -95,6 +95,8 @@ def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):
         conv.Plan(methods=["mezo", "wide"], **common)
     with pytest.raises(ConfigError, match="less than one step"):
         conv.Plan(methods=["mezo", "one-sided-4"], **{**common, "tune_budget": 4})
+    with pytest.raises(ConfigError, match="--extend must be a whole number >= 0, got -1"):
+        conv.Plan(methods=["mezo"], extend=-1, **common)
     with pytest.raises(ConfigError, match="needs its data"):
         conv.Plan(methods=["mezo"], **{**common, "tasks": ["sst2", "copa"]})
 

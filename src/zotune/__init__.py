@@ -4,6 +4,7 @@ from zotune import kernels, rng
 from zotune.errors import UserError
 from zotune.optim import (
     FZOO,
+    BatchedClosure,
     ForwardGradient,
     HiZOO,
     KerZOO,
@@ -20,6 +21,7 @@ from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory
 from zotune.version import __version__
 
 __all__ = [
+    "BatchedClosure",
     "FZOO",
     "ForwardGradient",
     "HiZOO",

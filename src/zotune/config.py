@@ -110,6 +110,9 @@ class OptimConfig:
     sparsity: float = 0.0  # Sparse-MeZO: the fraction of each matrix left still (its largest magnitudes); the rest
     # (|theta| <= the matrix's 1 - sparsity quantile, from the clean weights each step) is perturbed and updated.
     # 0: off. SGD rule, gaussian or rademacher, no layerwise; fuse_next is turned off. A bit a parameter per step
+    batched: bool = False  # take each step's evaluations (FZOO: all N + 1) in one vmapped forward over copies of the
+    # trainable weights instead of one after another in place: for accelerators (on a 2-core CPU it is slower); costs
+    # (evaluations a step) x the trainable parameters' memory and as many batches' activations; fuse_next is turned off
     fuse_next: bool = True  # two sweeps per step instead of three (two-sided, non-layerwise runs only; else off)
     schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
     warmup_steps: int = 0  # linear warm-up before the schedule

@@ -37,6 +37,7 @@ from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate_split, make_objective, metric_objective
 from zotune.optim import make_optimizer
+from zotune.optim.batched import BatchedClosure
 from zotune.optim.replay import replay
 from zotune.runtime import StopFlag as _StopFlag  # Ctrl-C or SIGTERM: finish the step, save, stop
 from zotune.runtime import peak_memory_mb as _peak_memory_mb
@@ -451,7 +452,10 @@ class Trainer:
         train = self.encoded["train"]
         idx = _batch_indices(len(train), self.tc.batch_size, state.step, self.config.task.seed)
         batch = [train[i] for i in idx]
-        loss = float(self.opt.step(lambda: self.train_loss(self.model, batch)))
+        closure = lambda: self.train_loss(self.model, batch)  # noqa: E731
+        if getattr(self.opt, "batched", False):
+            closure = BatchedClosure(self.model, closure)
+        loss = float(self.opt.step(closure))
         state.skipped += int(self.opt.last_step_skipped)  # a NaN/inf loss (or estimate): the step was skipped
         self.sched.step()
         state.step += 1

@@ -55,6 +55,8 @@ byte for byte what it was, and every older file reads and replays as before):
                          zotune.optim.directions), with
       "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V (of P)
       "sparsity"         Sparse-MeZO: the fraction of each matrix left still (masks from each step's weights)
+      "batched"          true: each step's losses were taken on perturbed copies in one batched forward, the
+                         weights never perturbed in place, so replay repeats the updates only (no probe sweeps)
       "layerwise"        "param-norm" or "grad-norm"
       "layer_groups"     grad-norm: the layers, as lists of indices into the parameter table
       "grad_norm_every", "grad_norm_probes"   grad-norm: informational
@@ -332,6 +334,7 @@ _IDENTITY = (
     "layer_groups",
     "lowrank",
     "sparsity",
+    "batched",
 )
 
 

@@ -134,8 +134,8 @@ class FZOO(OneSided):
     perturbed losses: a normalized-SGD step, larger where the losses are flat. The paper draws u_i
     Rademacher (``distribution="rademacher"``) with N = 8; :class:`zotune.FZOO` sets those defaults.
     The N + 1 evaluations run one after another on the same in-place weights, so memory stays that of
-    inference (the paper's batched form would hold N perturbed copies of the weights, or per-example
-    perturbations in a modified forward).
+    inference; or, with ``batched=True`` (:mod:`zotune.optim.batched`), as the paper's one batched forward
+    over N + 1 copies of the trainable weights, at N + 1 times their memory.
 
     The step's size per element is about ``lr / (eps sqrt(N))`` whatever the loss's scale, so its
     learning rate is not MeZO's: tune it on its own (``benchmarks/convergence.py``). sigma = 0 (all

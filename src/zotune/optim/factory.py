@@ -16,8 +16,9 @@ def make_optimizer(
 ) -> MeZO:
     """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam` or :class:`HiZOO`.
 
-    ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO) and the layerwise scaling need
-    each step to start from clean weights, so with them it is off whatever the config says.
+    ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO), the layerwise scaling,
+    sparse and ZO-Muon steps need each step to start from clean weights, and batched steps never perturb in place,
+    so with them it is off whatever the config says.
 
     Args:
         named_params: ``(name, tensor)`` pairs of the trainable parameters.
@@ -36,6 +37,7 @@ def make_optimizer(
         n = oc.n_perturbations
     fuse = oc.fuse_next and estimators.get(oc.estimator).fusable and oc.layerwise == "none"
     fuse = fuse and not oc.sparsity and oc.variant != "muon"  # each step's mask / update needs its clean weights
+    fuse = fuse and not oc.batched  # batched steps never perturb the weights in place
     common = dict(
         distribution=oc.distribution,
         fuse_next=fuse,
@@ -49,6 +51,7 @@ def make_optimizer(
         lowrank_rank=oc.lowrank_rank,
         lowrank_every=oc.lowrank_every,
         sparsity=oc.sparsity,
+        batched=oc.batched,
     )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
     if oc.estimator == "hizoo":

@@ -13,7 +13,7 @@ from zotune.optim import directions as kinds
 from zotune.optim import estimators, functional, scales, variants
 from zotune.optim.groups import decay_groups
 from zotune.optim.keyed import KeyedOptimizer, check_arguments, param_table
-from zotune.optim.step import Directions, Probe, StepPlan, update_of
+from zotune.optim.step import BatchedProbe, Directions, Probe, StepPlan, update_of
 from zotune.trajectory import Extras, Flush, Hyper, LayerProbe, LayerScales, MultiStep, Skip, Step
 
 __all__ = ["FZOO", "HiZOO", "MeZO", "MeZOAdam", "MeZOMomentum", "NonFiniteLossError", "param_table"]
@@ -189,6 +189,12 @@ class MeZO(KeyedOptimizer):
             between the sweeps and not be restored. SGD rule, Gaussian or Rademacher z, no layerwise,
             ``fuse_next=False``; on the CPU a numba pass per chunk does z, mask and update at once (a torch
             path elsewhere, no GPU kernel yet). 0: off.
+        batched: take a step's evaluations in one batched forward over perturbed copies of the trainable
+            tensors instead of one after another on the in-place weights (FZOO's batched form: all N + 1
+            of its losses at once). ``step`` then needs a :class:`zotune.BatchedClosure`; the copies cost
+            (evaluations per step) x the trainable parameters' memory, and as many batches' activations
+            (:class:`zotune.optim.step.BatchedProbe`). The weights are never perturbed in place, so
+            ``fuse_next=False``; the trajectory says so and replays it bit for bit. Any estimator.
 
     Example::
 
@@ -225,6 +231,7 @@ class MeZO(KeyedOptimizer):
         lowrank_rank: int = 2,
         lowrank_every: int = 50,
         sparsity: float = 0.0,
+        batched: bool = False,
     ):
         _check_options(
             lr=lr,
@@ -255,6 +262,7 @@ class MeZO(KeyedOptimizer):
         self.grad_norm_probes = grad_norm_probes
         self.lowrank_rank, self.lowrank_every = lowrank_rank, lowrank_every
         self.sparsity = sparsity
+        self.batched = bool(batched)
         self._scales = scales.make_scales(layerwise, every=grad_norm_every, probes=grad_norm_probes)
         self.rule = self._make_rule()
         self._check_composition(distribution, layerwise)
@@ -313,6 +321,10 @@ class MeZO(KeyedOptimizer):
                 "scaling and fuse_next=False (each step's mask comes from its clean weights; momentum, Adam and "
                 "HiZOO would need the masks of earlier steps or their own per-element state)"
             )
+        if self.batched and self.fuse_next:
+            raise ValueError(
+                "batched=True evaluates copies and never perturbs the weights in place: pass fuse_next=False"
+            )
         if self.rule.name == "hizoo" and (kind.sphere or not kind.elementwise or layerwise != "none"):
             raise ValueError(
                 "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
@@ -349,6 +361,8 @@ class MeZO(KeyedOptimizer):
             out["lowrank"] = {"rank": self.lowrank_rank, "every": self.lowrank_every}
         if self.sparsity:
             out["sparsity"] = float(self.sparsity)
+        if self.batched:
+            out["batched"] = True
         if self.rule.header() is not None:
             out["variant"] = self.rule.header()
         return out
@@ -403,6 +417,17 @@ class MeZO(KeyedOptimizer):
             return closure()
 
         return evaluate
+
+    def _batched_evaluator(self, closure):
+        """``evaluate_all(stacks)`` of a batched step: the closure's :meth:`~zotune.BatchedClosure.at`."""
+
+        def evaluate_all(stacks):
+            if self.forward_passes is not None:
+                self.forward_passes += len(stacks[0])
+            self._in_step = True
+            return closure.at(self._directions().params, stacks)
+
+        return evaluate_all
 
     def _n_at(self, step: int) -> int:
         n = self.n_perturbations
@@ -463,10 +488,15 @@ class MeZO(KeyedOptimizer):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss (and does no backward)")
         t = self._step
+        if self.batched and not callable(getattr(closure, "at", None)):
+            raise TypeError(
+                "MeZO(batched=True).step needs a closure that evaluates stacked weights: "
+                "zotune.BatchedClosure(model, closure)"
+            )
         plan = self._plan(t, closure, functional.f32(self.eps))
-        probe = Probe(plan, self._directions())
+        probe = (BatchedProbe if self.batched else Probe)(plan, self._directions())
         try:
-            probe.run(self._evaluator(closure))
+            probe.run(self._batched_evaluator(closure) if self.batched else self._evaluator(closure))
         except BaseException:
             self._in_step = False
             if probe.carry is not None:
@@ -776,7 +806,8 @@ class FZOO(MeZO):
 
     :class:`MeZO` with ``estimator="fzoo"`` (:class:`zotune.optim.estimators.FZOO`),
     ``distribution="rademacher"`` and ``n_perturbations=8`` by default: N + 1 forward passes a step, run
-    one after another on the in-place weights, so memory is that of inference, as MeZO's; the trajectory
+    one after another on the in-place weights, so memory is that of inference, as MeZO's (``batched=True``:
+    as the paper, in one batched forward over N + 1 perturbed copies, for accelerators); the trajectory
     records the N normalized coefficients per step (4N + 9 bytes, and 4 per parameter group) and replays bit for bit. Every other
     option of :class:`MeZO` applies (``fuse_next`` does not: each step starts from its clean weights).
     The learning rate is not MeZO's: the step per element is about ``lr / (eps sqrt(N))``.

@@ -161,6 +161,10 @@ class _Walker:
         self.estimator = estimators.get("two-sided" if self.forward else name)
         self.exact = exact and not self.forward
         self.fused = header["fuse_next"] and self.exact
+        # a batched run evaluated copies: its weights never held a perturbation, so no probe sweep is repeated
+        self.batched = bool(header.get("batched", False))
+        if self.batched and header["fuse_next"]:
+            raise TrajectoryError("corrupted trajectory: a batched run cannot have fused perturbations")
         self.sr = header["stochastic_rounding"]
         self.scales = make_scales(header.get("layerwise", "none"))
         self.layers = [list(g) for g in header.get("layer_groups", [])]
@@ -224,7 +228,7 @@ class _Walker:
 
     def _step(self, n: int, record) -> None:
         if isinstance(record, Skip):
-            if self.exact:
+            if self.exact and not self.batched:
                 plan = self._plan(n, record, max(record.phase, self.estimator.min_n))  # n >= phase: long enough
                 if self.update:
                     probe = Probe(plan, self.directions)
@@ -237,7 +241,7 @@ class _Walker:
         grads = [record.projected_grad] if isinstance(record, Step) else list(record.projected_grads)
         plan = self._plan(n, record, len(grads))
         carry = None
-        if self.exact:
+        if self.exact and not self.batched:
             probe = Probe(plan, self.directions)
             if self.update:
                 probe.run(recorded(None))

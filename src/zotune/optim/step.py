@@ -26,7 +26,7 @@ from zotune.optim import functional, variants
 from zotune.optim.directions import LOWRANK_V_INDEX  # noqa: F401  (re-exported: where the tests and users found it)
 from zotune.optim.estimators import Estimator
 
-__all__ = ["Directions", "LayerProbes", "Probe", "StepPlan", "update_of"]
+__all__ = ["BatchedProbe", "Directions", "LayerProbes", "Probe", "StepPlan", "update_of"]
 
 _FACTOR_CACHE = 256  # sphere factors kept (each costs one pass over the parameters to recompute)
 
@@ -124,6 +124,19 @@ class Directions:
             self.params, self.keys, terms, distribution=self.zdist, backend=self.backend, masks=self.masks_at(t)
         )
 
+    def sweep_into(self, targets: Sequence[torch.Tensor], t: int, pairs, eps: float, scales=None) -> None:
+        """:meth:`sweep` applied to ``targets`` (tensors shaped as the run's, in table order) instead of the
+        parameters: a batched step's perturbed copies. Sparse masks are those of step t, which come from the
+        clean parameters (the :class:`Probe` computed them before any copy)."""
+        if len(targets) != len(self.params):
+            raise ValueError(f"sweep_into needs {len(self.params)} tensors, got {len(targets)}")
+        params = self.params
+        self.params = list(targets)
+        try:
+            self.sweep(t, pairs, eps, scales)
+        finally:
+            self.params = params
+
     def sweep_tensors(self, index: Sequence[int], seed: int, coefficient: float) -> None:
         """theta_i += coefficient * z(seed) on the tensors ``index`` only (a per-layer probe)."""
         variants.sweep_terms_(
@@ -212,6 +225,55 @@ class Probe:
             j, mult = self.carry
             self.directions.sweep(self.plan.step, [(j, -mult)], self.plan.eps, self.plan.perturb_scales)
             self.carry = None
+
+
+class BatchedProbe(Probe):
+    """The evaluations of one step in a single batched forward, the parameters never moved in place.
+
+    Evaluation k of the estimator's layout is at ``theta + carried(k)`` (what :class:`Probe` holds after
+    sweep k; :meth:`Estimator.carry_after`), so every point is built from the clean weights: a stack of
+    ``len(sweeps)`` copies of each tensor, copy k moved by one sweep of ``carried(k)``. ``evaluate_all``
+    takes the stacks (one ``(points, *shape)`` tensor per parameter, table order) and returns the losses
+    (a tensor or a sequence), in evaluation order. Nothing is carried afterwards, so the update restores
+    nothing and an interruption has nothing to undo; the losses are kept up to the first non-finite one,
+    as a sequential probe would have stopped there. Replay calls :meth:`run` with ``evaluate_all=None``:
+    no copies, no sweeps (the parameters never held a perturbation), only the recorded layout.
+
+    Memory: the stacks hold ``len(sweeps)`` copies of the trainable parameters (FZOO: N + 1), and the
+    forward holds as many batches' activations at once.
+    """
+
+    def run(self, evaluate_all, *, until: int | None = None) -> None:  # type: ignore[override]
+        plan = self.plan
+        if plan.pending:
+            raise ValueError("a batched step cannot start from a fused perturbation (use fuse_next=False)")
+        count = len(plan.sweeps[:until])
+        if evaluate_all is None:  # replay: the layout only
+            values = [0.0] * count
+        else:
+            params = self.directions.params
+            stacks = [p.detach().unsqueeze(0).repeat(count, *([1] * p.dim())) for p in params]
+            for k in range(count):
+                c = self.carried(k)
+                if c is not None:
+                    self.directions.sweep_into([s[k] for s in stacks], plan.step, [c], plan.eps, plan.perturb_scales)
+            values = evaluate_all(stacks)
+            del stacks
+            if isinstance(values, torch.Tensor):
+                values = values.detach().reshape(-1).tolist()
+            values = list(values)
+            if len(values) != count:
+                raise ValueError(f"a batched closure returned {len(values)} losses for {count} points")
+        for k, value in enumerate(values):
+            if k == 0:
+                self.first = value
+            self.losses.append(float(value))
+            if not math.isfinite(self.losses[-1]):
+                return
+
+    def undo(self) -> None:
+        """Nothing to undo: the parameters were never moved."""
+        self.carry = None
 
 
 def recorded(phase: int | None) -> Callable[[int], float]:

@@ -195,9 +195,23 @@ def test_the_config_builds_a_batched_optimizer_without_fuse_next():
     assert opt.batched and not opt.fuse_next
 
 
-def test_the_training_loop_runs_batched_fzoo_and_replays_it(model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("tuning", ["full", "lora", "prefix"])
+def test_the_training_loop_runs_batched_fzoo_and_replays_it(model_dir, tmp_path, capsys, tuning):
+    """The loop wraps its closure in a BatchedClosure; PEFT's LoRA and the prefix run under vmap unchanged."""
     out = tmp_path / "run"
-    args = ["train", "--model.name", str(model_dir), "--steps", "3", "--eval_every", "3", "--train", "24"]
+    args = [
+        "train",
+        "--model.name",
+        str(model_dir),
+        "--model.tuning",
+        tuning,
+        "--steps",
+        "3",
+        "--eval_every",
+        "3",
+        "--train",
+        "24",
+    ]
     args += ["--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-4", "--progress", "false"]
     args += ["--save_best", "false", "--output_dir", str(out), "--optimizer.estimator", "fzoo"]
     args += ["--optimizer.distribution", "rademacher", "--optimizer.n_perturbations", "3"]

@@ -15,7 +15,10 @@ that no model code is touched. Memory: the copies of the trainable parameters (F
 which :class:`zotune.optim.step.BatchedProbe` builds) and one batch's activations per copy, at once;
 with LoRA, prefix or head tuning the copies are small. On the 2-core CPU where the benchmark runs, a
 batched FZOO step was about 1.2x slower than the sequential one (the same FLOPs, and a loop in
-attention), so it is for accelerators; ``benchmarks/batched.py`` measures both side by side.
+attention), so it is for accelerators; ``benchmarks/batched.py`` measures both side by side. Full,
+LoRA, prefix and head tuning run batched (tested through the training loop). Not yet with
+:func:`zotune.distributed.all_reduce_closure` (its closure has no :meth:`BatchedClosure.at`: the step
+says so) nor the Hugging Face Trainer integration.
 
 Example::
 

@@ -4,6 +4,7 @@ from zotune import kernels, rng
 from zotune.errors import UserError
 from zotune.optim import (
     FZOO,
+    GRZO,
     BatchedClosure,
     ForwardGradient,
     HiZOO,
@@ -24,6 +25,7 @@ __all__ = [
     "BatchedClosure",
     "FZOO",
     "ForwardGradient",
+    "GRZO",
     "HiZOO",
     "KerZOO",
     "MeZO",

@@ -121,7 +121,9 @@ class OptimConfig:
     n_schedule: str = "constant"  # "constant", or "linear": n rises to n_perturbations_final over n_ramp_steps
     n_perturbations_final: int = 1  # linear n_schedule: n at and after n_ramp_steps
     n_ramp_steps: int = 1  # linear n_schedule: steps of the rise
-    estimator: str = "two-sided"  # zotune.optim.estimators: "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
+    estimator: str = "two-sided"  # zotune.optim.estimators: "grzo" (GRZO: each example of the batch perturbed along
+    # its own direction by forward hooks on the Linear layers, two passes, the per-example differences normalised
+    # by their std; trains the Linear weights but the head; sets variant "grzo"), "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
     # (L(+eps) - L) / eps, "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
     # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it), or
     # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo"), "kerzoo" (KerZOO: two-sided
@@ -175,10 +177,24 @@ class OptimConfig:
                 )
         if est.rule is not None and self.variant == "sgd":
             self.variant = est.rule  # the estimator's own update rule (hizoo's), which it needs
-        if (est.rule or "sgd") != self.variant and (est.rule is not None or self.variant == "hizoo"):
+        needs = getattr(variants.RULES.get(self.variant), "estimator", None)  # a rule made for one estimator
+        if (est.rule or "sgd") != self.variant and (est.rule is not None or needs is not None):
             raise ConfigError(
                 f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
-                f"{self.estimator!r}: HiZOO is estimator 'hizoo' (its update rule comes with it)"
+                f"{self.estimator!r}: HiZOO is estimator 'hizoo', GRZO estimator 'grzo' (their update rules "
+                "come with them)"
+            )
+        if self.estimator == "grzo" and (
+            self.distribution != "gaussian"
+            or self.n_perturbations != 1
+            or self.n_schedule != "constant"
+            or self.layerwise != "none"
+            or self.sparsity
+            or self.batched
+        ):
+            raise ConfigError(
+                "optimizer.estimator 'grzo' draws its own per-example directions (Gaussian U and signs): use "
+                "distribution gaussian, n_perturbations 1, layerwise none, no sparsity and batched false"
             )
         if self.variant == "muon" and self.distribution == "gaussian":
             self.distribution = "subspace"  # the directions ZO-Muon's rule is made for
@@ -269,6 +285,13 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.optimizer.estimator == "grzo" and self.train.objective != "loss":
+            raise ConfigError(
+                "optimizer.estimator 'grzo' normalises per-example losses: use train.objective 'loss', "
+                f"got {self.train.objective!r}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -307,6 +307,27 @@ class Objective:
             start += size
         return total / count
 
+    def losses(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
+        """The per-example training losses (B,), from one forward over the batch's rows in order (an example's
+        options are consecutive rows): what :class:`zotune.GRZO` normalises. Their mean is :meth:`loss` for
+        classification and multiple choice; for generation each example's is its mean over its target tokens."""
+        device = self._device(model)
+        if self.kind == "classification":
+            labels = torch.tensor([e.label for e in batch], device=device)
+            return F.cross_entropy(self._label_logits(model, batch), labels, reduction="none")
+        if self.kind == "multiple_choice":
+            scores = self._option_scores(model, batch)
+            return torch.stack([-torch.log_softmax(s, 0)[e.label] for s, e in zip(scores, batch)])
+        sequences = [e.sequences[0] for e in batch]
+        positions = [e.positions[0] for e in batch]
+        targets = torch.tensor([t for e in batch for t in e.targets[0]], device=device)
+        tokens = F.cross_entropy(self._logits(model, sequences, positions, None), targets, reduction="none")
+        return torch.stack([part.mean() for part in tokens.split([len(e.targets[0]) for e in batch])])
+
+    def rows(self, batch: Sequence[Encoded]) -> list[int]:
+        """The rows each example takes in :meth:`losses`'s forward (its options; 1 for the other kinds)."""
+        return [len(e.sequences) if self.kind == "multiple_choice" else 1 for e in batch]
+
     def _loss_sum(self, model, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:
         """(sum of the per-example or per-token losses, how many were summed)."""
         device = self._device(model)

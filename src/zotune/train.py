@@ -36,7 +36,7 @@ from zotune import checkpoint
 from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate_split, make_objective, metric_objective
-from zotune.optim import make_optimizer
+from zotune.optim import GRZO, make_optimizer
 from zotune.optim.batched import BatchedClosure
 from zotune.optim.replay import replay
 from zotune.runtime import StopFlag as _StopFlag  # Ctrl-C or SIGTERM: finish the step, save, stop
@@ -341,7 +341,9 @@ class Trainer:
         self.device = next(self.model.parameters()).device
         self.metric = self.objective.metric_name
         self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.opt = make_optimizer(self.trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip")
+        self.opt = make_optimizer(
+            self.trainable, oc, trajectory=run_dir / "trajectory.zot", on_nonfinite="skip", model=self.model
+        )
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: schedule_factor(s, tc.steps, oc.schedule, oc.warmup_steps)
         )
@@ -452,10 +454,13 @@ class Trainer:
         train = self.encoded["train"]
         idx = _batch_indices(len(train), self.tc.batch_size, state.step, self.config.task.seed)
         batch = [train[i] for i in idx]
-        closure = lambda: self.train_loss(self.model, batch)  # noqa: E731
-        if getattr(self.opt, "batched", False):
-            closure = BatchedClosure(self.model, closure)
-        loss = float(self.opt.step(closure))
+        if isinstance(self.opt, GRZO):  # per-example losses, one forward over the batch's rows
+            loss = float(self.opt.step(lambda: self.objective.losses(self.model, batch), self.objective.rows(batch)))
+        else:
+            closure = lambda: self.train_loss(self.model, batch)  # noqa: E731
+            if getattr(self.opt, "batched", False):
+                closure = BatchedClosure(self.model, closure)
+            loss = float(self.opt.step(closure))
         state.skipped += int(self.opt.last_step_skipped)  # a NaN/inf loss (or estimate): the step was skipped
         self.sched.step()
         state.step += 1

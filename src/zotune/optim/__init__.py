@@ -8,12 +8,14 @@ from zotune.optim.accumulate import accumulate
 from zotune.optim.batched import BatchedClosure
 from zotune.optim.factory import make_optimizer
 from zotune.optim.forward_grad import ForwardGradient
+from zotune.optim.grzo import GRZO
 from zotune.optim.mezo import FZOO, HiZOO, KerZOO, MeZO, MeZOAdam, MeZOMomentum, NonFiniteLossError, ZOMuon
 
 __all__ = [
     "BatchedClosure",
     "FZOO",
     "ForwardGradient",
+    "GRZO",
     "HiZOO",
     "KerZOO",
     "MeZO",

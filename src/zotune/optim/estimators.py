@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from zotune import rng
 from zotune.optim import functional
 
-__all__ = ["ESTIMATORS", "FZOO", "Estimator", "HiZOO", "KerZOO", "OneSided", "TwoSided", "get", "register"]
+__all__ = ["ESTIMATORS", "FZOO", "GRZO", "Estimator", "HiZOO", "KerZOO", "OneSided", "TwoSided", "get", "register"]
 
 
 class Estimator:
@@ -230,6 +230,51 @@ class KerZOO(TwoSided):
         return ("theta + eps*r*z" if phase % 2 else "theta - eps*r*z") + (f"_{j}" if n > 1 else "")
 
 
+class GRZO(Estimator):
+    r"""GRZO's group-relative two-sided estimate (Tan et al., arXiv 2606.02857), one direction per example.
+
+    Every row i of the batch has its own direction Delta_i (:mod:`zotune.optim.flipout`), applied by
+    :class:`zotune.GRZO`'s forward hooks, not swept into the weights; two evaluations give each example q
+    (a question: its rows are its options) its losses l+_q and l-_q at theta +- eps Delta, and::
+
+        delta_q = (l+_q - l-_q) / 2,   a_q = delta_q / (std(delta) + 1e-8)     (sample std over the B examples)
+        c_i = a_q(i) / (2 eps B)                                              for every row i of example q
+
+    the coefficients of the update ``theta <- theta - lr sum_i c_i Delta_i`` (``variants.GRZORule``). The
+    normalisation is the authors' released code's ("two_norm": no mean subtracted, two-sided differences
+    have mean ~0; their README writes the update as U (.) (R^T diag(a) S) / (2 sigma B)). The coefficients
+    come from per-example losses, so :meth:`estimate` (scalar losses) does not apply: :meth:`row_coefficients`.
+    """
+
+    name = "grzo"
+    rule = "grzo"
+
+    def sweeps(self, n):
+        return [[], []]  # both evaluations at the weights as they are: the hooks perturb each row
+
+    def carry_after(self, k):
+        return None
+
+    def estimate(self, losses, n, eps, radii=()):
+        raise TypeError("GRZO's coefficients come from per-example losses: use zotune.GRZO")
+
+    def row_coefficients(self, plus, minus, rows: Sequence[int], eps: float) -> list[float]:
+        """c_i for every row (float32), from the B examples' losses l+ and l- and each example's row count."""
+        b = len(plus)
+        delta = [(p - m) / 2.0 for p, m in zip(plus, minus, strict=True)]
+        if b < 2:
+            return [math.nan] * sum(rows)
+        mean = math.fsum(delta) / b
+        std = math.sqrt(math.fsum((d - mean) ** 2 for d in delta) / (b - 1))
+        out = []
+        for d, k in zip(delta, rows, strict=True):
+            out += [functional.f32(d / (std + 1e-8) / (2.0 * eps * b))] * k
+        return out
+
+    def where(self, phase, n):
+        return ("theta + eps*Delta_i (each example's own)", "theta - eps*Delta_i")[phase - 1]
+
+
 ESTIMATORS: dict[str, Estimator] = {}
 
 
@@ -241,7 +286,7 @@ def register(estimator: Estimator) -> Estimator:
     return estimator
 
 
-for _e in (TwoSided(), OneSided(), FZOO(), HiZOO(), KerZOO(), KerZOO("kerzoo-linear", "linear")):
+for _e in (TwoSided(), OneSided(), FZOO(), HiZOO(), KerZOO(), KerZOO("kerzoo-linear", "linear"), GRZO()):
     register(_e)
 
 

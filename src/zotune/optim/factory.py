@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from zotune.optim import estimators
+from zotune.optim.grzo import GRZO
 from zotune.optim.mezo import HiZOO, MeZO, MeZOAdam, MeZOMomentum, ZOMuon
 from zotune.optim.variants import linear_n
 
@@ -12,7 +15,12 @@ __all__ = ["make_optimizer"]
 
 
 def make_optimizer(
-    named_params, optim_config, *, trajectory: str | os.PathLike | None = None, on_nonfinite: str = "skip"
+    named_params,
+    optim_config,
+    *,
+    trajectory: str | os.PathLike | None = None,
+    on_nonfinite: str = "skip",
+    model: torch.nn.Module | None = None,
 ) -> MeZO:
     """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam` or :class:`HiZOO`.
 
@@ -25,6 +33,8 @@ def make_optimizer(
         optim_config: a :class:`zotune.config.OptimConfig`.
         trajectory: the trajectory file to write (``zotune.replay`` rebuilds the weights from it).
         on_nonfinite: ``"skip"`` (the training loop's choice) or ``"raise"``.
+        model: the module itself: GRZO (``estimator="grzo"``) hooks its layers and trains its Linear weights
+            (then ``named_params`` must be the model's trainable parameters; only those weights move).
 
     Example::
 
@@ -54,6 +64,10 @@ def make_optimizer(
         batched=oc.batched,
     )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
+    if oc.estimator == "grzo":
+        if model is None:
+            raise ValueError("GRZO hooks the model's layers: pass make_optimizer(..., model=the model)")
+        return GRZO(model, *args[1:], on_nonfinite=on_nonfinite, trajectory=trajectory, backend=None)
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
         return HiZOO(*args, alpha=oc.hizoo_alpha, **common)

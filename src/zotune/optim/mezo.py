@@ -285,7 +285,7 @@ class MeZO(KeyedOptimizer):
         ):
             raise ValueError(
                 f"the {self.estimator} estimator and the {self.rule.name} update rule do not go together: "
-                "use zotune.HiZOO for HiZOO"
+                "use zotune.HiZOO for HiZOO, zotune.GRZO for GRZO"
             )
         kind = kinds.get(distribution)
         if not kind.elementwise and (

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune import rng
-from zotune.optim import functional
+from zotune.optim import flipout, functional
 
 __all__ = [
     "MAX_PERTURBATIONS",
@@ -542,12 +542,42 @@ class MuonRule(SGDRule):
                     )
 
 
+class GRZORule(SGDRule):
+    r"""GRZO's update (Tan et al., arXiv 2606.02857): with one coefficient c_i per row of the step's batch
+    (:class:`zotune.optim.estimators.GRZO`) and the rows' directions Delta_i = U (.) (r_i s_i^T), on each matrix::
+
+        theta <- (1 - lr wd) theta - lr sum_i c_i Delta_i = (1 - lr wd) theta - lr U (.) (R^T diag(c) S)
+
+    (:func:`zotune.optim.flipout.update_`; R^T diag(c) S is one d_out x d_in matrix at a time). The
+    probes were forward hooks, so nothing is carried. Stateless: seeds and coefficients rebuild it.
+    """
+
+    name = "grzo"
+    estimator = "grzo"
+
+    def header(self) -> dict:
+        return {"name": self.name}
+
+    def apply(
+        self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
+    ) -> None:
+        if not update:
+            return
+        for grp in groups:
+            scale = 1.0 - grp.lr * grp.weight_decay
+            if scale != 1.0:
+                sweep_terms_(grp.params, grp.keys, [], scale=scale, distribution=distribution, backend=backend)
+            for p, key in zip(grp.params, grp.keys):
+                flipout.update_(p, key, u.seeds[0], u.grads, grp.lr, backend=backend)
+
+
 RULES: dict[str, type] = {
     "sgd": SGDRule,
     "momentum": MomentumRule,
     "adam": AdamRule,
     "hizoo": HiZOORule,
     "muon": MuonRule,
+    "grzo": GRZORule,
 }  # by name
 
 
@@ -558,8 +588,8 @@ def make_rule(spec: dict | None):
     cls = RULES.get(spec["name"])
     if cls is HiZOORule:
         return HiZOORule(float(spec["alpha"]))
-    if cls is MuonRule:
-        return MuonRule()
+    if cls in (MuonRule, GRZORule):
+        return cls()
     if cls is None:
         raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")
     return cls(

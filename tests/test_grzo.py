@@ -1,0 +1,220 @@
+"""GRZO: per-example directions by forward hooks, against explicit per-example weights; its step, replay, errors."""
+
+import copy
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from zotune import GRZO, MeZO, NonFiniteLossError, replay, rng
+from zotune.cli import main
+from zotune.config import ConfigError, OptimConfig, RunConfig, TrainConfig
+from zotune.optim import estimators, make_optimizer
+from zotune.optim.grzo import linear_targets
+from zotune.trajectory import MultiStep, Skip, read_trajectory
+
+EPS = float(np.float32(1e-3))
+
+
+def _model(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+_X = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
+_Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+
+
+def _losses(model, x=_X, y=_Y):
+    return lambda: torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+
+
+def _delta(name, shape, step_seed, rows):
+    """Delta_i = U (.) r_i s_i^T for every row, from the reference generator (float64)."""
+    key = rng.param_key(name)
+    d_out, d_in = shape
+    u = rng.z("gaussian", step_seed, key, 0, d_out * d_in).reshape(d_out, d_in).astype(np.float64)
+    r = rng.z("rademacher", rng.step_seed(step_seed, 0, 1), key, 0, rows * d_out).reshape(rows, d_out)
+    s = rng.z("rademacher", rng.step_seed(step_seed, 0, 2), key, 0, rows * d_in).reshape(rows, d_in)
+    return [u * np.outer(r[i], s[i]) for i in range(rows)]
+
+
+def _explicit_losses(model, step_seed, sign):
+    """Each example's loss with its own weights W + sign eps Delta_i on every Linear (the reference)."""
+    names = [f"{n}.weight" for n, _ in linear_targets(model)]
+    deltas = {n: _delta(n, dict(model.named_parameters())[n].shape, step_seed, len(_Y)) for n in names}
+    out = []
+    for i in range(len(_Y)):
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in probe.named_parameters():
+                if n in deltas:
+                    p.copy_(torch.from_numpy(p.double().numpy() + sign * EPS * deltas[n][i]).float())
+            out.append(float(torch.nn.functional.cross_entropy(probe(_X[i : i + 1]), _Y[i : i + 1])))
+    return np.array(out)
+
+
+class _Seen:
+    """A closure that keeps what it returned."""
+
+    def __init__(self, fn):
+        self.fn, self.values = fn, []
+
+    def __call__(self):
+        v = self.fn()
+        self.values.append(v.detach().double().numpy().copy())
+        return v
+
+
+def test_the_hooks_perturb_each_example_along_its_own_direction():
+    model = _model()
+    opt = GRZO(model, lr=1e-3, seed=7)
+    closure = _Seen(_losses(model))
+    opt.step(closure)
+    seed = rng.step_seed(7, 0)
+    # (W + c Delta_i) x against W x + c r_i (U (s_i x)): float32 sums in another order, losses near 1
+    np.testing.assert_allclose(closure.values[0], _explicit_losses(_model(), seed, +1.0), rtol=1e-5)
+    np.testing.assert_allclose(closure.values[1], _explicit_losses(_model(), seed, -1.0), rtol=1e-5)
+    # the examples really move apart: each one's own direction, not one shared by the batch
+    assert not np.allclose(closure.values[0] - closure.values[1], (closure.values[0] - closure.values[1])[0])
+
+
+def test_the_update_is_the_group_relative_sum_of_the_rows_directions():
+    model = _model()
+    before = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    lr = 1e-3
+    opt = GRZO(model, lr=lr, seed=3)
+    closure = _Seen(_losses(model))
+    opt.step(closure)
+    plus, minus = closure.values
+    delta = (plus - minus) / 2
+    a = delta / (delta.std(ddof=1) + 1e-8)
+    c = a / (2 * EPS * len(a))
+    np.testing.assert_allclose(opt.projected_grads, c, rtol=1e-6)  # float32-rounded coefficients
+    seed = rng.step_seed(3, 0)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert np.array_equal(p.detach().double().numpy(), before[name])  # GRZO trains the weights only
+            continue
+        deltas = _delta(name, p.shape, seed, len(c))
+        expected = before[name] - lr * sum(ci * d for ci, d in zip(opt.projected_grads, deltas))
+        # one float32 rounding of weights below 2, the update summed in float32 (rows x d terms): 1e-6
+        np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_row_coefficients_share_a_questions_advantage_across_its_options():
+    est = estimators.get("grzo")
+    plus, minus, rows = [1.2, 0.7, 0.9], [1.0, 0.9, 0.8], [2, 2, 1]
+    c = est.row_coefficients(plus, minus, rows, 0.001)
+    delta = np.array([0.1, -0.1, 0.05])
+    a = delta / (delta.std(ddof=1) + 1e-8) / (2 * 0.001 * 3)
+    np.testing.assert_allclose(c, np.repeat(a, rows), rtol=1e-6)
+    assert all(not np.isfinite(x) for x in est.row_coefficients([1.0], [0.5], [1], 0.001))  # one example: no spread
+
+
+def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path):
+    model = _model()
+    base = copy.deepcopy(model)
+    path = tmp_path / "grzo.zot"
+    opt = GRZO(model, lr=1e-3, seed=5, trajectory=path, on_nonfinite="skip")
+    for t in range(6):
+        closure = _losses(model)
+        if t == 2:  # a NaN in the second pass: skipped, nothing moves
+            calls = []
+
+            def closure(inner=closure, calls=calls):
+                calls.append(1)
+                v = inner()
+                return v if len(calls) == 1 else v * float("nan")
+
+            before = [p.detach().clone() for p in model.parameters()]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.step(closure)
+            assert opt.last_step_skipped
+            assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            continue
+        opt.step(closure)
+        if t == 3:
+            state, snapshot = opt.state_dict(), copy.deepcopy(model)
+    traj = read_trajectory(path)
+    assert traj.header["estimator"] == "grzo" and traj.header["variant"] == {"name": "grzo"}
+    assert [type(r) for r in traj.records[1:]] == [MultiStep] * 2 + [Skip] + [MultiStep] * 3
+    assert all(len(r.projected_grads) == len(_Y) for r in traj.steps)
+    replayed = copy.deepcopy(base)
+    replay(replayed, path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), replayed.parameters()))
+    # a resume from the state after step 3 continues as the run did
+    again = GRZO(snapshot, lr=1e-3, seed=5)
+    again.load_state_dict(state)
+    for _ in range(2):
+        again.step(_losses(snapshot))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), snapshot.parameters()))
+
+
+def test_outside_a_step_the_model_runs_unperturbed():
+    model = _model()
+    reference = copy.deepcopy(model)
+    GRZO(model, lr=0.0)
+    assert torch.equal(model(_X), reference(_X))
+
+
+def test_bad_uses_are_clear_errors():
+    model = _model()
+    opt = GRZO(model, lr=1e-3, on_nonfinite="raise")
+    with pytest.raises(ValueError, match="once over all"):  # two forwards (a chunked batch)
+        opt.step(lambda: torch.cat([_losses(model, _X[:5], _Y[:5])(), _losses(model, _X[5:], _Y[5:])()]))
+    with pytest.raises(ValueError, match="one loss per example"):
+        opt.step(lambda: _losses(model)().mean())
+    with pytest.raises(ValueError, match="rows="):
+        opt.step(_losses(model), rows=[2] * 10)
+    with pytest.raises(NonFiniteLossError):
+        opt.step(lambda: _losses(model)() * float("inf"))
+    with pytest.raises(ValueError, match="no trainable nn.Linear"):
+        GRZO(torch.nn.Sequential(torch.nn.Tanh()), lr=1e-3)
+    with pytest.raises(ValueError, match="zotune.GRZO"):
+        MeZO(model.parameters(), lr=1e-3, estimator="grzo")
+    with pytest.raises(ValueError, match="did not run"):
+        unused = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 3), "b": torch.nn.Linear(6, 3)})
+        GRZO(unused, lr=1e-3).step(lambda: torch.nn.functional.cross_entropy(unused["a"](_X), _Y, reduction="none"))
+    with pytest.raises(ConfigError, match="distribution gaussian"):
+        OptimConfig(estimator="grzo", distribution="rademacher")
+    with pytest.raises(ConfigError, match="train.objective 'loss'"):
+        RunConfig(optimizer=OptimConfig(estimator="grzo"), train=TrainConfig(objective="accuracy"))
+    with pytest.raises(ValueError, match="model="):
+        make_optimizer(model.named_parameters(), OptimConfig(estimator="grzo"))
+
+
+def test_the_output_head_and_tied_weights_are_not_trained():
+    import tiny
+
+    model = tiny.causal_lm("llama")
+    names = [n for n, _ in linear_targets(model)]
+    assert names and not any("lm_head" in n for n in names)
+    assert all(n.split(".")[-1].endswith("proj") for n in names)
+
+
+@pytest.mark.parametrize("task", ["sst2", "copa"])
+def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path, capsys, task):
+    """Classification and multiple choice (a question's options are rows that share its advantage)."""
+    from test_train import SHARED_DATA
+
+    out = tmp_path / "run"
+    args = ["train", "--model.name", str(model_dir), "--task.name", task, "--steps", "3", "--eval_every", "3"]
+    args += ["--train", "24", "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-3"]
+    args += ["--progress", "false", "--save_best", "false", "--output_dir", str(out), "--optimizer.estimator", "grzo"]
+    args += [] if task == "sst2" else ["--data_dir", str(SHARED_DATA)]
+    assert main(args) == 0
+    traj = read_trajectory(out / "trajectory.zot")
+    rows = 4 if task == "sst2" else 8  # COPA: two options a question
+    assert [len(r.projected_grads) for r in traj.steps] == [rows] * 3
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--config", str(out / "config.yaml"), "--trajectory", str(out / "trajectory.zot")]) == 0
+    assert f"accuracy {100 * summary['test']['accuracy']:.2f}" in capsys.readouterr().out

@@ -225,6 +225,15 @@ METHODS: dict[str, Method] = {
         {"lr": [5e-6, 1e-5, 2e-5]},
         "Sparse-FZOO (FZOO on the 25% smallest magnitudes of each matrix)",
     ),
+    # GRZO's step moves each element about lr / (2 eps sqrt(B)) (B = 16 examples, advantages of unit spread), lr 125
+    # here: 2e-6 is MeZO's tuned step (~1e-4 an element), 1e-5 about FZOO's. Its passes are dearer than MeZO's
+    # (one more matmul per Linear layer, and U drawn in each): compare the minutes too.
+    "grzo": Method(
+        2,
+        {"optimizer": {"estimator": "grzo"}},
+        {"lr": [2e-6, 5e-6, 1e-5]},
+        "GRZO (one direction per example, group-relative normalisation)",
+    ),
     "one-sided-4": Method(
         5,
         {"optimizer": {"estimator": "one-sided", "n_perturbations": 4}},

@@ -155,6 +155,8 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert cmp.cell_config(grid, "subzero", "sst2", 0).optimizer.distribution == "subzero"
     muon = cmp.cell_config(grid, "zo-muon", "sst2", 0).optimizer
     assert (muon.variant, muon.distribution, muon.lowrank_rank) == ("muon", "subspace", 8)
+    grzo = cmp.cell_config(grid, "grzo", "sst2", 0).optimizer
+    assert (grzo.estimator, grzo.variant, grzo.lr) == ("grzo", "grzo", 2e-6)
 
 
 def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):
@@ -165,6 +167,14 @@ def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):
 
     summary = run(config, log=lambda *a: None).summary
     assert summary["forward_passes"] == 3 * summary["steps"]  # N + 1 a step
+
+
+def test_a_grzo_cell_runs_two_passes_a_step(model_dir, tmp_path):
+    grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["grzo"]))
+    from zotune.train import run
+
+    summary = run(cmp.cell_config(grid, "grzo", "sst2", 0), log=lambda *a: None).summary
+    assert summary["forward_passes"] == 2 * summary["steps"]
 
 
 def test_several_seeds_show_mean_and_deviation():

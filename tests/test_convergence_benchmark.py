@@ -82,8 +82,8 @@ def test_every_method_is_a_valid_run_config_costing_the_passes_its_entry_says(na
         sweeps = estimators.get(o.estimator).sweeps(o.n_perturbations)
         assert len(sweeps) == conv.METHODS[name].passes_per_step  # the budget arithmetic counts these
         assert o.lr == point["lr"]
-        params = [("w", torch.zeros(8, 4, requires_grad=True)), ("b", torch.zeros(4, requires_grad=True))]
-        make_optimizer(params, o)  # the options compose
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8))  # GRZO hooks a model's layers; the others take its tensors
+        make_optimizer(list(model.named_parameters()), o, model=model)  # the options compose
 
 
 def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):

@@ -181,6 +181,10 @@ register(
         },
     )
 )
+# GRZO (arXiv 2606.02857): one direction per example (Flipout-style, by forward hooks on the Linear layers), the
+# per-example differences normalised by their spread. Each element moves about lr / (2 eps sqrt(B)) a step (125 lr
+# at eps 1e-3, batch 16), so 2e-6 is about the step of MeZO's default rate; benchmarks/convergence.py tunes it.
+register(Method("grzo", "GRZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "grzo", "lr": 2e-6}}))
 register(Method("ft", "FT", _ft, {"model": {"tuning": "full"}}))
 register(Method("ft-lora", "FT (LoRA)", _ft, {"model": {"tuning": "lora"}}))
 register(Method("ft-prefix", "FT (prefix)", _ft, {"model": {"tuning": "prefix"}}))

@@ -53,8 +53,7 @@ def perturb_output(x: torch.Tensor, out: torch.Tensor, u: torch.Tensor, r: torch
     """
     shape = (x.shape[0],) + (1,) * (x.dim() - 2)
     xs = x * s.to(x.dtype).view(*shape, s.shape[1])
-    noise = (xs @ u.to(x.dtype).t()) * r.to(x.dtype).view(*shape, r.shape[1])
-    return out + c * noise
+    return torch.addcmul(out, xs @ u.to(x.dtype).t(), r.to(x.dtype).view(*shape, r.shape[1]), value=c)
 
 
 def update_(

@@ -36,28 +36,32 @@ def _losses(model, x=_X, y=_Y):
 
 
 def _delta(name, shape, step_seed, rows):
-    """Delta_i = U (.) r_i s_i^T for every row, from the reference generator (float64)."""
+    """The rows' directions of one tensor from the reference generator (float64): U (.) r_i s_i^T on a matrix,
+    r_i on a vector (a norm's weight or bias)."""
     key = rng.param_key(name)
+    r = rng.z("rademacher", rng.step_seed(step_seed, 0, 1), key, 0, rows * shape[0]).reshape(rows, shape[0])
+    if len(shape) == 1:
+        return [r[i].astype(np.float64) for i in range(rows)]
     d_out, d_in = shape
     u = rng.z("gaussian", step_seed, key, 0, d_out * d_in).reshape(d_out, d_in).astype(np.float64)
-    r = rng.z("rademacher", rng.step_seed(step_seed, 0, 1), key, 0, rows * d_out).reshape(rows, d_out)
     s = rng.z("rademacher", rng.step_seed(step_seed, 0, 2), key, 0, rows * d_in).reshape(rows, d_in)
     return [u * np.outer(r[i], s[i]) for i in range(rows)]
 
 
-def _explicit_losses(model, step_seed, sign):
-    """Each example's loss with its own weights W + sign eps Delta_i on every Linear (the reference)."""
-    names = [f"{n}.weight" for n, _ in linear_targets(model)]
-    deltas = {n: _delta(n, dict(model.named_parameters())[n].shape, step_seed, len(_Y)) for n in names}
+def _explicit_losses(model, opt, step_seed, sign, example_loss, n):
+    """Each example's loss with its own weights theta + sign eps Delta_i on every tensor GRZO trains."""
+    table = {e["name"]: tuple(e["shape"]) for e in opt._table}
+    deltas = {name: _delta(name, shape, step_seed, n) for name, shape in table.items()}
     out = []
-    for i in range(len(_Y)):
+    for i in range(n):
         probe = copy.deepcopy(model)
         with torch.no_grad():
-            for n, p in probe.named_parameters():
-                if n in deltas:
-                    p.copy_(torch.from_numpy(p.double().numpy() + sign * EPS * deltas[n][i]).float())
-            out.append(float(torch.nn.functional.cross_entropy(probe(_X[i : i + 1]), _Y[i : i + 1])))
-    return np.array(out)
+            for name, p in probe.named_parameters():
+                if name in deltas:
+                    p.copy_(torch.from_numpy(p.double().numpy() + sign * EPS * deltas[name][i]).float())
+            value = example_loss(probe, i)
+            out.append(float(value) if value.dim() == 0 else value.numpy())
+    return out if isinstance(out[0], np.ndarray) else np.array(out)
 
 
 class _Seen:
@@ -72,21 +76,65 @@ class _Seen:
         return v
 
 
-def test_the_hooks_perturb_each_example_along_its_own_direction():
-    model = _model()
+def _normed(seed=0):
+    """A model with a LayerNorm (weight and bias) between its Linear layers."""
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("build", [_model, _normed])
+def test_the_hooks_perturb_each_example_along_its_own_direction(build):
+    model = build()
     opt = GRZO(model, lr=1e-3, seed=7)
     closure = _Seen(_losses(model))
     opt.step(closure)
     seed = rng.step_seed(7, 0)
+
+    def example(m, i):
+        return torch.nn.functional.cross_entropy(m(_X[i : i + 1]), _Y[i : i + 1])
+
     # (W + c Delta_i) x against W x + c r_i (U (s_i x)): float32 sums in another order, losses near 1
-    np.testing.assert_allclose(closure.values[0], _explicit_losses(_model(), seed, +1.0), rtol=1e-5)
-    np.testing.assert_allclose(closure.values[1], _explicit_losses(_model(), seed, -1.0), rtol=1e-5)
+    for k, sign in enumerate((1.0, -1.0)):
+        np.testing.assert_allclose(
+            closure.values[k], _explicit_losses(build(), opt, seed, sign, example, 10), rtol=1e-5
+        )
     # the examples really move apart: each one's own direction, not one shared by the batch
     assert not np.allclose(closure.values[0] - closure.values[1], (closure.values[0] - closure.values[1])[0])
 
 
-def test_the_update_is_the_group_relative_sum_of_the_rows_directions():
-    model = _model()
+def test_a_hugging_face_llama_is_perturbed_per_example_in_its_linear_and_rmsnorm_layers():
+    import tiny
+
+    model = tiny.causal_lm("llama")
+    ids = torch.tensor([[5, 9, 12, 7], [3, 8, 8, 2], [11, 4, 6, 10]])
+    seen = []
+
+    def closure():  # keeps the last position's logits; returns a per-example value
+        logits = model(input_ids=ids).logits[:, -1]
+        seen.append(logits.detach().clone())
+        return logits.logsumexp(-1)
+
+    opt = GRZO(model, lr=0.0, seed=2)
+    names = [e["name"] for e in opt._table]
+    assert any("layernorm" in n for n in names) and any(n.endswith("q_proj.weight") for n in names)
+    opt.step(closure)
+    reference = copy.deepcopy(model)
+    GRZO(reference, lr=0.0, seed=2).remove_hooks()
+    explicit = _explicit_losses(
+        reference, opt, rng.step_seed(2, 0), 1.0, lambda m, i: m(input_ids=ids[i : i + 1]).logits[0, -1], 3
+    )
+    # the same float32 forward with the weights moved by 1e-3 either way, sums in another order: a few ulps of
+    # logits below 1 (the norms' part alone moves them by ~1e-4, which this tolerance sees)
+    np.testing.assert_allclose(seen[0].numpy(), np.stack(explicit), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("build", [_model, _normed])
+def test_the_update_is_the_group_relative_sum_of_the_rows_directions(build):
+    model = build()
     before = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
     lr = 1e-3
     opt = GRZO(model, lr=lr, seed=3)
@@ -98,9 +146,11 @@ def test_the_update_is_the_group_relative_sum_of_the_rows_directions():
     c = a / (2 * EPS * len(a))
     np.testing.assert_allclose(opt.projected_grads, c, rtol=1e-6)  # float32-rounded coefficients
     seed = rng.step_seed(3, 0)
+    trained = {e["name"] for e in opt._table}
+    assert trained == {n for n, p in model.named_parameters() if p.dim() == 2 or n.startswith("1.")}  # + the norm
     for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            assert np.array_equal(p.detach().double().numpy(), before[name])  # GRZO trains the weights only
+        if name not in trained:
+            assert np.array_equal(p.detach().double().numpy(), before[name])  # a Linear's bias stays
             continue
         deltas = _delta(name, p.shape, seed, len(c))
         expected = before[name] - lr * sum(ci * d for ci, d in zip(opt.projected_grads, deltas))
@@ -196,8 +246,8 @@ def test_the_output_head_and_tied_weights_are_not_trained():
 
     model = tiny.causal_lm("llama")
     names = [n for n, _ in linear_targets(model)]
-    assert names and not any("lm_head" in n for n in names)
-    assert all(n.split(".")[-1].endswith("proj") for n in names)
+    assert names and not any("lm_head" in n or "embed" in n for n in names)
+    assert {n.split(".")[-1] for n in names} >= {"q_proj", "down_proj", "input_layernorm", "norm"}
 
 
 @pytest.mark.parametrize("task", ["sst2", "copa"])

@@ -26,7 +26,16 @@ import torch
 from zotune import kernels, rng
 from zotune.optim import functional
 
-__all__ = ["base", "perturb_output", "signs", "update_"]
+__all__ = [
+    "base",
+    "is_norm",
+    "normalized",
+    "perturb_norm_output",
+    "perturb_output",
+    "signs",
+    "update_",
+    "update_vector_",
+]
 
 _R, _S = 1, 2  # the index of the sign streams' seeds
 
@@ -54,6 +63,46 @@ def perturb_output(x: torch.Tensor, out: torch.Tensor, u: torch.Tensor, r: torch
     shape = (x.shape[0],) + (1,) * (x.dim() - 2)
     xs = x * s.to(x.dtype).view(*shape, s.shape[1])
     return torch.addcmul(out, xs @ u.to(x.dtype).t(), r.to(x.dtype).view(*shape, r.shape[1]), value=c)
+
+
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalisation layer :func:`normalized` knows: ``nn.LayerNorm``, ``nn.RMSNorm``, Hugging Face's ``*RMSNorm``."""
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(module).__name__.endswith("RMSNorm")
+
+
+def normalized(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """x-hat of a normalisation layer (what its weight multiplies), or None for a kind not known here:
+    ``nn.LayerNorm`` ((x - mean) / std), and RMSNorm (``nn.RMSNorm``, and Hugging Face's ``*RMSNorm`` with
+    ``variance_epsilon``: x / rms(x), in float32 then back to x's dtype, as they compute it)."""
+    if isinstance(module, torch.nn.LayerNorm):
+        return torch.nn.functional.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, torch.nn.RMSNorm) or type(module).__name__.endswith("RMSNorm"):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        eps = torch.finfo(torch.float32).eps if eps is None else eps
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return None
+
+
+def perturb_norm_output(xhat, out: torch.Tensor, rw: torch.Tensor | None, rb: torch.Tensor | None, c: float):
+    """A normalisation layer at weight ``g + c r_i`` and bias ``b + c r'_i`` for every row i:
+    ``out + c r_i (.) x-hat_i + c r'_i``; rw, rb: (rows, d) signs, or None for a part that is not trained."""
+    if rw is not None:
+        shape = (out.shape[0],) + (1,) * (out.dim() - 2) + (rw.shape[1],)
+        out = torch.addcmul(out, xhat, rw.to(out.dtype).view(shape), value=c)
+    if rb is not None:
+        shape = (out.shape[0],) + (1,) * (out.dim() - 2) + (rb.shape[1],)
+        out = out.add(rb.to(out.dtype).view(shape), alpha=c)
+    return out
+
+
+def update_vector_(p: torch.Tensor, key: int, seed: int, coefs: Sequence[float], lr: float, *, backend=None) -> None:
+    """A vector's update ``p <- p - lr R^T c`` (its rows' directions are their signs r_i: a norm's weight or bias)."""
+    r = signs(seed, key, "r", len(coefs), p.shape[0], p.device, backend)
+    c = torch.tensor(list(coefs), dtype=torch.float32, device=p.device)
+    work = p.detach().float()
+    work.add_(r.t() @ c, alpha=-float(lr))
+    p.detach().copy_(work)
 
 
 def update_(

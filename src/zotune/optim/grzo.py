@@ -6,12 +6,14 @@ matrix, U shared, the signs per example), so the same two passes give B directio
 examples' loss differences by their spread before the update (:class:`zotune.optim.estimators.GRZO`,
 :class:`zotune.optim.variants.GRZORule`). The per-example weights are never formed: a forward hook on
 each trained ``nn.Linear`` adds ``eps r_i (.) (U (s_i (.) x_i))`` to its output, one more matmul of the
-layer's size, with U (one matrix at a time) and the signs regenerated from the step's seed.
+layer's size, with U (one matrix at a time) and the signs regenerated from the step's seed; a hook on each
+LayerNorm / RMSNorm adds ``eps r_i (.) x-hat_i`` (its weight's direction is the signs r_i; a bias's its own).
 
-What it trains: the weights of the model's ``nn.Linear`` layers that require grad, but not the output
-head (whose weight is the input embedding's in tied models; the authors freeze it too). Biases,
-embeddings and normalisation weights stay as they are (the authors' code also perturbs norms and
-embedding rows; not here yet). With LoRA, the adapters' ``lora_A`` / ``lora_B`` are such layers.
+What it trains (:func:`linear_targets`): the weights of the ``nn.Linear`` layers that require grad, but not
+the output head (whose weight is the input embedding's in tied models; the authors freeze it too), and the
+weights and biases of LayerNorm and RMSNorm layers. Linear biases and embeddings stay as they are (the
+authors' code also perturbs the rows of the embedding that a batch uses: not here, since replay would need
+the batch's tokens). With LoRA, the adapters' ``lora_A`` / ``lora_B`` are such layers.
 """
 
 from __future__ import annotations
@@ -31,16 +33,33 @@ from zotune.trajectory import MultiStep, Step
 __all__ = ["GRZO", "linear_targets"]
 
 
-def linear_targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-    """(name, module) of every ``nn.Linear`` GRZO trains: trainable weight, not the output head, not tied
-    to an embedding."""
+def linear_targets(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every layer GRZO perturbs: each ``nn.Linear`` with a trainable weight but the output head
+    (and any weight tied to an embedding), and each LayerNorm / RMSNorm with a trainable weight or bias."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m is not head and id(m.weight) not in tied
-    ]
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            if m.weight.requires_grad and m is not head and id(m.weight) not in tied:
+                out.append((name, m))
+        elif flipout.is_norm(m) and any(
+            isinstance(getattr(m, part, None), torch.Tensor) and getattr(m, part).requires_grad
+            for part in ("weight", "bias")
+        ):
+            out.append((name, m))
+    return out
+
+
+def _trained(name: str, m: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors GRZO trains in a target layer: a Linear's weight (not its bias); a norm's weight and bias."""
+    parts = ("weight",) if isinstance(m, torch.nn.Linear) else ("weight", "bias")
+    out = []
+    for part in parts:
+        t = getattr(m, part, None)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            out.append((f"{name}.{part}" if name else part, t))
+    return out
 
 
 class GRZO(MeZO):
@@ -83,10 +102,10 @@ class GRZO(MeZO):
         trajectory: str | os.PathLike | None = None,
     ):
         targets = linear_targets(model)
-        if not targets:
+        if not any(isinstance(m, torch.nn.Linear) for _, m in targets):
             raise ValueError("GRZO found no trainable nn.Linear layer (other than the output head) to train")
         self.modules_ = [m for _, m in targets]
-        params = [(f"{name}.weight", m.weight) for name, m in targets]
+        params = [pair for name, m in targets for pair in _trained(name, m)]
         super().__init__(
             params,
             lr,
@@ -99,6 +118,14 @@ class GRZO(MeZO):
             backend=backend,
             trajectory=trajectory,
         )
+        index = {e["name"]: i for i, e in enumerate(self._table)}  # weight decay may regroup (and reorder) them
+        # per layer: the table entries (key) of its weight and of its bias (None where not trained)
+        self._slots = []
+        for name, m in targets:
+            names = {n.rsplit(".", 1)[-1]: n for n, _ in _trained(name, m)}
+            self._slots.append(
+                tuple(self._table[index[names[p]]]["key"] if p in names else None for p in ("weight", "bias"))
+            )
         self._active: tuple[int, float] | None = None  # (step seed, +-eps) while a probe pass runs
         self._rows: int | None = None
         self._calls = [0] * len(self.modules_)
@@ -127,12 +154,18 @@ class GRZO(MeZO):
                     "GRZO needs the closure to run the model once over all of the batch's rows "
                     f"(layer {i} saw {x.shape[0]} rows after {self._rows}, call {self._calls[i]})"
                 )
-            w = module.weight
-            key = self._table[i]["key"]
-            u = flipout.base(seed, key, w.shape, w.device, self.backend)
-            r = flipout.signs(seed, key, "r", self._rows, w.shape[0], w.device, self.backend)
-            s = flipout.signs(seed, key, "s", self._rows, w.shape[1], w.device, self.backend)
-            return flipout.perturb_output(x, output, u, r, s, c)
+            kw, kb = self._slots[i]
+            if isinstance(module, torch.nn.Linear):
+                w = module.weight
+                u = flipout.base(seed, kw, w.shape, w.device, self.backend)
+                r = flipout.signs(seed, kw, "r", self._rows, w.shape[0], w.device, self.backend)
+                s = flipout.signs(seed, kw, "s", self._rows, w.shape[1], w.device, self.backend)
+                return flipout.perturb_output(x, output, u, r, s, c)
+            d = output.shape[-1]
+            rw = None if kw is None else flipout.signs(seed, kw, "r", self._rows, d, output.device, self.backend)
+            rb = None if kb is None else flipout.signs(seed, kb, "r", self._rows, d, output.device, self.backend)
+            xhat = None if kw is None else flipout.normalized(module, x)
+            return flipout.perturb_norm_output(xhat, output, rw, rb, c)
 
         return hook
 

@@ -548,7 +548,8 @@ class GRZORule(SGDRule):
 
         theta <- (1 - lr wd) theta - lr sum_i c_i Delta_i = (1 - lr wd) theta - lr U (.) (R^T diag(c) S)
 
-    (:func:`zotune.optim.flipout.update_`; R^T diag(c) S is one d_out x d_in matrix at a time). The
+    (:func:`zotune.optim.flipout.update_`; R^T diag(c) S is one d_out x d_in matrix at a time), and on a vector
+    (a norm's weight or bias, directions r_i) ``theta <- theta - lr R^T c``. The
     probes were forward hooks, so nothing is carried. Stateless: seeds and coefficients rebuild it.
     """
 
@@ -568,7 +569,8 @@ class GRZORule(SGDRule):
             if scale != 1.0:
                 sweep_terms_(grp.params, grp.keys, [], scale=scale, distribution=distribution, backend=backend)
             for p, key in zip(grp.params, grp.keys):
-                flipout.update_(p, key, u.seeds[0], u.grads, grp.lr, backend=backend)
+                update = flipout.update_ if p.dim() == 2 else flipout.update_vector_
+                update(p, key, u.seeds[0], u.grads, grp.lr, backend=backend)
 
 
 RULES: dict[str, type] = {

@@ -169,6 +169,13 @@ def test_chunked_loss_equals_the_whole_batch(kind):
         for chunks in (0, 2, 3, 6):  # 0: the slices length_slices chooses on a CPU
             # other pads and batches (a mean of chunk means, which reweighs tokens, is 4e-3 off for generation)
             torch.testing.assert_close(obj.loss(model, encoded, chunks=chunks), whole, rtol=0, atol=_tol(whole))
+        # GRZO's per-example losses: in the batch's order however sliced; their mean is the loss but for generation
+        each = obj.losses(model, encoded)
+        assert each.shape == (len(encoded),) and obj.rows(encoded) == [2 if kind == "multiple_choice" else 1] * 6
+        if kind != "generation":  # (there each example's loss is its own token mean)
+            torch.testing.assert_close(each.mean(), whole, rtol=0, atol=_tol(whole))
+        for chunks in (0, 2, 3):
+            torch.testing.assert_close(obj.losses(model, encoded, chunks=chunks), each, rtol=0, atol=_tol(whole))
 
 
 def _brute_force_cost(shapes, overhead):

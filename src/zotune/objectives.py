@@ -293,12 +293,7 @@ class Objective:
         """
         if chunks != 1 and len(batch) > 1:
             batch = sorted(batch, key=lambda e: e.width)
-        if chunks == 0:
-            overhead = CPU_FORWARD_OVERHEAD if self._device(model).type == "cpu" else None
-            sizes = length_slices([(e.width, len(e.sequences)) for e in batch], overhead)
-        else:
-            size = -(-len(batch) // max(1, chunks))
-            sizes = [min(size, len(batch) - start) for start in range(0, len(batch), size)]
+        sizes = self._slices(model, batch, chunks)
         total, count, start = None, 0, 0
         for size in sizes:
             part_sum, part_count = self._loss_sum(model, batch[start : start + size])
@@ -307,10 +302,29 @@ class Objective:
             start += size
         return total / count
 
-    def losses(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
-        """The per-example training losses (B,), from one forward over the batch's rows in order (an example's
-        options are consecutive rows): what :class:`zotune.GRZO` normalises. Their mean is :meth:`loss` for
-        classification and multiple choice; for generation each example's is its mean over its target tokens."""
+    def _slices(self, model, batch: Sequence[Encoded], chunks: int) -> list[int]:
+        """The sizes of the consecutive slices the forward passes take (see :meth:`loss`'s ``chunks``)."""
+        if chunks == 0:
+            overhead = CPU_FORWARD_OVERHEAD if self._device(model).type == "cpu" else None
+            return length_slices([(e.width, len(e.sequences)) for e in batch], overhead)
+        size = -(-len(batch) // max(1, chunks))
+        return [min(size, len(batch) - start) for start in range(0, len(batch), size)]
+
+    def losses(self, model, batch: Sequence[Encoded], chunks: int = 1) -> torch.Tensor:
+        """The per-example training losses (B,), in the batch's order: what :class:`zotune.GRZO` normalises.
+
+        The forward passes take the batch's rows in order (an example's options are consecutive rows), in one
+        pass or (``chunks`` as :meth:`loss`'s, without its sorting: sort the batch by width first to save
+        padding) in consecutive slices. Their mean is :meth:`loss` for classification and multiple choice; for
+        generation each example's is its mean over its target tokens."""
+        sizes = self._slices(model, batch, chunks) if chunks != 1 and len(batch) > 1 else [len(batch)]
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(self._losses(model, batch[start : start + size]))
+            start += size
+        return torch.cat(parts)
+
+    def _losses(self, model, batch: Sequence[Encoded]) -> torch.Tensor:
         device = self._device(model)
         if self.kind == "classification":
             labels = torch.tensor([e.label for e in batch], device=device)
@@ -325,7 +339,7 @@ class Objective:
         return torch.stack([part.mean() for part in tokens.split([len(e.targets[0]) for e in batch])])
 
     def rows(self, batch: Sequence[Encoded]) -> list[int]:
-        """The rows each example takes in :meth:`losses`'s forward (its options; 1 for the other kinds)."""
+        """The rows each example takes in :meth:`losses`'s forwards (its options; 1 for the other kinds)."""
         return [len(e.sequences) if self.kind == "multiple_choice" else 1 for e in batch]
 
     def _loss_sum(self, model, batch: Sequence[Encoded]) -> tuple[torch.Tensor, int]:

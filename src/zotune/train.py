@@ -454,8 +454,12 @@ class Trainer:
         train = self.encoded["train"]
         idx = _batch_indices(len(train), self.tc.batch_size, state.step, self.config.task.seed)
         batch = [train[i] for i in idx]
-        if isinstance(self.opt, GRZO):  # per-example losses, one forward over the batch's rows
-            loss = float(self.opt.step(lambda: self.objective.losses(self.model, batch), self.objective.rows(batch)))
+        if isinstance(self.opt, GRZO):  # per-example losses; by width, so train.forward_chunks' slices pad less
+            chunks = self.tc.forward_chunks
+            rows = sorted(batch, key=lambda e: e.width) if chunks != 1 else batch
+            loss = float(
+                self.opt.step(lambda: self.objective.losses(self.model, rows, chunks), self.objective.rows(rows))
+            )
         else:
             closure = lambda: self.train_loss(self.model, batch)  # noqa: E731
             if getattr(self.opt, "batched", False):

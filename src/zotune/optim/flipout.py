@@ -47,11 +47,14 @@ def base(seed: int, key: int, shape, device, backend: str | None = None) -> torc
     return out
 
 
-def signs(seed: int, key: int, which: str, rows: int, d: int, device, backend: str | None = None) -> torch.Tensor:
-    """R (``which="r"``, d = d_out) or S (``"s"``, d = d_in): ``rows`` x d float32 signs."""
+def signs(
+    seed: int, key: int, which: str, rows: int, d: int, device, backend: str | None = None, first: int = 0
+) -> torch.Tensor:
+    """Rows ``first .. first + rows - 1`` of R (``which="r"``, d = d_out) or S (``"s"``, d = d_in): float32 signs."""
     index = _R if which == "r" else _S
     out = torch.empty((rows, d), dtype=torch.float32, device=device)
-    kernels.select(out.device, backend).fill(out.view(-1), "rademacher", rng.step_seed(seed, 0, index), key, 0)
+    be = kernels.select(out.device, backend)
+    be.fill(out.view(-1), "rademacher", rng.step_seed(seed, 0, index), key, first * d)
     return out
 
 

@@ -70,8 +70,9 @@ class GRZO(MeZO):
         delta_q = (l+_q - l-_q) / 2,  a_q = delta_q / (std(delta) + 1e-8)
         theta <- theta - lr / (2 eps B) sum_i a_q(i) Delta_i,    Delta_i = U (.) (r_i s_i^T)
 
-    ``step(closure, rows=None)``: the closure returns the B per-example losses (a 1-D tensor) and must run
-    the model once over all rows, in batch order; ``rows`` gives each example's rows (a multiple-choice
+    ``step(closure, rows=None)``: the closure returns the B per-example losses (a 1-D tensor) and runs the
+    model over the batch's rows in order, in one forward or in consecutive slices (row j of the evaluation
+    is the j-th row the layers see); ``rows`` gives each example's rows (a multiple-choice
     question's options share its advantage, each option its own signs; default one row each). Memory: that
     of inference plus one layer's U and d_out x d_in update matrix at a time. The trajectory records the
     per-row coefficients (4 bytes a row a step) and replays bit for bit. Not with ``fuse_next`` (nothing is
@@ -127,8 +128,9 @@ class GRZO(MeZO):
                 tuple(self._table[index[names[p]]]["key"] if p in names else None for p in ("weight", "bias"))
             )
         self._active: tuple[int, float] | None = None  # (step seed, +-eps) while a probe pass runs
-        self._rows: int | None = None
-        self._calls = [0] * len(self.modules_)
+        self._rows: int | None = None  # rows the last evaluation ran
+        self._offsets = [0] * len(self.modules_)  # per layer: rows it has seen in this evaluation
+        self._names = [name for name, _ in targets]
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules_)]
 
     def _make_rule(self):
@@ -146,41 +148,43 @@ class GRZO(MeZO):
                 return None
             seed, c = self._active
             x = inputs[0]
-            if self._rows is None:
-                self._rows = x.shape[0]
-            self._calls[i] += 1
-            if x.shape[0] != self._rows or self._calls[i] > 1:
-                raise ValueError(
-                    "GRZO needs the closure to run the model once over all of the batch's rows "
-                    f"(layer {i} saw {x.shape[0]} rows after {self._rows}, call {self._calls[i]})"
-                )
+            first, n = self._offsets[i], x.shape[0]  # a forward over a slice: the rows after those already seen
+            self._offsets[i] = first + n
             kw, kb = self._slots[i]
+            be = self.backend
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
-                u = flipout.base(seed, kw, w.shape, w.device, self.backend)
-                r = flipout.signs(seed, kw, "r", self._rows, w.shape[0], w.device, self.backend)
-                s = flipout.signs(seed, kw, "s", self._rows, w.shape[1], w.device, self.backend)
+                u = flipout.base(seed, kw, w.shape, w.device, be)
+                r = flipout.signs(seed, kw, "r", n, w.shape[0], w.device, be, first)
+                s = flipout.signs(seed, kw, "s", n, w.shape[1], w.device, be, first)
                 return flipout.perturb_output(x, output, u, r, s, c)
             d = output.shape[-1]
-            rw = None if kw is None else flipout.signs(seed, kw, "r", self._rows, d, output.device, self.backend)
-            rb = None if kb is None else flipout.signs(seed, kb, "r", self._rows, d, output.device, self.backend)
+            rw = None if kw is None else flipout.signs(seed, kw, "r", n, d, output.device, be, first)
+            rb = None if kb is None else flipout.signs(seed, kb, "r", n, d, output.device, be, first)
             xhat = None if kw is None else flipout.normalized(module, x)
             return flipout.perturb_norm_output(xhat, output, rw, rb, c)
 
         return hook
 
     def _pass(self, closure, seed: int, c: float) -> list[float]:
-        self._active, self._rows, self._calls = (seed, c), None, [0] * len(self.modules_)
+        self._active, self._offsets = (seed, c), [0] * len(self.modules_)
         try:
             if self.forward_passes is not None:
                 self.forward_passes += 1
             values = closure()
         finally:
             self._active = None
-        missing = [i for i, k in enumerate(self._calls) if k == 0]
+        missing = [i for i, k in enumerate(self._offsets) if k == 0]
         if missing:
-            name = self._table[missing[0]]["name"]
-            raise ValueError(f"GRZO: the layer of {name} did not run in the closure's forward (freeze it)")
+            raise ValueError(
+                f"GRZO: the layer {self._names[missing[0]]!r} did not run in the closure's forward (freeze it)"
+            )
+        if len(set(self._offsets)) > 1:
+            raise ValueError(
+                "GRZO: the layers saw different numbers of rows in one evaluation (a layer run twice a forward?): "
+                f"{min(self._offsets)} to {max(self._offsets)}"
+            )
+        self._rows = self._offsets[0]
         values = torch.as_tensor(values).detach().reshape(-1).double().cpu().tolist()
         return values
 

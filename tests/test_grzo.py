@@ -278,13 +278,15 @@ def test_the_output_head_and_tied_weights_are_not_trained():
     assert {n.split(".")[-1] for n in names} >= {"q_proj", "down_proj", "input_layernorm", "norm"}
 
 
-@pytest.mark.parametrize("task", ["sst2", "copa"])
-def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path, capsys, task):
-    """Classification and multiple choice (a question's options are rows that share its advantage)."""
+@pytest.mark.parametrize("task, tuning", [("sst2", "full"), ("copa", "full"), ("sst2", "lora")])
+def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path, capsys, task, tuning):
+    """Classification and multiple choice (a question's options are rows that share its advantage), and LoRA
+    (its adapters' lora_A / lora_B are Linear layers)."""
     from test_train import SHARED_DATA
 
     out = tmp_path / "run"
-    args = ["train", "--model.name", str(model_dir), "--task.name", task, "--steps", "3", "--eval_every", "3"]
+    args = ["train", "--model.name", str(model_dir), "--task.name", task, "--model.tuning", tuning]
+    args += ["--steps", "3", "--eval_every", "3"]
     args += ["--train", "24", "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-3"]
     args += ["--progress", "false", "--save_best", "false", "--output_dir", str(out), "--optimizer.estimator", "grzo"]
     args += [] if task == "sst2" else ["--data_dir", str(SHARED_DATA)]

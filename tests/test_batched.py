@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 import zotune
@@ -15,18 +16,7 @@ from zotune.config import OptimConfig
 from zotune.optim import make_optimizer
 from zotune.trajectory import MultiStep, Skip, read_trajectory
 
-
-def _model(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
-
-
-_X = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
-_Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+_model, _X, _Y = tiny.mlp, tiny.MLP_X, tiny.MLP_Y
 
 
 def _loss(model):

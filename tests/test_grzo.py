@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
 from zotune import GRZO, MeZO, NonFiniteLossError, replay, rng
@@ -18,17 +19,7 @@ from zotune.trajectory import MultiStep, Skip, read_trajectory
 EPS = float(np.float32(1e-3))
 
 
-def _model(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return model
-
-
-_X = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))
-_Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+_model, _X, _Y = tiny.mlp, tiny.MLP_X, tiny.MLP_Y
 
 
 def _losses(model, x=_X, y=_Y):
@@ -107,7 +98,6 @@ def test_the_hooks_perturb_each_example_along_its_own_direction(build):
 
 
 def test_a_hugging_face_llama_is_perturbed_per_example_in_its_linear_and_rmsnorm_layers():
-    import tiny
 
     model = tiny.causal_lm("llama")
     ids = torch.tensor([[5, 9, 12, 7], [3, 8, 8, 2], [11, 4, 6, 10]])
@@ -270,7 +260,6 @@ def test_bad_uses_are_clear_errors():
 
 
 def test_the_output_head_and_tied_weights_are_not_trained():
-    import tiny
 
     model = tiny.causal_lm("llama")
     names = [n for n, _ in linear_targets(model)]

@@ -122,3 +122,17 @@ def masked_lm(family: str = "roberta", seed: int = 0):
     else:
         model = tf.BertForMaskedLM(tf.BertConfig(**kwargs))
     return _init(model, seed)
+
+
+def mlp(seed: int = 0):
+    """A two-layer classifier (6 -> 8 -> 3, tanh) with weights drawn from ``seed``: for optimizer tests."""
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+MLP_X = torch.randn(10, 6, generator=torch.Generator().manual_seed(1))  # ten examples for mlp()
+MLP_Y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])

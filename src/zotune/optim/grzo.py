@@ -76,7 +76,9 @@ class GRZO(MeZO):
     question's options share its advantage, each option its own signs; default one row each). Memory: that
     of inference plus one layer's U and d_out x d_in update matrix at a time. The trajectory records the
     per-row coefficients (4 bytes a row a step) and replays bit for bit. Not with ``fuse_next`` (nothing is
-    swept in), n-SPSA, layerwise scaling, sparse or low-rank directions, or momentum/Adam.
+    swept in), n-SPSA, layerwise scaling, sparse or low-rank directions, or momentum/Adam; not yet across
+    ranks (:mod:`zotune.distributed` averages one loss, where GRZO needs every rank's per-example losses,
+    as the authors gather them) nor with prefix tuning (its prefix is not a Linear layer).
 
     Args:
         model: the module; GRZO trains the weights of :func:`linear_targets` and hooks those layers

@@ -62,11 +62,11 @@ Setup. Model: SmolLM2-135M-Instruct (the embedded default; ``--model`` for anoth
 
 Methods (``--methods``): every entry of ``METHODS`` below, one per estimator, direction kind or rule of
 issue 20: mezo (the control, always run), fzoo, hizoo, kerzoo, lozo, subzero, sparse-mezo, zo-muon,
-sparse-fzoo (two of them composed), one-sided-4.
-The default runs mezo, sparse-mezo and hizoo (the control and the two that led the CPU tuning,
-RESULTS.md 2026-12-06); one 10-minute GPU call holds about three methods on both tasks, so the others
-go in further calls (``--methods mezo,fzoo,kerzoo,zo-muon --out ...``: mezo again, its rows being every
-other row's target).
+sparse-fzoo (two of them composed), grzo, one-sided-4.
+The default runs mezo, sparse-mezo, fzoo and grzo (the control, the two ahead of it in the CPU final
+runs, RESULTS.md 2026-12-06, and GRZO, the newest); one 10-minute GPU call holds about three methods on
+both tasks, so the default takes two calls (``--resume``) and the others go in further ones
+(``--methods mezo,hizoo,kerzoo,zo-muon --out ...``: mezo again, its rows being every other row's target).
 
 Presets (options given on the command line win):
 
@@ -82,9 +82,9 @@ Presets (options given on the command line win):
   seeds 0 and 1, eight cells at a time on the one GPU (one small model leaves most of it idle: ten
   SmolLM2 MeZO processes stepped ~3x faster in all than one), stopping at 8.5 minutes (the cells save
   their state) and printing the table of what finished. About 10,400 forward passes per method on
-  both tasks (3 x 400 tuning and 2 x 2,000 final per task), 31,000 for the three default methods: at
-  the ~70 a second that parallel SmolLM2 MeZO cells made on an H100, about 7.5 minutes of training,
-  plus process starts and validations, so the last cells may stop at the limit with their state
+  both tasks (3 x 400 tuning and 2 x 2,000 final per task), 41,600 for the four default methods: at
+  the ~70 a second that parallel SmolLM2 MeZO cells made on an H100, about 10 minutes of training,
+  plus process starts and validations, so the last cells stop at the limit with their state
   saved; the same command (``--resume OUT``) finishes them in a second call.
 
 Peak memory is that of each cell's own process (RSS on a CPU, the CUDA allocator's peak on a GPU),
@@ -259,7 +259,7 @@ TASK_TITLES = {
 BUNDLED = {"sst2"}  # tasks whose default data ships with zotune (data_dir stays None: the default run's)
 
 DEFAULTS = {
-    "methods": ["mezo", "sparse-mezo", "hizoo"],
+    "methods": ["mezo", "sparse-mezo", "fzoo", "grzo"],  # the control, the two ahead on CPU SST-2, and the newest
     "tasks": ["sst2", "copa"],
     "seeds": [0, 1],
     "budget": 2000,

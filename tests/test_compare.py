@@ -163,6 +163,7 @@ def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):
     grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["fzoo"]))
     config = cmp.cell_config(grid, "fzoo", "sst2", 0)
     config.optimizer.n_perturbations = 2
+    config.train.output_dir = str(tmp_path / "run")  # not a timestamped folder under the working directory
     from zotune.train import run
 
     summary = run(config, log=lambda *a: None).summary
@@ -173,7 +174,9 @@ def test_a_grzo_cell_runs_two_passes_a_step(model_dir, tmp_path):
     grid = cmp.CompareConfig(**_grid(model_dir, tmp_path, methods=["grzo"]))
     from zotune.train import run
 
-    summary = run(cmp.cell_config(grid, "grzo", "sst2", 0), log=lambda *a: None).summary
+    config = cmp.cell_config(grid, "grzo", "sst2", 0)
+    config.train.output_dir = str(tmp_path / "run")  # not a timestamped folder under the working directory
+    summary = run(config, log=lambda *a: None).summary
     assert summary["forward_passes"] == 2 * summary["steps"]
 
 

@@ -175,27 +175,7 @@ class OptimConfig:
                     f"optimizer.{name} must be from {est.min_n} to {est.max_n or 100} with the "
                     f"{self.estimator} estimator, got {getattr(self, name)}"
                 )
-        if est.rule is not None and self.variant == "sgd":
-            self.variant = est.rule  # the estimator's own update rule (hizoo's), which it needs
-        needs = getattr(variants.RULES.get(self.variant), "estimator", None)  # a rule made for one estimator
-        if (est.rule or "sgd") != self.variant and (est.rule is not None or needs is not None):
-            raise ConfigError(
-                f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
-                f"{self.estimator!r}: HiZOO is estimator 'hizoo', GRZO estimator 'grzo' (their update rules "
-                "come with them)"
-            )
-        if self.estimator == "grzo" and (
-            self.distribution != "gaussian"
-            or self.n_perturbations != 1
-            or self.n_schedule != "constant"
-            or self.layerwise != "none"
-            or self.sparsity
-            or self.batched
-        ):
-            raise ConfigError(
-                "optimizer.estimator 'grzo' draws its own per-example directions (Gaussian U and signs): use "
-                "distribution gaussian, n_perturbations 1, layerwise none, no sparsity and batched false"
-            )
+        self._check_estimator_rule(est)
         if self.variant == "muon" and self.distribution == "gaussian":
             self.distribution = "subspace"  # the directions ZO-Muon's rule is made for
         if self.variant == "muon" and self.distribution != "subspace":
@@ -229,6 +209,31 @@ class OptimConfig:
                 raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
         if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
             raise ConfigError(f"optimizer.adam_eps must be a finite number > 0, got {self.adam_eps}")
+
+    def _check_estimator_rule(self, est) -> None:
+        """An estimator made for one update rule (HiZOO's, GRZO's) and that rule go only together; GRZO's own
+        directions take none of the direction options."""
+        if est.rule is not None and self.variant == "sgd":
+            self.variant = est.rule  # the estimator's own update rule (hizoo's, grzo's), which it needs
+        needs = getattr(variants.RULES.get(self.variant), "estimator", None)  # a rule made for one estimator
+        if (est.rule or "sgd") != self.variant and (est.rule is not None or needs is not None):
+            raise ConfigError(
+                f"optimizer.variant {self.variant!r} does not go with optimizer.estimator "
+                f"{self.estimator!r}: HiZOO is estimator 'hizoo', GRZO estimator 'grzo' (their update rules "
+                "come with them)"
+            )
+        if self.estimator == "grzo" and (
+            self.distribution != "gaussian"
+            or self.n_perturbations != 1
+            or self.n_schedule != "constant"
+            or self.layerwise != "none"
+            or self.sparsity
+            or self.batched
+        ):
+            raise ConfigError(
+                "optimizer.estimator 'grzo' draws its own per-example directions (Gaussian U and signs): use "
+                "distribution gaussian, n_perturbations 1, layerwise none, no sparsity and batched false"
+            )
 
 
 @dataclass

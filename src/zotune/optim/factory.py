@@ -22,7 +22,8 @@ def make_optimizer(
     on_nonfinite: str = "skip",
     model: torch.nn.Module | None = None,
 ) -> MeZO:
-    """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam` or :class:`HiZOO`.
+    """The optimizer of ``optim_config``: :class:`MeZO`, :class:`MeZOMomentum`, :class:`MeZOAdam`, :class:`HiZOO`,
+    :class:`ZOMuon` or :class:`GRZO`.
 
     ``fuse_next`` is honoured where it applies: the one-sided estimators (one-sided, FZOO), the layerwise scaling,
     sparse and ZO-Muon steps need each step to start from clean weights, and batched steps never perturb in place,
@@ -33,8 +34,8 @@ def make_optimizer(
         optim_config: a :class:`zotune.config.OptimConfig`.
         trajectory: the trajectory file to write (``zotune.replay`` rebuilds the weights from it).
         on_nonfinite: ``"skip"`` (the training loop's choice) or ``"raise"``.
-        model: the module itself: GRZO (``estimator="grzo"``) hooks its layers and trains its Linear weights
-            (then ``named_params`` must be the model's trainable parameters; only those weights move).
+        model: the module itself: GRZO (``estimator="grzo"``) hooks its layers and takes the tensors it trains
+            from them (:func:`zotune.optim.grzo.linear_targets`; ``named_params`` is then not used).
 
     Example::
 
@@ -67,7 +68,7 @@ def make_optimizer(
     if oc.estimator == "grzo":
         if model is None:
             raise ValueError("GRZO hooks the model's layers: pass make_optimizer(..., model=the model)")
-        return GRZO(model, *args[1:], on_nonfinite=on_nonfinite, trajectory=trajectory, backend=None)
+        return GRZO(model, *args[1:], on_nonfinite=on_nonfinite, trajectory=trajectory)
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
         return HiZOO(*args, alpha=oc.hizoo_alpha, **common)

@@ -555,9 +555,7 @@ class GRZORule(SGDRule):
 
     name = "grzo"
     estimator = "grzo"
-
-    def header(self) -> dict:
-        return {"name": self.name}
+    header = MuonRule.header  # {"name": "grzo"}: stateless, nothing else to record
 
     def apply(
         self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True

@@ -10,6 +10,7 @@ import os
 import socket
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ulp32
@@ -63,6 +64,27 @@ def _data(n: int = 12):
 
 def _loss(model, x, y):
     return (model(x) - y).pow(2).mean()
+
+
+# GRZO's examples: the 12 rows of _data as 6 examples of 2, 1, 3, 1, 2 and 3 rows (a question's options), split
+# unevenly: rank 0 runs the first two examples (3 rows), rank 1 the other four (9 rows)
+GRZO_ROWS = [2, 1, 3, 1, 2, 3]
+GRZO_SPLIT = 2
+GRZO_LR = LR * 1e-3  # its step moves an element ~lr / (2 eps sqrt(B)): ~1e-3 here, as MeZO's lr |g| at LR
+
+
+def _grzo_losses(model, x, y, rows):
+    """Each example's loss: the mean of its rows' squared errors (a 1-D tensor, one per example)."""
+    per_row = (model(x) - y).pow(2).mean(-1)
+    return torch.stack([part.mean() for part in per_row.split(rows)])
+
+
+def _grzo_run(model, opt, x, y, rows) -> dict:
+    trace = []
+    for _ in range(STEPS):
+        opt.step(lambda: _grzo_losses(model, x, y, rows), rows)
+        trace.append((list(opt.projected_grads), *opt.last_losses))
+    return {"params": _params(model), "trace": trace}
 
 
 def _optimizer(model, seed: int = SEED, **kwargs):
@@ -165,6 +187,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         zd.check_consistent(opt)
         result[f"dp-{name}"] = _run(model, opt, zd.all_reduce_closure(lambda m=model: _loss(m, xs, ys)))
 
+    # 1d. GRZO: per-example losses gathered, each rank's rows perturbed at their places in the whole batch
+    cut_rows = sum(GRZO_ROWS[:GRZO_SPLIT])
+    rows = GRZO_ROWS[:GRZO_SPLIT] if rank == 0 else GRZO_ROWS[GRZO_SPLIT:]
+    xg, yg = (x[:cut_rows], y[:cut_rows]) if rank == 0 else (x[cut_rows:], y[cut_rows:])
+    model = _mlp(16)
+    path = os.path.join(out, f"grzo{rank}.zot")
+    opt = zotune.GRZO(model, lr=GRZO_LR, eps=EPS, seed=SEED, trajectory=path, data_parallel=True)
+    zd.check_consistent(opt)
+    zd.comm_stats().reset()
+    result["grzo"] = _grzo_run(model, opt, xg, yg, rows)
+    opt.flush()
+    result["grzo"]["bytes"] = zd.comm_stats().bytes / STEPS
+    result["grzo"]["trajectory"] = path
+    result["grzo_no_rows"] = _error(lambda: opt.step(lambda: _grzo_losses(model, xg, yg, rows)))
+
     # 2. FSDP2: every rank perturbs and updates its own (uneven) row shard; data parallel on top
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
@@ -261,6 +298,40 @@ def test_the_new_methods_under_data_parallel_match_one_process(ranks, method):
         assert g == pytest.approx(g_want, rel=0.02, abs=1e-6)
 
 
+def test_grzo_across_ranks_is_grzo_on_the_whole_batch(ranks):
+    """GRZO with data_parallel: uneven shards of multi-row examples give both ranks the update one process makes on
+    the whole batch, its trajectory replays it, and a step communicates the rows and the per-example losses."""
+    model = _mlp(16)
+    x, y = _data()
+    start = _params(model)
+    want = _grzo_run(model, zotune.GRZO(model, lr=GRZO_LR, eps=EPS, seed=SEED), x, y, GRZO_ROWS)
+    got = [r["grzo"] for r in ranks]
+    _assert_params_equal(got[1]["params"], got[0]["params"], rtol=0, atol=0)  # the same gathered losses
+    for (c, *losses), (c_want, *losses_want) in zip(got[0]["trace"], want["trace"]):
+        assert len(c) == sum(GRZO_ROWS)  # a coefficient for every row of the whole batch
+        # each row's loss is the same row's forward (a batch of 3 or 9 rows against 12: float32 ulps of the
+        # losses, ~1e-7 of ~10 seen); the coefficients divide differences of ~1e-2 by their spread, which turns
+        # those ulps into ~1e-5 of the largest coefficient (5e-5 seen after four steps): 1e-3 of it
+        np.testing.assert_allclose(losses, losses_want, rtol=1e-6)
+        np.testing.assert_allclose(c, c_want, rtol=0, atol=1e-3 * max(map(abs, c_want)))
+    for name, want_p in want["params"].items():
+        moved = float((want_p - start[name]).abs().max())
+        if name.endswith("bias"):  # GRZO trains the Linear weights only
+            assert moved == 0 and torch.equal(got[0]["params"][name], want_p), name
+            continue
+        assert moved > 0, name
+        # the coefficients' 1e-3 relative, four steps: well within 1% of how far a weight moved; a rank that
+        # numbers its rows from 0 (another rank's directions) or keeps its own losses is off by O(the movement)
+        torch.testing.assert_close(got[0]["params"][name], want_p, rtol=0, atol=0.01 * moved + 1e-7)
+    replayed = _mlp(16)
+    zotune.replay(replayed, got[0]["trajectory"])
+    _assert_params_equal(_params(replayed), got[0]["params"], rtol=0, atol=0)
+    for r in ranks:
+        # a step: the rows (one length, then 4 int64 padded) and each pass's losses (4 float64 padded)
+        assert r["grzo"]["bytes"] == 8 + 8 * 4 + 2 * 8 * 4
+        assert "rows=" in r["grzo_no_rows"]
+
+
 def test_data_parallel_communicates_a_few_bytes_per_step_whatever_the_model_size(ranks):
     for r in ranks:
         assert r["bytes5"] == r["bytes256"] == 16  # two all-reduces of one float64
@@ -319,6 +390,13 @@ def test_without_a_process_group_the_helpers_are_no_ops():
     zd.check_consistent(opt)
     closure = lambda: torch.tensor(1.0)  # noqa: E731
     assert zd.all_reduce_closure(closure) is closure
+    assert zd.gather_lists([1.5, 2.0]) == [[1.5, 2.0]] and zd.rank() == 0
+    # GRZO with data_parallel in one process: GRZO (rows may then be left out)
+    a, b = _mlp(5), _mlp(5)
+    x, y = _data()
+    for m, dp in ((a, False), (b, True)):
+        zotune.GRZO(m, lr=1e-6, data_parallel=dp).step(lambda m=m: (m(x) - y).pow(2).mean(-1))
+    _assert_params_equal(_params(a), _params(b), rtol=0, atol=0)
 
 
 def test_local_shard_of_a_plain_tensor_is_itself_at_offset_0():

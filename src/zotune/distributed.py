@@ -8,6 +8,10 @@ nothing:
   over the ranks with a one- or two-element ``all_reduce``; every rank then applies the identical
   update from the shared seed. A step communicates two all-reduces of 8 or 16 bytes, whatever the
   size of the model.
+- **GRZO** (:class:`zotune.GRZO` with ``data_parallel=True``) needs every example's loss, not their mean:
+  each rank runs its own examples, perturbed along the directions of their rows' places in the whole
+  batch (ranks in order), and :func:`gather_lists` gathers the per-example losses (B floats a pass), so
+  every rank computes the same coefficients and update as one process on the whole batch would.
 - **Sharded parameters.** With FSDP2 (``fully_shard``) or row-sharded ``DTensor`` parameters each
   rank perturbs and updates only its local shard, generating z at the shard's global element
   offsets (:func:`zotune.optim.functional.local_shard`): no z is ever communicated, and the result
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommStats", "all_reduce_closure", "check_consistent", "comm_stats"]
+__all__ = ["CommStats", "all_reduce_closure", "check_consistent", "comm_stats", "gather_lists", "rank", "world_size"]
 
 
 @dataclass
@@ -55,12 +59,19 @@ _STATS = CommStats()
 
 
 def comm_stats() -> CommStats:
-    """The running count of the collectives :func:`all_reduce_closure` issued (``.reset()`` to zero it)."""
+    """The running count of the collectives :func:`all_reduce_closure` and :func:`gather_lists` issued (``.reset()``
+    zeroes it)."""
     return _STATS
 
 
-def _world(group) -> int:
+def world_size(group=None) -> int:
+    """The number of ranks in ``group`` (1 outside an initialised process group)."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank(group=None) -> int:
+    """This process's rank in ``group`` (0 outside an initialised process group)."""
+    return dist.get_rank(group) if world_size(group) > 1 else 0
 
 
 def _device(group) -> torch.device:
@@ -91,7 +102,7 @@ def all_reduce_closure(
 
     Outside an initialised process group (or with one rank) the closure is returned unchanged.
     """
-    if _world(group) == 1:
+    if world_size(group) == 1:
         return closure
 
     def reduced() -> torch.Tensor:
@@ -106,11 +117,44 @@ def all_reduce_closure(
         _STATS.bytes += payload.numel() * payload.element_size()
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=group)
         total = payload.tolist()
-        mean = total[0] / _world(group) if weight is None else total[0] / total[1]
+        mean = total[0] / world_size(group) if weight is None else total[0] / total[1]
         out_device = loss.device if isinstance(loss, torch.Tensor) else "cpu"
         return torch.tensor(mean, dtype=torch.float64, device=out_device)
 
     return reduced
+
+
+def gather_lists(
+    values, group=None, *, lengths: list[int] | None = None, dtype: torch.dtype = torch.float64
+) -> list[list]:
+    """Every rank's list of numbers, in rank order: ``[rank 0's values, rank 1's, ...]`` on every rank.
+
+    Lists may differ in length across ranks: one ``all_gather`` of the lengths (skipped when ``lengths``, every
+    rank's length, is known), then one of the values padded to the longest. ``dtype`` carries them (float64 keeps
+    Python floats exact; int64 for counts). Outside an initialised process group: ``[list(values)]``.
+    """
+    values = list(values)
+    world = world_size(group)
+    if world == 1:
+        return [values]
+    device = _device(group)
+    if lengths is None:
+        mine = torch.tensor([len(values)], dtype=torch.int64, device=device)
+        seen = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(seen, mine, group=group)
+        _STATS.calls += 1
+        _STATS.bytes += 8
+        lengths = [int(t) for t in seen]
+    if len(lengths) != world or lengths[rank(group)] != len(values):
+        raise ValueError(f"gather_lists: this rank has {len(values)} values, and lengths says {lengths}")
+    width = max(lengths)
+    padded = torch.zeros(max(width, 1), dtype=dtype, device=device)
+    padded[: len(values)] = torch.tensor(values, dtype=dtype)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    _STATS.calls += 1
+    _STATS.bytes += padded.numel() * padded.element_size()
+    return [t[:n].cpu().tolist() for t, n in zip(gathered, lengths)]
 
 
 def _digest(value) -> int:
@@ -166,7 +210,7 @@ def check_consistent(optimizer, group=None, *, check_values: bool = True) -> Non
     only on a mismatch, one ``all_gather_object`` to name the differing values). Call it once
     after building (or resuming) the optimizer, on every rank; a no-op without a process group.
     """
-    world = _world(group)
+    world = world_size(group)
     if world == 1:
         return
     facts = _fingerprint(optimizer, check_values)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from zotune import distributed
 from zotune.optim import flipout, functional, variants
 from zotune.optim.mezo import MeZO, NonFiniteLossError
 from zotune.optim.step import StepPlan, update_of
@@ -76,14 +77,22 @@ class GRZO(MeZO):
     question's options share its advantage, each option its own signs; default one row each). Memory: that
     of inference plus one layer's U and d_out x d_in update matrix at a time. The trajectory records the
     per-row coefficients (4 bytes a row a step) and replays bit for bit. Not with ``fuse_next`` (nothing is
-    swept in), n-SPSA, layerwise scaling, sparse or low-rank directions, or momentum/Adam; not yet across
-    ranks (:mod:`zotune.distributed` averages one loss, where GRZO needs every rank's per-example losses,
-    as the authors gather them) nor with prefix tuning (its prefix is not a Linear layer).
+    swept in), n-SPSA, layerwise scaling, sparse or low-rank directions, or momentum/Adam; nor with prefix
+    tuning (its prefix is not a Linear layer).
+
+    Data parallel (``data_parallel=True`` in an initialised ``torch.distributed`` process group): every rank
+    holds the whole model and the same optimizer, runs its own examples and passes their ``rows``; its rows
+    take the directions of their places in the whole batch (rank 0's rows first), and
+    :func:`zotune.distributed.gather_lists` gathers the per-example losses, so every rank applies the update
+    one process would on the whole batch (the authors also gather the losses). Communication a step: the
+    rows (two small all-gathers) and each pass's B losses.
 
     Args:
         model: the module; GRZO trains the weights of :func:`linear_targets` and hooks those layers
             (``remove_hooks()`` detaches them).
         lr, eps, weight_decay, seed, on_nonfinite, backend, trajectory: as :class:`zotune.MeZO`.
+        data_parallel: gather the ranks' per-example losses (a no-op without a process group or with one rank).
+        group: the process group (the default group when None).
 
     Example::
 
@@ -103,6 +112,8 @@ class GRZO(MeZO):
         on_nonfinite: str = "raise",
         backend: str | None = None,
         trajectory: str | os.PathLike | None = None,
+        data_parallel: bool = False,
+        group=None,
     ):
         targets = linear_targets(model)
         if not any(isinstance(m, torch.nn.Linear) for _, m in targets):
@@ -134,6 +145,7 @@ class GRZO(MeZO):
         self._offsets = [0] * len(self.modules_)  # per layer: rows it has seen in this evaluation
         self._names = [name for name, _ in targets]
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules_)]
+        self.data_parallel, self.group = bool(data_parallel), group
 
     def _make_rule(self):
         return variants.GRZORule()
@@ -168,15 +180,16 @@ class GRZO(MeZO):
 
         return hook
 
-    def _pass(self, closure, seed: int, c: float) -> list[float]:
-        self._active, self._offsets = (seed, c), [0] * len(self.modules_)
+    def _pass(self, closure, seed: int, c: float, first: int) -> list[float]:
+        """This rank's per-example losses at theta + c Delta, its rows numbered from ``first``."""
+        self._active, self._offsets = (seed, c), [first] * len(self.modules_)
         try:
             if self.forward_passes is not None:
                 self.forward_passes += 1
             values = closure()
         finally:
             self._active = None
-        missing = [i for i, k in enumerate(self._offsets) if k == 0]
+        missing = [i for i, k in enumerate(self._offsets) if k == first]
         if missing:
             raise ValueError(
                 f"GRZO: the layer {self._names[missing[0]]!r} did not run in the closure's forward (freeze it)"
@@ -186,9 +199,26 @@ class GRZO(MeZO):
                 "GRZO: the layers saw different numbers of rows in one evaluation (a layer run twice a forward?): "
                 f"{min(self._offsets)} to {max(self._offsets)}"
             )
-        self._rows = self._offsets[0]
+        self._rows = self._offsets[0] - first
         values = torch.as_tensor(values).detach().reshape(-1).double().cpu().tolist()
         return values
+
+    def _shards(self, rows: Sequence[int] | None) -> tuple[int, list[int] | None, list[int] | None]:
+        """(this rank's first row in the whole batch, every rank's example count, the whole batch's rows); the
+        counts and rows are None in one process (the rows then default to one per loss)."""
+        if not self.data_parallel or distributed.world_size(self.group) == 1:
+            return 0, None, None
+        if rows is None:
+            raise ValueError("GRZO across ranks needs rows= (each of this rank's examples' row counts; [1] * B)")
+        shards = distributed.gather_lists([int(k) for k in rows], self.group, dtype=torch.int64)
+        first = sum(sum(s) for s in shards[: distributed.rank(self.group)])
+        return first, [len(s) for s in shards], [k for s in shards for k in s]
+
+    def _gather(self, values: list[float], lengths: list[int] | None) -> list[float]:
+        """The whole batch's per-example losses, ranks in order (this rank's alone in one process)."""
+        if lengths is None:
+            return values
+        return [v for shard in distributed.gather_lists(values, self.group, lengths=lengths) for v in shard]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor], rows: Sequence[int] | None = None):  # type: ignore[override]
@@ -198,16 +228,18 @@ class GRZO(MeZO):
         t = self._step
         eps = functional.f32(self.eps)
         seed = self._directions().seed(t, 0)
-        plus = self._pass(closure, seed, eps)
+        first, lengths, everyone = self._shards(rows)
+        plus = self._pass(closure, seed, eps, first)
         rows = [1] * len(plus) if rows is None else [int(k) for k in rows]
         if len(rows) != len(plus) or sum(rows) != self._rows:
             raise ValueError(
                 f"GRZO: the closure returned {len(plus)} losses for {self._rows} rows, and rows= says "
                 f"{len(rows)} examples with {sum(rows)} rows: return one loss per example, and pass rows="
             )
+        plus, rows = self._gather(plus, lengths), rows if everyone is None else everyone
         if not all(math.isfinite(x) for x in plus):
             return self._stop(t, 1, plus, None)
-        minus = self._pass(closure, seed, -eps)
+        minus = self._gather(self._pass(closure, seed, -eps, first), lengths)
         if not all(math.isfinite(x) for x in minus):
             return self._stop(t, 2, plus, minus)
         coefs = self._estimator.row_coefficients(plus, minus, rows, eps)

@@ -316,3 +316,57 @@ def test_grzo_holds_one_layers_worth_of_extra_memory_not_the_models():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     growth_mb = int(out.stdout.strip().splitlines()[-1])
     assert growth_mb < 24, f"peak memory grew by {growth_mb} MB during GRZO steps on a 64 MB model"
+
+
+def _bf16_model():
+    """A bf16 MLP with a LayerNorm, every trained value 1.5 (a bf16 ulp of 2^-7 there)."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).to(torch.bfloat16)
+    with torch.no_grad():
+        for m in (model[0], model[1], model[3]):
+            m.weight.fill_(1.5)
+        model[1].bias.fill_(1.5)
+    return model
+
+
+def test_stochastic_rounding_moves_bf16_weights_by_updates_below_half_an_ulp(tmp_path):
+    """GRZO's update of bf16 weights: rounded to nearest, updates under half an ulp vanish; rounded stochastically
+    they move some weights by an ulp (as often as the update's fraction of one, on average), and replay repeats it."""
+    x = _X.to(torch.bfloat16)
+    runs = {}
+    for stochastic in (False, True):
+        model = _bf16_model()
+        path = tmp_path / f"sr{int(stochastic)}.zot"
+        # lr 2e-6: |lr c U (R^T S)| stays under half of 2^-7 here (nearest rounding keeps every weight: asserted)
+        opt = GRZO(model, lr=2e-6, seed=3, stochastic_rounding=stochastic, trajectory=path)
+        for _ in range(5):
+            opt.step(lambda m=model: torch.nn.functional.cross_entropy(m(x).float(), _Y, reduction="none"))
+        opt.flush()
+        runs[stochastic] = (model, path)
+    trained = lambda m: [m[0].weight, m[1].weight, m[1].bias, m[3].weight]  # noqa: E731
+    assert all(bool((p == 1.5).all()) for p in trained(runs[False][0]))
+    moved = torch.cat([(p.float() - 1.5).flatten() for p in trained(runs[True][0])])
+    assert int((moved != 0).sum()) >= 3  # 9 of the 88 trained values seen
+    ulp = 2.0**-7
+    assert bool(((moved / ulp).round() * ulp == moved).all())  # whole ulps: each update rounded to a neighbour
+    header = read_trajectory(runs[True][1]).header
+    assert header["stochastic_rounding"] is True
+    replayed = _bf16_model()
+    replay(replayed, runs[True][1])
+    assert all(torch.equal(p, q) for p, q in zip(trained(replayed), trained(runs[True][0])))
+
+
+@pytest.mark.parametrize("estimator", ["two-sided", "grzo"])
+def test_the_config_rounds_half_precision_weights_stochastically_unless_told_not_to(estimator):
+    for dtype, setting, expected in (
+        (torch.float32, None, False),
+        (torch.bfloat16, None, True),
+        (torch.float16, None, True),
+        (torch.bfloat16, False, False),
+        (torch.float32, True, True),
+    ):
+        model = _model().to(dtype)
+        oc = OptimConfig(estimator=estimator, stochastic_rounding=setting)
+        opt = make_optimizer(model.named_parameters(), oc, model=model)
+        assert opt.stochastic_rounding is expected, (dtype, setting)

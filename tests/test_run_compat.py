@@ -146,3 +146,24 @@ def test_export_is_the_library_behind_zotune_replay(model_dir, tmp_path):
     assert all(saved[n].equal(t) for n, t in best.items())
     with pytest.raises(ConfigError, match="exists and is not empty"):
         export(str(model_dir), old / "trajectory.zot", done.out)
+
+
+def test_a_bf16_run_from_before_the_rounding_option_resumes_rounding_to_nearest(model_dir, tmp_path, capsys):
+    """optimizer.stochastic_rounding (null: on for bf16/fp16 weights) is newer than some runs: a bf16 run whose
+    config.yaml lacks it resumes with the rounding its optimizer state and trajectory record (to nearest), and
+    replays onto the same weights."""
+    run = tmp_path / "bf16"
+    args = ["train", "--model.name", str(model_dir), "--model.dtype", "bfloat16", "--train", "16", "--validation"]
+    args += ["8", "--test", "8", "--batch_size", "4", "--lr", "2e-3", "--eval_every", "2", "--progress", "false"]
+    assert main([*args, "--steps", "2", "--optimizer.stochastic_rounding", "false", "--output_dir", str(run)]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["optimizer"]["stochastic_rounding"]  # as a run saved before the option existed
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["train", "--resume", str(run), "--steps", "4"]) == 0
+    assert read_trajectory(run / "trajectory.zot").header["stochastic_rounding"] is False
+    state = json.loads((run / "state.json").read_text())
+    assert state["optimizer"]["mezo"]["stochastic_rounding"] is False and state["loop"]["step"] == 4
+    # a new bf16 run rounds stochastically
+    new = tmp_path / "new"
+    assert main([*args, "--steps", "2", "--output_dir", str(new)]) == 0
+    assert read_trajectory(new / "trajectory.zot").header["stochastic_rounding"] is True

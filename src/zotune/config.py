@@ -114,6 +114,9 @@ class OptimConfig:
     # trainable weights instead of one after another in place: for accelerators (on a 2-core CPU it is slower); costs
     # (evaluations a step) x the trainable parameters' memory and as many batches' activations; fuse_next is turned off
     fuse_next: bool = True  # two sweeps per step instead of three (two-sided, non-layerwise runs only; else off)
+    stochastic_rounding: bool | None = None  # round bfloat16/float16 weights stochastically in the update, so that
+    # updates below half a unit in the last place still move them on average (lr |g| z is often that small); null: on
+    # exactly when a trained tensor is bfloat16 or float16 (float32 weights are updated exactly either way)
     schedule: str = "constant"  # learning-rate schedule: constant, linear or cosine (decay to 0)
     warmup_steps: int = 0  # linear warm-up before the schedule
     # The variants of the paper (§2.2, Appendix B); the defaults are plain MeZO.

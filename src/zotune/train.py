@@ -375,6 +375,11 @@ class Trainer:
         else:
             self.log(f"resuming at step {state.step}: rebuilding the weights from the trajectory")
             replay(self.model, read_trajectory(path), finish=False)
+        rounding = saved["optimizer"]["mezo"].get("stochastic_rounding")
+        if self.config.optimizer.stochastic_rounding is None and rounding is not None:
+            # the run keeps the rounding it started with: runs saved before optimizer.stochastic_rounding existed
+            # rounded bf16/fp16 updates to nearest, and their trajectories say so
+            self.opt.stochastic_rounding = bool(rounding)
         self.opt.load_state_dict(saved["optimizer"], moments=moments)  # None or {}: rebuilt from the trajectory
         self.sched.load_state_dict(saved["scheduler"])
         lr, before = self.config.optimizer.lr, self.sched.base_lrs[0] if self.sched.base_lrs else None

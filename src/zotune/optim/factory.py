@@ -42,6 +42,11 @@ def make_optimizer(
         opt = make_optimizer(model.named_parameters(), OptimConfig(lr=1e-6, variant="adam", state="stored"))
     """
     oc = optim_config
+    named_params = list(named_params)
+    trained = [p for _, p in named_params] if oc.estimator != "grzo" or model is None else list(model.parameters())
+    rounding = oc.stochastic_rounding
+    if rounding is None:  # on for half-precision weights, whose ulp often exceeds twice a step's lr |g| z
+        rounding = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in trained)
     if oc.n_schedule == "linear":
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:
@@ -52,6 +57,7 @@ def make_optimizer(
     common = dict(
         distribution=oc.distribution,
         fuse_next=fuse,
+        stochastic_rounding=rounding,
         on_nonfinite=on_nonfinite,
         trajectory=trajectory,
         n_perturbations=n,
@@ -68,7 +74,7 @@ def make_optimizer(
     if oc.estimator == "grzo":
         if model is None:
             raise ValueError("GRZO hooks the model's layers: pass make_optimizer(..., model=the model)")
-        return GRZO(model, *args[1:], on_nonfinite=on_nonfinite, trajectory=trajectory)
+        return GRZO(model, *args[1:], stochastic_rounding=rounding, on_nonfinite=on_nonfinite, trajectory=trajectory)
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
         return HiZOO(*args, alpha=oc.hizoo_alpha, **common)

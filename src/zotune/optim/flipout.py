@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from zotune import kernels, rng
-from zotune.optim import functional
+from zotune.optim import chunks, functional
 
 __all__ = [
     "base",
@@ -99,13 +99,24 @@ def perturb_norm_output(xhat, out: torch.Tensor, rw: torch.Tensor | None, rb: to
     return out
 
 
-def update_vector_(p: torch.Tensor, key: int, seed: int, coefs: Sequence[float], lr: float, *, backend=None) -> None:
-    """A vector's update ``p <- p - lr R^T c`` (its rows' directions are their signs r_i: a norm's weight or bias)."""
+def update_vector_(
+    p: torch.Tensor,
+    key: int,
+    seed: int,
+    coefs: Sequence[float],
+    lr: float,
+    *,
+    rounding_seed: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """A vector's update ``p <- p - lr R^T c`` (its rows' directions are their signs r_i: a norm's weight or bias);
+    ``rounding_seed``: a bf16/fp16 vector's result rounded stochastically."""
     r = signs(seed, key, "r", len(coefs), p.shape[0], p.device, backend)
     c = torch.tensor(list(coefs), dtype=torch.float32, device=p.device)
-    work = p.detach().float()
+    flat = p.detach().view(-1)
+    work = chunks.float_work(flat)
     work.add_(r.t() @ c, alpha=-float(lr))
-    p.detach().copy_(work)
+    chunks.write_back(flat, work, rounding_seed, key, 0, kernels.select(p.device, backend))
 
 
 def update_(
@@ -115,13 +126,17 @@ def update_(
     coefs: Sequence[float],
     lr: float,
     *,
+    rounding_seed: int | None = None,
     backend: str | None = None,
 ) -> None:
-    """``W <- W - lr U (.) (R^T diag(c) S)`` in place: one coefficient per row (its length is the rows)."""
+    """``W <- W - lr U (.) (R^T diag(c) S)`` in place: one coefficient per row (its length is the rows);
+    ``rounding_seed``: a bf16/fp16 weight's result rounded stochastically."""
     rows = len(coefs)
     d_out, d_in = p.shape
     r = signs(seed, key, "r", rows, d_out, p.device, backend)
     s = signs(seed, key, "s", rows, d_in, p.device, backend)
     c = torch.tensor(list(coefs), dtype=torch.float32, device=p.device)
     m = (r * c[:, None]).t() @ s  # sum_i c_i r_i s_i^T, d_out x d_in (one matrix at a time)
-    functional.scaled_sweep_(p, key, m, [(seed, -float(lr))], distribution="gaussian", backend=backend)
+    functional.scaled_sweep_(
+        p, key, m, [(seed, -float(lr))], distribution="gaussian", rounding_seed=rounding_seed, backend=backend
+    )

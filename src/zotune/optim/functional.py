@@ -353,13 +353,14 @@ def scaled_sweep_(
     terms: Sequence[tuple[int, float]],
     *,
     distribution: str = "gaussian",
+    rounding_seed: int | None = None,
     backend: str | None = None,
 ) -> None:
     """theta <- theta + sum(c * s * z(seed)) elementwise, with ``s`` a float32 tensor of p's shape.
 
-    The probe sweep of a preconditioned direction (HiZOO's ``u = s z``), chunk by chunk: z regenerated,
-    no temporary larger than one chunk. Plain torch on float32 chunks (no fused kernel yet: the
-    fallback for every backend, whose z it draws).
+    The probe sweep of a preconditioned direction (HiZOO's ``u = s z``; GRZO's update), chunk by chunk: z
+    regenerated, no temporary larger than one chunk. Plain torch on float32 chunks (no fused kernel yet: the
+    fallback for every backend, whose z it draws). ``rounding_seed``: bf16/fp16 results rounded stochastically.
     """
     p, base = local_shard(p)
     be = kernels.select(p.device, backend)
@@ -373,7 +374,7 @@ def scaled_sweep_(
         for seed, c in terms:
             be.fill(z, distribution, seed, key, base + start)
             work.addcmul_(sflat[start : start + part.numel()], z, value=c)
-        write_back(part, work, None, key, base + start, be)
+        write_back(part, work, rounding_seed, key, base + start, be)
 
 
 def hizoo_update_(

@@ -91,6 +91,8 @@ class GRZO(MeZO):
         model: the module; GRZO trains the weights of :func:`linear_targets` and hooks those layers
             (``remove_hooks()`` detaches them).
         lr, eps, weight_decay, seed, on_nonfinite, backend, trajectory: as :class:`zotune.MeZO`.
+        stochastic_rounding: round bf16/fp16 weights stochastically in the update (as :class:`zotune.MeZO`'s), so
+            that updates below half a unit in the last place move the weights on average; replay repeats it.
         data_parallel: gather the ranks' per-example losses (a no-op without a process group or with one rank).
         group: the process group (the default group when None).
 
@@ -112,6 +114,7 @@ class GRZO(MeZO):
         on_nonfinite: str = "raise",
         backend: str | None = None,
         trajectory: str | os.PathLike | None = None,
+        stochastic_rounding: bool = False,
         data_parallel: bool = False,
         group=None,
     ):
@@ -128,6 +131,7 @@ class GRZO(MeZO):
             seed,
             estimator="grzo",
             fuse_next=False,
+            stochastic_rounding=stochastic_rounding,
             on_nonfinite=on_nonfinite,
             backend=backend,
             trajectory=trajectory,
@@ -248,7 +252,8 @@ class GRZO(MeZO):
         plan = StepPlan(t, len(coefs), self._estimator, eps)
         u = update_of(plan, self._directions(), coefs, None)
         groups = self._groups()
-        self.rule.apply(groups, u, distribution=self._directions().zdist, rounding_seed=None, backend=self.backend)
+        rounding = u.seeds[0] if self.stochastic_rounding else None
+        self.rule.apply(groups, u, distribution=self._directions().zdist, rounding_seed=rounding, backend=self.backend)
         lrs = tuple(g.lr for g in groups)
         self._record(Step(t, coefs[0], lrs) if len(coefs) == 1 else MultiStep(t, tuple(coefs), lrs))
         self._step = t + 1

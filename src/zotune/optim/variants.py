@@ -568,7 +568,7 @@ class GRZORule(SGDRule):
                 sweep_terms_(grp.params, grp.keys, [], scale=scale, distribution=distribution, backend=backend)
             for p, key in zip(grp.params, grp.keys):
                 update = flipout.update_ if p.dim() == 2 else flipout.update_vector_
-                update(p, key, u.seeds[0], u.grads, grp.lr, backend=backend)
+                update(p, key, u.seeds[0], u.grads, grp.lr, rounding_seed=rounding_seed, backend=backend)
 
 
 RULES: dict[str, type] = {

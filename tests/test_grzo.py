@@ -26,23 +26,34 @@ def _losses(model, x=_X, y=_Y):
     return lambda: torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-def _delta(name, shape, step_seed, rows):
-    """The rows' directions of one tensor from the reference generator (float64): U (.) r_i s_i^T on a matrix,
-    r_i on a vector (a norm's weight or bias)."""
+def _mask(w: torch.Tensor, sparsity: float) -> np.ndarray:
+    """Sparse-MeZO's mask of a small matrix, from its definition: |w| <= its ceil((1 - sparsity) n)-th smallest
+    magnitude (every element is sampled below 2^16)."""
+    a = np.abs(w.detach().float().numpy())
+    return a <= np.sort(a, axis=None)[int(np.ceil((1 - sparsity) * a.size)) - 1]
+
+
+def _delta(name, shape, step_seed, rows, mask=None):
+    """The rows' directions of one tensor from the reference generator (float64): U (.) r_i s_i^T on a matrix
+    (U masked by ``mask``: Sparse-GRZO), r_i on a vector (a norm's weight or bias)."""
     key = rng.param_key(name)
     r = rng.z("rademacher", rng.step_seed(step_seed, 0, 1), key, 0, rows * shape[0]).reshape(rows, shape[0])
     if len(shape) == 1:
         return [r[i].astype(np.float64) for i in range(rows)]
     d_out, d_in = shape
     u = rng.z("gaussian", step_seed, key, 0, d_out * d_in).reshape(d_out, d_in).astype(np.float64)
+    if mask is not None:
+        u = u * mask
     s = rng.z("rademacher", rng.step_seed(step_seed, 0, 2), key, 0, rows * d_in).reshape(rows, d_in)
     return [u * np.outer(r[i], s[i]) for i in range(rows)]
 
 
-def _explicit_losses(model, opt, step_seed, sign, example_loss, n):
+def _explicit_losses(model, opt, step_seed, sign, example_loss, n, sparsity=0.0):
     """Each example's loss with its own weights theta + sign eps Delta_i on every tensor GRZO trains."""
     table = {e["name"]: tuple(e["shape"]) for e in opt._table}
-    deltas = {name: _delta(name, shape, step_seed, n) for name, shape in table.items()}
+    params = dict(model.named_parameters())
+    masks = {k: _mask(params[k], sparsity) if sparsity and len(v) == 2 else None for k, v in table.items()}
+    deltas = {name: _delta(name, shape, step_seed, n, masks[name]) for name, shape in table.items()}
     out = []
     for i in range(n):
         probe = copy.deepcopy(model)
@@ -77,10 +88,11 @@ def _normed(seed=0):
     return model
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.75])
 @pytest.mark.parametrize("build", [_model, _normed])
-def test_the_hooks_perturb_each_example_along_its_own_direction(build):
+def test_the_hooks_perturb_each_example_along_its_own_direction(build, sparsity):
     model = build()
-    opt = GRZO(model, lr=1e-3, seed=7)
+    opt = GRZO(model, lr=1e-3, seed=7, sparsity=sparsity)
     closure = _Seen(_losses(model))
     opt.step(closure)
     seed = rng.step_seed(7, 0)
@@ -91,7 +103,7 @@ def test_the_hooks_perturb_each_example_along_its_own_direction(build):
     # (W + c Delta_i) x against W x + c r_i (U (s_i x)): float32 sums in another order, losses near 1
     for k, sign in enumerate((1.0, -1.0)):
         np.testing.assert_allclose(
-            closure.values[k], _explicit_losses(build(), opt, seed, sign, example, 10), rtol=1e-5
+            closure.values[k], _explicit_losses(build(), opt, seed, sign, example, 10, sparsity), rtol=1e-5
         )
     # the examples really move apart: each one's own direction, not one shared by the batch
     assert not np.allclose(closure.values[0] - closure.values[1], (closure.values[0] - closure.values[1])[0])
@@ -122,12 +134,14 @@ def test_a_hugging_face_llama_is_perturbed_per_example_in_its_linear_and_rmsnorm
     np.testing.assert_allclose(seen[0].numpy(), np.stack(explicit), rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("sparsity", [0.0, 0.75])
 @pytest.mark.parametrize("build", [_model, _normed])
-def test_the_update_is_the_group_relative_sum_of_the_rows_directions(build):
+def test_the_update_is_the_group_relative_sum_of_the_rows_directions(build, sparsity):
     model = build()
     before = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    masks = {n: _mask(p, sparsity) for n, p in model.named_parameters() if sparsity and p.dim() == 2}
     lr = 1e-3
-    opt = GRZO(model, lr=lr, seed=3)
+    opt = GRZO(model, lr=lr, seed=3, sparsity=sparsity)
     closure = _Seen(_losses(model))
     opt.step(closure)
     plus, minus = closure.values
@@ -142,10 +156,31 @@ def test_the_update_is_the_group_relative_sum_of_the_rows_directions(build):
         if name not in trained:
             assert np.array_equal(p.detach().double().numpy(), before[name])  # a Linear's bias stays
             continue
-        deltas = _delta(name, p.shape, seed, len(c))
+        deltas = _delta(name, p.shape, seed, len(c), masks.get(name))
         expected = before[name] - lr * sum(ci * d for ci, d in zip(opt.projected_grads, deltas))
         # one float32 rounding of weights below 2, the update summed in float32 (rows x d terms): 1e-6
         np.testing.assert_allclose(p.detach().double().numpy(), expected, rtol=0, atol=1e-6)
+        if name in masks:  # Sparse-GRZO: the quarter of smallest magnitudes moved, the rest kept every bit
+            now = p.detach().double().numpy()
+            assert np.array_equal(now[~masks[name]], before[name][~masks[name]])
+            assert (now[masks[name]] != before[name][masks[name]]).all()
+            assert masks[name].sum() == int(np.ceil(0.25 * masks[name].size))
+
+
+def test_weight_decay_scales_the_matrices_in_the_update_and_spares_the_norms():
+    model = _normed()
+    before = {n: p.detach().double().numpy().copy() for n, p in model.named_parameters()}
+    lr, wd = 1e-3, 0.5
+    opt = GRZO(model, lr=lr, seed=3, weight_decay=wd)
+    opt.step(_losses(model))
+    seed = rng.step_seed(3, 0)
+    for name, p in model.named_parameters():
+        if name.endswith("bias") and not name.startswith("1."):
+            continue  # a Linear's bias: not trained
+        decay = 1 - lr * wd if p.dim() == 2 else 1.0  # matrices only (a flat parameter list)
+        moved = sum(c * d for c, d in zip(opt.projected_grads, _delta(name, p.shape, seed, len(_Y))))
+        # as the update test: one float32 rounding of weights below 2, the update summed in float32
+        np.testing.assert_allclose(p.detach().double().numpy(), decay * before[name] - lr * moved, rtol=0, atol=1e-6)
 
 
 def test_row_coefficients_share_a_questions_advantage_across_its_options():
@@ -158,11 +193,12 @@ def test_row_coefficients_share_a_questions_advantage_across_its_options():
     assert all(not np.isfinite(x) for x in est.row_coefficients([1.0], [0.5], [1], 0.001))  # one example: no spread
 
 
-def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("options", [{}, {"sparsity": 0.75, "weight_decay": 0.1}])
+def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path, options):
     model = _model()
     base = copy.deepcopy(model)
     path = tmp_path / "grzo.zot"
-    opt = GRZO(model, lr=1e-3, seed=5, trajectory=path, on_nonfinite="skip")
+    opt = GRZO(model, lr=1e-3, seed=5, trajectory=path, on_nonfinite="skip", **options)
     for t in range(6):
         closure = _losses(model)
         if t == 2:  # a NaN in the second pass: skipped, nothing moves
@@ -184,14 +220,15 @@ def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path):
         if t == 3:
             state, snapshot = opt.state_dict(), copy.deepcopy(model)
     traj = read_trajectory(path)
-    assert traj.header["estimator"] == "grzo" and traj.header["variant"] == {"name": "grzo"}
+    sparse = {"sparsity": 0.75} if options else {}  # recorded where set: earlier GRZO files stay as they were
+    assert traj.header["estimator"] == "grzo" and traj.header["variant"] == {"name": "grzo", **sparse}
     assert [type(r) for r in traj.records[1:]] == [MultiStep] * 2 + [Skip] + [MultiStep] * 3
     assert all(len(r.projected_grads) == len(_Y) for r in traj.steps)
     replayed = copy.deepcopy(base)
     replay(replayed, path)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), replayed.parameters()))
     # a resume from the state after step 3 continues as the run did
-    again = GRZO(snapshot, lr=1e-3, seed=5)
+    again = GRZO(snapshot, lr=1e-3, seed=5, **options)
     again.load_state_dict(state)
     for _ in range(2):
         again.step(_losses(snapshot))
@@ -267,10 +304,13 @@ def test_the_output_head_and_tied_weights_are_not_trained():
     assert {n.split(".")[-1] for n in names} >= {"q_proj", "down_proj", "input_layernorm", "norm"}
 
 
-@pytest.mark.parametrize("task, tuning", [("sst2", "full"), ("copa", "full"), ("sst2", "lora")])
-def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path, capsys, task, tuning):
-    """Classification and multiple choice (a question's options are rows that share its advantage), and LoRA
-    (its adapters' lora_A / lora_B are Linear layers)."""
+@pytest.mark.parametrize(
+    "task, tuning, sparsity",
+    [("sst2", "full", 0.0), ("copa", "full", 0.0), ("sst2", "lora", 0.0), ("sst2", "full", 0.75)],
+)
+def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path, capsys, task, tuning, sparsity):
+    """Classification and multiple choice (a question's options are rows that share its advantage), LoRA
+    (its adapters' lora_A / lora_B are Linear layers), and Sparse-GRZO."""
     from test_train import SHARED_DATA
 
     out = tmp_path / "run"
@@ -279,8 +319,10 @@ def test_the_training_loop_runs_grzo_and_eval_reproduces_it(model_dir, tmp_path,
     args += ["--train", "24", "--validation", "8", "--test", "8", "--batch_size", "4", "--lr", "1e-3"]
     args += ["--progress", "false", "--save_best", "false", "--output_dir", str(out), "--optimizer.estimator", "grzo"]
     args += [] if task == "sst2" else ["--data_dir", str(SHARED_DATA)]
+    args += ["--optimizer.sparsity", str(sparsity)] if sparsity else []
     assert main(args) == 0
     traj = read_trajectory(out / "trajectory.zot")
+    assert traj.header["variant"] == {"name": "grzo", **({"sparsity": sparsity} if sparsity else {})}
     rows = 4 if task == "sst2" else 8  # COPA: two options a question
     assert [len(r.projected_grads) for r in traj.steps] == [rows] * 3
     summary = json.loads((out / "summary.json").read_text())

@@ -109,7 +109,8 @@ class OptimConfig:
     lowrank_every: int = 50  # distribution "lowrank": steps between draws of V (LOZO's nu)
     sparsity: float = 0.0  # Sparse-MeZO: the fraction of each matrix left still (its largest magnitudes); the rest
     # (|theta| <= the matrix's 1 - sparsity quantile, from the clean weights each step) is perturbed and updated.
-    # 0: off. SGD rule, gaussian or rademacher, no layerwise; fuse_next is turned off. A bit a parameter per step
+    # 0: off. SGD rule, gaussian or rademacher, no layerwise; fuse_next is turned off. A bit a parameter per step.
+    # With estimator grzo: Sparse-GRZO (each matrix's U masked the same way; one layer's mask at a time)
     batched: bool = False  # take each step's evaluations (FZOO: all N + 1) in one vmapped forward over copies of the
     # trainable weights instead of one after another in place: for accelerators (on a 2-core CPU it is slower); costs
     # (evaluations a step) x the trainable parameters' memory and as many batches' activations; fuse_next is turned off
@@ -193,7 +194,11 @@ class OptimConfig:
             )
         if not (0 <= self.sparsity < 1):
             raise ConfigError(f"optimizer.sparsity must be in [0, 1), got {self.sparsity}")
-        if self.sparsity and (self.variant != "sgd" or not kind.elementwise or kind.sphere or self.layerwise != "none"):
+        if (
+            self.sparsity
+            and self.estimator != "grzo"
+            and (self.variant != "sgd" or not kind.elementwise or kind.sphere or self.layerwise != "none")
+        ):
             raise ConfigError(
                 "optimizer.sparsity (Sparse-MeZO) works with variant sgd, distribution gaussian or rademacher and "
                 "layerwise none"
@@ -230,12 +235,12 @@ class OptimConfig:
             or self.n_perturbations != 1
             or self.n_schedule != "constant"
             or self.layerwise != "none"
-            or self.sparsity
             or self.batched
         ):
             raise ConfigError(
                 "optimizer.estimator 'grzo' draws its own per-example directions (Gaussian U and signs): use "
-                "distribution gaussian, n_perturbations 1, layerwise none, no sparsity and batched false"
+                "distribution gaussian, n_perturbations 1, layerwise none and batched false (sparsity masks its U: "
+                "Sparse-GRZO)"
             )
 
 

@@ -74,7 +74,14 @@ def make_optimizer(
     if oc.estimator == "grzo":
         if model is None:
             raise ValueError("GRZO hooks the model's layers: pass make_optimizer(..., model=the model)")
-        return GRZO(model, *args[1:], stochastic_rounding=rounding, on_nonfinite=on_nonfinite, trajectory=trajectory)
+        return GRZO(
+            model,
+            *args[1:],
+            stochastic_rounding=rounding,
+            sparsity=oc.sparsity,
+            on_nonfinite=on_nonfinite,
+            trajectory=trajectory,
+        )
     if oc.estimator == "hizoo":
         common.pop("estimator"), common.pop("n_perturbations")
         return HiZOO(*args, alpha=oc.hizoo_alpha, **common)

@@ -106,15 +106,19 @@ def update_vector_(
     coefs: Sequence[float],
     lr: float,
     *,
+    scale: float = 1.0,
     rounding_seed: int | None = None,
     backend: str | None = None,
 ) -> None:
-    """A vector's update ``p <- p - lr R^T c`` (its rows' directions are their signs r_i: a norm's weight or bias);
-    ``rounding_seed``: a bf16/fp16 vector's result rounded stochastically."""
+    """A vector's update ``p <- scale p - lr R^T c`` (its rows' directions are their signs r_i: a norm's weight or
+    bias; ``scale``: weight decay's 1 - lr wd); ``rounding_seed``: a bf16/fp16 vector's result rounded
+    stochastically."""
     r = signs(seed, key, "r", len(coefs), p.shape[0], p.device, backend)
     c = torch.tensor(list(coefs), dtype=torch.float32, device=p.device)
     flat = p.detach().view(-1)
     work = chunks.float_work(flat)
+    if scale != 1.0:
+        work.mul_(scale)
     work.add_(r.t() @ c, alpha=-float(lr))
     chunks.write_back(flat, work, rounding_seed, key, 0, kernels.select(p.device, backend))
 
@@ -126,17 +130,30 @@ def update_(
     coefs: Sequence[float],
     lr: float,
     *,
+    keep: torch.Tensor | None = None,
+    scale: float = 1.0,
     rounding_seed: int | None = None,
     backend: str | None = None,
 ) -> None:
-    """``W <- W - lr U (.) (R^T diag(c) S)`` in place: one coefficient per row (its length is the rows);
-    ``rounding_seed``: a bf16/fp16 weight's result rounded stochastically."""
+    """``W <- scale W - lr U (.) (R^T diag(c) S)`` in place (``scale``: weight decay's 1 - lr wd), one coefficient
+    per row (its length is the rows);
+    ``keep``: a boolean mask of W's shape (Sparse-GRZO: ``U (.) keep`` is the base noise, so only those elements
+    move); ``rounding_seed``: a bf16/fp16 weight's result rounded stochastically."""
     rows = len(coefs)
     d_out, d_in = p.shape
     r = signs(seed, key, "r", rows, d_out, p.device, backend)
     s = signs(seed, key, "s", rows, d_in, p.device, backend)
     c = torch.tensor(list(coefs), dtype=torch.float32, device=p.device)
     m = (r * c[:, None]).t() @ s  # sum_i c_i r_i s_i^T, d_out x d_in (one matrix at a time)
+    if keep is not None:
+        m.mul_(keep)
     functional.scaled_sweep_(
-        p, key, m, [(seed, -float(lr))], distribution="gaussian", rounding_seed=rounding_seed, backend=backend
+        p,
+        key,
+        m,
+        [(seed, -float(lr))],
+        distribution="gaussian",
+        scale=scale,
+        rounding_seed=rounding_seed,
+        backend=backend,
     )

@@ -353,10 +353,11 @@ def scaled_sweep_(
     terms: Sequence[tuple[int, float]],
     *,
     distribution: str = "gaussian",
+    scale: float = 1.0,
     rounding_seed: int | None = None,
     backend: str | None = None,
 ) -> None:
-    """theta <- theta + sum(c * s * z(seed)) elementwise, with ``s`` a float32 tensor of p's shape.
+    """theta <- scale theta + sum(c * s * z(seed)) elementwise, with ``s`` a float32 tensor of p's shape.
 
     The probe sweep of a preconditioned direction (HiZOO's ``u = s z``; GRZO's update), chunk by chunk: z
     regenerated, no temporary larger than one chunk. Plain torch on float32 chunks (no fused kernel yet: the
@@ -371,6 +372,8 @@ def scaled_sweep_(
         part = flat[start : start + chunk]
         z = zbuf[: part.numel()]
         work = float_work(part)
+        if scale != 1.0:
+            work.mul_(scale)
         for seed, c in terms:
             be.fill(z, distribution, seed, key, base + start)
             work.addcmul_(sflat[start : start + part.numel()], z, value=c)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zotune import distributed
-from zotune.optim import flipout, functional, variants
+from zotune.optim import flipout, functional, masked, variants
 from zotune.optim.mezo import MeZO, NonFiniteLossError
 from zotune.optim.step import StepPlan, update_of
 from zotune.trajectory import MultiStep, Step
@@ -91,6 +91,11 @@ class GRZO(MeZO):
         model: the module; GRZO trains the weights of :func:`linear_targets` and hooks those layers
             (``remove_hooks()`` detaches them).
         lr, eps, weight_decay, seed, on_nonfinite, backend, trajectory: as :class:`zotune.MeZO`.
+        sparsity: Sparse-GRZO (the authors' ``grzo_sparse``; Sparse-MeZO's masks, arXiv 2402.15751): in (0, 1), each
+            matrix's base noise U is masked to ``|theta| <= h``, h its ``1 - sparsity`` magnitude quantile from the
+            weights as the step found them, so only those elements are perturbed and updated (0.75: the smallest
+            quarter, the authors' ``--sparse_ratio 0.25 --sparse_rule small``); norms' vectors are not masked.
+            Memory: one layer's mask while its hook or update runs; nothing kept.
         stochastic_rounding: round bf16/fp16 weights stochastically in the update (as :class:`zotune.MeZO`'s), so
             that updates below half a unit in the last place move the weights on average; replay repeats it.
         data_parallel: gather the ranks' per-example losses (a no-op without a process group or with one rank).
@@ -115,9 +120,13 @@ class GRZO(MeZO):
         backend: str | None = None,
         trajectory: str | os.PathLike | None = None,
         stochastic_rounding: bool = False,
+        sparsity: float = 0.0,
         data_parallel: bool = False,
         group=None,
     ):
+        if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+            raise ValueError(f"Invalid sparsity: {sparsity!r} (the fraction of each matrix left still, in [0, 1))")
+        self._sparsity = float(sparsity)  # the rule's (built by MeZO's constructor): Sparse-GRZO's masks
         targets = linear_targets(model)
         if not any(isinstance(m, torch.nn.Linear) for _, m in targets):
             raise ValueError("GRZO found no trainable nn.Linear layer (other than the output head) to train")
@@ -150,9 +159,18 @@ class GRZO(MeZO):
         self._names = [name for name, _ in targets]
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules_)]
         self.data_parallel, self.group = bool(data_parallel), group
+        self._thresholds: dict[int, torch.Tensor] = {}
 
     def _make_rule(self):
-        return variants.GRZORule()
+        return variants.GRZORule(self._sparsity)
+
+    def _keep(self, i: int, w: torch.Tensor) -> torch.Tensor | None:
+        """Layer i's Sparse-GRZO mask (None: not sparse); its threshold once a step, from the weights as they are."""
+        if not self._sparsity:
+            return None
+        if i not in self._thresholds:
+            self._thresholds[i] = masked.magnitude_threshold(w, self._sparsity)
+        return masked.below(w, self._thresholds[i])
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks (the model then runs as without GRZO)."""
@@ -173,6 +191,9 @@ class GRZO(MeZO):
             if isinstance(module, torch.nn.Linear):
                 w = module.weight
                 u = flipout.base(seed, kw, w.shape, w.device, be)
+                keep = self._keep(i, w)
+                if keep is not None:
+                    u.mul_(keep)
                 r = flipout.signs(seed, kw, "r", n, w.shape[0], w.device, be, first)
                 s = flipout.signs(seed, kw, "s", n, w.shape[1], w.device, be, first)
                 return flipout.perturb_output(x, output, u, r, s, c)
@@ -232,6 +253,7 @@ class GRZO(MeZO):
         t = self._step
         eps = functional.f32(self.eps)
         seed = self._directions().seed(t, 0)
+        self._thresholds = {}  # Sparse-GRZO: each layer's, from this step's weights (none moves before the update)
         first, lengths, everyone = self._shards(rows)
         plus = self._pass(closure, seed, eps, first)
         rows = [1] * len(plus) if rows is None else [int(k) for k in rows]

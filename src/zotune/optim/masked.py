@@ -16,7 +16,7 @@ import torch
 from zotune import kernels, rng
 from zotune.optim.chunks import chunk_size, flat_view, float_work, write_back
 
-__all__ = ["MASK_SAMPLE", "magnitude_mask", "masked_sweep_", "unpack_mask"]
+__all__ = ["MASK_SAMPLE", "below", "magnitude_mask", "magnitude_threshold", "masked_sweep_", "unpack_mask"]
 
 MASK_SAMPLE = 1 << 16  # elements of a tensor, evenly strided, whose magnitudes set its threshold
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -36,17 +36,9 @@ def magnitude_mask(
     copy through the host); a backend with ``pack_mask`` (numba) packs a float32 tensor in one pass instead
     of this chunked torch loop, bit for bit the same (``backend`` as in :func:`sweep_`).
     """
-    if hasattr(p, "placements"):
-        raise ValueError("sparse directions need whole tensors: a DTensor (FSDP2 shard) has no whole-tensor threshold")
     flat = flat_view(p)
     n = flat.numel()
-    stride = max(1, n // MASK_SAMPLE)
-    sample = flat[::stride].abs().float()
-    k = min(sample.numel(), max(1, math.ceil((1.0 - sparsity) * sample.numel())))
-    if sample.device.type == "cpu":  # numpy's introselect: the same k-th smallest, ~12x torch's kthvalue here
-        h = torch.tensor(np.partition(sample.detach().numpy(), k - 1)[k - 1])
-    else:
-        h = sample.kthvalue(k).values
+    h = magnitude_threshold(p, sparsity)
     bits = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=p.device)
     be = kernels.select(p.device, backend)
     if be.pack_mask is not None and flat.dtype == torch.float32:  # one pass, no temporaries (the same bits)
@@ -66,6 +58,26 @@ def magnitude_mask(
             out=bits[start // 8 : (start + m.numel()) // 8],
         )
     return bits
+
+
+def magnitude_threshold(p: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Sparse-MeZO's threshold h of one tensor (a float32 scalar tensor): the ``ceil((1 - sparsity) s)``-th smallest
+    of s magnitudes sampled at a fixed stride (:func:`magnitude_mask`); the tensor's mask is ``|theta| <= h``."""
+    if hasattr(p, "placements"):
+        raise ValueError("sparse directions need whole tensors: a DTensor (FSDP2 shard) has no whole-tensor threshold")
+    flat = flat_view(p)
+    n = flat.numel()
+    stride = max(1, n // MASK_SAMPLE)
+    sample = flat[::stride].abs().float()
+    k = min(sample.numel(), max(1, math.ceil((1.0 - sparsity) * sample.numel())))
+    if sample.device.type == "cpu":  # numpy's introselect: the same k-th smallest, ~12x torch's kthvalue here
+        return torch.tensor(np.partition(sample.detach().numpy(), k - 1)[k - 1])
+    return sample.kthvalue(k).values
+
+
+def below(p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The mask ``|theta| <= h`` of a tensor as booleans of its shape (one tensor's, for a moment: GRZO's)."""
+    return p.detach().abs().float() <= h.to(p.device)
 
 
 def unpack_mask(bits: torch.Tensor, start: int, count: int) -> torch.Tensor:

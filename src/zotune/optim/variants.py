@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from zotune import rng
-from zotune.optim import flipout, functional
+from zotune.optim import flipout, functional, masked
 
 __all__ = [
     "MAX_PERTURBATIONS",
@@ -551,11 +551,26 @@ class GRZORule(SGDRule):
     (:func:`zotune.optim.flipout.update_`; R^T diag(c) S is one d_out x d_in matrix at a time), and on a vector
     (a norm's weight or bias, directions r_i) ``theta <- theta - lr R^T c``. The
     probes were forward hooks, so nothing is carried. Stateless: seeds and coefficients rebuild it.
+
+    ``sparsity`` (Sparse-GRZO, the authors' ``grzo_sparse``): each matrix's U is masked to ``|theta| <= h``, h its
+    Sparse-MeZO threshold (:func:`zotune.optim.masked.magnitude_threshold`), from the weights as the step found them
+    (GRZO's passes never move them, so the hooks and this update see the same mask); vectors are not masked.
     """
 
     name = "grzo"
     estimator = "grzo"
-    header = MuonRule.header  # {"name": "grzo"}: stateless, nothing else to record
+
+    def __init__(self, sparsity: float = 0.0):
+        self.sparsity = float(sparsity)
+
+    def header(self) -> dict:
+        return {"name": self.name, **({"sparsity": self.sparsity} if self.sparsity else {})}
+
+    def keep(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The elements of ``p`` that move (None: all): a matrix's Sparse-MeZO mask under ``sparsity``."""
+        if not self.sparsity or p.dim() != 2:
+            return None
+        return masked.below(p, masked.magnitude_threshold(p, self.sparsity))
 
     def apply(
         self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True
@@ -563,12 +578,13 @@ class GRZORule(SGDRule):
         if not update:
             return
         for grp in groups:
-            scale = 1.0 - grp.lr * grp.weight_decay
-            if scale != 1.0:
-                sweep_terms_(grp.params, grp.keys, [], scale=scale, distribution=distribution, backend=backend)
+            scale = 1.0 - grp.lr * grp.weight_decay  # weight decay, in the update's own sweep
             for p, key in zip(grp.params, grp.keys):
-                update = flipout.update_ if p.dim() == 2 else flipout.update_vector_
-                update(p, key, u.seeds[0], u.grads, grp.lr, rounding_seed=rounding_seed, backend=backend)
+                options = dict(scale=scale, rounding_seed=rounding_seed, backend=backend)
+                if p.dim() == 2:
+                    flipout.update_(p, key, u.seeds[0], u.grads, grp.lr, keep=self.keep(p), **options)
+                else:
+                    flipout.update_vector_(p, key, u.seeds[0], u.grads, grp.lr, **options)
 
 
 RULES: dict[str, type] = {
@@ -588,7 +604,9 @@ def make_rule(spec: dict | None):
     cls = RULES.get(spec["name"])
     if cls is HiZOORule:
         return HiZOORule(float(spec["alpha"]))
-    if cls in (MuonRule, GRZORule):
+    if cls is GRZORule:
+        return GRZORule(float(spec.get("sparsity", 0.0)))
+    if cls is MuonRule:
         return cls()
     if cls is None:
         raise ValueError(f"unknown update rule {spec['name']!r}; this zotune knows {', '.join(RULES)}")

@@ -156,7 +156,9 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     muon = cmp.cell_config(grid, "zo-muon", "sst2", 0).optimizer
     assert (muon.variant, muon.distribution, muon.lowrank_rank) == ("muon", "subspace", 8)
     grzo = cmp.cell_config(grid, "grzo", "sst2", 0).optimizer
-    assert (grzo.estimator, grzo.variant, grzo.lr) == ("grzo", "grzo", 2e-6)
+    assert (grzo.estimator, grzo.variant, grzo.lr) == ("grzo", "grzo", 1e-5)
+    sparse = cmp.cell_config(grid, "sparse-grzo", "sst2", 0).optimizer
+    assert (sparse.estimator, sparse.sparsity) == ("grzo", 0.75)
 
 
 def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):

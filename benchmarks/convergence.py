@@ -244,6 +244,14 @@ METHODS: dict[str, Method] = {
         {"lr": [5e-6, 1e-5, 2e-5]},
         "GRZO, its rate decayed to 0 over the run (cosine)",
     ),
+    # GRZO without the normalisation (the authors' "two"): B per-example MeZO estimates averaged, each element moving
+    # about lr |g_i| / sqrt(B), so MeZO's grid (its step shrinks with the loss differences, where GRZO's keeps its size).
+    "grzo-raw": Method(
+        2,
+        {"optimizer": {"estimator": "grzo-raw"}},
+        {"lr": [5e-5, 1e-4, 2e-4]},
+        "GRZO's per-example directions with raw loss differences (no normalisation)",
+    ),
     # Sparse-GRZO (the GRZO authors' grzo_sparse): GRZO's U masked to Sparse-MeZO's quarter of smallest magnitudes. A
     # moved element steps as in GRZO (the coefficients are normalised whatever the mask): GRZO's grid around its tuned
     # rate (past an edge the tuning extends it; Sparse-MeZO took twice MeZO's rate, GRZO drifted at its own).

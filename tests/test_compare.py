@@ -159,6 +159,7 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert (grzo.estimator, grzo.variant, grzo.lr) == ("grzo", "grzo", 1e-5)
     sparse = cmp.cell_config(grid, "sparse-grzo", "sst2", 0).optimizer
     assert (sparse.estimator, sparse.sparsity) == ("grzo", 0.75)
+    assert cmp.cell_config(grid, "grzo-raw", "sst2", 0).optimizer.variant == "grzo"
 
 
 def test_an_fzoo_cell_runs_and_reports_its_forward_passes(model_dir, tmp_path):

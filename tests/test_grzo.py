@@ -192,9 +192,26 @@ def test_row_coefficients_share_a_questions_advantage_across_its_options():
     a = delta / (delta.std(ddof=1) + 1e-8) / (2 * 0.001 * 3)
     np.testing.assert_allclose(c, np.repeat(a, rows), rtol=1e-6)
     assert all(not np.isfinite(x) for x in est.row_coefficients([1.0], [0.5], [1], 0.001))  # one example: no spread
+    raw = estimators.get("grzo-raw").row_coefficients(plus, minus, rows, 0.001)  # the differences, not normalised
+    np.testing.assert_allclose(raw, np.repeat(delta / (2 * 0.001 * 3), rows), rtol=1e-6)
+    assert estimators.get("grzo-raw").row_coefficients([1.0], [0.5], [1], 0.001) == [125.0]  # one example: fine
 
 
-@pytest.mark.parametrize("options", [{}, {"sparsity": 0.75, "weight_decay": 0.1}])
+def test_grzo_raw_steps_by_the_raw_differences_and_is_built_from_the_config():
+    model = _model()
+    opt = GRZO(model, lr=1e-3, seed=3, normalise=False)
+    closure = _Seen(_losses(model))
+    opt.step(closure)
+    plus, minus = closure.values
+    np.testing.assert_allclose(opt.projected_grads, (plus - minus) / 2 / (2 * EPS * len(plus)), rtol=1e-6)
+    assert opt._variant_header()["estimator"] == "grzo-raw"
+    oc = OptimConfig(estimator="grzo-raw", sparsity=0.75)
+    assert oc.variant == "grzo"
+    built = make_optimizer(_model().named_parameters(), oc, model=_model())
+    assert isinstance(built, GRZO) and built.estimator == "grzo-raw" and built.rule.sparsity == 0.75
+
+
+@pytest.mark.parametrize("options", [{}, {"sparsity": 0.75, "weight_decay": 0.1}, {"normalise": False}])
 def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path, options):
     model = _model()
     base = copy.deepcopy(model)
@@ -221,8 +238,9 @@ def test_a_grzo_run_replays_and_resumes_bit_for_bit(tmp_path, options):
         if t == 3:
             state, snapshot = opt.state_dict(), copy.deepcopy(model)
     traj = read_trajectory(path)
-    sparse = {"sparsity": 0.75} if options else {}  # recorded where set: earlier GRZO files stay as they were
-    assert traj.header["estimator"] == "grzo" and traj.header["variant"] == {"name": "grzo", **sparse}
+    sparse = {"sparsity": 0.75} if "sparsity" in options else {}  # recorded where set: earlier files stay as they were
+    assert traj.header["variant"] == {"name": "grzo", **sparse}
+    assert traj.header["estimator"] == ("grzo-raw" if "normalise" in options else "grzo")
     assert [type(r) for r in traj.records[1:]] == [MultiStep] * 2 + [Skip] + [MultiStep] * 3
     assert all(len(r.projected_grads) == len(_Y) for r in traj.steps)
     replayed = copy.deepcopy(base)

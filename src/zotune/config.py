@@ -127,7 +127,8 @@ class OptimConfig:
     n_ramp_steps: int = 1  # linear n_schedule: steps of the rise
     estimator: str = "two-sided"  # zotune.optim.estimators: "grzo" (GRZO: each example of the batch perturbed along
     # its own direction by forward hooks on the Linear layers, two passes, the per-example differences normalised
-    # by their std; trains the Linear weights but the head; sets variant "grzo"), "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
+    # by their std; trains the Linear weights but the head; sets variant "grzo"), "grzo-raw" (GRZO without the division
+    # by the std: its rate on MeZO's scale), "two-sided" (L(+eps) - L(-eps)) / 2eps, "one-sided"
     # (L(+eps) - L) / eps, "fzoo" (one-sided divided by the std of the perturbed losses; n >= 2, with
     # distribution "rademacher" and n_perturbations 8 as the FZOO paper; its lr is not MeZO's: tune it), or
     # "hizoo" (HiZOO: three passes, a per-element diagonal; n 1; sets variant "hizoo"), "kerzoo" (KerZOO: two-sided
@@ -196,7 +197,7 @@ class OptimConfig:
             raise ConfigError(f"optimizer.sparsity must be in [0, 1), got {self.sparsity}")
         if (
             self.sparsity
-            and self.estimator != "grzo"
+            and est.rule != "grzo"
             and (self.variant != "sgd" or not kind.elementwise or kind.sphere or self.layerwise != "none")
         ):
             raise ConfigError(
@@ -230,7 +231,7 @@ class OptimConfig:
                 f"{self.estimator!r}: HiZOO is estimator 'hizoo', GRZO estimator 'grzo' (their update rules "
                 "come with them)"
             )
-        if self.estimator == "grzo" and (
+        if est.rule == "grzo" and (
             self.distribution != "gaussian"
             or self.n_perturbations != 1
             or self.n_schedule != "constant"
@@ -238,7 +239,7 @@ class OptimConfig:
             or self.batched
         ):
             raise ConfigError(
-                "optimizer.estimator 'grzo' draws its own per-example directions (Gaussian U and signs): use "
+                f"optimizer.estimator {self.estimator!r} draws its own per-example directions (Gaussian U and signs): use "
                 "distribution gaussian, n_perturbations 1, layerwise none and batched false (sparsity masks its U: "
                 "Sparse-GRZO)"
             )
@@ -300,10 +301,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.optimizer.estimator == "grzo" and self.train.objective != "loss":
+        if estimators.get(self.optimizer.estimator).rule == "grzo" and self.train.objective != "loss":
             raise ConfigError(
-                "optimizer.estimator 'grzo' normalises per-example losses: use train.objective 'loss', "
-                f"got {self.train.objective!r}"
+                f"optimizer.estimator {self.optimizer.estimator!r} (GRZO) takes per-example losses: use "
+                f"train.objective 'loss', got {self.train.objective!r}"
             )
 
     def to_dict(self) -> dict:

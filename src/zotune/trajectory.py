@@ -45,7 +45,7 @@ byte for byte what it was, and every older file reads and replays as before):
                          "one-sided", or "fzoo" (its "N" records hold the normalized coefficients
                          (l_j - l_0) / (eps sigma), so replay needs nothing more), or "hizoo" ("S" records
                          hold c, a "K" record before each its kappa), or "kerzoo" / "kerzoo-linear" (the
-                         kernel-weighted coefficients; each direction's r comes from its seed), or "grzo"
+                         kernel-weighted coefficients; each direction's r comes from its seed), or "grzo" / "grzo-raw"
                          (GRZO: an "N" record holds one coefficient per row of the step's batch, its
                          directions U (.) r_i s_i^T regenerated from the step's seed: optim.flipout);
                          "forward-gradient" marks a trajectory
@@ -66,7 +66,7 @@ byte for byte what it was, and every older file reads and replays as before):
                          "adam_eps", "window", "state": "history" | "stored"}, or {"name": "hizoo",
                          "alpha"} (its diagonal s evolves from the seeds and the "K" records alone), or
                          {"name": "muon"} (ZO-Muon: each update rebuilt from the seeds and coefficients), or
-                         {"name": "grzo"}
+                         {"name": "grzo"} (with "sparsity" for Sparse-GRZO; estimator "grzo" or "grzo-raw")
 
 A skip record's phase is the 1-based index of the loss evaluation that came out non-finite
 (two-sided: 2j+1 for L+_j, 2j+2 for L-_j; one-sided and fzoo: 1 for L(theta), j+2 for L+_j); a step

@@ -186,6 +186,16 @@ register(
 # at eps 1e-3, batch 16). On SmolLM2-135M SST-2 tuning chose 1e-5 from 2e-6..2e-5 (the best of every method at 100
 # forward passes); over 1,000 passes it peaked at 500 and then drifted (benchmarks/RESULTS.md, 2026-12-06/07).
 register(Method("grzo", "GRZO", _mezo, {"model": {"tuning": "full"}, "optimizer": {"estimator": "grzo", "lr": 1e-5}}))
+# GRZO's raw form (estimator grzo-raw, the authors' "two" ablation): per-example MeZO estimates averaged, a step on
+# MeZO's scale (about sqrt(B) larger rates for the same movement); untuned: benchmarks/convergence.py tunes it.
+register(
+    Method(
+        "grzo-raw",
+        "GRZO (raw)",
+        _mezo,
+        {"model": {"tuning": "full"}, "optimizer": {"estimator": "grzo-raw", "lr": 1e-4}},
+    )
+)
 # Sparse-GRZO (the GRZO authors' grzo_sparse): GRZO's U masked to Sparse-MeZO's quarter of smallest magnitudes;
 # a moved element steps as in GRZO, so GRZO's rate until benchmarks/convergence.py's sparse-grzo is tuned.
 register(

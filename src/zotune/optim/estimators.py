@@ -244,10 +244,16 @@ class GRZO(Estimator):
     normalisation is the authors' released code's ("two_norm": no mean subtracted, two-sided differences
     have mean ~0; their README writes the update as U (.) (R^T diag(a) S) / (2 sigma B)). The coefficients
     come from per-example losses, so :meth:`estimate` (scalar losses) does not apply: :meth:`row_coefficients`.
+
+    ``"grzo-raw"`` (``normalised=False``, the authors' ``--estimation_side two``) leaves out the division by the
+    spread: ``c_i = delta_q(i) / (2 eps B)``, B two-sided MeZO estimates averaged, whose step shrinks with the loss
+    differences as MeZO's does (the normalised step keeps its size).
     """
 
-    name = "grzo"
     rule = "grzo"
+
+    def __init__(self, name: str = "grzo", normalised: bool = True):
+        self.name, self.normalised = name, normalised
 
     def sweeps(self, n):
         return [[], []]  # both evaluations at the weights as they are: the hooks perturb each row
@@ -262,13 +268,15 @@ class GRZO(Estimator):
         """c_i for every row (float32), from the B examples' losses l+ and l- and each example's row count."""
         b = len(plus)
         delta = [(p - m) / 2.0 for p, m in zip(plus, minus, strict=True)]
-        if b < 2:
-            return [math.nan] * sum(rows)
-        mean = math.fsum(delta) / b
-        std = math.sqrt(math.fsum((d - mean) ** 2 for d in delta) / (b - 1))
+        scale = 1.0
+        if self.normalised:
+            if b < 2:
+                return [math.nan] * sum(rows)
+            mean = math.fsum(delta) / b
+            scale = math.sqrt(math.fsum((d - mean) ** 2 for d in delta) / (b - 1)) + 1e-8
         out = []
         for d, k in zip(delta, rows, strict=True):
-            out += [functional.f32(d / (std + 1e-8) / (2.0 * eps * b))] * k
+            out += [functional.f32(d / scale / (2.0 * eps * b))] * k
         return out
 
     def where(self, phase, n):
@@ -286,7 +294,16 @@ def register(estimator: Estimator) -> Estimator:
     return estimator
 
 
-for _e in (TwoSided(), OneSided(), FZOO(), HiZOO(), KerZOO(), KerZOO("kerzoo-linear", "linear"), GRZO()):
+for _e in (
+    TwoSided(),
+    OneSided(),
+    FZOO(),
+    HiZOO(),
+    KerZOO(),
+    KerZOO("kerzoo-linear", "linear"),
+    GRZO(),
+    GRZO("grzo-raw", normalised=False),
+):
     register(_e)
 
 

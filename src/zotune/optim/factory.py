@@ -34,7 +34,7 @@ def make_optimizer(
         optim_config: a :class:`zotune.config.OptimConfig`.
         trajectory: the trajectory file to write (``zotune.replay`` rebuilds the weights from it).
         on_nonfinite: ``"skip"`` (the training loop's choice) or ``"raise"``.
-        model: the module itself: GRZO (``estimator="grzo"``) hooks its layers and takes the tensors it trains
+        model: the module itself: GRZO (``estimator="grzo"`` or ``"grzo-raw"``) hooks its layers and takes the tensors it trains
             from them (:func:`zotune.optim.grzo.linear_targets`; ``named_params`` is then not used).
 
     Example::
@@ -43,7 +43,8 @@ def make_optimizer(
     """
     oc = optim_config
     named_params = list(named_params)
-    trained = [p for _, p in named_params] if oc.estimator != "grzo" or model is None else list(model.parameters())
+    grzo = estimators.get(oc.estimator).rule == "grzo"  # "grzo" and "grzo-raw": zotune.GRZO
+    trained = [p for _, p in named_params] if not grzo or model is None else list(model.parameters())
     rounding = oc.stochastic_rounding
     if rounding is None:  # on for half-precision weights, whose ulp often exceeds twice a step's lr |g| z
         rounding = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in trained)
@@ -71,7 +72,7 @@ def make_optimizer(
         batched=oc.batched,
     )
     args = (named_params, oc.lr, oc.eps, oc.weight_decay, oc.seed)
-    if oc.estimator == "grzo":
+    if grzo:
         if model is None:
             raise ValueError("GRZO hooks the model's layers: pass make_optimizer(..., model=the model)")
         return GRZO(
@@ -79,6 +80,7 @@ def make_optimizer(
             *args[1:],
             stochastic_rounding=rounding,
             sparsity=oc.sparsity,
+            normalise=oc.estimator == "grzo",
             on_nonfinite=on_nonfinite,
             trajectory=trajectory,
         )

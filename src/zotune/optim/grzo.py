@@ -91,6 +91,9 @@ class GRZO(MeZO):
         model: the module; GRZO trains the weights of :func:`linear_targets` and hooks those layers
             (``remove_hooks()`` detaches them).
         lr, eps, weight_decay, seed, on_nonfinite, backend, trajectory: as :class:`zotune.MeZO`.
+        normalise: divide the examples' loss differences by their spread (GRZO); False: the raw differences
+            (estimator ``"grzo-raw"``, the authors' ``two`` ablation: B MeZO estimates averaged, a step that shrinks
+            with the differences; its rate is on MeZO's scale, not GRZO's).
         sparsity: Sparse-GRZO (the authors' ``grzo_sparse``; Sparse-MeZO's masks, arXiv 2402.15751): in (0, 1), each
             matrix's base noise U is masked to ``|theta| <= h``, h its ``1 - sparsity`` magnitude quantile from the
             weights as the step found them, so only those elements are perturbed and updated (0.75: the smallest
@@ -121,6 +124,7 @@ class GRZO(MeZO):
         trajectory: str | os.PathLike | None = None,
         stochastic_rounding: bool = False,
         sparsity: float = 0.0,
+        normalise: bool = True,
         data_parallel: bool = False,
         group=None,
     ):
@@ -138,7 +142,7 @@ class GRZO(MeZO):
             eps,
             weight_decay,
             seed,
-            estimator="grzo",
+            estimator="grzo" if normalise else "grzo-raw",
             fuse_next=False,
             stochastic_rounding=stochastic_rounding,
             on_nonfinite=on_nonfinite,

@@ -300,6 +300,8 @@ def test_bad_uses_are_clear_errors():
         opt.step(_losses(model), rows=[2] * 10)
     with pytest.raises(NonFiniteLossError):
         opt.step(lambda: _losses(model)() * float("inf"))
+    with pytest.raises(ValueError, match="Invalid sparsity"):
+        GRZO(_model(), lr=1e-3, sparsity=1.0)
     with pytest.raises(ValueError, match="no trainable nn.Linear"):
         GRZO(torch.nn.Sequential(torch.nn.Tanh()), lr=1e-3)
     with pytest.raises(ValueError, match="zotune.GRZO"):

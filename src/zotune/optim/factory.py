@@ -14,6 +14,14 @@ from zotune.optim.variants import linear_n
 __all__ = ["make_optimizer"]
 
 
+def _stochastic_rounding(setting: bool | None, trained) -> bool:
+    """The config's stochastic_rounding, or (None) on exactly when a trained tensor is bf16 / fp16: their ulp often
+    exceeds twice a step's lr |g| z, which rounding to nearest would drop."""
+    if setting is not None:
+        return setting
+    return any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in trained)
+
+
 def make_optimizer(
     named_params,
     optim_config,
@@ -45,9 +53,7 @@ def make_optimizer(
     named_params = list(named_params)
     grzo = estimators.get(oc.estimator).rule == "grzo"  # "grzo" and "grzo-raw": zotune.GRZO
     trained = [p for _, p in named_params] if not grzo or model is None else list(model.parameters())
-    rounding = oc.stochastic_rounding
-    if rounding is None:  # on for half-precision weights, whose ulp often exceeds twice a step's lr |g| z
-        rounding = any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in trained)
+    rounding = _stochastic_rounding(oc.stochastic_rounding, trained)
     if oc.n_schedule == "linear":
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:

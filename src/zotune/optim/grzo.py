@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from zotune import distributed
-from zotune.optim import flipout, functional, masked, variants
+from zotune.optim import flipout, functional, variants
 from zotune.optim.mezo import MeZO, NonFiniteLossError
 from zotune.optim.step import StepPlan, update_of
 from zotune.trajectory import MultiStep, Step
@@ -169,12 +169,10 @@ class GRZO(MeZO):
         return variants.GRZORule(self._sparsity)
 
     def _keep(self, i: int, w: torch.Tensor) -> torch.Tensor | None:
-        """Layer i's Sparse-GRZO mask (None: not sparse); its threshold once a step, from the weights as they are."""
-        if not self._sparsity:
-            return None
+        """Layer i's Sparse-GRZO mask (None: not sparse): the rule's, its threshold kept for the step's passes."""
         if i not in self._thresholds:
-            self._thresholds[i] = masked.magnitude_threshold(w, self._sparsity)
-        return masked.below(w, self._thresholds[i])
+            self._thresholds[i] = self.rule.threshold(w)
+        return self.rule.keep(w, self._thresholds[i]) if self._thresholds[i] is not None else None
 
     def remove_hooks(self) -> None:
         """Detach the forward hooks (the model then runs as without GRZO)."""

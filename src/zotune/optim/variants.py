@@ -566,11 +566,16 @@ class GRZORule(SGDRule):
     def header(self) -> dict:
         return {"name": self.name, **({"sparsity": self.sparsity} if self.sparsity else {})}
 
-    def keep(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The elements of ``p`` that move (None: all): a matrix's Sparse-MeZO mask under ``sparsity``."""
+    def threshold(self, p: torch.Tensor) -> torch.Tensor | None:
+        """A matrix's Sparse-MeZO threshold under ``sparsity`` (None: not sparse, or a vector)."""
         if not self.sparsity or p.dim() != 2:
             return None
-        return masked.below(p, masked.magnitude_threshold(p, self.sparsity))
+        return masked.magnitude_threshold(p, self.sparsity)
+
+    def keep(self, p: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The elements of ``p`` that move (None: all): ``|p| <= h``, h (the step's, if known) its threshold."""
+        h = self.threshold(p) if h is None else h
+        return None if h is None else masked.below(p, h)
 
     def apply(
         self, groups: Sequence[Group], u: StepUpdate, *, distribution, rounding_seed, backend, update: bool = True

@@ -329,3 +329,26 @@ def test_tuning_modes_train_only_their_parameters(tmp_path, mode):
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert changed == trainable and changed
     assert all(("lora_" if mode == "lora" else "prefix.") in n for n in changed)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "given", "expected"),
+    [
+        (torch.bfloat16, None, True),
+        (torch.float16, None, True),
+        (torch.float32, None, False),
+        (torch.bfloat16, False, False),
+    ],
+)
+def test_stochastic_rounding_follows_the_weights_dtype_unless_given(tmp_path, dtype, given, expected):
+    # as `zotune train` with optimizer.stochastic_rounding: null: bf16 / fp16 weights would round MeZO's
+    # sub-half-ulp updates away
+    kwargs = {"eps": 1e-3} if given is None else {"eps": 1e-3, "stochastic_rounding": given}
+    trainer = ZOTrainer(
+        model=tiny_llama(seed=1).to(dtype),
+        args=_args(tmp_path, eval_strategy="no"),
+        train_dataset=_Sequences(8, 2),
+        mezo_kwargs=kwargs,
+    )
+    assert trainer.create_optimizer().stochastic_rounding is expected
+    assert trainer.mezo.state_dict()["mezo"]["stochastic_rounding"] is expected

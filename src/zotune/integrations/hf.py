@@ -35,6 +35,7 @@ from transformers import Trainer
 from zotune import distributed
 from zotune.optim import MeZO
 from zotune.optim.accumulate import accumulate
+from zotune.optim.factory import stochastic_rounding
 
 __all__ = ["TrainerMeZO", "ZOTrainer"]
 
@@ -59,6 +60,7 @@ class ZOTrainer(Trainer):
         mezo_kwargs: further arguments of :class:`TrainerMeZO` (``eps``, ``distribution``,
             ``fuse_next``, ``trajectory``, ...). ``lr``, ``weight_decay`` and ``seed`` come from
             ``TrainingArguments`` (``learning_rate``, ``weight_decay``, ``seed``) unless given here.
+            ``stochastic_rounding`` is on when a trained weight is bfloat16 / float16 unless given here.
             Or pass ``optimizers=(TrainerMeZO(...), scheduler)``.
     """
 
@@ -78,7 +80,13 @@ class ZOTrainer(Trainer):
             opt_model = self.model if model is None else model
             options = dict(lr=self.args.learning_rate, weight_decay=self.args.weight_decay, seed=self.args.seed)
             options.update(self.mezo_kwargs)
-            self.optimizer = TrainerMeZO(opt_model.named_parameters(), **options)
+            named = list(opt_model.named_parameters())
+            # bf16 / fp16 weights round MeZO's sub-half-ulp updates away unless rounded stochastically: on for them
+            # unless mezo_kwargs says otherwise, as `zotune train`'s optimizer.stochastic_rounding: null
+            options["stochastic_rounding"] = stochastic_rounding(
+                options.get("stochastic_rounding"), (p for _, p in named)
+            )
+            self.optimizer = TrainerMeZO(named, **options)
             if self.optimizer.fuse_next:  # evaluation and saving must see the clean weights
                 self.optimizer.attach(opt_model)
         return self.optimizer

@@ -11,10 +11,10 @@ from zotune.optim.grzo import GRZO
 from zotune.optim.mezo import HiZOO, MeZO, MeZOAdam, MeZOMomentum, ZOMuon
 from zotune.optim.variants import linear_n
 
-__all__ = ["make_optimizer"]
+__all__ = ["make_optimizer", "stochastic_rounding"]
 
 
-def _stochastic_rounding(setting: bool | None, trained) -> bool:
+def stochastic_rounding(setting: bool | None, trained) -> bool:
     """The config's stochastic_rounding, or (None) on exactly when a trained tensor is bf16 / fp16: their ulp often
     exceeds twice a step's lr |g| z, which rounding to nearest would drop."""
     if setting is not None:
@@ -53,7 +53,7 @@ def make_optimizer(
     named_params = list(named_params)
     grzo = estimators.get(oc.estimator).rule == "grzo"  # "grzo" and "grzo-raw": zotune.GRZO
     trained = [p for _, p in named_params] if not grzo or model is None else list(model.parameters())
-    rounding = _stochastic_rounding(oc.stochastic_rounding, trained)
+    rounding = stochastic_rounding(oc.stochastic_rounding, trained)
     if oc.n_schedule == "linear":
         n = linear_n(oc.n_perturbations, oc.n_perturbations_final, oc.n_ramp_steps)
     else:

@@ -1,11 +1,8 @@
 """zotune.checkpoint: tensors in and out of safetensors without pickle, NaN refused, copies slice by slice."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from memory import rss_growth_mb
 
 from zotune import checkpoint
 
@@ -54,17 +51,14 @@ def test_save_refuses_nan(tmp_path):
 
 def test_copy_into_needs_no_second_copy_of_the_weights(tmp_path):
     # 256 MB of weights restored from a checkpoint: the peak grows by a slice, not by the file.
-    script = textwrap.dedent(f"""
-        import resource, torch
+    setup = f"""
+        import torch
         from zotune import checkpoint
         w = {{"a": torch.ones(8192, 4096), "b": torch.ones(8192, 4096)}}
         checkpoint.save_tensors({str(tmp_path / "m.safetensors")!r}, w)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        checkpoint.copy_into({str(tmp_path / "m.safetensors")!r}, w)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert float(out.stdout.split()[-1]) < 64  # MB (load_tensors + copy_: +256)
+    """
+    measured = f"checkpoint.copy_into({str(tmp_path / 'm.safetensors')!r}, w)"
+    assert rss_growth_mb(setup, measured, timeout=120) < 64  # MB (load_tensors + copy_: +256)
 
 
 def test_save_tensors_writes_what_the_safetensors_library_reads(tmp_path):
@@ -131,14 +125,11 @@ def test_copy_into_refuses_a_truncated_file_before_writing(tmp_path):
 
 def test_save_tensors_streams_from_the_weights(tmp_path):
     # Saving 256 MB (one 128 MB tensor among them) adds a slice to the peak, not a copy of a tensor.
-    script = textwrap.dedent(f"""
-        import resource, torch
+    setup = f"""
+        import torch
         from zotune import checkpoint
         w = {{"a": torch.ones(8192, 4096), "b": torch.ones(8192, 4096)}}
         checkpoint.save_tensors({str(tmp_path / "warm.safetensors")!r}, {{"x": torch.ones(3)}})
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        checkpoint.save_tensors({str(tmp_path / "m.safetensors")!r}, w)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    assert float(out.stdout.split()[-1]) < 64  # MB (safetensors.torch.save_file: a copy of each tensor)
+    """
+    measured = f"checkpoint.save_tensors({str(tmp_path / 'm.safetensors')!r}, w)"
+    assert rss_growth_mb(setup, measured, timeout=120) < 64  # MB (safetensors.torch.save_file: a copy of each tensor)

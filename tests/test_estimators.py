@@ -180,23 +180,14 @@ def test_forward_passes_count_every_closure_call_and_survive_the_state():
 def test_the_new_methods_allocate_nothing_parameter_sized_per_step(build):
     """A 64 MB matrix: after a warm-up step, further steps grow the peak by a few chunks at most (4 MB each, which
     glibc may keep after the first step), never by a parameter-sized tensor: < 32 MB."""
-    import subprocess
-    import sys
-    import textwrap
+    from memory import rss_growth_mb
 
-    script = textwrap.dedent(
-        f"""
-        import resource, torch, zotune
+    setup = f"""
+        import torch, zotune
         p = torch.nn.Parameter(torch.zeros(4096, 4096) + 0.5)
         opt = {build}
         closure = lambda: p[0, :1000].sum()
         opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools, HiZOO's s
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        opt.step(closure)
-        opt.step(closure)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    """
+    growth_mb = rss_growth_mb(setup, "opt.step(closure); opt.step(closure)")
     assert growth_mb < 32, f"peak memory grew by {growth_mb} MB during a step on a 64 MB parameter"

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 import warnings
 
 import numpy as np
@@ -358,33 +357,20 @@ def test_grzo_holds_one_layers_worth_of_extra_memory_not_the_models(sparsity):
     on a 2-layer model of 4 MB layers (JIT compilation, chunk buffers, allocator pools), steps on a 16-layer one
     (64 MB, built before the measurement) grow the peak by a few layers' worth at most (< 24 MB), never by the
     model's 64 MB (nor by its masks', 16 MB as bytes)."""
-    import subprocess
-    import sys
-    import textwrap
+    from memory import rss_growth_mb
 
-    script = textwrap.dedent(
-        """
-        import resource, torch, zotune
+    setup = f"""
+        import torch, zotune
         torch.manual_seed(0)
         x = torch.randn(4, 1024)
         def steps(layers, n):
             model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(layers)])
-            opt = zotune.GRZO(model, lr=1e-9, sparsity=SPARSITY)
+            opt = zotune.GRZO(model, lr=1e-9, sparsity={sparsity!r})
             return model, opt, lambda: [opt.step(lambda: model(x).pow(2).mean(-1)) for _ in range(n)]
         steps(2, 2)[2]()  # warm-up
         model, opt, run = steps(16, 2)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-        """
-    )
-    script = script.replace("SPARSITY", repr(sparsity))
-    # glibc raises its mmap threshold to the size of each large block freed, after which such blocks come from the
-    # heap and stay resident: the peak then varied from 8 to 96 MB from run to run (with a busy CPU). A fixed
-    # threshold returns every freed 4 MB block, so the peak measures what the step holds (8-9 MB, every run).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
-    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    """
+    growth_mb = rss_growth_mb(setup, "run()")
     assert growth_mb < 24, f"peak memory grew by {growth_mb} MB during GRZO steps on a 64 MB model"
 
 

@@ -1,13 +1,11 @@
 """The MeZO optimizer: contract, in-place behaviour, equivalence with the explicit-z reference."""
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from conftest import mse_closure, ulp32
+from memory import rss_growth_mb
 
 from zotune import MeZO, NonFiniteLossError, rng
 from zotune.optim import functional as F
@@ -144,21 +142,14 @@ def test_parameters_stay_in_place(toy_model, regression_data):
 
 def test_no_allocation_of_a_parameters_size():
     # A 256 MB parameter: a step may allocate bounded chunks only. Measured in a fresh process.
-    script = textwrap.dedent(
-        """
-        import resource, torch, zotune
+    setup = """
+        import torch, zotune
         p = torch.nn.Parameter(torch.zeros(2**26))
         opt = zotune.MeZO([p], lr=1e-3)
         closure = lambda: p[:1000].sum()
         opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        opt.step(closure)
-        opt.step(closure)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    """
+    growth_mb = rss_growth_mb(setup, "opt.step(closure); opt.step(closure)")
     assert growth_mb < 64, f"peak memory grew by {growth_mb} MB during a step on a 256 MB parameter"
 
 

@@ -184,25 +184,17 @@ def test_what_does_not_compose_is_refused(toy_model):
 def test_it_allocates_one_bit_a_parameter_and_nothing_parameter_sized_per_step():
     """A 64 MB matrix: its mask is 2 MB; further steps grow the peak by a few 4 MB chunks at most, never by a
     parameter-sized tensor: < 32 MB (as the other methods' test in test_estimators.py)."""
-    import subprocess
-    import sys
-    import textwrap
+    from memory import rss_growth_mb
 
-    script = textwrap.dedent(
-        """
-        import resource, torch, zotune
+    setup = """
+        import torch, zotune
         p = torch.nn.Parameter(torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)))
         opt = zotune.MeZO([("p", p)], lr=1e-9, sparsity=0.75)
         closure = lambda: p[0, :1000].sum()
         opt.step(closure)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        opt.step(closure)
-        opt.step(closure)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    assert int(out.stdout.strip().splitlines()[-1]) < 32
+    """
+    growth_mb = rss_growth_mb(setup, "opt.step(closure); opt.step(closure)")
+    assert growth_mb < 32, f"peak memory grew by {growth_mb} MB during a step on a 64 MB parameter"
 
 
 def test_the_torch_paths_work_in_bounded_chunks_with_the_same_bits(monkeypatch):

@@ -666,26 +666,17 @@ def test_train_with_a_variant_resumes_like_an_uninterrupted_run(model_dir, tmp_p
 @pytest.mark.parametrize("cls", ["MeZOMomentum", "MeZOAdam"])
 def test_history_variants_allocate_no_parameter_sized_tensor(cls):
     # A 16 MB parameter, n-SPSA with the sphere, layerwise scales and a 3-step history: chunks only.
-    import subprocess
-    import sys
-    import textwrap
+    from memory import rss_growth_mb
 
-    script = textwrap.dedent(
-        f"""
-        import resource, torch, zotune
+    setup = f"""
+        import torch, zotune
         p = torch.nn.Parameter(torch.zeros(2**22) + 0.5)
         opt = zotune.{cls}([("p", p)], lr=1e-6, window=3, n_perturbations=2, estimator="one-sided",
                            distribution="sphere", layerwise="param-norm")
         closure = lambda: p[:1000].sum()
         opt.step(closure)  # warm-up: JIT compilation, chunk buffers, allocator pools
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        opt.step(closure)
-        opt.step(closure)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
-        """
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    growth_mb = int(out.stdout.strip().splitlines()[-1])
+    """
+    growth_mb = rss_growth_mb(setup, "opt.step(closure); opt.step(closure)")
     assert growth_mb < 8, f"peak memory grew by {growth_mb} MB during a step on a 16 MB parameter"
 
 

@@ -182,8 +182,15 @@ def linear_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[
     return _fit_probe(prepared, config or ProbeConfig(), log)[0]
 
 
-def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_intercept: bool = True):
-    """(linear_probe's result, the chosen fitted pipeline)."""
+def _fit_probe(
+    prepared,
+    config: ProbeConfig,
+    log: Callable[[str], None],
+    fit_intercept: bool = True,
+    splits: Sequence[str] = ("train", "validation", "test"),
+):
+    """(linear_probe's result, the chosen fitted pipeline); features of ``splits`` only (train and validation fit
+    and choose: the test split is there to report)."""
     model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
     _check_kind(objective)
     if not encoded["train"]:
@@ -192,7 +199,7 @@ def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_in
     from tqdm.auto import tqdm
 
     X = {}
-    for split in ("train", "validation", "test"):
+    for split in splits:
         with tqdm(
             total=len(encoded[split]),
             desc=f"features {split}",
@@ -206,7 +213,7 @@ def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_in
     if len(set(y.tolist())) < 2:
         what = "label" if objective.kind == "classification" else "kind of option (correct / incorrect)"
         raise TaskError(f"the training split has a single {what}: a linear probe needs examples of at least two")
-    select = "validation" if encoded["validation"] else "train"
+    select = "validation" if encoded["validation"] and "validation" in splits else "train"
     metric = objective.metric_name
     best = None
     for C in config.Cs:
@@ -218,12 +225,18 @@ def _fit_probe(prepared, config: ProbeConfig, log: Callable[[str], None], fit_in
     _, C, fitted = best
     result = {
         split: objective.metrics(_predict(objective, fitted, X[split], encoded[split]), encoded[split])
-        if encoded[split]
+        if encoded[split] and split in splits
         else {}
         for split in ("train", "validation", "test")
     }
     elapsed = time.perf_counter() - started
-    test = f"test {metric} {100 * result['test'][metric]:.1f}" if result["test"] else "no test split"
+    test = (
+        f"test {metric} {100 * result['test'][metric]:.1f}"
+        if result["test"]
+        else "test not evaluated"
+        if encoded["test"]
+        else "no test split"
+    )
     log(f"linear probe: C={C:g} chosen on {select}; {test}; {X['train'].shape[1]} features, {elapsed:.0f} s")
     return {**result, "C": C, "wall_time_s": round(elapsed, 2)}, fitted
 
@@ -290,7 +303,8 @@ def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Ca
     if head is None or not hasattr(head, "weight"):
         raise TaskError(f"{type(model).__name__} has no output embedding to write the probe into")
     bias = getattr(head, "bias", None)
-    result, fitted = _fit_probe(prepared, config, log, fit_intercept=bias is not None)
+    # no test features: the run that follows evaluates its start (the probe's predictions) on every split itself
+    result, fitted = _fit_probe(prepared, config, log, fit_intercept=bias is not None, splits=("train", "validation"))
     regression = fitted[-1]
     labels = list(range(len(objective.label_ids)))
     if regression.classes_.tolist() != labels:

@@ -53,6 +53,11 @@ def test_training_starts_from_the_probe_and_its_checkpoint_evaluates(model_dir, 
     )
     # zero-shot here is the probe-initialised model: its accuracy is the (unstandardised) probe's
     assert summary["zero_shot"]["validation"]["accuracy"] == pytest.approx(probe["validation"]["accuracy"])
+    # the probe's cost is recorded beside the optimizer's: its features of the 32 training examples are 8 batches of 4
+    assert summary["init"] == "probe" and summary["init_forward_passes"] == 8 and summary["init_seconds"] >= 0
+    assert summary["forward_passes"] == 4 * 2  # the steps' own (MeZO: two a step)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["init_forward_passes"] == 8 and "zero_shot_validation_accuracy" in first
     # the best checkpoint holds the untied head; eval prepares the model the same way and loads it
     assert main(["eval", "--run", str(out), "--progress", "false"]) == 0
     assert "accuracy" in capsys.readouterr().out

@@ -58,6 +58,7 @@ class Prepared:
     objective: Objective
     encoded: dict[str, list[Encoded]]
     note: str = ""
+    init: dict = field(default_factory=dict)  # what train.init cost before the first step (init_forward_passes, ...)
 
 
 @dataclass
@@ -109,7 +110,17 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
         # prepare the model this way, start from the same head before weights or a trajectory.
         from zotune.baselines.probe import ProbeConfig, init_head_from_probe
 
-        init_head_from_probe(prepared, ProbeConfig(progress=False), log=log)
+        started = time.perf_counter()
+        probe = init_head_from_probe(prepared, ProbeConfig(progress=False), log=log)
+        # The features of the training split are what fitted the probe: forward passes of training batches'
+        # worth, for counting a run's cost to accuracy (the validation split's only chose C, as validations
+        # choose the best step)
+        prepared.init = {
+            "init": "probe",
+            "init_probe_C": probe["C"],
+            "init_forward_passes": round(len(encoded["train"]) / config.train.batch_size, 2),
+            "init_seconds": round(time.perf_counter() - started, 1),
+        }
     return prepared
 
 
@@ -420,7 +431,11 @@ class Trainer:
             f"test {_fmt(state.zero_shot.get('test'), metric)}"
         )
         self.logger.write(
-            {"step": 0, **{f"zero_shot_{s}_{k}": v for s, m in state.zero_shot.items() for k, v in m.items()}}
+            {
+                "step": 0,
+                **self.prepared.init,
+                **{f"zero_shot_{s}_{k}": v for s, m in state.zero_shot.items() for k, v in m.items()},
+            }
         )
         if tc.keep_start and "validation" in state.zero_shot:
             self.keep_best(0, state.zero_shot["validation"])
@@ -615,6 +630,8 @@ class Trainer:
             "trajectory_bytes": (self.run_dir / "trajectory.zot").stat().st_size,
             "forward_passes": self.opt.forward_passes,  # training loss evaluations (None: resumed from an older state)
         }
+        if self.prepared.init:  # train.init's own cost (the probe's features of the training split), not in the above
+            summary.update(self.prepared.init)
         if state.lr_changes:  # a resume changed optimizer.lr: config.yaml holds only the last rate
             summary["lr_changes"] = state.lr_changes
         if state.stopped == "diverged":  # what the guard saw, and the rate it named (state.json may not exist)

@@ -75,7 +75,7 @@ def test_every_method_is_a_valid_run_config_costing_the_passes_its_entry_says(na
 
     plan = conv.Plan(
         methods=["mezo", name], tasks=["sst2"], seeds=[0], budget=200, tune_budget=40, eval_passes=20,
-        model="tiny", out=str(tmp_path),
+        model="tiny", out=str(tmp_path), overrides=["--task.train", "16", "--train.batch_size", "4"],
     )  # fmt: skip
     for point in conv.grid_points(name):
         o = conv.cell_config(plan, "sst2", name, point, phase="tune", seed=0, run_dir=tmp_path / "r").optimizer
@@ -84,6 +84,35 @@ def test_every_method_is_a_valid_run_config_costing_the_passes_its_entry_says(na
         assert o.lr == point["lr"]
         model = torch.nn.Sequential(torch.nn.Linear(4, 8))  # GRZO hooks a model's layers; the others take its tensors
         make_optimizer(list(model.named_parameters()), o, model=model)  # the options compose
+
+
+def test_a_probe_first_method_spends_its_features_out_of_the_budget_and_its_curve_counts_them(tmp_path):
+    plan = conv.Plan(
+        methods=["mezo", "lp-mezo"], tasks=["sst2"], seeds=[0], budget=1000, tune_budget=200, eval_passes=100,
+        model="tiny", out=str(tmp_path),
+    )  # fmt: skip
+    final = conv.cell_config(plan, "sst2", "lp-mezo", {"lr": 1e-5}, phase="final", seed=0, run_dir=tmp_path / "r")
+    # the probe's features of 1,000 training examples are 62.5 batches of 16: 937 passes left, 468 steps of two
+    assert final.train.init == "probe" and conv.setup_passes("lp-mezo", final) == 62.5
+    assert final.train.steps == 468 and final.train.eval_every == 50
+    plain = conv.cell_config(plan, "sst2", "mezo", {"lr": 1e-5}, phase="final", seed=0, run_dir=tmp_path / "m")
+    assert plain.train.steps == 500 and conv.setup_passes("mezo", plain) == 0
+    with pytest.raises(ConfigError, match="lp-mezo applies to sst2 only, not copa"):
+        conv.Plan(**{**plan.__dict__, "tasks": ["sst2", "copa"], "data_dir": str(tmp_path)})
+    # the run's first line records the probe's cost: every point is shifted by it, the start included
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"step": 0, "init": "probe", "init_forward_passes": 62.5, "init_seconds": 90.0, "zero_shot_validation_accuracy": 0.8},
+        {"step": 50, "loss": 0.3, "forward_passes": 100, "elapsed": 120.0},
+        {"step": 50, "validation_accuracy": 0.85},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    curve = conv.read_curve(run, 2)
+    assert [(p.step, p.passes, p.minutes, p.value) for p in curve.points] == [
+        (0, 62.5, 1.5, 0.8),
+        (50, 162.5, 3.5, 0.85),
+    ]
 
 
 def test_plans_that_cannot_be_fair_are_refused(tmp_path, monkeypatch):

@@ -1084,7 +1084,7 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
         minutes = [hits[s].minutes if hits.get(s) else None for s in seeds]
         shown = _per_seed(
             [hits[s].passes if hits.get(s) else "no" if s in hits else "–" for s in seeds],
-            lambda v: f"{v:,}" if isinstance(v, int) else v,
+            lambda v: v if isinstance(v, str) else f"{v:,.10g}",  # a probe's passes may be fractional (62.5)
         )
         if all(p is not None for p in passes):
             mean = _mean(passes)

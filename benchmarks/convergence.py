@@ -454,7 +454,13 @@ def cell_config(plan: Plan, task: str, method: str, point: dict, *, phase: str, 
         task_fields["test"] = 0
     sections = _merge(sections, {"task": task_fields, "optimizer": {"seed": seed}, "train": train})
     # the plan's --key value words sit under the method's settings and the budget, above the defaults
-    changes = {**_dotted({k: v for k, v in sections.items() if k == "model"}), **parse_overrides(plan.overrides)}
+    # every method from the model as loaded (zotune train's default, auto, would probe first), as the paper's MeZO;
+    # lp-mezo's own settings say probe
+    changes = {
+        "train.init": "none",
+        **_dotted({k: v for k, v in sections.items() if k == "model"}),
+        **parse_overrides(plan.overrides),
+    }
     changes.update(_dotted({k: v for k, v in sections.items() if k != "model"}))
     try:
         config = load_config(changes=changes)

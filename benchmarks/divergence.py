@@ -58,6 +58,7 @@ def tiny_tied(folder: Path) -> str:
 
 def one_run(model: str, lr: float, steps: int, out: Path, n_eval: int) -> dict:
     config = RunConfig()
+    config.train.init = "none"  # MeZO's divergence from the model as loaded, as these figures were measured
     config.model.name = model
     config.optimizer.lr = lr
     config.train.steps = steps

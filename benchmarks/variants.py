@@ -135,6 +135,7 @@ def base_config(args, model_name: str | None):
     from zotune.config import RunConfig
 
     config = RunConfig()
+    config.train.init = "none"  # the variants from the model as loaded (one loaded model is restored between them)
     if model_name is not None:
         config.model.name = model_name
     config.task.validation = args.validation

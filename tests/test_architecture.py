@@ -20,7 +20,7 @@ LAYERS = [
     {"models", "tuning", "prefix", "memory"},
     {"config"},
     {"tasks", "objectives"},
-    {"train", "export", "baselines", "compare", "integrations", "demo"},
+    {"train", "start", "export", "baselines", "compare", "integrations", "demo"},
     {"cli"},
 ]
 

@@ -314,7 +314,7 @@ def test_only_classification_heads_are_initialised_from_a_probe(model_dir, tmp_p
         ),
         validation=0,
     )
-    with pytest.raises(TaskError, match="initialises the head of classification tasks"):
+    with pytest.raises(TaskError, match="output rows of classification tasks"):
         init_head_from_probe(prepared, _quiet(), log=lambda s: None)
 
 

@@ -27,6 +27,8 @@ def _run(model_dir, out, *extra):
         "4",
         "--progress",
         "false",
+        "--train.init",
+        "none",  # the start is the model as loaded, compared below with the saved best weights
         "--output_dir",
         str(out),
         *extra,

@@ -145,6 +145,9 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     assert config.task.seed == 7 and config.optimizer.seed == 7
     assert cmp.cell_config(grid, "mezo", "sst2", 0).model.tuning == "full"
     assert cmp.cell_config(grid, "lp-mezo", "sst2", 0).train.init == "probe"
+    # the paper's rows start from the model as loaded, not from zotune train's default (auto: a probe first)
+    assert cmp.cell_config(grid, "mezo", "sst2", 0).train.init == "none"
+    assert cmp.cell_config(grid, "fzoo", "sst2", 0).train.init == "none"
     fzoo = cmp.cell_config(grid, "fzoo", "sst2", 0).optimizer  # a method per estimator
     assert (fzoo.estimator, fzoo.distribution, fzoo.n_perturbations, fzoo.fuse_next) == ("fzoo", "rademacher", 8, False)
     hizoo = cmp.cell_config(grid, "hizoo", "sst2", 0).optimizer

@@ -97,6 +97,7 @@ def test_a_probe_first_method_spends_its_features_out_of_the_budget_and_its_curv
     assert final.train.steps == 468 and final.train.eval_every == 50
     plain = conv.cell_config(plan, "sst2", "mezo", {"lr": 1e-5}, phase="final", seed=0, run_dir=tmp_path / "m")
     assert plain.train.steps == 500 and conv.setup_passes("mezo", plain) == 0
+    assert plain.train.init == "none"  # every other method from the model as loaded, not zotune train's auto
     with pytest.raises(ConfigError, match="lp-mezo applies to sst2 only, not copa"):
         conv.Plan(**{**plan.__dict__, "tasks": ["sst2", "copa"], "data_dir": str(tmp_path)})
     # the run's first line records the probe's cost: every point is shifted by it, the start included

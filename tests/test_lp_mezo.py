@@ -89,5 +89,5 @@ def test_resume_rebuilds_the_same_run(model_dir, tmp_path, monkeypatch):
 
 
 def test_bad_init_is_a_config_error():
-    with pytest.raises(ConfigError, match="train.init must be none or probe"):
+    with pytest.raises(ConfigError, match="train.init must be one of auto, probe, none"):
         load_config(None, ["--train.init", "lp"])

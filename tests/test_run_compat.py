@@ -54,6 +54,8 @@ def test_a_run_of_release_0_1_0_resumes_to_the_run_this_version_makes(model_dir,
                 "2e-3",
                 "--progress",
                 "false",
+                "--train.init",
+                "none",  # as the old run's config.yaml says (0.1.0 started from the model as loaded)
                 "--output_dir",
                 str(new),
             ]

@@ -17,7 +17,6 @@ from zotune.optim import (
     accumulate,
     make_optimizer,
 )
-from zotune.optim.replay import replay
 from zotune.trajectory import Trajectory, TrajectoryError, read_trajectory
 from zotune.version import __version__
 
@@ -56,6 +55,10 @@ def __getattr__(name):
         from zotune import tasks
 
         return getattr(tasks, name)
+    if name == "replay":  # with a run's start (zotune.start): in the loop's layer, which imports transformers
+        from zotune.start import replay
+
+        return replay
     if name == "distributed":
         import zotune.distributed as distributed
 

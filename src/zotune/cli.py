@@ -31,7 +31,7 @@ def _train_epilog() -> str:
             "  zotune train --task.name rte --data_dir ../shared/data --lr 1e-6 --steps 2000",
             "  zotune train --config run.yaml --batch_size 8",
             *textwrap.wrap(f"Sections and fields: {sections}.", 100),
-            "With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample.",
+            "With no arguments: the embedded SmolLM2-135M-Instruct on the bundled SST-2 sample, from a linear probe.",
         ]
     )
 
@@ -65,8 +65,9 @@ def _train_arguments(sub) -> None:
     train = sub.add_parser(
         "train",
         help="fine-tune a model on a task with MeZO (the main job)",
-        description="Fine-tune with MeZO: zero-shot evaluation, training with periodic "
-        "validation, the best checkpoint, the test score, logs and a plot.",
+        description="Fine-tune with MeZO: the start (by default, for classification tasks, a linear probe "
+        "written into the label words' output rows; --train.init none: the model as loaded, the paper's MeZO) "
+        "evaluated, training with periodic validation, the best checkpoint, the test score, logs and a plot.",
         epilog=_train_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -263,16 +264,23 @@ def _train(args, rest) -> int:
 def _eval(args, rest) -> int:
     from pathlib import Path
 
-    from zotune import checkpoint
+    from zotune import checkpoint, start
     from zotune.config import ConfigError, load_config
     from zotune.objectives import evaluate
     from zotune.optim.replay import replay
     from zotune.train import prepare
 
     config_path = args.config or (Path(args.run) / "config.yaml" if args.run else None)
-    config = load_config(config_path, rest)
-    prepared = prepare(config, log=lambda m: print(m, file=sys.stderr))
+    config = load_config(config_path, rest, saved=not args.config and bool(args.run))
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    prepared = prepare(config, log=log)
     model = prepared.loaded.model
+    if args.run or args.trajectory:  # a run's weights: its start first (train.init), as the run wrote it
+        run_dir = Path(args.run) if args.run else Path(args.trajectory).parent
+        stored = run_dir / start.STORED
+        init = "probe" if stored.is_file() or (args.run and config.train.init == "probe") else "none"
+        # quietly: the run chose and logged its start; here it is only written back (stderr stays the error's)
+        start.initialise(prepared, init, batch_size=config.train.batch_size, stored=stored, log=lambda m: None)
     if args.trajectory:
         replay(model, args.trajectory)
     if args.run:

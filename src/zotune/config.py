@@ -245,6 +245,10 @@ class OptimConfig:
             )
 
 
+# train.init's choices; zotune.start (in the loop's layer, above this one) executes each (tested there)
+INITS = ("auto", "probe", "none")
+
+
 @dataclass
 class TrainConfig:
     """The loop."""
@@ -268,8 +272,10 @@ class TrainConfig:
     snapshot: bool = True  # with every saved state, the trainable weights as they are (resume/model.safetensors),
     # so --resume loads them instead of replaying the whole trajectory; deleted once the run has done its steps
     progress: bool = True  # a progress bar on the terminal
-    init: str = "none"  # "probe": linear probing first, its solution written into the label words' head rows,
-    # then MeZO from there (the paper's Appendix F.1, LP-then-MeZO; classification tasks)
+    init: str = "auto"  # the weights before the first step: "probe", a linear probe fitted on the training split
+    # written into the label words' output rows, then MeZO from there (the paper's Appendix F.1, LP-then-MeZO);
+    # "none", the model as loaded (the paper's MeZO, from zero-shot); "auto", probe for classification tasks with
+    # label words and none otherwise (logged; config.yaml records which). See zotune.start.
     objective: str = "loss"  # what MeZO minimises: loss, accuracy or f1 (the batch's negative metric), or
     # "module:function", a reward(predictions, references) -> float that MeZO maximises
 
@@ -278,8 +284,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.objective must be loss, accuracy, f1 or a 'module:function' reward, got {self.objective!r}"
             )
-        if self.init not in ("none", "probe"):
-            raise ConfigError(f"train.init must be none or probe, got {self.init!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"train.init must be one of {', '.join(INITS)}, got {self.init!r}")
         for name in ("steps", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -448,8 +454,17 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
     return changes
 
 
+# What a run's own config.yaml means by a key it lacks: the value the key had before it existed, not today's
+# default (train.init became "auto" after runs from zero-shot had been written without the key).
+SAVED_DEFAULTS = {"train.init": "none"}
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, *, changes: Mapping[str, object] | None = None
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    changes: Mapping[str, object] | None = None,
+    saved: bool = False,
 ) -> RunConfig:
     """The run configuration: defaults, then the YAML file at ``path``, then ``overrides``, then ``changes``.
 
@@ -459,6 +474,8 @@ def load_config(
             (see :func:`parse_overrides`).
         changes: typed values by key, ``{"optimizer.lr": 1e-6, "train.steps": 2000}`` (a name unique
             across sections may stand alone: ``{"lr": 1e-6}``).
+        saved: ``path`` is a run's own config.yaml: keys it lacks take :data:`SAVED_DEFAULTS`, the values they
+            had when it was written.
     """
     raw: dict = {}
     if path is not None:
@@ -466,6 +483,11 @@ def load_config(
         raw = read_yaml(path, "config file") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping with sections model, task, optimizer, train")
+        if saved:
+            for key, value in SAVED_DEFAULTS.items():
+                section, name = key.split(".")
+                if isinstance(raw.setdefault(section, {}), dict):
+                    raw[section].setdefault(name, value)
         fields_of = {s: {f.name for f in dataclasses.fields(c)} for s, c in section_classes().items()}
         for section, values in raw.items():
             if section not in _SECTIONS:

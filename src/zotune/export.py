@@ -1,8 +1,8 @@
 """Rebuild a run's weights from the base model and its trajectory, and save them as a model folder.
 
 This is ``zotune replay``: the trajectory (seed + one scalar per step) replayed onto the base model,
-prepared as the run prepared it (its config.yaml beside the trajectory: tuning mode, dtype, device),
-then saved where a Hugging Face ``from_pretrained`` loads it: LoRA merged into the weights, or the
+prepared as the run prepared it (its config.yaml beside the trajectory: tuning mode, dtype, device; and the
+start its train.init wrote, init.safetensors beside it, when it started from a linear probe), then saved where a Hugging Face ``from_pretrained`` loads it: LoRA merged into the weights, or the
 base model with the trained prefixes in ``prefix.safetensors``. The folder appears whole or not at
 all (written as ``OUT.partial``, then renamed).
 """
@@ -17,10 +17,12 @@ from pathlib import Path
 import torch
 
 from zotune import checkpoint
+from zotune.baselines.probe import write_head_rows
 from zotune.checkpoint import CheckpointError, read_json
 from zotune.config import ConfigError, load_config
 from zotune.models import ModelConfig, load_model
 from zotune.optim.replay import replay
+from zotune.start import STORED, load_rows
 from zotune.trajectory import Trajectory, read_trajectory
 from zotune.tuning import merge_lora, tune_loaded
 
@@ -95,10 +97,21 @@ def export(
     loaded_trajectory = read_trajectory(trajectory_path)  # a bad file fails before the model is loaded
     steps = resolve_step(step, run_dir, loaded_trajectory)
     config_path = Path(config) if config else run_dir / "config.yaml"
-    model_config = load_config(config_path).model if config or config_path.is_file() else ModelConfig()
+    run_config = load_config(config_path, saved=not config) if config or config_path.is_file() else None
+    model_config = run_config.model if run_config else ModelConfig()
+    stored = run_dir / STORED  # the run's start (train.init probe): the label words' rows it wrote before step 1
+    if not stored.is_file() and run_config and run_config.train.init == "probe":
+        raise ConfigError(
+            f"the run started from a linear probe (train.init probe) and {stored} is missing: without the rows "
+            "it wrote, the trajectory replays onto another start"
+        )
+    # a damaged file fails before the model is loaded
+    rows, label_ids, _ = load_rows(stored) if stored.is_file() else (None, None, None)
     device = device or trained_on(run_dir, log) or model_config.device
     model_config = dataclasses.replace(model_config, name=base, dtype=dtype or model_config.dtype, device=device)
     loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)
+    if rows is not None:
+        write_head_rows(loaded.model, label_ids, rows["weight"], rows.get("bias"), log)
     replay(loaded.model, loaded_trajectory, steps=steps)
     partial = out.with_name(out.name + ".partial")
     model = merge_lora(loaded.model) if model_config.tuning == "lora" else loaded.model

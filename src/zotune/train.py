@@ -21,6 +21,7 @@ the current step and saves the state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from zotune import checkpoint
+from zotune import checkpoint, start
 from zotune.config import ConfigError, RunConfig, load_config
 from zotune.models import LoadedModel, load_model
 from zotune.objectives import Encoded, Objective, evaluate_split, make_objective, metric_objective
@@ -104,24 +105,7 @@ def prepare(config: RunConfig, *, log: Callable[[str], None] = print, loaded: Lo
         max_new_tokens=t.max_new_tokens,
     )
     encoded = {s: [objective.encode(i) for i in instances[s]] for s in SPLITS}
-    prepared = Prepared(loaded, objective, encoded, splits.note)
-    if config.train.init == "probe":
-        # Deterministic (same data, same fit), so resume, eval --run and eval --trajectory, which all
-        # prepare the model this way, start from the same head before weights or a trajectory.
-        from zotune.baselines.probe import ProbeConfig, init_head_from_probe
-
-        started = time.perf_counter()
-        probe = init_head_from_probe(prepared, ProbeConfig(progress=False), log=log)
-        # The features of the training split are what fitted the probe: forward passes of training batches'
-        # worth, for counting a run's cost to accuracy (the validation split's only chose C, as validations
-        # choose the best step)
-        prepared.init = {
-            "init": "probe",
-            "init_probe_C": probe["C"],
-            "init_forward_passes": round(len(encoded["train"]) / config.train.batch_size, 2),
-            "init_seconds": round(time.perf_counter() - started, 1),
-        }
-    return prepared
+    return Prepared(loaded, objective, encoded, splits.note)
 
 
 def schedule_factor(step: int, total: int, schedule: str, warmup: int) -> float:
@@ -424,10 +408,11 @@ class Trainer:
         splits = ("validation", "test") if tc.zero_shot else ("validation",) if tc.keep_start else ()
         if not any(self.encoded[s] for s in splits):
             return
-        self.log("zero-shot evaluation ..." if tc.zero_shot else "validating the starting weights ...")
+        name = _start_name(self.prepared.init)
+        self.log(f"{name} evaluation ..." if tc.zero_shot else "validating the starting weights ...")
         state.zero_shot = {s: self.evaluate(s) for s in splits if self.encoded[s]}
         self.log(
-            f"zero-shot: validation {_fmt(state.zero_shot.get('validation'), metric)}, "
+            f"{name}: validation {_fmt(state.zero_shot.get('validation'), metric)}, "
             f"test {_fmt(state.zero_shot.get('test'), metric)}"
         )
         self.logger.write(
@@ -669,10 +654,10 @@ def _read_state(run_dir: Path) -> tuple[dict, RunState]:
 
 def _resumed_config(run_dir: Path, changes: Mapping[str, object] | None, done: int) -> RunConfig:
     """The run's own config, with what a resume may change (RESUME_OVERRIDES) changed and recorded."""
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved=True)
     if not changes:
         return config
-    changed = load_config(run_dir / "config.yaml", changes=changes)
+    changed = load_config(run_dir / "config.yaml", changes=changes, saved=True)
     before, after = config.to_dict(), changed.to_dict()
     bad = [
         f"{section}.{key}"
@@ -726,9 +711,18 @@ def run(
     if not encoded["train"]:
         raise TaskError("the training split is empty")
     train_loss = training_loss(prepared, config.train)  # a bad objective fails before anything is written
+    init = start.resolve(config.train.init, prepared, log)
+    if init != config.train.init:  # config.yaml records what auto meant here, for every later rebuild of the run
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, init=init))
+    stored = run_dir / start.STORED
+    prepared.init, rows = start.initialise(
+        prepared, init, batch_size=config.train.batch_size, stored=stored if saved is not None else None, log=log
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     if saved is None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if rows and not stored.is_file():  # what the start wrote: resume, eval and replay write it back as it was
+        start.save_rows(stored, rows, prepared.objective.label_ids, prepared.init)
     log(
         f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "
         + ", ".join(f"{len(encoded[s])} {s}" for s in SPLITS)
@@ -749,13 +743,18 @@ def _beat_start(best: dict | None, zero_shot: dict, metric: str) -> bool | None:
     return best["step"] != 0 and best["metric"] > start[metric]
 
 
+def _start_name(init: dict) -> str:
+    """What the starting weights are called in logs: zero-shot, or the train.init that wrote them."""
+    return "zero-shot" if not init.get("init") else "linear probe" if init["init"] == "probe" else str(init["init"])
+
+
 def format_summary(summary: dict) -> str:
-    """A small table: zero-shot -> best validation -> test."""
+    """A small table: the start (zero-shot, or the probe of train.init) -> best validation -> test."""
     metric = summary["metric"]
-    zs = summary.get("zero_shot") or {}
+    zs = summary.get("zero_shot") or {}  # the starting weights' evaluation (the key predates train.init)
     best = summary.get("best_validation") or {}
     rows = [
-        ("", "zero-shot", "fine-tuned"),
+        ("", _start_name(summary), "fine-tuned"),
         (f"validation {metric}", _fmt(zs.get("validation"), metric), _fmt(best.get("metrics"), metric)),
         (f"test {metric}", _fmt(zs.get("test"), metric), _fmt(summary.get("test"), metric)),
     ]

@@ -33,7 +33,15 @@ from zotune.config import ConfigError
 from zotune.objectives import Encoded, Objective, hidden_at
 from zotune.tasks import TaskError
 
-__all__ = ["ProbeConfig", "features", "init_head_from_probe", "linear_probe"]
+__all__ = [
+    "ProbeConfig",
+    "features",
+    "head_rows",
+    "init_head_from_probe",
+    "linear_probe",
+    "probe_init_unavailable",
+    "write_head_rows",
+]
 
 _RANDOM_STATE = 0  # the regression's solver is deterministic; fixed anyway so a solver change cannot vary runs
 
@@ -261,6 +269,67 @@ def _untie_output(model, log: Callable[[str], None]) -> None:
     )
 
 
+def probe_init_unavailable(prepared) -> str | None:
+    """Why a probe cannot initialise ``prepared``'s head (None: it can); ``train.init auto`` falls back on it."""
+    model, objective, encoded = prepared.loaded.model, prepared.objective, prepared.encoded
+    if objective.kind != "classification":
+        return (
+            f"a probe initialises the label words' output rows of classification tasks, this task is "
+            f"{objective.kind} (with task.scoring options, label words are scored as options)"
+        )
+    if len(set(objective.label_ids)) != len(objective.label_ids):
+        return "two labels share one label-word token: their output rows cannot hold different weights"
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        return f"{type(model).__name__} has no output embedding to write the probe into"
+    missing = sorted(set(range(len(objective.label_ids))) - {e.label for e in encoded["train"]})
+    if not encoded["train"]:
+        return "the training split is empty: linear probing fits on training examples"
+    if missing:
+        return f"the training split has no example of label {missing[0]}: the probe would have no weights for it"
+    return None
+
+
+def head_rows(model, label_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The label words' rows of the output embedding (``weight``, and ``bias`` where it has one), as copies."""
+    head = model.get_output_embeddings()
+    rows = torch.tensor(list(label_ids), device=head.weight.device)
+    out = {"weight": head.weight.detach()[rows].clone()}
+    if getattr(head, "bias", None) is not None:
+        out["bias"] = head.bias.detach()[rows].clone()
+    return out
+
+
+def write_head_rows(model, label_ids: Sequence[int], weight, bias=None, log: Callable[[str], None] = print) -> None:
+    """Write ``weight`` (and ``bias``) into the label words' rows of the output embedding, untying it first.
+
+    The one place a start is written, whether fitted now or read back from a run's init.safetensors, so both
+    give the same bits.
+    """
+    from zotune.checkpoint import CheckpointError
+
+    head = model.get_output_embeddings()
+    weight = torch.as_tensor(weight)
+    if weight.shape != (len(label_ids), head.weight.shape[1]):
+        raise CheckpointError(
+            f"the start's rows are {list(weight.shape)}, this model's label words' rows "
+            f"[{len(label_ids)}, {head.weight.shape[1]}]: they were written for another model"
+        )
+    has_bias = getattr(head, "bias", None) is not None
+    if (bias is not None) != has_bias:
+        raise CheckpointError(
+            "the start's rows were written for a model "
+            + ("without an output bias, this one has one" if has_bias else "with an output bias, this one has none")
+        )
+    _untie_output(model, log)
+    head = model.get_output_embeddings()
+    rows = torch.tensor(list(label_ids), device=head.weight.device)
+    with torch.no_grad():
+        head.weight[rows] = weight.to(dtype=head.weight.dtype, device=head.weight.device)
+        if bias is not None:
+            head.bias[rows] = torch.as_tensor(bias).to(dtype=head.bias.dtype, device=head.bias.device)
+
+
 def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Callable[[str], None] = print) -> dict:
     """Fit a linear probe and write it into the label words' rows of the output embedding.
 
@@ -281,28 +350,26 @@ def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Ca
     Returns:
         :func:`linear_probe`'s result, plus ``"probe"``: the fitted scikit-learn pipeline.
 
+    ``zotune train`` does this itself (``train.init``: ``probe``, or ``auto``, the default, for classification
+    tasks) and stores the rows it wrote in the run folder (:mod:`zotune.start`), so that resume, eval and replay
+    start from the same bits.
+
     Example::
 
         prepared = prepare(config)
         init_head_from_probe(prepared, ProbeConfig(Cs=[1.0]))
+        config.train.init = "none"  # the model is started already
         zotune.train.run(config, loaded=prepared.loaded)  # MeZO from the probe's solution
-        # (a trajectory records steps only: replaying it needs the same initialisation first)
+        # (its trajectory records steps only: replaying it needs the same start first)
 
     Malladi et al. 2023, Appendix F.1 ("linear probing then MeZO"); Kumar et al. 2022, LP-FT.
     """
     config = dataclasses.replace(config or ProbeConfig(), standardize=False)
     model, objective = prepared.loaded.model, prepared.objective
-    if objective.kind != "classification":
-        raise TaskError(
-            f"a probe initialises the head of classification tasks with label words, this task is "
-            f"{objective.kind} (with task.scoring options, label words are scored as options)"
-        )
-    if len(set(objective.label_ids)) != len(objective.label_ids):
-        raise TaskError("two labels share one label-word token: their head rows cannot hold different weights")
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise TaskError(f"{type(model).__name__} has no output embedding to write the probe into")
-    bias = getattr(head, "bias", None)
+    why = probe_init_unavailable(prepared)
+    if why is not None:
+        raise TaskError(why)
+    bias = getattr(model.get_output_embeddings(), "bias", None)
     # no test features: the run that follows evaluates its start (the probe's predictions) on every split itself
     result, fitted = _fit_probe(prepared, config, log, fit_intercept=bias is not None, splits=("train", "validation"))
     regression = fitted[-1]
@@ -315,12 +382,8 @@ def init_head_from_probe(prepared, config: ProbeConfig | None = None, *, log: Ca
     coef, intercept = regression.coef_, regression.intercept_
     if len(labels) == 2:  # one decision function: halve it symmetrically, softmax([-d/2, d/2]) = sigmoid(d)
         coef, intercept = np.stack([-coef[0], coef[0]]) / 2, np.array([-intercept[0], intercept[0]]) / 2
-    _untie_output(model, log)
-    head = model.get_output_embeddings()
-    rows = torch.tensor(objective.label_ids, device=head.weight.device)
-    with torch.no_grad():
-        head.weight[rows] = torch.as_tensor(coef, dtype=head.weight.dtype, device=head.weight.device)
-        if bias is not None:
-            bias[rows] = torch.as_tensor(intercept, dtype=bias.dtype, device=bias.device)
+    write_head_rows(
+        model, objective.label_ids, torch.as_tensor(coef), torch.as_tensor(intercept) if bias is not None else None, log
+    )
     log(f"initialised the output rows of the {len(labels)} label words from the probe (C={result['C']:g})")
     return {**result, "probe": fitted}

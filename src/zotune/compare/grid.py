@@ -168,11 +168,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+# Under the grid's run: the paper's rows start from the model as loaded (train.init none, not zotune train's auto),
+# so "MeZO" is the paper's MeZO and "LP-MeZO" (whose defaults say probe) the probe's; run: may still say otherwise.
+CELL_BASE = {"train": {"init": "none"}}
+
+
 def cell_config(grid: CompareConfig, method: str, task: str, seed: int) -> RunConfig:
     """The run configuration of one cell: run, then the method's defaults and overrides, then the task's."""
     from zotune.config import _build
 
-    raw = _merge(grid.run, METHODS[method].defaults)
+    raw = _merge(_merge(CELL_BASE, grid.run), METHODS[method].defaults)
     raw = _merge(raw, grid.method_overrides.get(method, {}))
     raw = _merge(raw, grid.task_overrides.get(task, {}))
     raw = _merge(raw, {"task": {"name": task, "seed": seed}, "optimizer": {"seed": seed}})

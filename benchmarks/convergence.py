@@ -1094,7 +1094,8 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
         )
         if all(p is not None for p in passes):
             mean = _mean(passes)
-            reach = f"{mean:,.0f} ({mean / plan.budget:.2f}x): {shown}"
+            shown_mean = f"{mean:,.0f}" if mean == round(mean) else f"{mean:,.1f}"  # 2.5, not 2 (round half even)
+            reach = f"{shown_mean} ({mean / plan.budget:.2f}x): {shown}"
         elif any(s in hits and hits[s] is None for s in seeds):
             reach = f"not reached (seeds {', '.join(str(s) for s in seeds if s in hits and hits[s] is None)}): {shown}"
         else:

@@ -453,3 +453,27 @@ def test_a_cell_runs_in_one_process_at_a_time(tmp_path):
     (cell / "lock").write_text(gone.stdout.strip())  # a runner that has exited
     conv.run_cell(cell, "final", isolated=False, log=QUIET)
     assert not (cell / "lock").exists()  # taken over, then released
+
+
+def test_the_table_shows_a_probes_fractional_passes_as_they_are(tmp_path):
+    plan = conv.Plan(
+        methods=["mezo", "lp-mezo"], tasks=["sst2"], seeds=[0], budget=40, tune_budget=20, eval_passes=10,
+        model="tiny", out=str(tmp_path), isolate=False,
+    )  # fmt: skip
+    final = tmp_path / "final" / "sst2"
+    _fake_run(final / "mezo" / "seed0" / "run", 2, [0.5, 0.6, 0.7], 0.70, 0)  # target 0.7
+    probe = final / "lp-mezo" / "seed0" / "run"
+    _fake_run(probe, 2, [0.8, 0.75, 0.7], 0.78, 0)  # the start is above the target already
+    lines = (probe / "metrics.jsonl").read_text().splitlines()
+    first = {**json.loads(lines[0]), "init": "probe", "init_forward_passes": 2.5, "init_seconds": 6.0}
+    (probe / "metrics.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    chosen = {
+        "sst2": {
+            m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
+            for m in plan.methods
+        }
+    }
+    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    table = conv.phase_table(plan, QUIET)
+    row = next(line for line in table.splitlines() if line.startswith("| lp-mezo |")).split(" | ")
+    assert row[4] == "2.5 (0.06x): 2.5"  # reached at the start: the probe's 2.5 batches' worth, not rounded to 2

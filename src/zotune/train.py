@@ -737,10 +737,10 @@ def run(
 
 def _beat_start(best: dict | None, zero_shot: dict, metric: str) -> bool | None:
     """Whether a trained step's validation beat the starting weights' (None: the start was not validated)."""
-    start = (zero_shot or {}).get("validation")
-    if not start or best is None:
+    first = (zero_shot or {}).get("validation")
+    if not first or best is None:
         return None
-    return best["step"] != 0 and best["metric"] > start[metric]
+    return best["step"] != 0 and best["metric"] > first[metric]
 
 
 def _start_name(init: dict) -> str:

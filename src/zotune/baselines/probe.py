@@ -241,7 +241,7 @@ def _fit_probe(
     test = (
         f"test {metric} {100 * result['test'][metric]:.1f}"
         if result["test"]
-        else "test not evaluated"
+        else "test: the run evaluates its start"
         if encoded["test"]
         else "no test split"
     )

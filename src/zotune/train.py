@@ -2,14 +2,15 @@
 
 A run directory holds everything::
 
-    config.yaml        the full configuration
+    config.yaml        the full configuration (train.init as resolved: probe or none)
+    init.safetensors   the start a linear probe wrote (train.init probe): resume, eval and replay write it back
     metrics.jsonl      one line per step (loss, projected gradient, lr) and per evaluation
     trajectory.zot     the run as seed + projected gradients (zotune.replay rebuilds the weights)
     state.json         what --resume needs: optimizer, schedule and loop state (no weights)
     resume/            the trainable weights at state.json's step (train.snapshot), while the run can go on
     best/              the best validation weights (trainable tensors, safetensors) and best.json
     curves.png         training loss and validation metric against steps
-    summary.json       zero-shot -> best validation -> test, steps, wall time, peak memory
+    summary.json       the start (zero-shot or the probe) -> best validation -> test, steps, wall time, peak memory
 
 :func:`run` checks the config (or a resume's changes), prepares the model and the task, and hands
 them to a :class:`Trainer`, whose typed :class:`RunState` is what state.json keeps of the loop.

@@ -148,6 +148,10 @@ def test_cell_configs_layer_run_method_and_task_overrides(model_dir, tmp_path):
     # the paper's rows start from the model as loaded, not from zotune train's default (auto: a probe first)
     assert cmp.cell_config(grid, "mezo", "sst2", 0).train.init == "none"
     assert cmp.cell_config(grid, "fzoo", "sst2", 0).train.init == "none"
+    probed = cmp.CompareConfig(
+        **{**grid.__dict__, "run": {**grid.run, "train": {**grid.run["train"], "init": "probe"}}}
+    )
+    assert cmp.cell_config(probed, "mezo", "sst2", 0).train.init == "probe"  # the grid's run: may still say otherwise
     fzoo = cmp.cell_config(grid, "fzoo", "sst2", 0).optimizer  # a method per estimator
     assert (fzoo.estimator, fzoo.distribution, fzoo.n_perturbations, fzoo.fuse_next) == ("fzoo", "rademacher", 8, False)
     hizoo = cmp.cell_config(grid, "hizoo", "sst2", 0).optimizer

@@ -9,8 +9,8 @@
   cannot change how an existing run is rebuilt.
 
 A run stores what its start wrote (the label words' rows, a few kB) in ``init.safetensors`` beside its trajectory:
-a resume, ``zotune eval --run`` / ``--trajectory`` and ``zotune replay`` write the same rows back instead of
-refitting, so the run is rebuilt bit for bit without its data or scikit-learn (a trajectory holds steps only).
+a resume, ``zotune eval --run`` / ``--trajectory``, ``zotune replay`` and :func:`replay` (``zotune.replay``) write
+the same rows back instead of refitting, so the run is rebuilt bit for bit without its data or scikit-learn (a trajectory holds steps only).
 """
 
 from __future__ import annotations

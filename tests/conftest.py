@@ -1,4 +1,6 @@
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -110,3 +112,24 @@ def fused_addcmul() -> bool:
     """Whether torch's addcmul_ rounds once (a fused multiply-add: its vectorised CPU kernel on FMA hardware)."""
     a, b = torch.tensor([1.0 + 2.0**-12] * 16), torch.tensor([1.0 - 2.0**-12] * 16)  # a b = 1 - 2^-24, exactly
     return bool(torch.full((16,), -1.0).addcmul_(a, b)[0] != 0.0)  # unfused, a b rounds to 1 and the sum to 0
+
+
+def stopped_during_step(monkeypatch, args: list[str], step: int, signals=(signal.SIGINT,)) -> int:
+    """``zotune.cli.main(args)`` with ``signals`` sent while it picks the batch of step ``step`` (0-based): the run
+    finishes that step, saves its state and stops. Returns main's exit code (130 for a stop)."""
+    import zotune.train as train_module
+    from zotune.cli import main
+
+    original = train_module._batch_indices
+
+    def interrupt(n, batch_size, at, seed):
+        if at == step:
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+        return original(n, batch_size, at, seed)
+
+    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
+    try:
+        return main(args)
+    finally:
+        monkeypatch.setattr(train_module, "_batch_indices", original)

@@ -183,6 +183,12 @@ def _fake_run(folder: Path, pps: int, values, test: float, seed: int):
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
+def _choose_1e5(plan, out: Path) -> None:
+    """Tuning's choice, as chosen.json records it: lr 1e-5 for every method on SST-2."""
+    point = {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
+    (out / "chosen.json").write_text(json.dumps({"sst2": {m: point for m in plan.methods}}))
+
+
 def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path):
     plan = conv.Plan(
         methods=["mezo", "one-sided-4"],
@@ -201,13 +207,7 @@ def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path)
     _fake_run(final / "one-sided-4" / "seed0" / "run", 5, [0.5, 0.7, 0.6], 0.65, 0)  # 0.7 at step 2: 10 passes
     _fake_run(final / "one-sided-4" / "seed1" / "run", 5, [0.5, 0.55, 0.58], 0.60, 1)  # never 0.6
     _fake_run(final / "one-sided-4" / "seed2" / "run", 5, [0.5, 0.6, 0.9], 0.80, 2)  # MeZO's seed 2 is not done
-    chosen = {
-        "sst2": {
-            m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
-            for m in plan.methods
-        }
-    }
-    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    _choose_1e5(plan, tmp_path)
     table = conv.phase_table(plan, QUIET)
     final_rows = table.split("Tuning on")[0].splitlines()
     rows = {
@@ -467,13 +467,7 @@ def test_the_table_shows_a_probes_fractional_passes_as_they_are(tmp_path):
     lines = (probe / "metrics.jsonl").read_text().splitlines()
     first = {**json.loads(lines[0]), "init": "probe", "init_forward_passes": 2.5, "init_seconds": 6.0}
     (probe / "metrics.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
-    chosen = {
-        "sst2": {
-            m: {"point": {"lr": 1e-5}, "grid": [{"point": {"lr": 1e-5}, "best_trained": 0.6, "last": 0.6}]}
-            for m in plan.methods
-        }
-    }
-    (tmp_path / "chosen.json").write_text(json.dumps(chosen))
+    _choose_1e5(plan, tmp_path)
     table = conv.phase_table(plan, QUIET)
     row = next(line for line in table.splitlines() if line.startswith("| lp-mezo |")).split(" | ")
     assert row[4] == "2.5 (0.06x): 2.5"  # reached at the start: the probe's 2.5 batches' worth, not rounded to 2

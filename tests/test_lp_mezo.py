@@ -63,31 +63,6 @@ def test_training_starts_from_the_probe_and_its_checkpoint_evaluates(model_dir, 
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_resume_rebuilds_the_same_run(model_dir, tmp_path, monkeypatch):
-    import os
-    import signal
-
-    import zotune.train as train_module
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    assert main(_args(model_dir, full)) == 0
-    original = train_module._batch_indices
-
-    def interrupt(n, batch_size, step, seed):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(n, batch_size, step, seed)
-
-    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
-    assert main(_args(model_dir, part)) == 130
-    monkeypatch.setattr(train_module, "_batch_indices", original)
-    assert main(["train", "--resume", str(part)]) == 0
-    assert (part / "trajectory.zot").read_bytes() == (full / "trajectory.zot").read_bytes()
-    a = json.loads((full / "summary.json").read_text())["test"]
-    b = json.loads((part / "summary.json").read_text())["test"]
-    assert a == b
-
-
 def test_bad_init_is_a_config_error():
     with pytest.raises(ConfigError, match="train.init must be one of auto, probe, none"):
         load_config(None, ["--train.init", "lp"])

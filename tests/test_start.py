@@ -3,12 +3,12 @@ run records what it chose and the rows it wrote, and resume, eval and replay wri
 
 import json
 import os
-import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from conftest import stopped_during_step
 
 import zotune.baselines.probe as probe_module
 from zotune import start
@@ -130,20 +130,9 @@ def test_a_runs_own_config_without_init_means_the_start_it_was_written_with(tmp_
 
 
 def test_resume_eval_and_replay_write_the_stored_start_back_without_refitting(model_dir, tmp_path, monkeypatch, capsys):
-    import zotune.train as train_module
-
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(model_dir, full)) == 0
-    original = train_module._batch_indices
-
-    def interrupt(n, batch_size, step, seed):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(n, batch_size, step, seed)
-
-    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
-    assert main(_args(model_dir, part)) == 130
-    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert stopped_during_step(monkeypatch, _args(model_dir, part), 2) == 130
     stored_cost = start.load_rows(part / start.STORED)[2]
 
     def refit(*args, **kwargs):

@@ -8,6 +8,7 @@ import signal
 import pytest
 import tiny
 import torch
+from conftest import stopped_during_step
 
 from zotune import checkpoint, read_trajectory
 from zotune.cli import main
@@ -81,25 +82,14 @@ def test_a_stop_signal_then_resume_equals_an_uninterrupted_run(model_dir, tmp_pa
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(_args(model_dir, full)) == 0
 
-    import zotune.train as train_module
-
-    original = train_module._batch_indices
-
-    def interrupt_at_step_6(n, batch_size, step, seed):
-        if step == 5:  # during the sixth step: the run finishes it, saves, and stops
-            os.kill(os.getpid(), signum)
-            os.kill(os.getpid(), signal.SIGTERM)  # a repeated SIGTERM still only asks for the orderly stop
-        return original(n, batch_size, step, seed)
-
-    monkeypatch.setattr(train_module, "_batch_indices", interrupt_at_step_6)
-    assert main(_args(model_dir, part)) == 130
+    # during the sixth step: the run finishes it, saves, and stops; a repeated SIGTERM still only asks for that
+    assert stopped_during_step(monkeypatch, _args(model_dir, part), 5, (signum, signal.SIGTERM)) == 130
     state = json.loads((part / "state.json").read_text())
     assert state["loop"]["step"] == 6 and not (part / "summary.json").exists()
     snapshot = part / "resume" / "model.safetensors"
     assert checkpoint.read_header(snapshot)[0]["step"] == "6"
     if signum == signal.SIGTERM:
         snapshot.unlink()  # without the weights saved with the state, resume replays the trajectory
-    monkeypatch.setattr(train_module, "_batch_indices", original)
     capsys.readouterr()
     assert main(["train", "--resume", str(part)]) == 0
     how = (

@@ -1,13 +1,11 @@
 """Tuning modes (LoRA, prefix, head) and non-differentiable objectives, from the parts to `zotune train`."""
 
 import json
-import os
-import signal
 
 import pytest
 import tiny
 import torch
-from conftest import ulp32
+from conftest import stopped_during_step, ulp32
 
 from zotune import MeZO, checkpoint, read_trajectory, replay
 from zotune.cli import main
@@ -171,18 +169,7 @@ def test_train_resume_and_replay_in_every_mode(model_dir, tmp_path, monkeypatch,
     summary = json.loads((full / "summary.json").read_text())
     assert summary["trainable_parameters"] == _expected("llama", mode)[1]
 
-    import zotune.train as train_module
-
-    original = train_module._batch_indices
-
-    def interrupt_at_step_2(n, batch_size, step, seed):
-        if step == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(n, batch_size, step, seed)
-
-    monkeypatch.setattr(train_module, "_batch_indices", interrupt_at_step_2)
-    assert main(_args(model_dir, part, "--model.tuning", mode)) == 130
-    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert stopped_during_step(monkeypatch, _args(model_dir, part, "--model.tuning", mode), 1) == 130  # in step 2
     assert main(["train", "--resume", str(part)]) == 0
     assert read_trajectory(full / "trajectory.zot").records == read_trajectory(part / "trajectory.zot").records
     trained = checkpoint.load_tensors(full / "best" / "model.safetensors")  # the last step: one evaluation

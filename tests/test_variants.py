@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import mse_closure, ulp32
+from conftest import mse_closure, stopped_during_step, ulp32
 
 import zotune
 from zotune import FZOO, MeZO, MeZOAdam, MeZOMomentum, replay, rng
@@ -609,10 +609,7 @@ _ADAM = ["--variant", "adam", "--optimizer.state", "stored", "--n_perturbations"
     ],
 )
 def test_train_with_a_variant_resumes_like_an_uninterrupted_run(model_dir, tmp_path, monkeypatch, options, rule):
-    import os
-    import signal
 
-    import zotune.train as train_module
     from zotune.cli import main
 
     def args(out):
@@ -647,16 +644,7 @@ def test_train_with_a_variant_resumes_like_an_uninterrupted_run(model_dir, tmp_p
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(args(full)) == 0
-    original = train_module._batch_indices
-
-    def interrupt(n, batch_size, step, seed):
-        if step == 1:  # during the second step: the run finishes it, saves, and stops
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(n, batch_size, step, seed)
-
-    monkeypatch.setattr(train_module, "_batch_indices", interrupt)
-    assert main(args(part)) == 130
-    monkeypatch.setattr(train_module, "_batch_indices", original)
+    assert stopped_during_step(monkeypatch, args(part), 1) == 130  # during the second step: it finishes it and stops
     assert main(["train", "--resume", str(part)]) == 0
     a, b = read_trajectory(full / "trajectory.zot"), read_trajectory(part / "trajectory.zot")
     assert a.header.get("variant", {}).get("name") == rule and a.records == b.records

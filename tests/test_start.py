@@ -64,6 +64,16 @@ def test_auto_starts_a_classification_run_from_a_probe_and_records_what_it_chose
     assert "linear probe" in header and "zero-shot" not in header
 
 
+def test_a_new_run_replaces_a_start_left_by_an_attempt_that_never_saved_a_state(model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = {"weight": torch.zeros(2, 32)}
+    start.save_rows(out / start.STORED, stale, [1, 2], {"init": "probe"})  # not this run's: no state.json beside it
+    assert main(_args(model_dir, out, "--steps", "2")) == 0
+    rows, ids, cost = start.load_rows(out / start.STORED)
+    assert ids != [1, 2] and not rows["weight"].equal(stale["weight"]) and cost["init_forward_passes"] == 8
+
+
 def test_none_is_the_papers_start_one_option_away(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(model_dir, out, "--train.init", "none")) == 0

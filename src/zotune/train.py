@@ -722,7 +722,9 @@ def run(
     run_dir.mkdir(parents=True, exist_ok=True)
     if saved is None:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    if rows and not stored.is_file():  # what the start wrote: resume, eval and replay write it back as it was
+    # what the start wrote, for resume, eval and replay to write back as it was: always for a new run (a file left by
+    # an attempt that stopped before its first state is not this run's), on resume where the run had none stored
+    if rows and (saved is None or not stored.is_file()):
         start.save_rows(stored, rows, prepared.objective.label_ids, prepared.init)
     log(
         f"model {prepared.loaded.source} ({prepared.loaded.kind}); task {config.task.name}: "

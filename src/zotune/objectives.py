@@ -4,7 +4,8 @@ Three scorings, by task kind (:mod:`zotune.tasks.base`):
 
 - classification: the label words' logits at one position (the next token for a causal LM, the mask
   for a masked LM); loss = cross-entropy over the label words (LM-BFF / MeZO "prompt-based"
-  fine-tuning); prediction = argmax. Label words must be single tokens.
+  fine-tuning); prediction = argmax. Label words must be single tokens (with ``task.scoring: options``
+  they are scored as whole options instead, as multiple choice).
 - multiple choice: every option is appended to the prompt and scored by its mean token
   log-likelihood; loss = cross-entropy over the options' scores; prediction = argmax.
 - generation: loss = teacher-forced cross-entropy of the target tokens; prediction = greedy decoding

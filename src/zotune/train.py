@@ -5,6 +5,7 @@ A run directory holds everything::
     config.yaml        the full configuration (train.init as resolved: probe or none)
     init.safetensors   the start a linear probe wrote (train.init probe): resume, eval and replay write it back
     metrics.jsonl      one line per step (loss, projected gradient, lr) and per evaluation
+    tensorboard/       the same scalars for TensorBoard (when it is installed)
     trajectory.zot     the run as seed + projected gradients (zotune.replay rebuilds the weights)
     state.json         what --resume needs: optimizer, schedule and loop state (no weights)
     resume/            the trainable weights at state.json's step (train.snapshot), while the run can go on

@@ -40,6 +40,12 @@ byte for byte what it was, and every older file reads and replays as before):
     tag "K"  the estimator's extra scalars of the next step record (HiZOO's curvature kappa):
              step u32, count u8, then f32 per value
 
+    header keys, always written:
+      "distribution"     the directions' kind, a name of zotune.optim.directions: "gaussian" (MeZO's),
+                         "rademacher", "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)),
+                         "lowrank" (U V^T / sqrt(rank) on matrices), "subzero" (U Z V^T, U and V
+                         orthonormal) or "subspace" (P Psi, P orthonormal)
+
     header keys, present only when not the default:
       "estimator"        a name of zotune.optim.estimators.ESTIMATORS other than the default "two-sided":
                          "one-sided", or "fzoo" (its "N" records hold the normalized coefficients
@@ -52,10 +58,8 @@ byte for byte what it was, and every older file reads and replays as before):
                          of plain updates without perturbation sweeps (written by
                          zotune.optim.forward_grad), replayed as single-sweep updates
       "n_perturbations"  informational: the optimizer's n (or its schedule's description)
-      "distribution"     may be "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)), or
-                         "lowrank" (U V^T / sqrt(rank) on matrices) or "subspace" (P Psi, P orthonormal;
-                         zotune.optim.directions), with
-      "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V (of P)
+      "lowrank"          {"rank", "every"}: the factors' rank and the steps between draws of V (of P for
+                         "subspace", of U and V for "subzero"), with a "distribution" of those kinds
       "sparsity"         Sparse-MeZO: the fraction of each matrix left still (masks from each step's weights)
       "batched"          true: each step's losses were taken on perturbed copies in one batched forward, the
                          weights never perturbed in place, so replay repeats the updates only (no probe sweeps)

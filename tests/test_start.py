@@ -190,12 +190,19 @@ def test_a_missing_or_damaged_start_is_a_one_line_error(model_dir, tmp_path, cap
         assert main(["eval", "--run", str(run)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and str(stored) in err[0]
-    stored.unlink()
-    out = tmp_path / "replayed"
-    assert (
-        main(["replay", "--base", str(model_dir), "--trajectory", str(run / "trajectory.zot"), "--out", str(out)]) == 2
-    )
+    stored.unlink()  # the run's config.yaml says probe: every rebuild of it refuses rather than use another start
+    out, trajectory = tmp_path / "replayed", str(run / "trajectory.zot")
+    assert main(["replay", "--base", str(model_dir), "--trajectory", trajectory, "--out", str(out)]) == 2
     assert "init.safetensors is missing" in capsys.readouterr().err and not out.exists()
+    for source in (["--run", str(run)], ["--trajectory", trajectory, "--model.name", str(model_dir)]):
+        assert main(["eval", *source]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "init.safetensors is missing" in err[0]
+    import zotune
+    from zotune.config import ConfigError
+
+    with pytest.raises(ConfigError, match="init.safetensors is missing"):
+        zotune.replay(torch.nn.Linear(2, 2), trajectory)
 
 
 def test_the_stored_start_round_trips_with_its_bias(tmp_path):

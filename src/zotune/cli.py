@@ -273,14 +273,13 @@ def _eval(args, rest) -> int:
     config_path = args.config or (Path(args.run) / "config.yaml" if args.run else None)
     config = load_config(config_path, rest, saved=not args.config and bool(args.run))
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    stored = None  # a run's weights: its start first (train.init), as the run wrote it, from the run's own
+    if args.run or args.trajectory:  # config.yaml whatever --config says (a missing file fails before loading)
+        stored = start.stored_start(Path(args.run) if args.run else Path(args.trajectory).parent)
     prepared = prepare(config, log=log)
     model = prepared.loaded.model
-    if args.run or args.trajectory:  # a run's weights: its start first (train.init), as the run wrote it
-        run_dir = Path(args.run) if args.run else Path(args.trajectory).parent
-        stored = run_dir / start.STORED
-        init = "probe" if stored.is_file() or (args.run and config.train.init == "probe") else "none"
-        # quietly: the run chose and logged its start; here it is only written back (stderr stays the error's)
-        start.initialise(prepared, init, batch_size=config.train.batch_size, stored=stored, log=lambda m: None)
+    if stored:  # quietly: the run chose and logged its start; here it is only written back (stderr is errors')
+        start.initialise(prepared, "probe", batch_size=config.train.batch_size, stored=stored, log=lambda m: None)
     if args.trajectory:
         replay(model, args.trajectory)
     if args.run:

@@ -22,7 +22,7 @@ from zotune.checkpoint import CheckpointError, read_json
 from zotune.config import ConfigError, load_config
 from zotune.models import ModelConfig, load_model
 from zotune.optim.replay import replay
-from zotune.start import STORED, load_rows
+from zotune.start import load_rows, stored_start
 from zotune.trajectory import Trajectory, read_trajectory
 from zotune.tuning import merge_lora, tune_loaded
 
@@ -99,14 +99,10 @@ def export(
     config_path = Path(config) if config else run_dir / "config.yaml"
     run_config = load_config(config_path, saved=not config) if config or config_path.is_file() else None
     model_config = run_config.model if run_config else ModelConfig()
-    stored = run_dir / STORED  # the run's start (train.init probe): the label words' rows it wrote before step 1
-    if not stored.is_file() and run_config and run_config.train.init == "probe":
-        raise ConfigError(
-            f"the run started from a linear probe (train.init probe) and {stored} is missing: without the rows "
-            "it wrote, the trajectory replays onto another start"
-        )
-    # a damaged file fails before the model is loaded
-    rows, label_ids, _ = load_rows(stored) if stored.is_file() else (None, None, None)
+    # the run's start (train.init probe): the label words' rows it wrote before step 1; a missing or damaged file
+    # fails before the model is loaded
+    stored = stored_start(run_dir, run_config.train.init if run_config else None)
+    rows, label_ids, _ = load_rows(stored) if stored else (None, None, None)
     device = device or trained_on(run_dir, log) or model_config.device
     model_config = dataclasses.replace(model_config, name=base, dtype=dtype or model_config.dtype, device=device)
     loaded = tune_loaded(load_model(model_config, log=log), model_config, log=log)

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from zotune.config import INITS
+from zotune.config import INITS, ConfigError, load_config
 
-__all__ = ["INITS", "STORED", "initialise", "load_rows", "replay", "resolve", "save_rows", "stored_beside"]
+__all__ = ["INITS", "STORED", "initialise", "load_rows", "replay", "resolve", "save_rows", "stored_start"]
 
 STORED = "init.safetensors"  # the run folder's record of what train.init wrote
 
@@ -136,9 +136,27 @@ def load_rows(path: str | Path, label_ids: list[int] | None = None) -> tuple[dic
     return rows, stored_ids, cost
 
 
-def stored_beside(trajectory: str | Path) -> Path:
-    """The init.safetensors of the run whose trajectory is ``trajectory``."""
-    return Path(trajectory).parent / STORED
+def stored_start(run_dir: str | Path, init: str | None = None) -> Path | None:
+    """The run folder's init.safetensors, or None where the run started from the model as loaded.
+
+    ``init`` is the run's ``train.init``; when not given it is read from the run's own config.yaml (none without
+    one). A run that started from a linear probe and whose init.safetensors is missing is a one-line
+    :class:`zotune.config.ConfigError`: its trajectory would replay onto another start, and its checkpoints belong to
+    a model with an untied output layer.
+    """
+    run_dir = Path(run_dir)
+    stored = run_dir / STORED
+    if stored.is_file():
+        return stored
+    if init is None:
+        config = run_dir / "config.yaml"
+        init = load_config(config, saved=True).train.init if config.is_file() else "none"
+    if init == "probe":
+        raise ConfigError(
+            f"the run started from a linear probe (train.init probe) and {stored} is missing: without the rows "
+            "it wrote, its steps replay onto another start"
+        )
+    return None
 
 
 def replay(target, trajectory, **kwargs):
@@ -146,7 +164,8 @@ def replay(target, trajectory, **kwargs):
 
     A trajectory file whose folder holds init.safetensors is a run that started from a linear probe: its rows are
     written into ``target`` (untying a tied output embedding, as the run did) before the steps are replayed.
-    Writing them onto a model that already holds them changes nothing. ``kwargs`` go to the optimizer's replay.
+    Writing them onto a model that already holds them changes nothing; a probe run's trajectory whose
+    init.safetensors is missing is a one-line error (:func:`stored_start`). ``kwargs`` go to the optimizer's replay.
 
     Example::
 
@@ -158,8 +177,8 @@ def replay(target, trajectory, **kwargs):
     from zotune.optim.replay import replay as replay_steps
     from zotune.trajectory import Trajectory
 
-    if not isinstance(trajectory, Trajectory) and stored_beside(trajectory).is_file():
-        stored = stored_beside(trajectory)
+    stored = None if isinstance(trajectory, Trajectory) else stored_start(Path(trajectory).parent)
+    if stored is not None:
         if not isinstance(target, torch.nn.Module):
             raise ValueError(
                 f"the run started from a linear probe ({stored}): replay onto the model (an nn.Module), "

@@ -34,6 +34,9 @@ def test_one_step_is_spsa_then_zo_sgd_on_a_linear_loss():
     plus = ref.step(closure)
     zw, zb = _z("w", w.shape, seed), _z("b", b.shape, seed)
     assert len(seen) == 2
+    # float64 throughout: |theta| < 4, so an ulp is <= 8.9e-16; the reference's in-place adds may round once
+    # differently from these expressions (1e-15), the update after three sweeps and two more roundings (1e-14);
+    # g divides a difference of losses of size ~|c.theta| by 2 eps, losing ~3 digits to cancellation (1e-9)
     torch.testing.assert_close(seen[0][0], w0 + eps * zw, rtol=0, atol=1e-15)
     torch.testing.assert_close(seen[1][1], b0 - eps * zb, rtol=0, atol=1e-15)
     assert plus == pytest.approx(float((cw * seen[0][0]).sum() + (cb * seen[0][1]).sum()), rel=1e-15)
@@ -51,6 +54,8 @@ def test_each_step_draws_z_from_its_own_step_seed():
     for t in range(3):
         before = theta.clone()
         ref.step(lambda: (c * theta).sum())
+        # float64: |theta| grows to ~10 at lr 1, whose ulp is 1.8e-15; three sweeps and an update a step round a few
+        # of them (1e-12 leaves room; a z of another step is off by O(1))
         torch.testing.assert_close(theta, before - ref.projected_grad * _z("theta", (5,), 3, t), rtol=0, atol=1e-12)
 
 
@@ -60,4 +65,5 @@ def test_descends_a_parabola():
     start = float(0.5 * (theta * theta).sum())
     for _ in range(200):
         ref.step(lambda: 0.5 * (theta * theta).sum())
-    assert float(0.5 * (theta * theta).sum()) < 0.1 * start
+    # E[L_T] / L_0 = (1 - 2 lr + (d + 2) lr^2)^T = 6.6e-4 here (d = 8, T = 200); the seeded run reaches 9.9e-4
+    assert float(0.5 * (theta * theta).sum()) < 1e-2 * start

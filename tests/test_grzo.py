@@ -189,6 +189,8 @@ def test_row_coefficients_share_a_questions_advantage_across_its_options():
     c = est.row_coefficients(plus, minus, rows, 0.001)
     delta = np.array([0.1, -0.1, 0.05])
     a = delta / (delta.std(ddof=1) + 1e-8) / (2 * 0.001 * 3)
+    # the coefficients are rounded to float32 (2^-24 = 6e-8 relative) from float64 arithmetic; the differences of
+    # these float64 losses are exact to ~1e-16: 1e-6 is rounding, and an off-by-one count (B, ddof) is off by >= 20%
     np.testing.assert_allclose(c, np.repeat(a, rows), rtol=1e-6)
     assert all(not np.isfinite(x) for x in est.row_coefficients([1.0], [0.5], [1], 0.001))  # one example: no spread
     raw = estimators.get("grzo-raw").row_coefficients(plus, minus, rows, 0.001)  # the differences, not normalised
@@ -202,6 +204,7 @@ def test_grzo_raw_steps_by_the_raw_differences_and_is_built_from_the_config():
     closure = _Seen(_losses(model))
     opt.step(closure)
     plus, minus = closure.values
+    # float32 coefficients from the float32 per-example losses the closure gave: rounding (6e-8) twice, at most
     np.testing.assert_allclose(opt.projected_grads, (plus - minus) / 2 / (2 * EPS * len(plus)), rtol=1e-6)
     assert opt._variant_header()["estimator"] == "grzo-raw"
     oc = OptimConfig(estimator="grzo-raw", sparsity=0.75)

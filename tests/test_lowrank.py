@@ -177,6 +177,7 @@ def test_the_subzero_sweep_adds_c_u_z_v_transposed_with_unit_variance_entries():
     bound = 2 * (2 + 2 * 3 * len(terms)) * ulp32(float(np.abs(expected).max()) + 3)
     assert np.abs(params["w"].double().numpy() - expected).max() <= bound
     z_b = [rng.gaussian(s[0], keys[1], 0, 40).astype(np.float64) for s, _ in terms]  # vectors: LOZO's Gaussian z
+    # float32 b (|b| + |c z| < 8, ulp 4.8e-7) after two multiply-adds: 1e-6 is two roundings; another z is off by O(1)
     np.testing.assert_allclose(
         params["b"].numpy(), before["b"] + sum(c * z for (_, c), z in zip(terms, z_b)), atol=1e-6
     )

@@ -40,7 +40,8 @@ def test_trainable_patterns(tmp_path):
         select_trainable(model, ["*qproj*"])
 
 
-def test_bad_model_names(tmp_path):
+def test_bad_model_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the unknown hub id below must fail here, not ask the Hub
     with pytest.raises(ModelError, match="GGUF file not found"):
         load_model(ModelConfig(name=str(tmp_path / "nope.gguf")))
     with pytest.raises(ModelError, match="is not a model folder"):

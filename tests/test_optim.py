@@ -200,7 +200,7 @@ def test_low_precision_parameters_train(toy_model, regression_data, dtype):
     with torch.no_grad():
         end = float(closure())
     assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
-    assert end < 0.9 * start
+    assert end < 0.5 * start  # the seeded runs reach 0.34 (bfloat16 and float16 alike) in 150 steps
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -11,11 +11,15 @@ from zotune.runtime import StopFlag, peak_memory_mb
 
 
 def test_peak_memory_off_the_gpu_is_the_resident_peak():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert peak_memory_mb(torch.device("cpu")) == pytest.approx(rss, rel=0.5)
-    assert peak_memory_mb(torch.device("cpu")) > 0
+    def rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    # the kernel's resident peak in MiB, read between two reads of it (a peak only grows): no tolerance needed
+    before = rss()
+    assert before <= peak_memory_mb(torch.device("cpu")) <= rss() and before > 0
     if not torch.cuda.is_available():
-        assert peak_memory_mb() == pytest.approx(rss, rel=0.5)
+        before = rss()
+        assert before <= peak_memory_mb() <= rss()
 
 
 def test_a_sigterm_only_flag_leaves_ctrl_c_alone_and_check_stops():

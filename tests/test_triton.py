@@ -393,7 +393,7 @@ def test_gpu_fill_and_words_match_reference(seed, key):
 def test_gpu_sweep_matches_reference(distribution):
     key, n = 2**63 + 99, 70_001
     terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)]
-    x0 = torch.randn(n)
+    x0 = torch.randn(n, generator=torch.Generator().manual_seed(7))
     x = x0.cuda()
     functional.sweep_([x], [key], terms, scale=0.999, distribution=distribution)
     terms_z = [(c, rng.z(distribution, s, key, 0, n).astype(np.float64), distribution == "gaussian") for s, c in terms]

@@ -678,7 +678,8 @@ def _run_locked_cell(cell_dir: Path, kind: str, *, isolated: bool, log: Callable
 
 def _inference_peak(config: RunConfig, log) -> dict:
     """The peak memory of inference alone on this task: the validation split, then the loss of the longest
-    training batch (the widest forward a training step makes), no optimizer."""
+    training batch (the widest forward a training step makes), no optimizer. Then, with the peak read, the model
+    as loaded on the test split: the table's start row (the final cells test their best weights only)."""
     import torch
 
     from zotune.objectives import evaluate
@@ -691,7 +692,11 @@ def _inference_peak(config: RunConfig, log) -> dict:
         validation = evaluate(objective, model, prepared.encoded["validation"], config.train.eval_batch_size)
         float(objective.loss(model, batch, config.train.forward_chunks))
     device = next(model.parameters()).device
-    return {"peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "validation": validation}
+    result = {"peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "validation": validation}
+    if prepared.encoded["test"]:
+        with torch.no_grad():
+            result["test"] = evaluate(objective, model, prepared.encoded["test"], config.train.eval_batch_size)
+    return result
 
 
 def run_cells(cells: list[Cell], plan: Plan, deadline: float | None, log: Callable[[str], None]) -> list[str]:
@@ -1073,6 +1078,7 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
         "| --- | ---: | --- | ---: | --- | --- | --- | --- | --- | --- |",
     ]
     notes, mezo_test = [], None
+    lines.append(_start_row(plan, done, inference))
     for method in plan.methods:
         m = METHODS[method]
         runs = done[method]
@@ -1168,8 +1174,28 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
         f"(validations included; {plan.jobs} cell(s) sharing the machine at a time)",
         f"best validation includes the start (step 0); test: the best validation weights; "
         f"per seed in parentheses ({_per_seed(plan.seeds, str)})",
+        "the model as loaded: its validation on each seed's split, its test (the same split for every seed) from the "
+        "inference cell, and that test against tuned MeZO's (positive: MeZO ended below its start on test)",
     ]
     return lines + [""] + [f"- {n}" for n in notes] + [""] + tuning_table(plan, task, chosen), curves
+
+
+def _start_row(plan: Plan, done: dict, inference: dict) -> str:
+    """The model as loaded: its validation per seed (each seed draws its own validation split; read from the step-0
+    point of MeZO's runs), its test (the inference cell's: the test split is every seed's), and its test against
+    tuned MeZO's, so that a method that ends below where it started shows as such."""
+    runs = done.get(REFERENCE, {})
+    seeds = sorted(runs) or list(plan.seeds)
+    start = [next((_pct(p.value) for p in runs[s].points if p.step == 0), None) if s in runs else None for s in seeds]
+    metric = next((r.summary["metric"] for r in runs.values()), None)
+    test = _pct((inference.get("test") or {}).get(metric)) if metric else None
+    mezo = [_pct(runs[s].summary.get("test", {}).get(metric)) for s in seeds if s in runs]
+    versus = _mean([test - t for t in mezo if t is not None]) if test is not None and mezo else None
+    peak = inference.get("peak_memory_mb") if inference.get("memory_measured") else None
+    return (
+        f"| the model as loaded | – | – | 0 | – | – | {_fmt(_mean(start))} ({_per_seed(start)}) | {_fmt(test)} | "
+        f"{'–' if versus is None else f'{versus:+.1f}'} | {'–' if peak is None else f'{peak:,.0f} MB (1.00x)'} |"
+    )
 
 
 def _read_optional(path: Path) -> dict:

@@ -208,8 +208,15 @@ def test_the_table_reports_reached_at_per_seed_and_a_method_that_loses(tmp_path)
     _fake_run(final / "one-sided-4" / "seed1" / "run", 5, [0.5, 0.55, 0.58], 0.60, 1)  # never 0.6
     _fake_run(final / "one-sided-4" / "seed2" / "run", 5, [0.5, 0.6, 0.9], 0.80, 2)  # MeZO's seed 2 is not done
     _choose_1e5(plan, tmp_path)
+    inference = {"peak_memory_mb": 90.0, "memory_measured": True, "validation": {"accuracy": 0.5}}
+    (tmp_path / "inference" / "sst2").mkdir(parents=True)
+    (tmp_path / "inference" / "sst2" / "result.json").write_text(json.dumps({**inference, "test": {"accuracy": 0.8}}))
     table = conv.phase_table(plan, QUIET)
     final_rows = table.split("Tuning on")[0].splitlines()
+    start = next(line for line in final_rows if line.startswith("| the model as loaded |")).split(" | ")
+    # its validation on MeZO's seeds (step 0), its test from the inference cell, above MeZO's test by 7.5
+    assert start[6:10] == ["50.0 (50.0 / 50.0)", "80.0", "+7.5", "90 MB (1.00x) |"]
+    assert "(positive: MeZO ended below its start on test)" in table
     rows = {
         line.split(" | ")[0].strip("| "): line.split(" | ")
         for line in final_rows
@@ -392,6 +399,11 @@ def test_three_phases_end_to_end_then_skipped_resumed_and_guarded(model_dir, tmp
             assert [s for s, _ in _validations(run)] == list(range(0, 12 // pps + 1, max(1, 4 // pps)))
     table = (out / "table.md").read_text()
     assert "| mezo | 2 |" in table and "| one-sided-4 | 5 |" in table and (out / "curves-sst2.png").is_file()
+    inference = json.loads((out / "inference" / "sst2" / "result.json").read_text())
+    assert set(inference) >= {"peak_memory_mb", "validation", "test"}  # the model as loaded, tested for the table
+    assert f"| {100 * inference['test']['accuracy']:.1f} |" in next(
+        line for line in table.splitlines() if line.startswith("| the model as loaded |")
+    )
     appended = results.read_text()
     assert "forward passes to tuned MeZO's accuracy" in appended and "- machine: " in appended
     assert "- command: `python benchmarks/convergence.py --no-isolate --methods mezo,one-sided-4" in appended

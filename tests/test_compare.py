@@ -363,10 +363,13 @@ def test_sigterm_stops_the_grid_its_cells_save_and_the_grid_resumes(model_dir, t
     grid = cmp.CompareConfig(**raw)
     runs = [tmp_path / "out" / "sst2" / m / "seed0" / "run" for m in methods]
 
+    started = []
+
     def terminate_once_every_cell_trains():
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # each cell a fresh interpreter importing torch, on a busy 2-core runner
         while time.monotonic() < deadline:
             if all((r / "metrics.jsonl").is_file() and '"loss"' in (r / "metrics.jsonl").read_text() for r in runs):
+                started.append(True)
                 break
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would: to the grid's process only
@@ -378,6 +381,7 @@ def test_sigterm_stops_the_grid_its_cells_save_and_the_grid_resumes(model_dir, t
             cmp.compare(grid, log=QUIET)
     finally:
         watcher.join()
+    assert started, "the cells did not log a step within 240 s: the signal came before they trained"
     for r in runs:  # every cell finished its step, saved its state and stopped before its last step
         state = json.loads((r / "state.json").read_text())
         assert 0 < state["loop"]["step"] < steps

@@ -99,9 +99,9 @@ def export(
     config_path = Path(config) if config else run_dir / "config.yaml"
     run_config = load_config(config_path, saved=not config) if config or config_path.is_file() else None
     model_config = run_config.model if run_config else ModelConfig()
-    # the run's start (train.init probe): the label words' rows it wrote before step 1; a missing or damaged file
-    # fails before the model is loaded
-    stored = stored_start(run_dir, run_config.train.init if run_config else None)
+    # the run's start (train.init probe in the run's own config.yaml, whatever --config says): the label words' rows
+    # it wrote before step 1; a missing or damaged file fails before the model is loaded
+    stored = stored_start(run_dir)
     rows, label_ids, _ = load_rows(stored) if stored else (None, None, None)
     device = device or trained_on(run_dir, log) or model_config.device
     model_config = dataclasses.replace(model_config, name=base, dtype=dtype or model_config.dtype, device=device)

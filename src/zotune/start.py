@@ -136,22 +136,18 @@ def load_rows(path: str | Path, label_ids: list[int] | None = None) -> tuple[dic
     return rows, stored_ids, cost
 
 
-def stored_start(run_dir: str | Path, init: str | None = None) -> Path | None:
+def stored_start(run_dir: str | Path) -> Path | None:
     """The run folder's init.safetensors, or None where the run started from the model as loaded.
 
-    ``init`` is the run's ``train.init``; when not given it is read from the run's own config.yaml (none without
-    one). A run that started from a linear probe and whose init.safetensors is missing is a one-line
+    A run whose own config.yaml says ``train.init: probe`` and whose init.safetensors is missing is a one-line
     :class:`zotune.config.ConfigError`: its trajectory would replay onto another start, and its checkpoints belong to
     a model with an untied output layer.
     """
     run_dir = Path(run_dir)
-    stored = run_dir / STORED
+    stored, config = run_dir / STORED, run_dir / "config.yaml"
     if stored.is_file():
         return stored
-    if init is None:
-        config = run_dir / "config.yaml"
-        init = load_config(config, saved=True).train.init if config.is_file() else "none"
-    if init == "probe":
+    if config.is_file() and load_config(config, saved=True).train.init == "probe":
         raise ConfigError(
             f"the run started from a linear probe (train.init probe) and {stored} is missing: without the rows "
             "it wrote, its steps replay onto another start"

@@ -1156,7 +1156,7 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
             )
         if method == REFERENCE:
             for s in seeds:
-                start = next((p.value for p in runs[s].points if p.step == 0), None)
+                start = _at_start(runs[s])
                 if start is not None and targets.get(s) is not None and targets[s] <= start:
                     notes.append(
                         f"seed {s}: tuned MeZO ended no higher than it started ({_fmt(_pct(start))}), "
@@ -1180,13 +1180,18 @@ def task_table(plan: Plan, task: str, chosen: dict) -> tuple[list[str], dict]:
     return lines + [""] + [f"- {n}" for n in notes] + [""] + tuning_table(plan, task, chosen), curves
 
 
+def _at_start(curve) -> float | None:
+    """A run's validation at step 0 (its start), if it was taken."""
+    return next((p.value for p in curve.points if p.step == 0), None)
+
+
 def _start_row(plan: Plan, done: dict, inference: dict) -> str:
     """The model as loaded: its validation per seed (each seed draws its own validation split; read from the step-0
     point of MeZO's runs), its test (the inference cell's: the test split is every seed's), and its test against
     tuned MeZO's, so that a method that ends below where it started shows as such."""
     runs = done.get(REFERENCE, {})
     seeds = sorted(runs) or list(plan.seeds)
-    start = [next((_pct(p.value) for p in runs[s].points if p.step == 0), None) if s in runs else None for s in seeds]
+    start = [_pct(_at_start(runs[s])) if s in runs else None for s in seeds]
     metric = next((r.summary["metric"] for r in runs.values()), None)
     test = _pct((inference.get("test") or {}).get(metric)) if metric else None
     mezo = [_pct(runs[s].summary.get("test", {}).get(metric)) for s in seeds if s in runs]

@@ -28,7 +28,7 @@ def test_variants_smoke_prints_a_row_per_variant():
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120,  # a hang guard: the smoke run takes ~14 s on a 2-core runner with a benchmark beside it
     )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [line for line in res.stdout.splitlines() if line.startswith("|") and not line.startswith("|---")]

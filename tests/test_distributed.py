@@ -7,7 +7,6 @@ then compare what the ranks saved with single-process runs on the whole batch.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import numpy as np
@@ -153,11 +152,12 @@ def _error(fn) -> str:
     return ""
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous rather than a TCP port: a port found free and closed can be taken by another
+    # process before rank 0 binds it (a rare EADDRINUSE on a busy runner); a fresh file cannot.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     result = {}
     x, y = _data()
@@ -246,18 +246,12 @@ def _optimizer_of(params):
     return zotune.MeZO(params, lr=0.05, seed=3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = str(tmp_path_factory.mktemp("ranks"))
-    mp.spawn(_worker, args=(WORLD, _free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, out), nprocs=WORLD, join=True)
     return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(WORLD)]
 
 

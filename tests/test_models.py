@@ -40,6 +40,21 @@ def test_trainable_patterns(tmp_path):
         select_trainable(model, ["*qproj*"])
 
 
+def test_a_tied_tensor_answers_to_each_of_its_names():
+    model = tiny.causal_lm("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    head, inputs = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head is inputs and "lm_head.weight" not in dict(model.named_parameters())
+    # the output layer's name selects the shared matrix, listed under the input embeddings' name
+    assert select_trainable(model, ["lm_head.weight"]) == ["model.embed_tokens.weight"]
+    assert head.requires_grad and sum(p.requires_grad for p in model.parameters()) == 1
+    # patterns that named it before select what they did
+    assert select_trainable(model, ["model.layers.*"]) == [n for n, _ in model.named_parameters() if ".layers." in n]
+    assert not head.requires_grad
+    assert select_trainable(model, ["*"]) == [n for n, _ in model.named_parameters()]
+
+
 def test_bad_model_names(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the unknown hub id below must fail here, not ask the Hub
     with pytest.raises(ModelError, match="GGUF file not found"):

@@ -64,7 +64,7 @@ class ModelConfig:
     dtype: str = "float32"  # weights' dtype: float32, bfloat16 or float16
     device: str = "auto"  # where the model runs: "auto" (the first CUDA GPU if there is one, else the CPU),
     # "cpu", "cuda" or "cuda:N"
-    trainable: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of parameter names to train
+    trainable: list[str] = field(default_factory=lambda: ["*"])  # glob patterns of parameter names to train (any alias)
     cache_dir: str | None = None  # where dequantised GGUF models are cached; default $ZOTUNE_CACHE or ~/.cache/zotune
     tuning: str = "full"  # full (model.trainable), lora, prefix or head (output layer only): see zotune.tuning
     lora_r: int = 8  # LoRA rank (the paper: 8)
@@ -463,16 +463,22 @@ def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[st
     """Set ``requires_grad`` by glob patterns of parameter names; returns the trainable names.
 
     A pattern that matches nothing is an error that lists a few real names, so typos do not silently
-    freeze the model.
+    freeze the model. A shared (tied) tensor answers to each of its names: with tied embeddings,
+    ``lm_head.weight`` selects the matrix that ``named_parameters()`` lists once, as the input embeddings'
+    (so it trains both). The names returned are ``named_parameters()``'s.
     """
     names = [n for n, _ in model.named_parameters()]
+    aliases = {}  # every name, a tied tensor's second names included -> the name named_parameters() gives it
+    first = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases[name] = first.setdefault(id(param), name)
     chosen = set()
     for pattern in patterns:
-        matched = fnmatch.filter(names, pattern)
+        matched = fnmatch.filter(aliases, pattern)
         if not matched:
             examples = ", ".join(names[:4])
             raise ModelError(f"trainable pattern {pattern!r} matches no parameter (names look like: {examples}, ...)")
-        chosen.update(matched)
+        chosen.update(aliases[n] for n in matched)
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
     return [n for n in names if n in chosen]

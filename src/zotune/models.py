@@ -467,11 +467,11 @@ def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[st
     ``lm_head.weight`` selects the matrix that ``named_parameters()`` lists once, as the input embeddings'
     (so it trains both). The names returned are ``named_parameters()``'s.
     """
-    names = [n for n, _ in model.named_parameters()]
     aliases = {}  # every name, a tied tensor's second names included -> the name named_parameters() gives it
-    first = {}
+    first = {}  # tensor -> its first name: named_parameters()'s, in its order
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases[name] = first.setdefault(id(param), name)
+    names = list(first.values())
     chosen = set()
     for pattern in patterns:
         matched = fnmatch.filter(aliases, pattern)

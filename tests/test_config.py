@@ -80,3 +80,23 @@ def test_typed_changes_apply_after_the_command_line_and_unknown_keys_are_refused
     assert (config.optimizer.lr, config.train.steps, config.train.batch_size) == (1e-5, 3, 4)
     with pytest.raises(ConfigError, match="unknown config key 'train.stepz'"):
         load_config(changes={"train.stepz": 2})
+
+
+def test_the_readmes_config_block_shows_the_defaults():
+    """Every value in the README's YAML block under `zotune train` is the default it claims to be (the block is
+    what users read as the defaults; the default run's train.steps changed once already)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from zotune.config import RunConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(model:.*?)```", readme, re.S)
+    assert block, "the README's config block (starting 'model:') is gone"
+    defaults = RunConfig().to_dict()
+    shown = yaml.safe_load(block.group(1))
+    for section, values in shown.items():
+        for key, value in values.items():
+            assert defaults[section][key] == value, f"README shows {section}.{key}: {value!r}"

@@ -270,6 +270,60 @@ def test_a_tuned_rate_that_diverges_in_the_final_run_steps_down_for_both_seeds(t
     assert conv.lower_point(grid, grid[2]) == grid[1] and conv.lower_point(grid, grid[0]) is None
 
 
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_final_run_that_diverges_skips_its_methods_other_seeds_at_that_rate(tmp_path, monkeypatch, isolate):
+    """The rate moves down for every seed once one diverges, so the other seeds' runs at it are not started."""
+    plan = conv.Plan(
+        methods=["mezo", "fzoo"], tasks=["sst2"], seeds=[0, 1], budget=40, tune_budget=20, eval_passes=10,
+        model="tiny", out=str(tmp_path), isolate=isolate,
+    )  # fmt: skip
+    grid = conv.grid_points("mezo")  # 5e-5, 1e-4, 2e-4
+    mezo = {"point": grid[1], "grid": [{"point": p, "best_trained": 0.6, "last": 0.6} for p in grid]}
+    fzoo = {"point": {"lr": 5e-6}, "grid": [{"point": {"lr": 5e-6}, "best_trained": 0.6, "last": 0.6}]}
+    (tmp_path / "chosen.json").write_text(json.dumps({"sst2": {"mezo": mezo, "fzoo": fzoo}}))
+    ran = []
+
+    def fake_cell(cell_dir, kind):  # a finished run; MeZO at 1e-4 diverges on any seed
+        cell_dir = Path(cell_dir)
+        if kind == "inference":
+            (cell_dir / "result.json").write_text("{}")
+            return
+        method, seed = cell_dir.parent.name, int(cell_dir.name.removeprefix("seed"))
+        lr = conv.yaml.safe_load((cell_dir / "cell.yaml").read_text())["optimizer"]["lr"]
+        ran.append((method, seed, lr))
+        _fake_run(cell_dir / "run", 2, [0.5, 0.6], 0.6, seed)
+        if (method, lr) == ("mezo", 1e-4):
+            summary = json.loads((cell_dir / "run" / "summary.json").read_text())
+            (cell_dir / "run" / "summary.json").write_text(json.dumps({**summary, "stopped": "diverged"}))
+
+    if isolate:
+
+        class FakeProcess:  # the cell's process, finished as soon as it starts
+            returncode = 0
+
+            def __init__(self, args, **kwargs):
+                fake_cell(args[3], args[4])
+
+            def poll(self):
+                return 0
+
+            def wait(self, timeout=None):
+                return 0
+
+        monkeypatch.setattr(conv.subprocess, "Popen", FakeProcess)
+        monkeypatch.setattr(conv.time, "sleep", lambda seconds: None)
+    else:
+        monkeypatch.setattr(conv, "run_cell", lambda cell_dir, kind, **kwargs: fake_cell(cell_dir, kind))
+    messages = []
+    assert conv.phase_final(plan, None, messages.append) == []
+    assert ran == [("mezo", 0, 1e-4), ("fzoo", 0, 5e-6), ("fzoo", 1, 5e-6), ("mezo", 0, 5e-5), ("mezo", 1, 5e-5)]
+    assert "SST-2: mezo seed 0 diverged: its rate moves down for every seed, so SST-2: mezo seed 1 will not run" in (
+        "\n".join(messages)
+    )
+    chosen = json.loads((tmp_path / "chosen.json").read_text())["sst2"]["mezo"]
+    assert chosen["point"] == grid[0] and chosen["diverged_in_final"] == [{"point": grid[1], "steps": {"0": 2}}]
+
+
 def test_runs_set_aside_twice_at_one_rate_are_all_kept(tmp_path):
     folder = tmp_path / "final" / "sst2" / "mezo"
     for attempt in (1, 2):

@@ -11,7 +11,7 @@ from conftest import ulp32
 
 from zotune.baselines.probe import ProbeConfig, features, init_head_from_probe, linear_probe
 from zotune.config import ConfigError, RunConfig
-from zotune.models import LoadedModel
+from zotune.models import LoadedModel, select_trainable
 from zotune.objectives import Objective
 from zotune.tasks import MASK, Instance, TaskError
 from zotune.train import prepare
@@ -341,3 +341,38 @@ def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
     init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lambda s: None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["lm_head.weight"] and not model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "patterns, trained",
+    [
+        (["lm_head.weight"], ["lm_head.weight"]),  # before the untie this trained the shared matrix: both
+        (["transformer.wte.weight"], ["transformer.wte.weight"]),
+        (["*"], ["transformer.wte.weight", "lm_head.weight"]),
+        (["transformer.h.0.*"], []),
+    ],
+)
+def test_after_the_untie_model_trainable_picks_the_head_and_the_embeddings_by_their_own_names(
+    model_dir, tmp_path, patterns, trained
+):
+    loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2")
+    select_trainable(loaded.model, patterns)
+    prepared = _prepare(
+        model_dir,
+        tmp_path,
+        dict(
+            train=_write(tmp_path / "train.jsonl", _sentiment(12)),
+            template="{text}",
+            label_field="label",
+            label_words=WORDS,
+        ),
+        loaded=loaded,
+        validation=0,
+    )
+    model, lines = prepared.loaded.model, []
+    init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lines.append)
+    embeddings = ["transformer.wte.weight", "lm_head.weight"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad and n in embeddings] == trained
+    others = [n for n, p in model.named_parameters() if p.requires_grad and n not in embeddings]
+    assert bool(others) == (patterns != ["lm_head.weight"] and patterns != ["transformer.wte.weight"])
+    assert any("by its own name" in line for line in lines) == (len(trained) == 1)

@@ -465,7 +465,8 @@ def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[st
     A pattern that matches nothing is an error that lists a few real names, so typos do not silently
     freeze the model. A shared (tied) tensor answers to each of its names: with tied embeddings,
     ``lm_head.weight`` selects the matrix that ``named_parameters()`` lists once, as the input embeddings'
-    (so it trains both). The names returned are ``named_parameters()``'s.
+    (so it trains both); where a linear probe later unties them, the patterns are applied again and each name
+    selects its own tensor. The names returned are ``named_parameters()``'s.
     """
     aliases = {}  # every name, a tied tensor's second names included -> the name named_parameters() gives it
     first = {}  # tensor -> its first name: named_parameters()'s, in its order
@@ -481,4 +482,5 @@ def select_trainable(model: torch.nn.Module, patterns: Sequence[str]) -> list[st
         chosen.update(aliases[n] for n in matched)
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
+    model.zotune_trainable = list(patterns)  # applied again, name by name, where a probe unties a tied head
     return [n for n in names if n in chosen]

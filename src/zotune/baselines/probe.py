@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from zotune.config import ConfigError
+from zotune.models import select_trainable
 from zotune.objectives import Encoded, Objective, hidden_at
 from zotune.tasks import TaskError
 
@@ -259,9 +260,20 @@ def _untie_output(model, log: Callable[[str], None]) -> None:
     if config is not None:  # so that saving and loading do not tie them again
         config.tie_word_embeddings = False
     note = ""
-    if getattr(model, "zotune_tuning", None) == "head":  # head tuning trained the shared matrix; now the head alone
+    tuning, patterns = getattr(model, "zotune_tuning", None), getattr(model, "zotune_trainable", None)
+    if tuning == "head":  # head tuning trained the shared matrix; now the head alone
         inputs.weight.requires_grad_(False)
         note = "; head tuning now trains the output layer only"
+    elif tuning in (None, "full") and patterns is not None:
+        # model.trainable chose the shared matrix by either of its names; each now answers to its own
+        shared = head.weight.requires_grad
+        select_trainable(model, patterns)
+        if (head.weight.requires_grad, inputs.weight.requires_grad) != (shared, shared):
+            state = {True: "trained", False: "frozen"}
+            note = (
+                f"; model.trainable now applies to each by its own name: the output layer "
+                f"{state[head.weight.requires_grad]}, the input embeddings {state[inputs.weight.requires_grad]}"
+            )
     log(
         "untied the output embedding from the input embeddings: the probe writes the label words' output "
         "rows, the input embeddings stay as they are (the output layer is now its own parameter, "

@@ -322,21 +322,22 @@ def test_only_classification_heads_are_initialised_from_a_probe(model_dir, tmp_p
         init_head_from_probe(prepared, _quiet(), log=lambda s: None)
 
 
-def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
+def _tied_gpt2(model_dir, tmp_path, *, tuning="full", patterns=None):
+    """A sentiment task on the tiny GPT-2, whose output layer is tied to its input embeddings."""
     loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2")
-    prepared = _prepare(
-        model_dir,
-        tmp_path,
-        dict(
-            train=_write(tmp_path / "train.jsonl", _sentiment(12)),
-            template="{text}",
-            label_field="label",
-            label_words=WORDS,
-        ),
-        loaded=loaded,
-        validation=0,
-        tuning="head",
+    if patterns is not None:
+        select_trainable(loaded.model, patterns)
+    custom = dict(
+        train=_write(tmp_path / "train.jsonl", _sentiment(12)),
+        template="{text}",
+        label_field="label",
+        label_words=WORDS,
     )
+    return _prepare(model_dir, tmp_path, custom, loaded=loaded, validation=0, tuning=tuning)
+
+
+def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
+    prepared = _tied_gpt2(model_dir, tmp_path, tuning="head")
     model = prepared.loaded.model
     init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lambda s: None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -355,20 +356,7 @@ def test_head_tuning_trains_the_untied_head_alone(model_dir, tmp_path):
 def test_after_the_untie_model_trainable_picks_the_head_and_the_embeddings_by_their_own_names(
     model_dir, tmp_path, patterns, trained
 ):
-    loaded = LoadedModel(tiny.causal_lm("gpt2"), tiny.tokenizer(), "causal", "tiny-gpt2")
-    select_trainable(loaded.model, patterns)
-    prepared = _prepare(
-        model_dir,
-        tmp_path,
-        dict(
-            train=_write(tmp_path / "train.jsonl", _sentiment(12)),
-            template="{text}",
-            label_field="label",
-            label_words=WORDS,
-        ),
-        loaded=loaded,
-        validation=0,
-    )
+    prepared = _tied_gpt2(model_dir, tmp_path, patterns=patterns)
     model, lines = prepared.loaded.model, []
     init_head_from_probe(prepared, _quiet(Cs=[1.0]), log=lines.append)
     embeddings = ["transformer.wte.weight", "lm_head.weight"]

@@ -381,3 +381,20 @@ def test_a_resume_after_a_crash_that_tore_metrics_jsonl_drops_the_torn_lines(mod
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line is JSON again
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_run_that_trained_other_tensors_than_its_config_selects_now_is_a_one_line_error(model_dir, tmp_path, capsys):
+    """A version that selected the trainable tensors otherwise (the probe's untie, before 2026-12-07) wrote the
+    run: resuming it is refused before anything changes, not a traceback from the optimizer's state."""
+    out = tmp_path / "run"
+    args = ["--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4", "--progress", "false"]
+    assert main(["train", "--model.name", str(model_dir), *args, "--steps", "2", "--output_dir", str(out)]) == 0
+    state = json.loads((out / "state.json").read_text())
+    state["optimizer"]["mezo"]["params"].append("lm_head.weight.copy")  # as such a version recorded it
+    (out / "state.json").write_text(json.dumps(state))
+    before = (out / "trajectory.zot").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lm_head.weight.copy: trained by the run, not here" in err
+    assert (out / "trajectory.zot").read_bytes() == before

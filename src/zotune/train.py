@@ -366,12 +366,17 @@ class Trainer:
         if recorded is not None and recorded != here:
             # the same config selecting other tensors: a zotune that chose them otherwise wrote the run (before
             # 2026-12-07 a probe's untie left a tied matrix's flag on both names; model.trainable now picks each)
-            changed = sorted(set(recorded) ^ set(here)) or recorded
-            which = "trained here, not by the run" if changed[0] in here else "trained by the run, not here"
+            changed = sorted(set(recorded) ^ set(here))
+            if not changed:
+                which = "the same tensors in another order"
+            elif changed[0] in here:
+                which = f"{changed[0]}: trained here, not by the run"
+            else:
+                which = f"{changed[0]}: trained by the run, not here"
             raise ConfigError(
-                f"the run trained {len(recorded)} tensors and its config selects {len(here)} here ({changed[0]}: "
-                f"{which}): a version that selected them otherwise wrote it, so it cannot continue; "
-                "`zotune replay` and `zotune eval --run` still rebuild and test it"
+                f"the run trained {len(recorded)} tensors and its config selects {len(here)} here ({which}): a "
+                "version that selected them otherwise wrote it, so it cannot continue; `zotune replay` and "
+                "`zotune eval --run` still rebuild and test it"
             )
         size = saved["optimizer"]["mezo"]["trajectory_bytes"] or 0
         path = self.run_dir / "trajectory.zot"

@@ -214,7 +214,7 @@ def fast_path(lines: list[str]) -> list[tuple[bool, str, str]]:
             continue
         cost, path = best[i]
         body = blocks[i][1]
-        if any(op.startswith("EXIT") and not pred for pred, op, _ in body):
+        if any(op.startswith("EXIT") for _, op, _ in body):  # a predicated EXIT ends the full tile's path too
             exits.append((cost, path))
         for s in blocks[i][2]:
             if s <= i:
@@ -258,6 +258,7 @@ class Report:
     load_bits: int
     store_bits: int
     calls: int
+    wide_compares: int  # 64-bit compares (ISETP ... .EX) a thread issues on the path: bounds per element show here
 
     @property
     def total(self) -> float:
@@ -296,6 +297,7 @@ def analyse(gpu, config: Config, arch: int = 90, dump: Path | None = None) -> Re
         load_bits=max(loads, default=0),
         store_bits=max(stores, default=0),
         calls=len(re.findall(r"^\s*call", ptx, flags=re.M)),
+        wide_compares=sum(op.startswith("ISETP") and ".EX" in op for op in thread_ops),
     )
 
 

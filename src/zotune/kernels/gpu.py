@@ -254,8 +254,9 @@ def _sweep_tile(
     The tensor holds elements start .. start + n - 1 of the parameter keyed (key_lo, key_hi) (uint32);
     s*_lo, s*_hi: the 32-bit halves of the seeds of the terms and of the rounding stream (int32 bit
     patterns). ALIGN: elements every tensor's offset and start are multiples of (the host checked it),
-    so that whole tiles load and store in 16-byte vectors; tiles inside the tensor skip the mask for
-    the same reason (the mask's bound is a runtime value the compiler cannot see as aligned).
+    so that whole tiles load and store in 16-byte vectors. A tile inside the tensor (all but at most
+    two of each tensor) takes a branch of its own with no mask: its bounds (64-bit compares per
+    element) are computed only on the other branch, where a tile straddles the tensor's ends.
     """
     g0 = (start // BLOCK + tile) * BLOCK  # first global element index of this tile
     first = offset + (g0 - start)  # element offset of the tile's first element from base
@@ -265,9 +266,29 @@ def _sweep_tile(
         ) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
     tile_idx = _tile_index(RADEMACHER, BLOCK)
     ptrs = base + first + tile_idx
-    local = g0 - start + tile_idx
-    mask = (local >= 0) & (local < n)
-    full = (g0 >= start) & (g0 + BLOCK <= start + n)
+    if (g0 >= start) & (g0 + BLOCK <= start + n):
+        out = _tile_values(
+            ptrs, None, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+            NT, FILL, RADEMACHER, ROUND, BLOCK,
+        )  # fmt: skip
+        tl.store(ptrs, out)
+    else:
+        local = g0 - start + tile_idx
+        mask = (local >= 0) & (local < n)
+        out = _tile_values(
+            ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+            NT, FILL, RADEMACHER, ROUND, BLOCK,
+        )  # fmt: skip
+        tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
+def _tile_values(
+    ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+    NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The new values of the tile at ``ptrs`` (global elements g0 .. g0 + BLOCK - 1) in the tensor's dtype;
+    ``mask``: the elements inside the tensor, or None for a whole tile (no mask on its load)."""
     s0_lo = s0_lo.to(tl.uint32, bitcast=True)
     s0_hi = s0_hi.to(tl.uint32, bitcast=True)
     if RADEMACHER:  # c * z is +-c exactly: a select of the sign, no multiply (launched without FMA contraction,
@@ -276,11 +297,7 @@ def _sweep_tile(
         if FILL:
             v = tl.where(b0, 1.0, -1.0)
         else:
-            if full:
-                x = tl.load(ptrs).to(tl.float32)
-            else:
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = x * scale + tl.where(b0, c0, -c0)
+            v = _load(ptrs, mask) * scale + tl.where(b0, c0, -c0)
             if NT == 2:
                 b1 = _rademacher_bits(
                     g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
@@ -291,11 +308,7 @@ def _sweep_tile(
         if FILL:
             v = z0
         else:
-            if full:
-                x = tl.load(ptrs).to(tl.float32)
-            else:
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            v = x * scale + c0 * z0
+            v = _load(ptrs, mask) * scale + c0 * z0
             if NT == 2:
                 z1 = _gaussian(
                     g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
@@ -307,18 +320,25 @@ def _sweep_tile(
         if RADEMACHER:  # the rounding stream's (block, lane) tile, as for the Gaussian; rare (16-bit updates)
             out = tl.reshape(
                 _round_stochastic(
-                    tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi, base.dtype.element_ty, BLOCK
+                    tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi, ptrs.dtype.element_ty, BLOCK
                 ),
                 [BLOCK // 128, 4, 32],
             )
         else:
-            out = _round_stochastic(v, g0, r_lo, r_hi, key_lo, key_hi, base.dtype.element_ty, BLOCK)
+            out = _round_stochastic(v, g0, r_lo, r_hi, key_lo, key_hi, ptrs.dtype.element_ty, BLOCK)
     else:
-        out = _to_nearest(v, base.dtype.element_ty)
-    if full:
-        tl.store(ptrs, out)
+        out = _to_nearest(v, ptrs.dtype.element_ty)
+    return out
+
+
+@triton.jit
+def _load(ptrs, mask):
+    """The tile at ``ptrs`` as float32; ``mask`` None: a whole tile, loaded without one."""
+    if mask is None:
+        x = tl.load(ptrs)
     else:
-        tl.store(ptrs, out, mask=mask)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    return x.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["s0_lo", "s0_hi", "s1_lo", "s1_hi", "r_lo", "r_hi"])

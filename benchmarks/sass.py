@@ -5,7 +5,7 @@ configuration that ``zotune.kernels.gpu`` launches is compiled here as a launch 
 JIT's own binder over tensors as aligned as the parameters it sweeps), for sm_90 (H100) unless ``--arch``
 names another, then disassembled. Per configuration it reports:
 
-- registers and local memory (spills) per thread;
+- registers and local memory (spills) per thread, shared memory per program (layout conversions);
 - the widest global load and store (bits) on the full-tile path;
 - the instructions one thread issues per element along the path a full tile takes, by kind: integer
   (Philox, indices, bit work), float, MUFU (the transcendental unit), memory, other. Uniform-datapath
@@ -116,6 +116,7 @@ def configs() -> list[Config]:
         Config("gaussian 2-term bf16, stochastic rounding", torch.bfloat16, "gaussian", 2, rounding=True),
         Config("gaussian 1-term fp32, one tensor", torch.float32, "gaussian", single=True),
         Config("gaussian 2-term fp32, masked (Sparse-MeZO)", torch.float32, "gaussian", 2, masked=True),
+        Config("rademacher 2-term fp32, masked (Sparse-MeZO)", torch.float32, "rademacher", 2, masked=True),
     ]
     return out
 
@@ -258,6 +259,7 @@ class Report:
     load_bits: int
     store_bits: int
     calls: int
+    shared: int  # bytes of shared memory a program uses: a layout conversion goes through it
     wide_compares: int  # 64-bit compares (ISETP ... .EX) a thread issues on the path: bounds per element show here
 
     @property
@@ -297,6 +299,7 @@ def analyse(gpu, config: Config, arch: int = 90, dump: Path | None = None) -> Re
         load_bits=max(loads, default=0),
         store_bits=max(stores, default=0),
         calls=len(re.findall(r"^\s*call", ptx, flags=re.M)),
+        shared=int(kernel.metadata.shared),
         wide_compares=sum(op.startswith("ISETP") and ".EX" in op for op in thread_ops),
     )
 

@@ -479,21 +479,39 @@ def _masked_kernel(
     """Sparse directions, one tile of a float32 tensor holding elements start .. start + n - 1 (start a multiple
     of 8): x <- fma(c1 m, z1, fma(c0 m, z0, x * scale)), m in {0., 1.} the element's bit in ``bits`` (bit i of
     byte k: element 8k + i of x), so masked-off elements only scale. One rounding a term, as torch's addcmul_
-    (the path this replaces, and the numba kernel's rule). key_lo .. s1_hi: int32 bit patterns."""
+    (the path this replaces, and the numba kernel's rule). key_lo .. s1_hi: int32 bit patterns. A tile inside
+    the tensor takes a branch with no bounds (as _sweep_tile)."""
     g0 = (start.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
-    local = g0 - start + _tile_index(RADEMACHER, BLOCK)
-    inside = (local >= 0) & (local < n)
-    x = tl.load(base + local, mask=inside, other=0.0)
-    byte = tl.load(bits + (local >> 3), mask=inside, other=0).to(tl.int32)
-    m = ((byte >> (local & 7).to(tl.int32)) & 1).to(tl.float32)
+    first = ((g0 - start) // 8) * 8  # g0 - start (both multiples of 8), in a form the alignment analysis sees
+    ptrs = base + first + _tile_index(RADEMACHER, BLOCK)
+    if (first >= 0) & (first + BLOCK <= n):
+        v = _masked_values(ptrs, None, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
+                           NT, RADEMACHER, BLOCK)  # fmt: skip
+        tl.store(ptrs, v)
+    else:
+        local = first + _tile_index(RADEMACHER, BLOCK)
+        inside = (local >= 0) & (local < n)
+        v = _masked_values(ptrs, inside, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
+                           NT, RADEMACHER, BLOCK)  # fmt: skip
+        tl.store(ptrs, v, mask=inside)
+
+
+@triton.jit
+def _masked_values(
+    ptrs, inside, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
+    NT: tl.constexpr, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """_masked_kernel's new values of the tile at ``ptrs``: global elements g0 .. g0 + BLOCK - 1, element ``first``
+    of the tensor on; ``inside``: None for a whole tile, else the elements inside the tensor."""
     key_lo = key_lo.to(tl.uint32, bitcast=True)
     key_hi = key_hi.to(tl.uint32, bitcast=True)
+    m = _mask_tile(bits, first, n, inside, RADEMACHER, BLOCK)
     lo0, hi0 = s0_lo.to(tl.uint32, bitcast=True), s0_hi.to(tl.uint32, bitcast=True)
     if RADEMACHER:
         z0 = tl.where(_rademacher_bits(g0, lo0, hi0, key_lo, key_hi, BLOCK), 1.0, -1.0)
     else:
         z0 = _gaussian(g0, lo0, hi0, key_lo, key_hi, BLOCK)
-    v = tl.fma(c0 * m, z0, x * scale)
+    v = tl.fma(c0 * m, z0, _load(ptrs, inside) * scale)
     if NT == 2:
         lo1, hi1 = s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True)
         if RADEMACHER:
@@ -501,7 +519,32 @@ def _masked_kernel(
         else:
             z1 = _gaussian(g0, lo1, hi1, key_lo, key_hi, BLOCK)
         v = tl.fma(c1 * m, z1, v)
-    tl.store(base + local, v, mask=inside)
+    return v
+
+
+@triton.jit
+def _mask_tile(bits, first, n, inside, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """The mask of the tile of elements first .. first + BLOCK - 1 (first a multiple of 8) as float32 0 / 1, in the
+    tile's layout. Gaussian (rows of 4): one byte load a row, broadcast over its 4 lanes (rows 2r and 2r + 1 share
+    byte r: its low and high nibble), not one a element; Rademacher: a byte load an element."""
+    if RADEMACHER:
+        local = first + _tile_index(RADEMACHER, BLOCK)
+        if inside is None:
+            byte = tl.load(bits + (local >> 3))
+        else:
+            byte = tl.load(bits + (local >> 3), mask=inside, other=0)
+        m = (byte.to(tl.int32) >> (local & 7).to(tl.int32)) & 1
+    else:
+        row = tl.arange(0, BLOCK // 4)
+        if inside is None:
+            byte = tl.load(bits + (first >> 3) + (row >> 1))
+        else:
+            byte = tl.load(
+                bits + (first >> 3) + (row >> 1), mask=(first + 4 * row >= 0) & (first + 4 * row < n), other=0
+            )
+        shift = (row & 1) * 4
+        m = (byte.to(tl.int32)[:, None] >> (shift[:, None] + tl.arange(0, 4)[None, :])) & 1
+    return m.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["start", "seed_lo", "seed_hi", "key_lo", "key_hi"])  # an int argument equal

@@ -20,9 +20,9 @@ SXM of benchmarks/RESULTS.md: 132 SMs, 1.755 GHz (the clock under sustained load
 ignores latency, dual issue and pipe limits (MUFU runs at a quarter rate), so it is a floor for the
 compute side, to be checked against the GPU's own timings (benchmarks/sweep_gpu.py) when one is lent.
 
-    python benchmarks/sass.py [--arch 90] [--against OTHER_gpu.py] [--dump DIR]
+    python benchmarks/sass.py [--arch 90] [--against OTHER_gpu.py ...] [--dump DIR]
 
-``--against`` compiles another version of zotune/kernels/gpu.py beside this one (for example
+``--against FILE`` (repeatable) compiles another version of zotune/kernels/gpu.py beside this one (for example
 ``git show 3ac4d08:src/zotune/kernels/gpu.py``, the kernels before issue 19's changes), in one table.
 ``--dump DIR`` writes each configuration's PTX and SASS there.
 """
@@ -343,7 +343,13 @@ def table(rows: list[tuple[str, Report]], sms: int, clock_ghz: float, copy_tbs: 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200, 80: A100)")
-    parser.add_argument("--against", help="another version of zotune/kernels/gpu.py, compiled beside this one")
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="another version of zotune/kernels/gpu.py, compiled beside this one (repeatable)",
+    )
     parser.add_argument("--dump", help="write each configuration's PTX and SASS to this folder")
     parser.add_argument("--sms", type=int, default=132)
     parser.add_argument("--clock-ghz", type=float, default=1.755)
@@ -357,9 +363,7 @@ def main(argv=None) -> int:
     dump = Path(args.dump) if args.dump else None
     if dump:
         dump.mkdir(parents=True, exist_ok=True)
-    versions = [("this", load_gpu())]
-    if args.against:
-        versions.insert(0, ("against", load_gpu(args.against)))
+    versions = [(path, load_gpu(path)) for path in args.against] + [("this", load_gpu())]
     rows = []
     for config in configs():
         for tag, gpu in versions:

@@ -108,7 +108,7 @@ step step_13b_fp16_seq256 100 "$PY" "${STEP[@]}" --size 13b --dtype float16 --se
 
 # 4. Nsight Compute: one launch of each sweep kernel and of the copy, fp16 then fp32 (clocks left alone)
 if NCU=$(find_ncu) || { ((DRY)) && NCU=ncu; }; then
-    step ncu 70 "$NCU" --clock-control none --target-processes all -k 'regex:_sweep_kernel|copy' \
+    step ncu 70 "$NCU" --clock-control none --target-processes all -k 'regex:_sweep_kernel|_masked_kernel|copy' \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
         --section LaunchStats --section Occupancy --section WarpStateStats \
         -f -o "$DEST/sweeps" "$PY" benchmarks/sweep_gpu.py --ncu --elements 67108864 --dtypes float16,float32

@@ -2,7 +2,8 @@
 
 One in-place pass ``x <- x + c z`` over ``--elements`` elements per dtype, timed with CUDA events
 (``triton.testing.do_bench``, median) next to ``dst.copy_(src)`` of the same bytes, which is the floor
-(read once, write once). Rows: Gaussian one term and two terms, Rademacher one term and two terms.
+(read once, write once). Rows: Gaussian one term and two terms, Rademacher one term and two terms, and
+in float32 Sparse-MeZO's masked two-term sweep (``masked_axpy``, a quarter of the mask's bits set).
 The issue-19 targets are printed with the ratios: Gaussian 1 term <= 1.5x copy, 2 terms <= 2x,
 Rademacher <= 1.05x (it needs one random bit per element, so it must be memory-bound).
 
@@ -33,14 +34,37 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 KEY, SEED0, SEED1, C = 0x0123456789ABCDEF, 2**63 + 5, 77, 1e-3
 
 
-def cases(gpu):
-    """(name, target ratio to copy or None, fn(x)) for every timed sweep."""
-    return [
+def cases(gpu, dtype=torch.float32):
+    """(name, target ratio to copy or None, fn(x)) for every timed sweep of ``dtype``."""
+    out = [
         ("Gaussian 1 term", 1.5, lambda x: gpu.sweep([x], [KEY], [0], "gaussian", [(SEED0, C)])),
         ("Gaussian 2 terms", 2.0, lambda x: gpu.sweep([x], [KEY], [0], "gaussian", [(SEED0, -C), (SEED1, C)])),
         ("Rademacher 1 term", 1.05, lambda x: gpu.sweep([x], [KEY], [0], "rademacher", [(SEED0, C)])),
         ("Rademacher 2 terms", None, lambda x: gpu.sweep([x], [KEY], [0], "rademacher", [(SEED0, -C), (SEED1, C)])),
     ]
+    if dtype == torch.float32 and hasattr(gpu, "masked_axpy"):  # Sparse-MeZO's one-pass kernel (float32 work only)
+        out.append(
+            (
+                "Sparse-MeZO masked, Gaussian 2 terms",
+                None,
+                lambda x: gpu.masked_axpy(x, "gaussian", KEY, 0, 1.0, [(SEED0, -C), (SEED1, C)], _mask_bits(x)),
+            )
+        )
+    return out
+
+
+_MASKS: dict = {}
+
+
+def _mask_bits(x):
+    """A random packed mask (a quarter of the bits set, as sparsity 0.75) for x, made once per size: not timed."""
+    key = (x.numel(), x.device)
+    if key not in _MASKS:
+        _MASKS.clear()
+        keep = torch.rand(x.numel() + (-x.numel() % 8), device=x.device) < 0.25
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=x.device)
+        _MASKS[key] = (keep.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+    return _MASKS[key]
 
 
 def load_other(path: Path):
@@ -119,7 +143,7 @@ def main(argv=None) -> int:
         src = torch.empty_like(x).normal_()
         if args.ncu:  # one launch of each: Nsight Compute replays it as often as its sections need
             x.copy_(src)
-            for _, _, fn in cases(gpu):
+            for _, _, fn in cases(gpu, dtype):
                 fn(x)
             torch.cuda.synchronize()
             continue
@@ -127,7 +151,7 @@ def main(argv=None) -> int:
         nbytes = 2 * x.numel() * x.element_size()
         rows.append((name, "copy (floor)", copy_ms, 1.0, None, nbytes / copy_ms / 1e9))
         for prefix, module in versions.items():
-            for label, target, fn in cases(module):
+            for label, target, fn in cases(module, dtype):
                 ms = do_bench(lambda fn=fn: fn(x), warmup=100, rep=500, return_mode="median")
                 x.copy_(src)  # keep the values in range: many sweeps of +-C drift them slowly
                 rows.append((name, prefix + label, ms, ms / copy_ms, None if prefix else target, nbytes / ms / 1e9))

@@ -365,6 +365,47 @@ def test_sweep_hook_uses_multi_tensor_path(tk, monkeypatch):
         functional.sweep_([torch.zeros(4, 6).t()], keys[:1], terms, backend=be.name)
 
 
+def test_the_one_launch_check_makes_the_call_the_per_tensor_loop_makes(tk, monkeypatch):
+    """functional._one_launch (a few C passes over the list) against the loop it short-cuts: the same call of the
+    multi-tensor sweep, the same bits; and what it must leave to the loop (more than two terms, a tensor subclass,
+    a non-contiguous tensor, keys of another length) still reaches the loop."""
+    calls = []
+
+    def recorded(tensors, keys, starts, *args, **kwargs):
+        calls.append((len(tensors), list(keys), list(starts), args, kwargs))
+        return tk.sweep(tensors, keys, starts, *args, **kwargs)
+
+    be = Backend(
+        "triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62, sweep=recorded
+    )
+    monkeypatch.setitem(kernels._REGISTRY, be.name, be)
+    g = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(33, 7, generator=g)), (torch.randn(300, generator=g) * 0.02).half()]
+    keys = [rng.param_key("a"), rng.param_key("b")]
+    terms = [(2**63 + 5, 1e-3), (6, -2e-3)]
+    fast = [p.detach().clone() for p in params]
+    functional.sweep_(fast, keys, terms, scale=0.999, rounding_seed=3, backend=be.name)
+    with monkeypatch.context() as m:
+        m.setattr(functional, "_one_launch", lambda *args: False)
+        slow = [p.detach().clone() for p in params]
+        functional.sweep_(slow, keys, terms, scale=0.999, rounding_seed=3, backend=be.name)
+    assert calls[0] == calls[1] and calls[0][0] == 2
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+    class Tagged(torch.Tensor):  # a subclass (as DTensor is): its shard offset is the loop's to find
+        pass
+
+    assert not functional._one_launch(
+        [torch.zeros(3).as_subclass(Tagged)], keys[:1], terms, "gaussian", 1.0, None, be.name
+    )
+    assert not functional._one_launch(fast, keys, terms * 2, "gaussian", 1.0, None, be.name)  # 4 terms: axpy pairs
+    assert not functional._one_launch(fast, keys[:1], terms, "gaussian", 1.0, None, be.name)
+    assert not functional._one_launch([torch.zeros(4, 6).t()], keys[:1], terms, "gaussian", 1.0, None, be.name)
+    assert not functional._one_launch(fast, keys, terms, "gaussian", 1.0, None, "reference")  # no multi-tensor slot
+    with pytest.raises(ValueError, match="strict|length|shorter|longer"):
+        functional.sweep_(fast, keys[:1], terms, backend=be.name)  # the loop's zip(strict=True) says it
+
+
 # ---------------------------------------------------------------------------------------------
 # compiled kernels on a GPU
 

@@ -28,6 +28,7 @@ every chunked path shares. Their public functions are re-exported here.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -156,6 +157,8 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     terms = [(int(s), float(c)) for s, c in terms]
+    if _one_launch(params, keys, distribution, terms, scale, rounding_seed, backend):
+        return
     batched: dict[str, tuple] = {}  # backends with a multi-tensor sweep: one launch for all their tensors
     # Per-tensor host work is kept small: on a GPU the sweep waits for it (the loss's .item() has just
     # synchronised), and a model has hundreds of tensors (SmolLM2: 272). So the backend is chosen once
@@ -196,6 +199,28 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
                 stochastic_round_(part, work, rounding_seed, key, base + start, be.words, on_device=be.device_words)
     for multi, flats, flat_keys, bases in batched.values():
         multi(flats, flat_keys, bases, distribution, terms, scale=scale, rounding_seed=rounding_seed)
+
+
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # not DTensor (sharded) or another subclass
+_DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
+
+
+def _one_launch(params, keys, distribution, terms, scale, rounding_seed, backend) -> bool:
+    """The common GPU sweep in one call of the backend's multi-tensor sweep, checked by a few passes over the list in
+    C: plain contiguous float tensors on one device, at most two terms, a backend with a multi-tensor sweep. The loop
+    of :func:`_elementwise_sweep_` makes the same call for such a list (every base 0) at ~0.6 us of Python a
+    tensor, while the GPU waits (benchmarks/sweep_host.py). False: nothing done, the loop decides (and raises)."""
+    if len(terms) > 2 or not params or len(keys) != len(params):
+        return False
+    multi = kernels.select(params[0].device, backend).sweep
+    if multi is None:  # the CPU backends: decided before any pass over the list
+        return False
+    if not set(map(type, params)) <= _PLAIN or len(set(map(_DEVICE, params))) != 1:
+        return False
+    if not set(map(_DTYPE, params)) <= set(FLOAT_TYPES) or not all(map(torch.Tensor.is_contiguous, params)):
+        return False
+    multi(params, keys, [0] * len(params), distribution, terms, scale=scale, rounding_seed=rounding_seed)
+    return True
 
 
 def _sweep_chunk(be, x, distribution, key, start, scale, terms) -> None:

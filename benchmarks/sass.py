@@ -113,6 +113,7 @@ def configs() -> list[Config]:
                 out.append(Config(f"{distribution} {terms}-term {tag}", dtype, distribution, terms))
     out += [
         Config("gaussian fill fp32", torch.float32, "gaussian", fill=True),
+        Config("rademacher 9-term fp16 (FZOO's update, N = 8)", torch.float16, "rademacher", 9),
         Config("gaussian 2-term bf16, stochastic rounding", torch.bfloat16, "gaussian", 2, rounding=True),
         Config("gaussian 1-term fp32, one tensor", torch.float32, "gaussian", single=True),
         Config("gaussian 2-term fp32, masked (Sparse-MeZO)", torch.float32, "gaussian", 2, masked=True),
@@ -139,12 +140,27 @@ def compile_config(gpu, config: Config, arch: int = 90):
     flags = dict(FILL=config.fill, ROUND=config.rounding)
     if _has_align(gpu):
         flags["ALIGN"] = vec
+    extra = (torch.zeros(3 * max(1, config.terms - 2), dtype=torch.int32),) if _has_extra(gpu) else ()
     if config.single:
-        fn, args = gpu._sweep_kernel_one, (x, x.numel(), 0, 7, 8, *seeds, 1.0, 0.5, 0.25)
+        fn, args = gpu._sweep_kernel_one, (x, x.numel(), 0, 7, 8, *seeds, 1.0, 0.5, 0.25, *extra)
     else:
         table, tiles = torch.zeros(6, dtype=torch.int64), torch.zeros(4, dtype=torch.int32)
-        fn, args = gpu._sweep_kernel, (x, table, tiles, *seeds, 1.0, 0.5, 0.25)
+        fn, args = gpu._sweep_kernel, (x, table, tiles, *seeds, 1.0, 0.5, 0.25, *extra)
     return compile_launch(fn, args, {**shared, **flags, **launch}, arch)
+
+
+def _has_extra(gpu) -> bool:
+    """Whether this version's sweep kernels take the terms past two in a buffer (``extra``)."""
+    return "extra" in gpu._sweep_kernel.arg_names
+
+
+def _has_kernel(gpu, config: Config) -> bool:
+    """Whether this version of gpu.py has the kernel ``config`` needs (older ones lack some)."""
+    if config.masked:
+        return hasattr(gpu, "_masked_kernel")
+    if config.single:
+        return hasattr(gpu, "_sweep_kernel_one")
+    return _has_extra(gpu) if config.terms > 2 else True
 
 
 def _has_align(gpu) -> bool:
@@ -367,12 +383,7 @@ def main(argv=None) -> int:
     rows = []
     for config in configs():
         for tag, gpu in versions:
-            if (
-                config.masked
-                and not hasattr(gpu, "_masked_kernel")
-                or config.single
-                and not hasattr(gpu, "_sweep_kernel_one")
-            ):
+            if not _has_kernel(gpu, config):
                 continue
             rows.append((tag, analyse(gpu, config, args.arch, dump)))
     import triton

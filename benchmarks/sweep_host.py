@@ -15,8 +15,10 @@ Three cases, each a whole sweep over all the tensors:
 - ``multi``: one ``sweep_`` call with two terms (the fused MeZO sweep: one launch for all tensors);
 - ``per-tensor``: one ``sweep_`` call per tensor, one term each (what layerwise scales issue:
   ``variants.sweep_terms_`` with a per-tensor factor);
-- ``4-term``: one ``sweep_`` call with four terms (n-SPSA's update, FZOO's N-term update), which
-  takes the backend's per-tensor ``axpy`` two terms at a time.
+- ``4-term``: one ``sweep_`` call with four Gaussian terms (n-SPSA's update), which takes the
+  backend's per-tensor ``axpy`` two terms at a time;
+- ``fzoo``: one ``sweep_`` call with nine Rademacher terms (FZOO's update with N = 8), one launch where
+  the backend's multi-tensor sweep takes that many terms, else the per-tensor path as ``4-term``.
 
 Prints milliseconds per call (median of ``--repeats`` timings of ``--calls`` calls each) and, where
 the backend counts them, the launch tables built (each one a host-to-device copy on a GPU).
@@ -87,7 +89,9 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=272, help="SmolLM2-135M has 272")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--cases", default="multi,per-tensor,4-term", help="comma-separated: multi, per-tensor, 4-term")
+    parser.add_argument(
+        "--cases", default="multi,per-tensor,4-term,fzoo", help="comma-separated: multi, per-tensor, 4-term, fzoo"
+    )
     args = parser.parse_args()
 
     gpu._sweep_kernel = _NoLaunch()
@@ -110,7 +114,11 @@ def main() -> None:
     def four_terms(i):
         F.sweep_(params, keys, [(i, 1e-3), (i + 1, -1e-3), (i + 2, 1e-3), (i + 3, -1e-3)], backend=backend.name)
 
-    cases = {"multi": multi, "per-tensor": per_tensor, "4-term": four_terms}
+    def fzoo(i):
+        terms = [(i + j, (-1) ** j * 1e-3) for j in range(9)]
+        F.sweep_(params, keys, terms, distribution="rademacher", backend=backend.name)
+
+    cases = {"multi": multi, "per-tensor": per_tensor, "4-term": four_terms, "fzoo": fzoo}
     print(
         f"{args.tensors} tensors; zotune from {Path(gpu.__file__).parents[2]}; torch {torch.__version__}, "
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"

@@ -172,6 +172,80 @@ def test_rademacher_sweep_is_the_reference_bit_for_bit(tk, dtype):
                 assert torch.equal(x, _reference_sweeps(x0, key, start, "rademacher", terms, scale, 1))
 
 
+def _pairwise_reference(x: torch.Tensor, key: int, start: int, terms, scale: float) -> torch.Tensor:
+    """functional's chunked path for more than two terms, by the reference backend: x * scale and the first two
+    terms, then two at a time, in float32; rounded to x's dtype to nearest once at the end."""
+    ref = kernels.get("reference")
+    w = x.to(torch.float32, copy=True).reshape(-1)
+    ref.axpy(w, "rademacher", key, start, scale, terms[:2])
+    for i in range(2, len(terms), 2):
+        ref.axpy(w, "rademacher", key, start, 1.0, terms[i : i + 2])
+    return w.reshape(x.shape).to(x.dtype)
+
+
+_MANY = [(2**64 - 9 - i, (-1) ** i * 2.0 ** -(8 + i % 5) * (1 + i / 7)) for i in range(9)]  # FZOO's N + 1 = 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_rademacher_sweep_of_many_terms_is_the_pairwise_path_bit_for_bit(tk, dtype):
+    """FZOO's update (N + 1 terms) and n-SPSA's in one pass: each term's +-c added in turn in float32, x * scale
+    rounded first, one rounding to x's dtype: the chunked path's numbers exactly (it adds them two at a time in a
+    float32 buffer), in one launch over many tensors or one at a time, across tiles and at odd starts."""
+    g = torch.Generator().manual_seed(8)
+    keys = [rng.param_key(f"layers.{i}.weight") for i in range(3)]
+    for nterms in (3, 8, 9):
+        terms = _MANY[:nterms]
+        for scale in (1.0, 0.9990000128746033):
+            xs = [torch.randn(n, generator=g).to(dtype) for n in (5, 300, 700)]
+            starts = [0, 127, 2**33 + 3]
+            together = [x.clone() for x in xs]
+            tk.sweep(together, keys, starts, "rademacher", terms, scale=scale, block=BLOCK)
+            for x, y, key, start in zip(xs, together, keys, starts):
+                alone = x.clone()
+                tk.sweep([alone], [key], [start], "rademacher", terms, scale=scale, block=BLOCK)
+                want = _pairwise_reference(x, key, start, terms, scale)
+                assert torch.equal(alone, want) and torch.equal(y, want)
+    with pytest.raises(ValueError, match="up to 64 for a Rademacher"):
+        tk.sweep([torch.zeros(4)], keys[:1], [0], "gaussian", _MANY[:3])
+    with pytest.raises(ValueError, match="up to 64"):
+        tk.sweep([torch.zeros(4)], keys[:1], [0], "rademacher", [(1, 1.0)] * 65)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sweep__sends_many_rademacher_terms_to_one_launch_with_the_loops_numbers(tk, monkeypatch, dtype):
+    """functional.sweep_ with FZOO's nine terms: one call of the multi-tensor slot (not four axpy pairs per
+    tensor), the same bits as the chunked loop, with stochastic rounding too; Gaussian terms past two still take
+    the loop."""
+    calls = []
+
+    def recorded(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return tk.sweep(tensors, *args, **kwargs)
+
+    be = Backend(
+        "triton_interpreted", tk.fill, tk.axpy, lambda device: True, priority=-1, chunk=1 << 62, sweep=recorded,
+        sweep_terms=tk.BACKEND.sweep_terms, words=tk.words, device_words=True,
+    )  # fmt: skip
+    monkeypatch.setitem(kernels._REGISTRY, be.name, be)
+    loop = Backend("loop_only", tk.fill, tk.axpy, lambda device: True, priority=-2, chunk=1 << 62, words=tk.words)
+    monkeypatch.setitem(kernels._REGISTRY, loop.name, loop)
+    g = torch.Generator().manual_seed(2)
+    params = [(torch.randn(n, generator=g) * 0.02).to(dtype) for n in (40, 333)]
+    keys = [rng.param_key("p"), rng.param_key("q")]
+    for rounding_seed in (None, 2**63 + 3):
+        fast, slow = [p.clone() for p in params], [p.clone() for p in params]
+        functional.sweep_(
+            fast, keys, _MANY, scale=0.999, distribution="rademacher", rounding_seed=rounding_seed, backend=be.name
+        )
+        functional.sweep_(
+            slow, keys, _MANY, scale=0.999, distribution="rademacher", rounding_seed=rounding_seed, backend=loop.name
+        )
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+    assert calls == [2, 2]
+    functional.sweep_([p.clone() for p in params], keys, _MANY[:3], distribution="gaussian", backend=be.name)
+    assert calls == [2, 2]  # three Gaussian terms: the chunked path (the slot takes two)
+
+
 def test_multi_tensor_launch_equals_per_tensor(tk):
     g = torch.Generator().manual_seed(0)
     shapes = [(7,), (129,), (3, 50), (1,), (300,)]
@@ -454,6 +528,22 @@ def test_gpu_masked_axpy_matches_the_torch_path(distribution, nterms):
     from zotune.kernels import gpu
 
     _check_masked_axpy(gpu, "cuda", distribution, nterms)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_rademacher_of_many_terms_is_the_pairwise_path_bit_for_bit(dtype):
+    """The compiled many-term Rademacher sweep (FZOO's update) is the chunked path's arithmetic exactly."""
+    from zotune.kernels import gpu
+
+    g = torch.Generator().manual_seed(9)
+    key = rng.param_key("model.layers.0.mlp.up_proj.weight")
+    for start, n in [(5, 3), (0, 70_001), (2**33 + 3, 4099)]:
+        x0 = torch.randn(n, generator=g).to(dtype)
+        for nterms in (3, 9):
+            x = x0.cuda()
+            gpu.sweep([x], [key], [start], "rademacher", _MANY[:nterms], scale=0.9990000128746033)
+            assert torch.equal(x.cpu(), _pairwise_reference(x0, key, start, _MANY[:nterms], 0.9990000128746033))
 
 
 @cuda

@@ -43,8 +43,10 @@ class Backend:
     # words also fills a 1-D int32 torch tensor where the data lies (the same bits): no host round trip
     device_words: bool = False
     # sweep(tensors, keys, starts, distribution, terms, *, scale, rounding_seed): the multi-tensor sweep, whole
-    # tensors in their own dtype in one launch (one or two terms); None: the chunked axpy path per tensor
+    # tensors in their own dtype in one launch (one or two terms, or sweep_terms'); None: the chunked axpy path
     sweep: Callable[..., None] | None = None
+    # sweep_terms(distribution): how many terms one sweep call takes for that distribution; None: two
+    sweep_terms: Callable[[str], int] | None = None
     # masked_axpy(x, distribution, key, start, scale, terms, bits): axpy along m * z, m the packed mask bits of
     # x's elements (Sparse-MeZO); pack_mask(x, threshold, bits): bits <- |x| <= threshold, packed 8 a byte.
     # None: functional's torch path (the same numbers)

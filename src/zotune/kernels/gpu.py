@@ -4,6 +4,9 @@ One launch sweeps every tensor of one dtype::
 
     theta <- scale * theta + c0 * z(s0) [+ c1 * z(s1)]      (read once, write once, in theta's dtype)
 
+(Rademacher: any number of terms, up to MAX_TERMS, the ones past two read from a small int32 buffer: FZOO's
+N-term update in the one pass)
+
 with z made on the fly, so the restore + update + next perturbation of a MeZO step is one pass over
 the weights. bf16/fp16 weights are loaded in their dtype, combined in float32 and stored back in
 their dtype (no float32 buffer), rounded to nearest or, in the update sweep, stochastically with
@@ -33,7 +36,7 @@ Many tensors per launch: a tensor is addressed as an element offset from the fir
 group (all of one dtype, hence all aligned to its element size), and a per-program table maps each
 tile to its tensor. The tables are built once per list of tensors (the parameters keep their
 storage) and kept in a bounded least-recently-used cache. A single tensor (the sweeps issued one
-tensor at a time: layerwise scales, more than two terms) needs no table: its kernel takes the
+tensor at a time: layerwise scales, more than two Gaussian terms) needs no table: its kernel takes the
 tensor's size, start and key as scalar arguments, so such a sweep costs one launch and no copy.
 
 Sparse directions (Sparse-MeZO) have their own one-pass kernel, ``masked_axpy``: a float32 chunk, z, the
@@ -62,6 +65,7 @@ __all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "masked_axpy", "supports", 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BLOCK = 512 if INTERPRETED else 2048  # elements per program; a multiple of 128 (one Rademacher block)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_TERMS = 64  # terms one Rademacher sweep takes (each its own unrolled Philox call a tile; FZOO's update: N + 1)
 
 
 @triton.jit
@@ -242,6 +246,7 @@ def _sweep_tile(
     scale,
     c0,
     c1,
+    extra,
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
@@ -249,7 +254,8 @@ def _sweep_tile(
     ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Tile ``tile`` of the tensor at element ``offset`` from base: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)].
+    """Tile ``tile`` of the tensor at element ``offset`` from base: x <- (FILL ? 0 : x * scale) + c0 z(s0) [+ c1 z(s1)]
+    [+ the terms in ``extra``: Rademacher only, NT > 2, int32 (seed lo, seed hi, coefficient's float32 bits) a term].
 
     The tensor holds elements start .. start + n - 1 of the parameter keyed (key_lo, key_hi) (uint32);
     s*_lo, s*_hi: the 32-bit halves of the seeds of the terms and of the rounding stream (int32 bit
@@ -268,7 +274,7 @@ def _sweep_tile(
     ptrs = base + first + tile_idx
     if (g0 >= start) & (g0 + BLOCK <= start + n):
         out = _tile_values(
-            ptrs, None, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+            ptrs, None, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
             NT, FILL, RADEMACHER, ROUND, BLOCK,
         )  # fmt: skip
         tl.store(ptrs, out)
@@ -276,7 +282,7 @@ def _sweep_tile(
         local = g0 - start + tile_idx
         mask = (local >= 0) & (local < n)
         out = _tile_values(
-            ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+            ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
             NT, FILL, RADEMACHER, ROUND, BLOCK,
         )  # fmt: skip
         tl.store(ptrs, out, mask=mask)
@@ -284,7 +290,7 @@ def _sweep_tile(
 
 @triton.jit
 def _tile_values(
-    ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1,
+    ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
     NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The new values of the tile at ``ptrs`` (global elements g0 .. g0 + BLOCK - 1) in the tensor's dtype;
@@ -298,11 +304,16 @@ def _tile_values(
             v = tl.where(b0, 1.0, -1.0)
         else:
             v = _load(ptrs, mask) * scale + tl.where(b0, c0, -c0)
-            if NT == 2:
+            if NT >= 2:
                 b1 = _rademacher_bits(
                     g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
                 )
                 v = v + tl.where(b1, c1, -c1)
+            for t in tl.static_range(2, NT):  # the terms past two (FZOO's update, n-SPSA): added one at a time
+                lo = tl.load(extra + 3 * (t - 2)).to(tl.uint32, bitcast=True)
+                hi = tl.load(extra + 3 * (t - 2) + 1).to(tl.uint32, bitcast=True)
+                c = tl.load(extra + 3 * (t - 2) + 2).to(tl.float32, bitcast=True)
+                v = v + tl.where(_rademacher_bits(g0, lo, hi, key_lo, key_hi, BLOCK), c, -c)
     else:
         z0 = _gaussian(g0, s0_lo, s0_hi, key_lo, key_hi, BLOCK)
         if FILL:
@@ -355,6 +366,7 @@ def _sweep_kernel(
     scale,
     c0,
     c1,
+    extra,
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
@@ -393,6 +405,7 @@ def _sweep_kernel(
         scale,
         c0,
         c1,
+        extra,
         NT,
         FILL,
         RADEMACHER,
@@ -418,6 +431,7 @@ def _sweep_kernel_one(
     scale,
     c0,
     c1,
+    extra,
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
@@ -448,6 +462,7 @@ def _sweep_kernel_one(
         scale,
         c0,
         c1,
+        extra,
         NT,
         FILL,
         RADEMACHER,
@@ -684,7 +699,7 @@ def _tables(group: list[tuple[int, torch.Tensor, int, int]], block: int):
 
 
 def _sweep_one(
-    x, key: int, start: int, seeds, scale: float, c0: float, c1: float, rounding_seed, fill: bool, consts: dict
+    x, key: int, start: int, seeds, scale: float, c0: float, c1: float, extra, rounding_seed, fill: bool, consts: dict
 ) -> None:
     """:func:`sweep` of one tensor, described to its kernel by scalar arguments (no launch table)."""
     _check(x)
@@ -706,10 +721,37 @@ def _sweep_one(
         scale,
         c0,
         c1,
+        _extra_on(extra, x.device),
         ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill,
         ALIGN=align,
         **consts,
     )
+
+
+def _extra_terms(terms) -> torch.Tensor | None:
+    """The terms past the first two as the kernels read them: int32 (seed lo, seed hi, float32 bits of c) each;
+    None for one or two terms (the kernel then reads nothing)."""
+    if len(terms) <= 2:
+        return None
+    import numpy as np
+
+    rows = [(*_halves32(s), int(np.float32(c).view(np.int32))) for s, c in terms[2:]]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1)
+
+
+_NO_EXTRA: dict = {}  # device -> a 3-word int32 tensor passed where there are no extra terms (never read)
+
+
+def _extra_on(extra: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``extra`` on the tensors' device, copied from pinned memory without blocking the host (the caching host
+    allocator keeps the pinned block until the copy is done); no copy at all for one or two terms."""
+    if extra is None:
+        if device not in _NO_EXTRA:
+            _NO_EXTRA[device] = torch.zeros(3, dtype=torch.int32, device=device)
+        return _NO_EXTRA[device]
+    if device.type != "cuda":
+        return extra
+    return extra.pin_memory().to(device, non_blocking=True)
 
 
 def sweep(
@@ -732,7 +774,8 @@ def sweep(
     Args:
         tensors: contiguous CUDA tensors (CPU under TRITON_INTERPRET=1), float32/bfloat16/float16;
             tensor i holds elements ``starts[i] ..`` of the parameter whose key is ``keys[i]``.
-        terms: one or two (seed, coefficient) pairs (one for ``fill``).
+        terms: one or two (seed, coefficient) pairs (one for ``fill``); Rademacher takes any number (FZOO's
+            update, n-SPSA): the terms past two are read from a small int32 buffer, all added in the one pass.
         rounding_seed: when set, 16-bit results are rounded stochastically with this seed's rounding
             stream (stream 1); float32 tensors ignore it.
         block: elements per program (a power of two >= 128); ``None`` for the module default.
@@ -740,19 +783,23 @@ def sweep(
     if distribution not in rng.DISTRIBUTIONS:
         raise ValueError(f"unknown distribution {distribution!r}; choose one of {rng.DISTRIBUTIONS}")
     terms = [(int(s), float(c)) for s, c in terms]
-    if not 1 <= len(terms) <= 2:
-        raise ValueError(f"terms must hold one or two (seed, coefficient) pairs, got {len(terms)}")
+    rademacher = distribution == "rademacher"
+    if not 1 <= len(terms) <= (MAX_TERMS if rademacher and not fill else 2):
+        raise ValueError(
+            f"terms must hold one or two (seed, coefficient) pairs (up to {MAX_TERMS} for a Rademacher sweep), "
+            f"got {len(terms)}"
+        )
     block = int(block or BLOCK)
     if block < 128 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 128, got {block}")
     seeds = (
         *_halves32(terms[0][0]),
-        *(_halves32(terms[1][0]) if len(terms) == 2 else (0, 0)),
+        *(_halves32(terms[1][0]) if len(terms) >= 2 else (0, 0)),
         *_halves32(rounding_seed or 0),
     )
     c0 = float(terms[0][1])
-    c1 = float(terms[1][1]) if len(terms) == 2 else 0.0
-    rademacher = distribution == "rademacher"
+    c1 = float(terms[1][1]) if len(terms) >= 2 else 0.0
+    extra = _extra_terms(terms)
     # FMA contraction named, not left to Triton's default (which a later Triton turns off): on for the Gaussian,
     # whose bits were made with it; off for Rademacher, whose sum x * scale + (+-c) is then rounded twice, as in
     # the reference and as the previous kernel's contraction (into fma(c, z, x * scale)) did.
@@ -765,7 +812,7 @@ def sweep(
         enable_fp_fusion=not rademacher,
     )
     if len(tensors) == len(keys) == len(starts) == 1:  # fill, axpy, a per-tensor sweep: scalar arguments
-        _sweep_one(tensors[0], keys[0], int(starts[0]), seeds, float(scale), c0, c1, rounding_seed, fill, consts)
+        _sweep_one(tensors[0], keys[0], int(starts[0]), seeds, float(scale), c0, c1, extra, rounding_seed, fill, consts)
         return
     for index, table, tiles, align, _ in _plan(tensors, keys, starts, block):
         x = tensors[index]
@@ -777,6 +824,7 @@ def sweep(
             float(scale),
             c0,
             c1,
+            _extra_on(extra, x.device),
             ROUND=rounding_seed is not None and x.dtype != torch.float32 and not fill,
             ALIGN=align,
             **consts,
@@ -860,5 +908,6 @@ BACKEND = Backend(
     words=words,
     device_words=True,
     sweep=sweep,
+    sweep_terms=lambda distribution: MAX_TERMS if distribution == "rademacher" else 2,
     masked_axpy=masked_axpy,
 )

@@ -172,7 +172,7 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
         device = p.device
         if device not in chosen:
             be = kernels.select(device, backend)
-            chosen[device] = (be, be.sweep if len(terms) <= 2 else None)
+            chosen[device] = (be, be.sweep if len(terms) <= _sweep_terms(be, distribution) else None)
         be, multi = chosen[device]
         if multi is not None:  # fused in the kernel: read and write in p's dtype, no float32 buffer
             if not p.is_contiguous():
@@ -207,20 +207,25 @@ _DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
 
 def _one_launch(params, keys, distribution, terms, scale, rounding_seed, backend) -> bool:
     """The common GPU sweep in one call of the backend's multi-tensor sweep, checked by a few passes over the list in
-    C: plain contiguous float tensors on one device, at most two terms, a backend with a multi-tensor sweep. The loop
+    C: plain contiguous float tensors on one device, a backend with a multi-tensor sweep taking that many terms. The loop
     of :func:`_elementwise_sweep_` makes the same call for such a list (every base 0) at ~0.6 us of Python a
     tensor, while the GPU waits (benchmarks/sweep_host.py). False: nothing done, the loop decides (and raises)."""
-    if len(terms) > 2 or not params or len(keys) != len(params):
+    if not params or len(keys) != len(params):
         return False
-    multi = kernels.select(params[0].device, backend).sweep
-    if multi is None:  # the CPU backends: decided before any pass over the list
+    be = kernels.select(params[0].device, backend)
+    if be.sweep is None or len(terms) > _sweep_terms(be, distribution):  # the CPU backends: decided before any pass
         return False
     if not set(map(type, params)) <= _PLAIN or len(set(map(_DEVICE, params))) != 1:
         return False
     if not set(map(_DTYPE, params)) <= set(FLOAT_TYPES) or not all(map(torch.Tensor.is_contiguous, params)):
         return False
-    multi(params, keys, [0] * len(params), distribution, terms, scale=scale, rounding_seed=rounding_seed)
+    be.sweep(params, keys, [0] * len(params), distribution, terms, scale=scale, rounding_seed=rounding_seed)
     return True
+
+
+def _sweep_terms(be, distribution: str) -> int:
+    """How many terms one call of ``be.sweep`` takes for ``distribution`` (two unless the backend says more)."""
+    return 2 if be.sweep_terms is None else be.sweep_terms(distribution)
 
 
 def _sweep_chunk(be, x, distribution, key, start, scale, terms) -> None:

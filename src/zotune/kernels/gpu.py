@@ -377,7 +377,7 @@ def _sweep_kernel(
     """One tile of one of many tensors (see _sweep_tile), found through the launch table.
 
     table: int64 rows (element offset from base, n, start, key lo, key hi, first tile) per tensor;
-    tiles: int32 tensor index per program.
+    tiles: int32 tensor index per program; extra: the terms past two (see _sweep_tile), read only if NT > 2.
     """
     pid = tl.program_id(0)
     t = tl.load(tiles + pid).to(tl.int64)
@@ -441,9 +441,9 @@ def _sweep_kernel_one(
 ):
     """One tile of a single tensor (see _sweep_tile), described by scalar arguments: no launch table.
 
-    A sweep issued one tensor at a time (layerwise scales, the more-than-two-terms path) then costs a
-    launch and nothing else: no table to build, cache or copy to the device. key_lo, key_hi: int32 bit
-    patterns; n, start: integers (int32 or int64, as Triton passes them).
+    A sweep issued one tensor at a time (layerwise scales, the path for more than two Gaussian terms) then
+    costs a launch and nothing else: no table to build, cache or copy to the device. key_lo, key_hi: int32
+    bit patterns; n, start: integers (int32 or int64, as Triton passes them); extra: as _sweep_tile's.
     """
     _sweep_tile(
         base,

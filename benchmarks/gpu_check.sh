@@ -14,7 +14,8 @@
 #      with --kernel-time (kernel time from torch.profiler beside wall time, launches, host-to-device
 #      copies, syncs) and --more-sweeps (the per-tensor/layerwise path and a 4-term n-SPSA/FZOO sweep);
 #   4. an Nsight Compute summary of the sweep kernels (2^26 elements, one launch each, with the copy
-#      kernel beside them), if ncu is on the PATH or in /opt/nvidia/nsight-compute.
+#      kernel beside them), if ncu is on the PATH or in /opt/nvidia/nsight-compute;
+#   5. benchmarks/sass.py with this machine's Triton: the kernels' machine code counted beside their timings.
 #
 # Every step runs under `timeout`, inside one overall budget (GPU_CHECK_BUDGET seconds, default 460):
 # a hang costs its own limit, not the call. GPU_CHECK_SKIP="ncu step_13b_fp16_seq256" skips steps by name. Output goes to $OUT when it is set (the device tool brings
@@ -22,6 +23,7 @@
 #   gpu_check.log    everything printed, step by step, with each step's exit status and seconds
 #   results.md       the RESULTS.md sections (step.py, sweep_gpu.py), to be pasted into benchmarks/RESULTS.md
 #   ncu.txt          the Nsight Compute details page; sweeps.ncu-rep the report itself
+#   sass.md          benchmarks/sass.py's table (instructions per element on sm_90, old and new kernels)
 #
 # It assumes the device image's python3 (torch, triton, transformers, numba, pytest installed; zotune
 # itself is used from src/ through PYTHONPATH: nothing is installed). PYTHON=... picks another.
@@ -121,6 +123,14 @@ if NCU=$(find_ncu) || { ((DRY)) && NCU=ncu; }; then
 else
     say "== ncu: not found (command -v ncu, /opt/nvidia/nsight-compute/*/ncu): no kernel profile"
     SUMMARY+=("ncu: not found")
+fi
+
+# 5. the same kernels' machine code counted by this Triton (benchmarks/sass.py: instructions per element, registers,
+#    vector widths), beside the timings above: it calibrates the static model that GPU-less sessions work with
+if ((DRY)); then
+    say "== sass (limit 45s): $PY benchmarks/sass.py ${AGAINST[*]} > $DEST/sass.md"
+else
+    step sass 45 bash -c "\"\$0\" benchmarks/sass.py \"\$@\" > \"$DEST/sass.md\"" "$PY" "${AGAINST[@]}"
 fi
 
 say ""

@@ -9,7 +9,7 @@ names another, then disassembled. Per configuration it reports:
 - the widest global load and store (bits) on the full-tile path;
 - the instructions one thread issues per element along the path a full tile takes, by kind: integer
   (Philox, indices, bit work), float, MUFU (the transcendental unit), memory, other. Uniform-datapath
-  instructions (``U*``, issued once per warp for all its threads) are counted apart.
+  instructions (``U*``, issued once per warp for all its threads) are left out.
 
 Static counts, not time. Beside them is an issue-bound model: an SM issues at most one warp
 instruction a clock on each of its four sub-partitions, so a kernel that issues ``I`` instructions per
@@ -271,7 +271,6 @@ class Report:
     registers: int
     spills: int
     per_element: dict[str, float]
-    uniform_per_element: float
     load_bits: int
     store_bits: int
     calls: int
@@ -300,18 +299,17 @@ def analyse(gpu, config: Config, arch: int = 90, dump: Path | None = None) -> Re
     path = fast_path(lines)
     threads = kernel.metadata.num_warps * 32
     elements = gpu.BLOCK / threads  # elements one thread sweeps
-    thread_ops = [op for _, op, _ in path if not op.startswith(("U", "S2UR", "R2UR"))]
-    uniform = len(path) - len(thread_ops)
+    thread_ops = [op for _, op, _ in path if not op.startswith(("U", "S2UR", "R2UR"))]  # uniform ones: per warp
+    usage = _usage(kernel)
     counts = Counter(kind(op) for op in thread_ops)
     loads = [_width(op) for op in thread_ops if op.startswith("LDG")]
     stores = [_width(op) for op in thread_ops if op.startswith("STG")]
     ptx = kernel.asm["ptx"]
     return Report(
         config=config,
-        registers=registers(kernel),
-        spills=local_bytes(kernel),
+        registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+        spills=sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", usage)),  # local memory: spills and stack
         per_element={k: counts.get(k, 0) / elements for k in KINDS},
-        uniform_per_element=uniform / elements,
         load_bits=max(loads, default=0),
         store_bits=max(stores, default=0),
         calls=len(re.findall(r"^\s*call", ptx, flags=re.M)),
@@ -327,17 +325,6 @@ def _usage(kernel) -> str:
         path.write_bytes(kernel.asm["cubin"])
         out = subprocess.run([tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True, check=True)
     return out.stdout
-
-
-def registers(kernel) -> int:
-    """Registers per thread of a compiled kernel."""
-    return int(re.search(r"REG:(\d+)", _usage(kernel)).group(1))
-
-
-def local_bytes(kernel) -> int:
-    """Local memory per thread (spills and stack) of a compiled kernel."""
-    usage = _usage(kernel)
-    return sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", usage))
 
 
 def table(rows: list[tuple[str, Report]], sms: int, clock_ghz: float, copy_tbs: float) -> str:

@@ -203,6 +203,7 @@ def _elementwise_sweep_(params, keys, terms, distribution, *, scale, rounding_se
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))  # not DTensor (sharded) or another subclass
 _DEVICE, _DTYPE = operator.attrgetter("device"), operator.attrgetter("dtype")
+_FLOATS = frozenset(FLOAT_TYPES)
 
 
 def _one_launch(params, keys, distribution, terms, scale, rounding_seed, backend) -> bool:
@@ -217,7 +218,7 @@ def _one_launch(params, keys, distribution, terms, scale, rounding_seed, backend
         return False
     if not set(map(type, params)) <= _PLAIN or len(set(map(_DEVICE, params))) != 1:
         return False
-    if not set(map(_DTYPE, params)) <= set(FLOAT_TYPES) or not all(map(torch.Tensor.is_contiguous, params)):
+    if not set(map(_DTYPE, params)) <= _FLOATS or not all(map(torch.Tensor.is_contiguous, params)):
         return False
     be.sweep(params, keys, [0] * len(params), distribution, terms, scale=scale, rounding_seed=rounding_seed)
     return True

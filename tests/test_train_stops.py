@@ -383,6 +383,20 @@ def test_a_resume_after_a_crash_that_tore_metrics_jsonl_drops_the_torn_lines(mod
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
+def test_a_grzo_run_that_trains_fewer_tensors_than_the_model_has_resumes(model_dir, tmp_path):
+    """GRZO trains its hooked layers, not the embeddings: the resume compares the run's tensors with the
+    optimizer's own, not with every trainable tensor of the model (the check refused every GRZO resume)."""
+    args = ["--model.name", str(model_dir), "--train", "16", "--validation", "4", "--test", "4", "--batch_size", "4"]
+    args += ["--progress", "false", "--save_best", "false", "--eval_every", "2", "--optimizer.estimator", "grzo"]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert main(["train", *args, "--steps", "4", "--output_dir", str(once)]) == 0
+    assert main(["train", *args, "--steps", "2", "--output_dir", str(twice)]) == 0
+    recorded = json.loads((twice / "state.json").read_text())["optimizer"]["mezo"]["params"]
+    assert not any("embed" in name for name in recorded)  # fewer tensors than the model trains: the case at stake
+    assert main(["train", "--resume", str(twice), "--steps", "4"]) == 0
+    assert read_trajectory(twice / "trajectory.zot").records == read_trajectory(once / "trajectory.zot").records
+
+
 def test_a_run_that_trained_other_tensors_than_its_config_selects_now_is_a_one_line_error(model_dir, tmp_path, capsys):
     """A version that selected the trainable tensors otherwise (the probe's untie, before 2026-12-07) wrote the
     run: resuming it is refused before anything changes, not a traceback from the optimizer's state."""

@@ -362,7 +362,7 @@ class Trainer:
                 f"(and weights rebuilt from the trajectory) may differ from an uninterrupted run in the last bits"
             )
         state.device = str(self.device)
-        recorded, here = saved["optimizer"]["mezo"].get("params"), [n for n, _ in self.trainable]
+        recorded, here = saved["optimizer"]["mezo"].get("params"), self.opt.param_names
         if recorded is not None and recorded != here:
             # the same config selecting other tensors: a zotune that chose them otherwise wrote the run (before
             # 2026-12-07 a probe's untie left a tied matrix's flag on both names; model.trainable now picks each)

@@ -100,6 +100,12 @@ class KeyedOptimizer(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]], [e["key"] for e in self._table]
 
     @property
+    def param_names(self) -> list[str]:
+        """The names of the tensors this optimizer trains, in its table's order: those it was given, or fewer
+        where it picks its own (GRZO trains the layers it hooks, not the embeddings)."""
+        return [e["name"] for e in self._table]
+
+    @property
     def step_count(self) -> int:
         """Steps taken so far (applied or skipped): the next step draws z from step_seed(seed, step_count)."""
         return self._step
@@ -162,13 +168,13 @@ class KeyedOptimizer(torch.optim.Optimizer):
             "step": self._step,
             "seed": self.seed,
             "distribution": self.distribution,
-            "params": [e["name"] for e in self._table],
+            "params": self.param_names,
             "trajectory_bytes": None if self._writer is None else self._writer.tell(),
         }
 
     def _check_keyed_state(self, own: dict) -> None:
         """A state saved for these parameters with this distribution, or ValueError (nothing is changed)."""
-        names = [e["name"] for e in self._table]
+        names = self.param_names
         if own["params"] != names:
             raise ValueError(
                 "this optimizer state was saved for other parameters "

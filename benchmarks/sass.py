@@ -96,7 +96,7 @@ class Config:
 
     name: str
     dtype: torch.dtype
-    distribution: str  # "gaussian" | "rademacher"
+    distribution: str  # "gaussian" | "rademacher" | "gaussian-fast"
     terms: int = 1
     fill: bool = False
     rounding: bool = False
@@ -108,15 +108,17 @@ def configs() -> list[Config]:
     """The configurations a MeZO step and the estimators launch (fp16 as the H100 figures; fp32 as OPT-125m)."""
     out = []
     for dtype, tag in ((torch.float16, "fp16"), (torch.float32, "fp32")):
-        for distribution in ("gaussian", "rademacher"):
+        for distribution in ("gaussian", "gaussian-fast", "rademacher"):
             for terms in (1, 2):
                 out.append(Config(f"{distribution} {terms}-term {tag}", dtype, distribution, terms))
     out += [
         Config("gaussian fill fp32", torch.float32, "gaussian", fill=True),
         Config("rademacher 9-term fp16 (FZOO's update, N = 8)", torch.float16, "rademacher", 9),
         Config("gaussian 2-term bf16, stochastic rounding", torch.bfloat16, "gaussian", 2, rounding=True),
+        Config("gaussian-fast 2-term bf16, stochastic rounding", torch.bfloat16, "gaussian-fast", 2, rounding=True),
         Config("gaussian 1-term fp32, one tensor", torch.float32, "gaussian", single=True),
         Config("gaussian 2-term fp32, masked (Sparse-MeZO)", torch.float32, "gaussian", 2, masked=True),
+        Config("gaussian-fast 2-term fp32, masked (Sparse-MeZO)", torch.float32, "gaussian-fast", 2, masked=True),
         Config("rademacher 2-term fp32, masked (Sparse-MeZO)", torch.float32, "rademacher", 2, masked=True),
     ]
     return out
@@ -129,6 +131,8 @@ def compile_config(gpu, config: Config, arch: int = 90):
     vec = max(1, 16 // x.element_size())
     seeds = (1, 2, 3, 4, 5, 6)
     shared = dict(NT=config.terms, RADEMACHER=config.distribution == "rademacher", BLOCK=block)
+    if "FAST" in gpu._sweep_kernel.arg_names:  # versions before gaussian-fast have no such argument
+        shared["FAST"] = config.distribution == "gaussian-fast"
     launch = dict(num_warps=4 if block <= 1024 else 8)
     if "enable_fp_fusion" in _launch_options(gpu):
         launch["enable_fp_fusion"] = config.distribution != "rademacher"
@@ -156,6 +160,8 @@ def _has_extra(gpu) -> bool:
 
 def _has_kernel(gpu, config: Config) -> bool:
     """Whether this version of gpu.py has the kernel ``config`` needs (older ones lack some)."""
+    if config.distribution == "gaussian-fast" and "FAST" not in gpu._sweep_kernel.arg_names:
+        return False
     if config.masked:
         return hasattr(gpu, "_masked_kernel")
     if config.single:

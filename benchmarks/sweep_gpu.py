@@ -2,9 +2,9 @@
 
 One in-place pass ``x <- x + c z`` over ``--elements`` elements per dtype, timed with CUDA events
 (``triton.testing.do_bench``, median) next to ``dst.copy_(src)`` of the same bytes, which is the floor
-(read once, write once). Rows: Gaussian one term and two terms, Rademacher one, two and nine terms (FZOO's
-update in one pass), and in float32 Sparse-MeZO's masked two-term sweep (``masked_axpy``, a quarter of the
-mask's bits set).
+(read once, write once). Rows: Gaussian one term and two terms (``gaussian`` and ``gaussian-fast``),
+Rademacher one, two and nine terms (FZOO's update in one pass), and in float32 Sparse-MeZO's masked two-term
+sweep (``masked_axpy``, a quarter of the mask's bits set).
 The issue-19 targets are printed with the ratios: Gaussian 1 term <= 1.5x copy, 2 terms <= 2x,
 Rademacher <= 1.05x (it needs one random bit per element, so it must be memory-bound).
 
@@ -43,6 +43,15 @@ def cases(gpu, dtype=torch.float32):
         ("Rademacher 1 term", 1.05, lambda x: gpu.sweep([x], [KEY], [0], "rademacher", [(SEED0, C)])),
         ("Rademacher 2 terms", None, lambda x: gpu.sweep([x], [KEY], [0], "rademacher", [(SEED0, -C), (SEED1, C)])),
     ]
+    if "FAST" in gpu._sweep_kernel.arg_names:  # the 16-bit Gaussian on the hardware's functions, same targets
+        out[2:2] = [
+            ("Gaussian-fast 1 term", 1.5, lambda x: gpu.sweep([x], [KEY], [0], "gaussian-fast", [(SEED0, C)])),
+            (
+                "Gaussian-fast 2 terms",
+                2.0,
+                lambda x: gpu.sweep([x], [KEY], [0], "gaussian-fast", [(SEED0, -C), (SEED1, C)]),
+            ),
+        ]
     if hasattr(gpu, "MAX_TERMS"):  # FZOO's update (N = 8, with the last probe's restore) in one pass
         many = [(SEED0 + i, (-1) ** i * C) for i in range(9)]
         out.append(("Rademacher 9 terms (FZOO)", None, lambda x: gpu.sweep([x], [KEY], [0], "rademacher", many)))

@@ -74,6 +74,10 @@ def test_fill_matches_reference(cpu, seed, key, start, n):
     _check_gaussian(x.numpy(), rng.gaussian(seed, key, start, n))
 
     x = torch.full((n,), float("nan"))
+    cpu.fill(x, "gaussian-fast", seed, key, start)  # the same float32 Box-Muller on 16-bit fields: the same bound
+    _check_gaussian(x.numpy(), rng.gaussian_fast(seed, key, start, n))
+
+    x = torch.full((n,), float("nan"))
     cpu.fill(x, "rademacher", seed, key, start)
     np.testing.assert_array_equal(x.numpy(), rng.rademacher(seed, key, start, n))
 

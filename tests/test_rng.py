@@ -63,6 +63,36 @@ def test_gaussian_moments_within_sampling_error():
     assert np.abs(z).max() <= math.sqrt(-2 * math.log(2.0**-24)) + 1e-5  # the bound the definition implies
 
 
+def test_gaussian_fast_is_box_muller_of_each_words_16_bit_halves():
+    """Known answers from the definition, computed here from Philox's words: word j of block b gives elements
+    8b + 2j and 8b + 2j + 1, u from its high half, v from its low half."""
+    seed, key = 2**63 + 5, rng.param_key("w")
+    z = rng.gaussian_fast(seed, key, 0, 24).astype(np.float64)
+    for b in range(3):
+        words = rng.philox4x32(b, rng.STREAM_Z, key & 0xFFFFFFFF, key >> 32, seed & 0xFFFFFFFF, seed >> 32)
+        for j, w in enumerate(int(x) for x in words):
+            r = math.sqrt(-2 * math.log(((w >> 16) + 1) / 2**16))
+            angle = 2 * math.pi * (w & 0xFFFF) / 2**16
+            # z is the float64 value rounded to float32 once: half an ulp of float32 (2**-24 relative)
+            assert z[8 * b + 2 * j] == pytest.approx(r * math.cos(angle), rel=2**-24, abs=1e-30)
+            assert z[8 * b + 2 * j + 1] == pytest.approx(r * math.sin(angle), rel=2**-24, abs=1e-30)
+
+
+def test_gaussian_fast_moments_and_the_laws_own_variance():
+    n = 400_000
+    z = rng.gaussian_fast(3, 5, 0, n).astype(np.float64)
+    # as test_gaussian_moments_within_sampling_error: five standard errors of N(0, 1)'s sample moments
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    kurtosis = ((z - z.mean()) ** 4).mean() / z.var() ** 2
+    assert abs(kurtosis - 3) < 5 * math.sqrt(24 / n)
+    assert np.abs(z).max() <= math.sqrt(32 * math.log(2)) + 1e-5  # u >= 2**-16
+    # the docstring's exact variance: E[z^2] = E[r^2] / 2 = mean of -ln u over u's 2**16 values (float64 sums)
+    u = np.arange(1, 2**16 + 1, dtype=np.float64) / 2**16
+    assert -np.log(u).mean() == pytest.approx(math.log(2**16) - math.lgamma(2**16 + 1) / 2**16, rel=1e-12)
+    assert 1 - 1e-4 < -np.log(u).mean() < 1 - 9.8e-5
+
+
 def _corr(a, b):
     a = a.astype(np.float64) - a.mean()
     b = b.astype(np.float64) - b.mean()

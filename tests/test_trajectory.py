@@ -35,6 +35,7 @@ def _assert_replayed(trained, replayed, atol=None):
         dict(),
         dict(weight_decay=0.1, distribution="rademacher"),
         dict(fuse_next=True, seed=9),
+        dict(fuse_next=True, distribution="gaussian-fast"),
     ],
 )
 def test_replay_rebuilds_the_trained_weights(tmp_path, toy_model, regression_data, options):

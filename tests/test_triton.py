@@ -9,7 +9,8 @@ max(1, |z|) (see tests/test_kernels.py); sums get one float32 rounding per opera
 Rademacher signs and rounding words are integers and must match exactly. Tensors are tiny: the
 interpreter runs one NumPy program per tile.
 
-With a CUDA GPU the compiled kernels are checked the same way (skipped otherwise).
+With a CUDA GPU the compiled kernels are checked the same way (skipped otherwise). There ``gaussian-fast`` is
+made with the hardware's approximate log2, sqrt, sin and cos, so it meets its own bound (FAST_GPU_TOL).
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ from zotune.kernels import Backend  # noqa: E402
 from zotune.optim import functional  # noqa: E402
 
 GAUSS_TOL = 1e-6
+# gaussian-fast on a GPU: lg2.approx (absolute error ~2**-22 near u = 1, where log2 u is small), sin/cos.approx (absolute
+# 2**-20.9 on [-pi, pi]), sqrt.approx (relative 2**-23). |z| <= 4.71 takes 4.71 * 2**-20.9 ~ 2.5e-6 from the angle; the
+# log's absolute error becomes r's d(r) = ln 2 * 2**-22 / r, largest at the smallest r (u = 1 - 2**-16: r = 5.5e-3,
+# 3e-5). Bound: 4e-6 * max(1, |z|) plus 5e-5 where r < 0.05 (twice those; the worst cases are a handful of the 2**16 u).
+FAST_GPU_TOL = 4e-6
 EPS32 = float(np.finfo(np.float32).eps)
 BLOCK = 128  # a small tile, so short ranges straddle tiles (the interpreter's default is 512)
 
@@ -56,10 +62,21 @@ def tk():
     return module
 
 
-def _check_gaussian(got: np.ndarray, want: np.ndarray) -> None:
+def _check_gaussian(
+    got: np.ndarray, want: np.ndarray, tol: float = GAUSS_TOL, small_r: np.ndarray | None = None
+) -> None:
+    """|got - want| <= tol * max(1, |want|), plus 5e-5 where ``small_r`` (the hardware log near u = 1)."""
     err = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    bound = GAUSS_TOL * np.maximum(1.0, np.abs(want))
+    bound = tol * np.maximum(1.0, np.abs(want)) + (0.0 if small_r is None else np.where(small_r, 5e-5, 0.0))
     assert (err <= bound).all(), f"worst |diff| {err.max():.3g} at {int(err.argmax())}"
+
+
+def _fast_radius_small(seed, key, start, n) -> np.ndarray:
+    """Where gaussian-fast's r (shared by a word's two lanes) is below 0.05, element by element."""
+    z = rng.gaussian_fast(seed, key, start - start % 2, n + start % 2 + 1).astype(np.float64)
+    pairs = z[: 2 * ((len(z)) // 2)].reshape(-1, 2)
+    r = np.repeat(np.hypot(pairs[:, 0], pairs[:, 1]), 2)
+    return r[start % 2 : start % 2 + n] < 0.05
 
 
 def _check_axpy(got, x, scale, terms_z, zero_tol=False):
@@ -89,6 +106,8 @@ def test_fill_matches_reference(tk, seed, key):
         x = torch.full((n,), 7.0)
         tk.sweep([x], [key], [start], "gaussian", [(seed, 1.0)], fill=True, block=BLOCK)
         _check_gaussian(x.numpy(), rng.gaussian(seed, key, start, n))
+        tk.sweep([x], [key], [start], "gaussian-fast", [(seed, 1.0)], fill=True, block=BLOCK)
+        _check_gaussian(x.numpy(), rng.gaussian_fast(seed, key, start, n))
         tk.sweep([x], [key], [start], "rademacher", [(seed, 1.0)], fill=True, block=BLOCK)
         np.testing.assert_array_equal(x.numpy(), rng.rademacher(seed, key, start, n))
 
@@ -99,6 +118,8 @@ def test_backend_interface_default_block(tk):
         x = torch.empty(n)
         tk.fill(x, "gaussian", seed, key, start)
         _check_gaussian(x.numpy(), rng.gaussian(seed, key, start, n))
+        tk.fill(x, "gaussian-fast", seed, key, start)
+        _check_gaussian(x.numpy(), rng.gaussian_fast(seed, key, start, n))
         x = torch.empty(n)
         tk.fill(x, "rademacher", seed, key, start)
         np.testing.assert_array_equal(x.numpy(), rng.rademacher(seed, key, start, n))
@@ -107,7 +128,7 @@ def test_backend_interface_default_block(tk):
         np.testing.assert_array_equal(out, rng.rounding_words(seed, key, start, n))
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("nterms", [1, 2])
 def test_axpy_matches_reference(tk, distribution, nterms):
     key = 2**63 + 99
@@ -117,7 +138,8 @@ def test_axpy_matches_reference(tk, distribution, nterms):
         x = x0.clone()
         tk.sweep([x], [key], [start], distribution, terms, scale=0.999, block=BLOCK)
         terms_z = [
-            (c, rng.z(distribution, s, key, start, n).astype(np.float64), distribution == "gaussian") for s, c in terms
+            (c, rng.z(distribution, s, key, start, n).astype(np.float64), distribution != "rademacher")
+            for s, c in terms
         ]
         _check_axpy(x.numpy(), x0.numpy(), 0.999, terms_z)
 
@@ -148,7 +170,7 @@ def _check_masked_axpy(module, device: str, distribution: str, nterms: int) -> N
         module.masked_axpy(torch.zeros(9, device=device), "gaussian", key, 0, 1.0, terms, bits[:1])
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("nterms", [1, 2])
 def test_masked_axpy_matches_the_torch_path(tk, distribution, nterms):
     _check_masked_axpy(tk, "cpu", distribution, nterms)
@@ -352,7 +374,7 @@ def test_half_in_half_out_rounds_to_nearest(tk, dtype):
     assert torch.equal(x, wide.to(dtype))  # float32 arithmetic, then one round to nearest
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_stochastic_rounding_matches_reference_rule(tk, dtype, distribution):
     n, key, start, rseed = 300, 21, 131, 2**63 + 3
@@ -496,6 +518,9 @@ def test_gpu_fill_and_words_match_reference(seed, key):
         x = torch.empty(n, device="cuda")
         gpu.fill(x, "gaussian", seed, key, start)
         _check_gaussian(x.cpu().numpy(), rng.gaussian(seed, key, start, n))
+        gpu.fill(x, "gaussian-fast", seed, key, start)
+        small = _fast_radius_small(seed, key, start, n)
+        _check_gaussian(x.cpu().numpy(), rng.gaussian_fast(seed, key, start, n), FAST_GPU_TOL, small)
         gpu.fill(x, "rademacher", seed, key, start)
         np.testing.assert_array_equal(x.cpu().numpy(), rng.rademacher(seed, key, start, n))
         out = np.empty(n, dtype=np.uint32)
@@ -504,7 +529,7 @@ def test_gpu_fill_and_words_match_reference(seed, key):
 
 
 @cuda
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])  # gaussian-fast: its own bound, below
 def test_gpu_sweep_matches_reference(distribution):
     key, n = 2**63 + 99, 70_001
     terms = [(2**64 - 7, 0.37), (12345, -1.25e-3)]
@@ -522,7 +547,34 @@ def test_gpu_sweep_matches_reference(distribution):
 
 
 @cuda
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_gpu_gaussian_fast_sweeps_meet_the_hardware_functions_bound():
+    """Every launch shape of gaussian-fast (one and two terms, fp32 and fp16, several tensors, the one-tensor kernel)
+    against the reference's z within FAST_GPU_TOL: the fill's z, then the sweep against x + c z of that z."""
+    from zotune.kernels import gpu
+
+    key, n, seeds = 2**63 + 99, 70_001, (2**64 - 7, 12345)
+    z = []
+    for seed in seeds:
+        x = torch.empty(n, device="cuda")
+        gpu.fill(x, "gaussian-fast", seed, key, 0)
+        _check_gaussian(
+            x.cpu().numpy(), rng.gaussian_fast(seed, key, 0, n), FAST_GPU_TOL, _fast_radius_small(seed, key, 0, n)
+        )
+        z.append(x)
+    x0 = torch.randn(n, generator=torch.Generator().manual_seed(7)).cuda()
+    for dtype in (torch.float32, torch.float16):
+        a, b = x0.to(dtype), x0[: n // 2].to(dtype).clone()
+        functional.sweep_(
+            [a, b], [key, key], list(zip(seeds, (0.37, -1.25e-3))), scale=0.999, distribution="gaussian-fast"
+        )
+        want = (x0 * np.float32(0.999) + 0.37 * z[0] - 1.25e-3 * z[1]).to(dtype)  # with the GPU's own z
+        ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(1e-3)
+        assert ((a.float() - want.float()).abs() <= 2 * ulp).all()
+        assert ((b.float() - want[: n // 2].float()).abs() <= 2 * ulp[: n // 2]).all()
+
+
+@cuda
+@pytest.mark.parametrize("distribution", rng.DISTRIBUTIONS)
 @pytest.mark.parametrize("nterms", [1, 2])
 def test_gpu_masked_axpy_matches_the_torch_path(distribution, nterms):
     from zotune.kernels import gpu

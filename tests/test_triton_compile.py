@@ -49,7 +49,8 @@ def test_each_sweep_configuration_compiles_for_sm90_without_spills_calls_loops_s
     assert report.spills == 0, f"{report.spills} bytes of local memory a thread"
     assert report.calls == 0  # no libdevice or other calls: the Gaussian's math is inline polynomials
     assert report.shared == 0  # no layout conversion through shared memory (and its barriers)
-    # full tiles move in 16-byte vectors, but a 16-bit Gaussian tile's row of four lanes: 8 bytes
+    # full tiles move in 16-byte vectors, but a 16-bit Gaussian tile's row of four lanes: 8 bytes (gaussian-fast's
+    # row of eight: 16)
     vector = 64 if config.distribution == "gaussian" and config.dtype != torch.float32 else 128
     assert report.store_bits == vector
     if not config.fill:
@@ -58,6 +59,19 @@ def test_each_sweep_configuration_compiles_for_sm90_without_spills_calls_loops_s
     assert report.wide_compares <= 2
     if config.distribution == "rademacher":
         assert report.per_element["mufu"] == 0  # signs, not transcendentals
+
+
+def test_gaussian_fast_issues_about_half_the_gaussians_instructions_on_fp16(gpu):
+    """What gaussian-fast is for: eight normals a Philox call and Box-Muller on the MUFU (lg2, sqrt, sin, cos: two
+    an element a term) rather than polynomials. On fp16 weights, where a thread's vector is one Philox block, it
+    measured 28.0 against 50.1 instructions an element (1 term) and 46.6 against 90.4 (2 terms) with Triton 3.9;
+    0.65 leaves room for another compiler's scheduling, and still fails if either lever is lost."""
+    by_name = {c.name: c for c in sass.configs()}
+    for terms in (1, 2):
+        fast = sass.analyse(gpu, by_name[f"gaussian-fast {terms}-term fp16"], arch=90)
+        plain = sass.analyse(gpu, by_name[f"gaussian {terms}-term fp16"], arch=90)
+        assert fast.per_element["mufu"] == 2 * terms
+        assert fast.total <= 0.65 * plain.total, (fast.total, plain.total)
 
 
 @pytest.mark.parametrize(

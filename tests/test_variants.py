@@ -211,9 +211,17 @@ def test_sphere_coordinates_are_those_of_a_uniform_sphere():
 
 
 def test_sphere_leaves_gaussian_and_rademacher_bits_alone():
-    assert rng.DISTRIBUTIONS == ("gaussian", "rademacher")
+    assert rng.DISTRIBUTIONS == ("gaussian", "rademacher", "gaussian-fast")
     # the optimizer's directions: the element-wise streams, and kinds built on them
-    assert tuple(directions.KINDS) == ("gaussian", "rademacher", "sphere", "lowrank", "subspace", "subzero")
+    assert tuple(directions.KINDS) == (
+        "gaussian",
+        "rademacher",
+        "gaussian-fast",
+        "sphere",
+        "lowrank",
+        "subspace",
+        "subzero",
+    )
     assert [k for k, v in directions.KINDS.items() if v.elementwise and not v.sphere] == list(rng.DISTRIBUTIONS)
 
 

@@ -101,7 +101,8 @@ class OptimConfig:
     eps: float = 1e-3  # perturbation scale
     weight_decay: float = 0.0  # on matrices only
     seed: int = 0  # seeds the perturbations
-    distribution: str = "gaussian"  # or "rademacher", "sphere" (uniform on the sphere of radius sqrt(d)), "lowrank"
+    distribution: str = "gaussian"  # or "gaussian-fast" (Gaussian from 16-bit uniforms, 8 a Philox call: about half
+    # the GPU sweep's instructions), "rademacher", "sphere" (uniform on the sphere of radius sqrt(d)), "lowrank"
     # (LOZO: U V^T / sqrt(rank) on each matrix, U drawn each step, V every lowrank_every steps; SGD or history momentum),
     # "subzero" (SubZero: U Z V^T sqrt(m n) / rank, U and V orthonormal every lowrank_every steps, Z each step; the
     # same rules) or "subspace" (ZO-Muon's P Psi: variant "muon")
@@ -109,7 +110,7 @@ class OptimConfig:
     lowrank_every: int = 50  # distribution "lowrank": steps between draws of V (LOZO's nu)
     sparsity: float = 0.0  # Sparse-MeZO: the fraction of each matrix left still (its largest magnitudes); the rest
     # (|theta| <= the matrix's 1 - sparsity quantile, from the clean weights each step) is perturbed and updated.
-    # 0: off. SGD rule, gaussian or rademacher, no layerwise; fuse_next is turned off. A bit a parameter per step.
+    # 0: off. SGD rule, element-wise z (gaussian, gaussian-fast, rademacher), no layerwise; fuse_next is turned off. A bit a parameter per step.
     # With estimator grzo: Sparse-GRZO (each matrix's U masked the same way; one layer's mask at a time)
     batched: bool = False  # take each step's evaluations (FZOO: all N + 1) in one vmapped forward over copies of the
     # trainable weights instead of one after another in place: for accelerators (on a 2-core CPU it is slower); costs
@@ -201,8 +202,8 @@ class OptimConfig:
             and (self.variant != "sgd" or not kind.elementwise or kind.sphere or self.layerwise != "none")
         ):
             raise ConfigError(
-                "optimizer.sparsity (Sparse-MeZO) works with variant sgd, distribution gaussian or rademacher and "
-                "layerwise none"
+                "optimizer.sparsity (Sparse-MeZO) works with variant sgd, distribution gaussian, gaussian-fast or "
+                "rademacher and layerwise none"
             )
         if not (0 <= self.hizoo_alpha <= 1):
             raise ConfigError(f"optimizer.hizoo_alpha must be in [0, 1], got {self.hizoo_alpha}")

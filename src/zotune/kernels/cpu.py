@@ -59,6 +59,9 @@ _JIT = dict(cache=True, nogil=True, fastmath=False, error_model="numpy", boundsc
 # constants (module globals are frozen into the compiled code; typed np scalars keep the arithmetic
 # in uint64 / int64 / float32 without numba's promotions to float64)
 
+_GAUSSIAN, _RADEMACHER, _GAUSSIAN_FAST = 0, 1, 2  # the streams, as the chunk loops take them
+_KINDS = {"gaussian": _GAUSSIAN, "rademacher": _RADEMACHER, "gaussian-fast": _GAUSSIAN_FAST}
+
 _U = np.uint64
 _M32 = _U(0xFFFFFFFF)
 _S32 = _U(32)
@@ -101,6 +104,7 @@ _Q_HALF = _I(1 << 21)
 _I22 = _I(22)
 _I23 = _I(23)
 _I30 = _I(30)
+_I16 = _I(16)
 _I3 = _I(3)
 _I2 = _I(2)
 _I1 = _I(1)
@@ -261,6 +265,26 @@ def _gauss_blocks(nb, w0, w1, w2, w3, z):
 
 
 @njit(**_JIT)
+def _gauss_fast_blocks(nb, w0, w1, w2, w3, z):
+    """z[:8 nb] = the fast Gaussians of nb blocks (rng.gaussian_fast): word j gives lanes 2j, 2j + 1."""
+    for j in range(nb):
+        _fast_pair(w0[j], z, 8 * j)
+        _fast_pair(w1[j], z, 8 * j + 2)
+        _fast_pair(w2[j], z, 8 * j + 4)
+        _fast_pair(w3[j], z, 8 * j + 6)
+
+
+@njit(**_JIT)
+def _fast_pair(w, z, at):
+    """z[at], z[at + 1] from one word's 16-bit halves, by :func:`_box_muller` on words that carry them in its
+    24-bit fields: (hi + 1) * 2**8 - 1 above the low byte gives u = (hi + 1) * 2**-16, lo * 2**8 gives v = lo * 2**-16."""
+    ww = _I(w)
+    za, zb = _box_muller(np.uint32(((ww >> _I16) << _I16) | _I(0xFF00)), np.uint32((ww << _I16) & _I(0xFFFFFFFF)))
+    z[at] = za
+    z[at + 1] = zb
+
+
+@njit(**_JIT)
 def _sign_blocks(nb, w0, w1, w2, w3, z):
     """z[:128 nb] = the +-1 of nb blocks whose words are w0..w3[:nb] (bit j of a word: element j)."""
     for j in range(nb):
@@ -348,15 +372,15 @@ def _pack_parallel(x, h, bits, workers):
 
 
 @njit(**_JIT)
-def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits):
+def _z_chunks(x, start, chunk0, chunk1, kind, key_lo, key_hi, seeds, coefs, scale, fill, bits):
     """Chunks chunk0 .. chunk1-1 (global CHUNK-aligned) of x, which holds elements start .. start+len(x)-1.
 
-    seeds: int64 array (nt, 2) of (lo32, hi32); coefs: float32 array (nt,); bits: x's packed mask (uint8), or
-    empty for dense directions.
+    kind: the stream (_GAUSSIAN, _RADEMACHER, _GAUSSIAN_FAST); seeds: int64 array (nt, 2) of (lo32, hi32); coefs:
+    float32 array (nt,); bits: x's packed mask (uint8), or empty for dense directions.
     """
     end = start + x.shape[0]
     nt = seeds.shape[0]
-    per = 128 if rademacher else 4  # elements per Philox block
+    per = 128 if kind == _RADEMACHER else (8 if kind == _GAUSSIAN_FAST else 4)  # elements per Philox block
     nbmax = CHUNK // per
     w0 = np.empty(nbmax, np.uint32)
     w1 = np.empty(nbmax, np.uint32)
@@ -374,8 +398,10 @@ def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs
         for t in range(nt):
             zt = z0 if t == 0 else z1
             _philox(b0, nb, rng.STREAM_Z, key_lo, key_hi, seeds[t, 0], seeds[t, 1], w0, w1, w2, w3)
-            if rademacher:
+            if kind == _RADEMACHER:
                 _sign_blocks(nb, w0, w1, w2, w3, zt)
+            elif kind == _GAUSSIAN_FAST:
+                _gauss_fast_blocks(nb, w0, w1, w2, w3, zt)
             else:
                 _gauss_blocks(nb, w0, w1, w2, w3, zt)
         if bits.shape[0]:
@@ -385,20 +411,20 @@ def _z_chunks(x, start, chunk0, chunk1, rademacher, key_lo, key_hi, seeds, coefs
 
 
 @njit(**_JIT)
-def _z_serial(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits):
+def _z_serial(x, start, kind, key_lo, key_hi, seeds, coefs, scale, fill, bits):
     first = start // CHUNK
     last = (start + x.shape[0] - 1) // CHUNK + 1
-    _z_chunks(x, start, first, last, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits)
+    _z_chunks(x, start, first, last, kind, key_lo, key_hi, seeds, coefs, scale, fill, bits)
 
 
 @njit(parallel=True, **_JIT)
-def _z_parallel(x, start, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits, workers):
+def _z_parallel(x, start, kind, key_lo, key_hi, seeds, coefs, scale, fill, bits, workers):
     first = start // CHUNK
     nchunks = (start + x.shape[0] - 1) // CHUNK + 1 - first
     for w in prange(workers):
         lo = first + w * nchunks // workers
         hi = first + (w + 1) * nchunks // workers
-        _z_chunks(x, start, lo, hi, rademacher, key_lo, key_hi, seeds, coefs, scale, fill, bits)
+        _z_chunks(x, start, lo, hi, kind, key_lo, key_hi, seeds, coefs, scale, fill, bits)
 
 
 @njit(**_JIT)
@@ -491,13 +517,13 @@ def _run(
     key_lo, key_hi = _split(key)
     seeds = np.array([_split(s) for s, _ in terms], dtype=np.int64)
     coefs = np.array([c for _, c in terms], dtype=np.float32)
-    rademacher = distribution == "rademacher"
+    kind = _KINDS[distribution]
     scale32 = np.float32(scale)
     workers = _workers(n)
     if workers == 1:
-        _z_serial(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_, bits)
+        _z_serial(buf, start, kind, key_lo, key_hi, seeds, coefs, scale32, fill_, bits)
     else:
-        _z_parallel(buf, start, rademacher, key_lo, key_hi, seeds, coefs, scale32, fill_, bits, workers)
+        _z_parallel(buf, start, kind, key_lo, key_hi, seeds, coefs, scale32, fill_, bits, workers)
 
 
 def fill(x: torch.Tensor, distribution: str, seed: int, key: int, start: int) -> None:

@@ -32,6 +32,14 @@ Rademacher kernels are compiled without it, so ``x * scale`` is rounded before `
 reference's arithmetic, bit for bit, and the previous kernel's (whose contraction fused the exact
 ``c * z`` into ``fma(c, z, x * scale)``).
 
+The fast Gaussian (``gaussian-fast``, :func:`zotune.rng.gaussian_fast`) takes eight normals from a Philox call
+(a (BLOCK/8, 8) tile, a row a block: a thread's 16-byte vector of fp16 is one block) and computes Box–Muller with
+the hardware's approximate log2, sqrt, sin and cos (``lg2.approx`` and so on, the MUFU unit: one instruction
+each, where the polynomials above take a dozen): about half the instructions a fp16 element of the Gaussian
+(benchmarks/sass.py). Those are accurate to a few 1e-7 (|z| up to 1e-4 off where r is near 0, from log2 near 1),
+not to float32 rounding, so z on a GPU differs from the CPU kernels' by that much (tests/test_triton.py bounds it);
+the interpreter uses NumPy's functions in their place.
+
 Many tensors per launch: a tensor is addressed as an element offset from the first tensor of the
 group (all of one dtype, hence all aligned to its element size), and a per-program table maps each
 tile to its tensor. The tables are built once per list of tensors (the parameters keep their
@@ -63,6 +71,7 @@ from zotune.kernels import Backend
 __all__ = ["BACKEND", "INTERPRETED", "axpy", "fill", "masked_axpy", "supports", "sweep", "table_stats", "words"]
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MUFU = tl.constexpr(not INTERPRETED)  # gaussian-fast: the hardware's approximate functions (the interpreter: numpy's)
 BLOCK = 512 if INTERPRETED else 2048  # elements per program; a multiple of 128 (one Rademacher block)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_TERMS = 64  # terms one Rademacher sweep takes (each its own unrolled Philox call a tile; FZOO's update: N + 1)
@@ -160,6 +169,87 @@ def _gaussian(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _lg2(x):
+    """log2 x: the hardware's approximation on a GPU (MUFU.LG2), numpy's under the interpreter."""
+    if _MUFU:
+        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _sqrt(x):
+    if _MUFU:
+        y = tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def _cos(x):
+    if _MUFU:
+        y = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.cos(x)
+    return y
+
+
+@triton.jit
+def _sin(x):
+    if _MUFU:
+        y = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        y = tl.sin(x)
+    return y
+
+
+@triton.jit
+def _fast_pair(w):
+    """(r cos 2 pi v, r sin 2 pi v) of rng.gaussian_fast for one word: u from its high 16 bits, v from its low 16.
+
+    -2 ln u = -2 ln 2 log2 u with u = (hi + 1) * 2**-16 exact (log2 of u itself, not 16 - log2(hi + 1): no
+    cancellation near u = 1), clamped at 0 (an approximate log2 of 1 may come out a hair above 0); the angle
+    from the low half sign-extended, k - 2**16 for k >= 2**15: the same sine and cosine, and an argument in
+    [-pi, pi), where the hardware's sin and cos are accurate to 2**-20.9."""
+    u = ((w >> 16) + 1).to(tl.int32, bitcast=True).to(tl.float32) * 1.52587890625e-05  # 2**-16
+    r = _sqrt(tl.maximum(_lg2(u) * -1.3862943611198906, 0.0))  # -2 ln 2
+    k = (w << 16).to(tl.int32, bitcast=True) >> 16
+    angle = k.to(tl.float32) * 9.587379924285257e-05  # 2 pi / 2**16
+    return r * _cos(angle), r * _sin(angle)
+
+
+@triton.jit
+def _gaussian_fast(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
+    """rng.gaussian_fast of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK), float32: a
+    (BLOCK // 8, 8) tile, row j the eight lanes of Philox block j (word i: lanes 2i, 2i + 1)."""
+    w0, w1, w2, w3 = _words(g0 // 8, BLOCK // 8, 0, key_lo, key_hi, seed_lo, seed_hi)
+    a0, a1 = _fast_pair(w0)
+    b0, b1 = _fast_pair(w1)
+    c0, c1 = _fast_pair(w2)
+    d0, d1 = _fast_pair(w3)
+    lane = tl.arange(0, 8)[None, :]
+    low = tl.where(
+        lane < 2, tl.where(lane == 0, a0[:, None], a1[:, None]), tl.where(lane == 2, b0[:, None], b1[:, None])
+    )
+    high = tl.where(
+        lane < 6, tl.where(lane == 4, c0[:, None], c1[:, None]), tl.where(lane == 6, d0[:, None], d1[:, None])
+    )
+    return tl.where(lane < 4, low, high)
+
+
+@triton.jit
+def _z(g0, seed_lo, seed_hi, key_lo, key_hi, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    """The Gaussian tile of either stream: ``gaussian`` (FAST false) or ``gaussian-fast``."""
+    if FAST:
+        z = _gaussian_fast(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK)
+    else:
+        z = _gaussian(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK)
+    return z
+
+
+@triton.jit
 def _rademacher_bits(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
     """The Rademacher signs of the global elements g0 .. g0 + BLOCK - 1 (g0 a multiple of BLOCK): a
     (BLOCK // 128, 4, 32) boolean tile, [b, j, k] = bit k of word j of Philox block b (set: +1).
@@ -213,16 +303,18 @@ def _round_stochastic(v, g0, seed_lo, seed_hi, key_lo, key_hi, DTYPE: tl.constex
 
 
 @triton.jit
-def _tile_index(RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+def _tile_index(RADEMACHER: tl.constexpr, BLOCK: tl.constexpr, FAST: tl.constexpr = False):
     """A tile's element offsets in the stream's own layout. Gaussian: (BLOCK // 4, 4), one Philox block per row
     (lanes picked in registers); Rademacher: (BLOCK // 128, 4, 32), (Philox block, word, bit), contiguous along
-    its last two axes."""
+    its last two axes; fast Gaussian (FAST): (BLOCK // 8, 8), a Philox block a row."""
     if RADEMACHER:  # a static branch (one assignment each, one return: the form the kernels compiled with)
         idx = (
             tl.arange(0, BLOCK // 128)[:, None, None] * 128
             + tl.arange(0, 4)[None, :, None] * 32
             + tl.arange(0, 32)[None, None, :]
         )
+    elif FAST:
+        idx = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:
         idx = tl.arange(0, BLOCK // 4)[:, None] * 4 + tl.arange(0, 4)[None, :]
     return idx
@@ -250,6 +342,7 @@ def _sweep_tile(
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
+    FAST: tl.constexpr,
     ROUND: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -270,12 +363,12 @@ def _sweep_tile(
         first = (
             first // ALIGN
         ) * ALIGN  # tl.multiple_of on this scalar was dropped (scalar 2-byte loads, seen in the PTX)
-    tile_idx = _tile_index(RADEMACHER, BLOCK)
+    tile_idx = _tile_index(RADEMACHER, BLOCK, FAST)
     ptrs = base + first + tile_idx
     if (g0 >= start) & (g0 + BLOCK <= start + n):
         out = _tile_values(
             ptrs, None, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
-            NT, FILL, RADEMACHER, ROUND, BLOCK,
+            NT, FILL, RADEMACHER, FAST, ROUND, BLOCK,
         )  # fmt: skip
         tl.store(ptrs, out)
     else:
@@ -283,7 +376,7 @@ def _sweep_tile(
         mask = (local >= 0) & (local < n)
         out = _tile_values(
             ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
-            NT, FILL, RADEMACHER, ROUND, BLOCK,
+            NT, FILL, RADEMACHER, FAST, ROUND, BLOCK,
         )  # fmt: skip
         tl.store(ptrs, out, mask=mask)
 
@@ -291,7 +384,8 @@ def _sweep_tile(
 @triton.jit
 def _tile_values(
     ptrs, mask, g0, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, r_lo, r_hi, scale, c0, c1, extra,
-    NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr,
+    NT: tl.constexpr, FILL: tl.constexpr, RADEMACHER: tl.constexpr, FAST: tl.constexpr, ROUND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The new values of the tile at ``ptrs`` (global elements g0 .. g0 + BLOCK - 1) in the tensor's dtype;
     ``mask``: the elements inside the tensor, or None for a whole tile (no mask on its load)."""
@@ -315,14 +409,20 @@ def _tile_values(
                 c = tl.load(extra + 3 * (t - 2) + 2).to(tl.float32, bitcast=True)
                 v = v + tl.where(_rademacher_bits(g0, lo, hi, key_lo, key_hi, BLOCK), c, -c)
     else:
-        z0 = _gaussian(g0, s0_lo, s0_hi, key_lo, key_hi, BLOCK)
+        z0 = _z(g0, s0_lo, s0_hi, key_lo, key_hi, FAST, BLOCK)
         if FILL:
             v = z0
         else:
             v = _load(ptrs, mask) * scale + c0 * z0
             if NT == 2:
-                z1 = _gaussian(
-                    g0, s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True), key_lo, key_hi, BLOCK
+                z1 = _z(
+                    g0,
+                    s1_lo.to(tl.uint32, bitcast=True),
+                    s1_hi.to(tl.uint32, bitcast=True),
+                    key_lo,
+                    key_hi,
+                    FAST,
+                    BLOCK,
                 )
                 v = v + c1 * z1
     if ROUND:
@@ -334,6 +434,13 @@ def _tile_values(
                     tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi, ptrs.dtype.element_ty, BLOCK
                 ),
                 [BLOCK // 128, 4, 32],
+            )
+        elif FAST:  # rows of 8 as rows of 4 (element order kept), and back
+            out = tl.reshape(
+                _round_stochastic(
+                    tl.reshape(v, [BLOCK // 4, 4]), g0, r_lo, r_hi, key_lo, key_hi, ptrs.dtype.element_ty, BLOCK
+                ),
+                [BLOCK // 8, 8],
             )
         else:
             out = _round_stochastic(v, g0, r_lo, r_hi, key_lo, key_hi, ptrs.dtype.element_ty, BLOCK)
@@ -370,6 +477,7 @@ def _sweep_kernel(
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
+    FAST: tl.constexpr,
     ROUND: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -409,6 +517,7 @@ def _sweep_kernel(
         NT,
         FILL,
         RADEMACHER,
+        FAST,
         ROUND,
         ALIGN,
         BLOCK,
@@ -435,6 +544,7 @@ def _sweep_kernel_one(
     NT: tl.constexpr,
     FILL: tl.constexpr,
     RADEMACHER: tl.constexpr,
+    FAST: tl.constexpr,
     ROUND: tl.constexpr,
     ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -466,6 +576,7 @@ def _sweep_kernel_one(
         NT,
         FILL,
         RADEMACHER,
+        FAST,
         ROUND,
         ALIGN,
         BLOCK,
@@ -489,6 +600,7 @@ def _masked_kernel(
     c1,
     NT: tl.constexpr,
     RADEMACHER: tl.constexpr,
+    FAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Sparse directions, one tile of a float32 tensor holding elements start .. start + n - 1 (start a multiple
@@ -498,51 +610,60 @@ def _masked_kernel(
     the tensor takes a branch with no bounds (as _sweep_tile)."""
     g0 = (start.to(tl.int64) // BLOCK + tl.program_id(0)) * BLOCK
     first = ((g0 - start) // 8) * 8  # g0 - start (both multiples of 8), in a form the alignment analysis sees
-    ptrs = base + first + _tile_index(RADEMACHER, BLOCK)
+    ptrs = base + first + _tile_index(RADEMACHER, BLOCK, FAST)
     if (first >= 0) & (first + BLOCK <= n):
         v = _masked_values(ptrs, None, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
-                           NT, RADEMACHER, BLOCK)  # fmt: skip
+                           NT, RADEMACHER, FAST, BLOCK)  # fmt: skip
         tl.store(ptrs, v)
     else:
-        local = first + _tile_index(RADEMACHER, BLOCK)
+        local = first + _tile_index(RADEMACHER, BLOCK, FAST)
         inside = (local >= 0) & (local < n)
         v = _masked_values(ptrs, inside, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
-                           NT, RADEMACHER, BLOCK)  # fmt: skip
+                           NT, RADEMACHER, FAST, BLOCK)  # fmt: skip
         tl.store(ptrs, v, mask=inside)
 
 
 @triton.jit
 def _masked_values(
     ptrs, inside, bits, g0, first, n, key_lo, key_hi, s0_lo, s0_hi, s1_lo, s1_hi, scale, c0, c1,
-    NT: tl.constexpr, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr,
+    NT: tl.constexpr, RADEMACHER: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """_masked_kernel's new values of the tile at ``ptrs``: global elements g0 .. g0 + BLOCK - 1, element ``first``
     of the tensor on; ``inside``: None for a whole tile, else the elements inside the tensor."""
     key_lo = key_lo.to(tl.uint32, bitcast=True)
     key_hi = key_hi.to(tl.uint32, bitcast=True)
-    m = _mask_tile(bits, first, n, inside, RADEMACHER, BLOCK)
+    m = _mask_tile(bits, first, n, inside, RADEMACHER, FAST, BLOCK)
     lo0, hi0 = s0_lo.to(tl.uint32, bitcast=True), s0_hi.to(tl.uint32, bitcast=True)
     if RADEMACHER:
         z0 = tl.where(_rademacher_bits(g0, lo0, hi0, key_lo, key_hi, BLOCK), 1.0, -1.0)
     else:
-        z0 = _gaussian(g0, lo0, hi0, key_lo, key_hi, BLOCK)
+        z0 = _z(g0, lo0, hi0, key_lo, key_hi, FAST, BLOCK)
     v = tl.fma(c0 * m, z0, _load(ptrs, inside) * scale)
     if NT == 2:
         lo1, hi1 = s1_lo.to(tl.uint32, bitcast=True), s1_hi.to(tl.uint32, bitcast=True)
         if RADEMACHER:
             z1 = tl.where(_rademacher_bits(g0, lo1, hi1, key_lo, key_hi, BLOCK), 1.0, -1.0)
         else:
-            z1 = _gaussian(g0, lo1, hi1, key_lo, key_hi, BLOCK)
+            z1 = _z(g0, lo1, hi1, key_lo, key_hi, FAST, BLOCK)
         v = tl.fma(c1 * m, z1, v)
     return v
 
 
 @triton.jit
-def _mask_tile(bits, first, n, inside, RADEMACHER: tl.constexpr, BLOCK: tl.constexpr):
+def _mask_tile(bits, first, n, inside, RADEMACHER: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     """The mask of the tile of elements first .. first + BLOCK - 1 (first a multiple of 8) as float32 0 / 1, in the
     tile's layout. Gaussian (rows of 4): one byte load a row, broadcast over its 4 lanes (rows 2r and 2r + 1 share
-    byte r: its low and high nibble), not one a element; Rademacher: a byte load an element."""
-    if RADEMACHER:
+    byte r: its low and high nibble), not one a element; fast Gaussian (rows of 8): one byte a row, a bit a lane;
+    Rademacher: a byte load an element."""
+    if FAST:  # the byte's address per element (a row's eight share it): a load of its own row layout would be
+        # converted to the tile's through shared memory where a row spans two threads (float32)
+        local = first + _tile_index(RADEMACHER, BLOCK, FAST)
+        if inside is None:
+            byte = tl.load(bits + (local >> 3))
+        else:
+            byte = tl.load(bits + (local >> 3), mask=inside, other=0)
+        m = (byte.to(tl.int32) >> tl.arange(0, 8)[None, :]) & 1
+    elif RADEMACHER:
         local = first + _tile_index(RADEMACHER, BLOCK)
         if inside is None:
             byte = tl.load(bits + (local >> 3))
@@ -807,6 +928,7 @@ def sweep(
         NT=len(terms),
         FILL=bool(fill),
         RADEMACHER=rademacher,
+        FAST=distribution == "gaussian-fast",
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
         enable_fp_fusion=not rademacher,
@@ -870,6 +992,7 @@ def masked_axpy(x: torch.Tensor, distribution: str, key: int, start: int, scale:
         terms[1][1] if len(terms) == 2 else 0.0,
         NT=len(terms),
         RADEMACHER=distribution == "rademacher",
+        FAST=distribution == "gaussian-fast",
         BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )

@@ -41,7 +41,7 @@ class ReferenceMeZO:
         lr: the learning rate eta (constant).
         eps: the perturbation scale epsilon.
         seed: the run's seed; step t uses ``zotune.rng.step_seed(seed, t)``.
-        distribution: ``"gaussian"`` (the paper) or ``"rademacher"``.
+        distribution: ``"gaussian"`` (the paper), ``"gaussian-fast"`` or ``"rademacher"``.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, seed: int = 0, distribution: str = "gaussian"):

@@ -17,7 +17,8 @@ LOWRANK_V_INDEX = 1 << 31  # perturbation indices of the low-rank V factors (n-S
 
 
 class Kind:
-    """Element-wise z of the keyed stream ``name`` (``"gaussian"``, ``"rademacher"``: :mod:`zotune.rng`)."""
+    """Element-wise z of the keyed stream ``name`` (``"gaussian"``, ``"rademacher"``, ``"gaussian-fast"``:
+    :mod:`zotune.rng`)."""
 
     elementwise = True  # u is z (times scalars) element by element
     sphere = False  # the sweeps carry the factor sqrt(d) / ||x|| of the draw (Directions.factor)
@@ -85,6 +86,7 @@ def register(kind: Kind) -> Kind:
 for _k in (
     Kind("gaussian"),
     Kind("rademacher"),
+    Kind("gaussian-fast"),
     Sphere("sphere"),
     LowRank("lowrank"),
     Subspace("subspace"),

@@ -126,7 +126,7 @@ class ForwardGradient(KeyedOptimizer):
         weight_decay: L2 penalty, applied in the update sweep; with a flat list of parameters it
             goes to tensors of rank >= 2 only (not to biases and normalisation weights).
         seed: the run's seed; step t draws z from ``zotune.rng.step_seed(seed, t)``.
-        distribution: ``"gaussian"`` (the paper) or ``"rademacher"``.
+        distribution: ``"gaussian"`` (the paper), ``"gaussian-fast"`` or ``"rademacher"``.
         on_nonfinite: ``"raise"`` (:class:`zotune.NonFiniteLossError`) or ``"skip"`` (warn and go on)
             when the loss or g is NaN or infinite; either way the parameters are not changed.
         backend: the sweep implementation (``zotune.kernels.available()``); default: fastest per device.

@@ -87,7 +87,7 @@ def sweep_(
             history momentum) are applied two at a time to each chunk while it is in cache, before a
             bf16/fp16 chunk is rounded back once.
         scale: multiplies theta first (weight decay); 1.0 skips it.
-        distribution: ``"gaussian"`` or ``"rademacher"``.
+        distribution: ``"gaussian"``, ``"gaussian-fast"`` or ``"rademacher"`` (:data:`zotune.rng.DISTRIBUTIONS`).
         rounding_seed: when set, bf16/fp16 results are rounded stochastically with this seed's
             rounding stream; float32 parameters ignore it.
         backend: a name from ``zotune.kernels.available()``; ``None`` picks the fastest per device.

@@ -156,7 +156,8 @@ class MeZO(KeyedOptimizer):
         weight_decay: L2 penalty, applied in the update sweep. With a flat list of parameters it
             goes to tensors of rank >= 2 only (not to biases and normalisation weights).
         seed: the run's seed; step t perturbs with ``zotune.rng.step_seed(seed, t)``.
-        distribution: ``"gaussian"`` (the paper), ``"rademacher"``, ``"sphere"``, or factors of each matrix:
+        distribution: ``"gaussian"`` (the paper), ``"gaussian-fast"`` (Gaussian from 16-bit uniforms: about half
+            the instructions of a GPU sweep; :mod:`zotune.rng`), ``"rademacher"``, ``"sphere"``, or factors of each matrix:
             ``"lowrank"`` (LOZO), ``"subzero"`` (SubZero), ``"subspace"`` (ZO-Muon's: :class:`ZOMuon`); the
             registered kinds of :mod:`zotune.optim.directions`.
         fuse_next: fuse the next step's +eps perturbation into the update sweep. The parameters then
@@ -186,7 +187,7 @@ class MeZO(KeyedOptimizer):
             and held for that step only, one bit a parameter
             (:func:`~zotune.optim.masked.magnitude_mask`). It is not recomputed from the perturbed
             weights, as "on the fly" in the forward pass would: an element near h could then cross it
-            between the sweeps and not be restored. SGD rule, Gaussian or Rademacher z, no layerwise,
+            between the sweeps and not be restored. SGD rule, element-wise z, no layerwise,
             ``fuse_next=False``; on the CPU a numba pass per chunk does z, mask and update at once (a torch
             path elsewhere, no GPU kernel yet). 0: off.
         batched: take a step's evaluations in one batched forward over perturbed copies of the trainable
@@ -317,7 +318,7 @@ class MeZO(KeyedOptimizer):
             self.rule.name != "sgd" or not kind.elementwise or kind.sphere or layerwise != "none" or self.fuse_next
         ):
             raise ValueError(
-                "sparse directions (Sparse-MeZO) work with the SGD rule, Gaussian or Rademacher z, no layerwise "
+                "sparse directions (Sparse-MeZO) work with the SGD rule, element-wise z, no layerwise "
                 "scaling and fuse_next=False (each step's mask comes from its clean weights; momentum, Adam and "
                 "HiZOO would need the masks of earlier steps or their own per-element state)"
             )
@@ -327,8 +328,8 @@ class MeZO(KeyedOptimizer):
             )
         if self.rule.name == "hizoo" and (kind.sphere or not kind.elementwise or layerwise != "none"):
             raise ValueError(
-                "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian' "
-                "or 'rademacher' and no layerwise scaling"
+                "HiZOO perturbs along s z with its own per-element scale: use distribution 'gaussian', "
+                "'gaussian-fast' or 'rademacher' and no layerwise scaling"
             )
 
     # -- bookkeeping ---------------------------------------------------------------------------

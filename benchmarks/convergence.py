@@ -166,6 +166,14 @@ METHODS: dict[str, Method] = {
         {"lr": [5e-5, 1e-4, 2e-4]},
         "MeZO (the paper's SPSA, n = 1)",
     ),
+    # MeZO on the fast Gaussian (issue 19's gaussian-fast: 16-bit uniforms, |z| <= 4.71, variance 1 - 1e-4): the same
+    # law to within its tails, so MeZO's grid; the row that says whether it trains as the paper's z does.
+    "mezo-fast": Method(
+        2,
+        {"optimizer": {"estimator": "two-sided", "n_perturbations": 1, "distribution": "gaussian-fast"}},
+        {"lr": [5e-5, 1e-4, 2e-4]},
+        "MeZO on gaussian-fast z",
+    ),
     "fzoo": Method(
         9,
         {"optimizer": {"estimator": "fzoo", "distribution": "rademacher", "n_perturbations": 8, "fuse_next": False}},

@@ -16,7 +16,8 @@ depend on the weights' values), this measures side by side:
 - zotune step: ``zotune.MeZO(model.named_parameters(), fuse_next=True).step(closure)`` (two sweeps
   per step after the first), on the default backend for the device (Triton on CUDA, numba on CPU);
 - one sweep of each kind over all weights: Gaussian +eps (one term), Gaussian fused restore +
-  update + next perturbation (two terms), Rademacher one term;
+  update + next perturbation (two terms), Rademacher one term; the two Gaussian sweeps and the zotune step
+  again on ``gaussian-fast`` z (issue 19's second Gaussian), in the same round robin;
 - peak memory of inference, of the reference-style step and of the zotune step (CUDA: the
   allocator's peak; CPU: the process's peak resident set, reset with /proc/self/clear_refs);
 - a backprop Adam step where it fits (CUDA fp16/bf16: float32 master weights under autocast;
@@ -360,6 +361,16 @@ def main(argv=None) -> int:
     opt = zotune.MeZO(
         model.named_parameters(), lr=LR, eps=EPS, seed=0, fuse_next=True, stochastic_rounding=args.stochastic_rounding
     )
+    # the same step on gaussian-fast z (issue 19's second Gaussian), timed in the same round robin
+    opt_fast = zotune.MeZO(
+        model.named_parameters(),
+        lr=LR,
+        eps=EPS,
+        seed=1,
+        fuse_next=True,
+        stochastic_rounding=args.stochastic_rounding,
+        distribution="gaussian-fast",
+    )
 
     def forward():
         with torch.no_grad():
@@ -372,7 +383,16 @@ def main(argv=None) -> int:
             params, keys, [(1, -EPS), (2, EPS)], rounding_seed=3 if args.stochastic_rounding else None
         ),
         "sweep: Rademacher +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)], distribution="rademacher"),
+        "sweep: Gaussian-fast +eps (1 term)": lambda: F.sweep_(params, keys, [(1, EPS)], distribution="gaussian-fast"),
+        "sweep: Gaussian-fast restore+update+next (2 terms)": lambda: F.sweep_(
+            params,
+            keys,
+            [(1, -EPS), (2, EPS)],
+            distribution="gaussian-fast",
+            rounding_seed=3 if args.stochastic_rounding else None,
+        ),
         "zotune MeZO step (fuse_next)": lambda: opt.step(closure),
+        "zotune MeZO step (fuse_next, gaussian-fast)": lambda: opt_fast.step(closure),
     }
     if args.more_sweeps:
 
@@ -402,6 +422,7 @@ def main(argv=None) -> int:
     t_fwd = best["forward"][0]
     t_sweeps = {name: t for name, (t, _) in best.items()}
     t_zo = best["zotune MeZO step (fuse_next)"][0]
+    t_fast = best["zotune MeZO step (fuse_next, gaussian-fast)"][0]
     profiles = {}
     if args.kernel_time:
         for name, fn in timed.items():
@@ -440,7 +461,7 @@ def main(argv=None) -> int:
 
     # backprop Adam step on its own copy of the model (run last: it needs the memory)
     t_bp = None
-    del opt
+    del opt, opt_fast
     model_bytes = weight_bytes
     del model, params, named
     gc.collect()
@@ -486,6 +507,15 @@ def main(argv=None) -> int:
         (
             "Rademacher 1-term sweep / copy sweep (target <= 1.05)",
             t_sweeps["sweep: Rademacher +eps (1 term)"] / copy_sweep,
+        ),
+        ("zotune step, gaussian-fast / physical limit", t_fast / limit),
+        (
+            "Gaussian-fast 1-term sweep / copy sweep (target <= 1.5)",
+            t_sweeps["sweep: Gaussian-fast +eps (1 term)"] / copy_sweep,
+        ),
+        (
+            "Gaussian-fast 2-term sweep / copy sweep (target <= 2)",
+            t_sweeps["sweep: Gaussian-fast restore+update+next (2 terms)"] / copy_sweep,
         ),
     ]
     for name in (

@@ -42,7 +42,8 @@ byte for byte what it was, and every older file reads and replays as before):
 
     header keys, always written:
       "distribution"     the directions' kind, a name of zotune.optim.directions: "gaussian" (MeZO's),
-                         "rademacher", "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)),
+                         "rademacher", "gaussian-fast" (a Gaussian from 16-bit uniforms, zotune.rng),
+                         "sphere" (Gaussian rescaled onto the sphere of radius sqrt(d)),
                          "lowrank" (U V^T / sqrt(rank) on matrices), "subzero" (U Z V^T, U and V
                          orthonormal) or "subspace" (P Psi, P orthonormal)
 

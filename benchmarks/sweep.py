@@ -7,7 +7,7 @@ of 576x576 / 576x192 / 576x1536 / 1536x576 matrices and 576-vectors). Rows:
   ``z = torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype); p.data = p.data + eps * z``
   (torch's global generator, out of place);
 - zotune reference backend (NumPy Philox, 2**20-element chunks; slow, one repetition; --skip-reference);
-- zotune numba backend, Gaussian (one term, and the two-term fused restore-and-perturb);
+- zotune numba backend, Gaussian and Gaussian-fast (one term, and the two-term fused restore-and-perturb);
 - zotune numba backend, Rademacher;
 - floors: ``p.copy_(q)`` and ``p.add_(q, alpha=eps)``.
 
@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, dist, terms in [
             ("zotune numba, Gaussian", "gaussian", [(SEED, EPS)]),
             ("zotune numba, Gaussian, 2 terms (fused)", "gaussian", [(SEED, -2 * EPS), (SEED + 1, EPS)]),
+            ("zotune numba, Gaussian-fast", "gaussian-fast", [(SEED, EPS)]),
+            ("zotune numba, Gaussian-fast, 2 terms (fused)", "gaussian-fast", [(SEED, -2 * EPS), (SEED + 1, EPS)]),
             ("zotune numba, Rademacher", "rademacher", [(SEED, EPS)]),
         ]:
             fn = numba_sweep(dist, terms)

@@ -156,6 +156,24 @@ def _check_range(start: int, n: int) -> None:
         raise ValueError(f"a tensor may have at most {_MAX_INDEX} elements; asked for index {start + n - 1}")
 
 
+def _box_muller(u: np.ndarray, v: np.ndarray, per: int) -> np.ndarray:
+    """Blocks of ``per`` normals, lane 2j = r cos 2 pi v_j and lane 2j + 1 = r sin 2 pi v_j, r = sqrt(-2 ln u_j),
+    from (blocks, per / 2) arrays u and v, in float64 (a (blocks, per) array)."""
+    r = np.sqrt(-2.0 * np.log(u))
+    angle = 2.0 * np.pi * v
+    out = np.empty((u.shape[0], per), dtype=np.float64)
+    out[:, 0::2] = r * np.cos(angle)
+    out[:, 1::2] = r * np.sin(angle)
+    return out
+
+
+def _lanes(blocks: np.ndarray, start: int, first: int, n: int) -> np.ndarray:
+    """Elements start .. start + n - 1 of the (blocks, per) normals whose first block is ``first``, as float32."""
+    per = blocks.shape[1]
+    offset = start - per * first
+    return blocks.reshape(-1)[offset : offset + n].astype(np.float32)
+
+
 def gaussian(seed: int, key: int, start: int, n: int) -> np.ndarray:
     """z[start : start + n] of the Gaussian stream, float32 (reference implementation)."""
     _check_range(start, n)
@@ -165,13 +183,7 @@ def gaussian(seed: int, key: int, start: int, n: int) -> np.ndarray:
     w = _blocks(seed, key, STREAM_Z, first, last)
     u = ((w[:, 0::2] >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0**-24  # lanes a: w0, w2
     v = (w[:, 1::2] >> np.uint64(8)).astype(np.float64) * 2.0**-24  # lanes b: w1, w3
-    r = np.sqrt(-2.0 * np.log(u))
-    angle = 2.0 * np.pi * v
-    out = np.empty((last - first, 4), dtype=np.float64)
-    out[:, 0::2] = r * np.cos(angle)
-    out[:, 1::2] = r * np.sin(angle)
-    offset = start - 4 * first
-    return out.reshape(-1)[offset : offset + n].astype(np.float32)
+    return _lanes(_box_muller(u, v, 4), start, first, n)
 
 
 def gaussian_fast(seed: int, key: int, start: int, n: int) -> np.ndarray:
@@ -183,13 +195,7 @@ def gaussian_fast(seed: int, key: int, start: int, n: int) -> np.ndarray:
     w = _blocks(seed, key, STREAM_Z, first, last)  # (blocks, 4): word j gives lanes 2j, 2j + 1
     u = ((w >> np.uint64(16)) + np.uint64(1)).astype(np.float64) * 2.0**-16
     v = (w & np.uint64(0xFFFF)).astype(np.float64) * 2.0**-16
-    r = np.sqrt(-2.0 * np.log(u))
-    angle = 2.0 * np.pi * v
-    out = np.empty((last - first, 8), dtype=np.float64)
-    out[:, 0::2] = r * np.cos(angle)
-    out[:, 1::2] = r * np.sin(angle)
-    offset = start - 8 * first
-    return out.reshape(-1)[offset : offset + n].astype(np.float32)
+    return _lanes(_box_muller(u, v, 8), start, first, n)
 
 
 def rademacher(seed: int, key: int, start: int, n: int) -> np.ndarray:

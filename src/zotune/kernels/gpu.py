@@ -169,40 +169,9 @@ def _gaussian(g0, seed_lo, seed_hi, key_lo, key_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lg2(x):
-    """log2 x: the hardware's approximation on a GPU (MUFU.LG2), numpy's under the interpreter."""
-    if _MUFU:
-        y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.log2(x)
-    return y
-
-
-@triton.jit
-def _sqrt(x):
-    if _MUFU:
-        y = tl.inline_asm_elementwise("sqrt.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.sqrt(x)
-    return y
-
-
-@triton.jit
-def _cos(x):
-    if _MUFU:
-        y = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.cos(x)
-    return y
-
-
-@triton.jit
-def _sin(x):
-    if _MUFU:
-        y = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        y = tl.sin(x)
-    return y
+def _approx(x, ASM: tl.constexpr):
+    """x through one of the hardware's approximate functions (the MUFU unit, one instruction), named by its PTX."""
+    return tl.inline_asm_elementwise(ASM, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -212,12 +181,22 @@ def _fast_pair(w):
     -2 ln u = -2 ln 2 log2 u with u = (hi + 1) * 2**-16 exact (log2 of u itself, not 16 - log2(hi + 1): no
     cancellation near u = 1), clamped at 0 (an approximate log2 of 1 may come out a hair above 0); the angle
     from the low half sign-extended, k - 2**16 for k >= 2**15: the same sine and cosine, and an argument in
-    [-pi, pi), where the hardware's sin and cos are accurate to 2**-20.9."""
+    [-pi, pi), where the hardware's sin and cos are accurate to 2**-20.9. On a GPU log2, sqrt, cos and sin are
+    the hardware's (lg2.approx ...); under the interpreter NumPy's."""
     u = ((w >> 16) + 1).to(tl.int32, bitcast=True).to(tl.float32) * 1.52587890625e-05  # 2**-16
-    r = _sqrt(tl.maximum(_lg2(u) * -1.3862943611198906, 0.0))  # -2 ln 2
     k = (w << 16).to(tl.int32, bitcast=True) >> 16
     angle = k.to(tl.float32) * 9.587379924285257e-05  # 2 pi / 2**16
-    return r * _cos(angle), r * _sin(angle)
+    if _MUFU:
+        r = _approx(
+            tl.maximum(_approx(u, "lg2.approx.f32 $0, $1;") * -1.3862943611198906, 0.0), "sqrt.approx.f32 $0, $1;"
+        )
+        c = _approx(angle, "cos.approx.f32 $0, $1;")
+        s = _approx(angle, "sin.approx.f32 $0, $1;")
+    else:
+        r = tl.sqrt(tl.maximum(tl.log2(u) * -1.3862943611198906, 0.0))  # -2 ln 2
+        c = tl.cos(angle)
+        s = tl.sin(angle)
+    return r * c, r * s
 
 
 @triton.jit
